@@ -1,0 +1,30 @@
+//! tandem-model: the model engine.
+//!
+//! Owns: model configs, weight loading (HF safetensors directories, GGUF), tokenizers and chat
+//! templates, the default model's fetch, the Llama-family forward over packed batches, the
+//! paged KV cache's tensors, and sampling.
+//! Must not touch: scheduling policy (which sequences run, block allocation, preemption) —
+//! that is tandem-scheduler's; this crate executes the `PackedBatch` it is given.
+
+pub mod batch;
+pub mod chat_template;
+pub mod config;
+pub mod default_model;
+pub mod error;
+pub mod gguf;
+pub mod kv_cache;
+pub mod llama;
+pub mod loader;
+pub mod safetensors_dir;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use batch::{LogitsWanted, PackedBatch, Segment};
+pub use chat_template::ChatMessage;
+pub use config::ModelConfig;
+pub use error::{ModelError, Result};
+pub use kv_cache::KvCache;
+pub use llama::Llama;
+pub use loader::{default_dtype, load_model, LoadedModel};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::{IncrementalDecoder, TextTokenizer};

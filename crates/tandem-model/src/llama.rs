@@ -1,0 +1,270 @@
+//! The Llama-family forward over a packed batch (Llama 2/3, Mistral, Qwen2, SmolLM).
+//!
+//! Reference: HF transformers' modeling_llama.py. One forward serves any mix of prefill
+//! chunks and decode steps: tokens are concatenated, positions are per token, and attention
+//! reads each sequence's keys through its block table in the paged KV cache. The model holds
+//! no per-request state.
+
+use crate::batch::PackedBatch;
+use crate::config::{rope_inv_freq, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::kv_cache::{slot_of, KvCache};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Linear;
+use std::collections::HashMap;
+use std::path::Path;
+use tandem_kernels::{paged_attention, PagedAttentionMeta};
+
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct Llama {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    /// [max_position_embeddings, head_dim / 2]
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    dtype: DType,
+}
+
+/// Takes named tensors out of a checkpoint map, checking shapes, naming the file on error.
+struct Weights<'a> {
+    map: HashMap<String, Tensor>,
+    src: &'a Path,
+}
+
+impl Weights<'_> {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.map.remove(name).ok_or_else(|| ModelError::MissingTensor {
+            path: self.src.into(),
+            tensor: name.into(),
+        })?;
+        if t.dims() != shape {
+            return Err(ModelError::Shape {
+                path: self.src.into(),
+                tensor: name.into(),
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let w = self.take(&format!("{prefix}.weight"), &[out, inp])?;
+        let b = if bias {
+            Some(self.take(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear::new(w, b))
+    }
+}
+
+impl Llama {
+    /// Builds the model from HF-named tensors (already of `dtype` on `device`). `src` names the
+    /// file in errors.
+    pub fn from_tensors(cfg: ModelConfig, map: HashMap<String, Tensor>, src: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let mut w = Weights { map, src };
+        let (h, i, q, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        let embed = w.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let bias = cfg.attention_bias;
+            layers.push(Layer {
+                input_norm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_norm: w.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                q: w.linear(&format!("{p}.self_attn.q_proj"), q, h, bias)?,
+                k: w.linear(&format!("{p}.self_attn.k_proj"), kv, h, bias)?,
+                v: w.linear(&format!("{p}.self_attn.v_proj"), kv, h, bias)?,
+                o: w.linear(&format!("{p}.self_attn.o_proj"), h, q, false)?,
+                gate: w.linear(&format!("{p}.mlp.gate_proj"), i, h, false)?,
+                up: w.linear(&format!("{p}.mlp.up_proj"), i, h, false)?,
+                down: w.linear(&format!("{p}.mlp.down_proj"), h, i, false)?,
+            });
+        }
+        let norm = w.take("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings && !w.map.contains_key("lm_head.weight") {
+            embed.clone()
+        } else {
+            w.take("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        let mut inv_freq = rope_inv_freq(&cfg);
+        if let Some(f) = w.map.remove("rope_freqs.weight") {
+            // GGUF's Llama 3 RoPE scaling: per-frequency divisors.
+            let f = f.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            if f.len() != inv_freq.len() {
+                return Err(ModelError::Shape {
+                    path: src.into(),
+                    tensor: "rope_freqs.weight".into(),
+                    expected: vec![inv_freq.len()],
+                    got: vec![f.len()],
+                });
+            }
+            inv_freq.iter_mut().zip(f).for_each(|(x, d)| *x /= d);
+        }
+        let n = cfg.max_position_embeddings;
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in 0..n {
+            for f in &inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let cos = Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?;
+        for name in w.map.keys() {
+            tracing::debug!(tensor = %name, "unused checkpoint tensor");
+        }
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Runs every token of `batch` through the model, writing their K/V into `cache`, and
+    /// returns f32 logits [rows, vocab] for the rows `batch.logit_rows()` lists.
+    pub fn forward(&self, batch: &PackedBatch, cache: &KvCache) -> Result<Tensor> {
+        batch.validate(cache.block_size, cache.num_blocks, self.cfg.max_position_embeddings)?;
+        let t = batch.num_tokens();
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let dev = &self.device;
+        let tokens = Tensor::new(batch.tokens.as_slice(), dev)?;
+        let positions = Tensor::new(batch.positions.as_slice(), dev)?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
+        let mut token_segment = Vec::with_capacity(t);
+        let mut slots = Vec::with_capacity(t);
+        for (i, s) in batch.segments.iter().enumerate() {
+            for tok in s.start..s.start + s.len {
+                token_segment.push(i as u32);
+                slots.push(slot_of(&s.block_table, cache.block_size, batch.positions[tok] as usize));
+            }
+        }
+        let slots = Tensor::new(slots.as_slice(), dev)?;
+        let meta = PagedAttentionMeta {
+            block_size: cache.block_size,
+            token_segment,
+            positions: batch.positions.clone(),
+            block_tables: batch.segments.iter().map(|s| s.block_table.clone()).collect(),
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let eps = self.cfg.rms_norm_eps as f32;
+
+        let mut x = self.embed.index_select(&tokens, 0)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
+            let q = layer.q.forward(&h)?.reshape((1, t, nh, hd))?;
+            let k = layer.k.forward(&h)?.reshape((1, t, nkv, hd))?;
+            let v = layer.v.forward(&h)?.reshape((t, nkv, hd))?;
+            let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?.reshape((t, nh, hd))?;
+            let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?.reshape((t, nkv, hd))?;
+            cache.write(l, &k, &v.contiguous()?, &slots)?;
+            let attn = self.attention(&q, &cache.k[l], &cache.v[l], &meta, batch, scale)?;
+            x = (x + layer.o.forward(&attn.reshape((t, nh * hd))?)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
+            let mlp = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            x = (x + layer.down.forward(&mlp)?)?;
+        }
+        let rows: Vec<u32> = batch.logit_rows().into_iter().map(|(_, t)| t as u32).collect();
+        if rows.is_empty() {
+            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, dev)?);
+        }
+        let x = x.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        Ok(x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, meta: &PagedAttentionMeta, batch: &PackedBatch, scale: f32) -> Result<Tensor> {
+        if self.device.is_cpu() && self.dtype == DType::F32 {
+            return Ok(paged_attention(q, k, v, meta, scale)?);
+        }
+        attention_gathered(q, k, v, meta, batch, scale)
+    }
+}
+
+/// Attention through plain candle ops (any device and dtype): per segment, gather the
+/// sequence's keys and values from the cache, mask causally by position, softmax in f32.
+pub fn attention_gathered(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, meta: &PagedAttentionMeta, batch: &PackedBatch, scale: f32) -> Result<Tensor> {
+    let (_, nh, hd) = q.dims3()?;
+    let (_, nkv, _) = k_cache.dims3()?;
+    let group = nh / nkv;
+    let dev = q.device();
+    let mut outs = Vec::with_capacity(batch.segments.len());
+    for s in &batch.segments {
+        let pos = &batch.positions[s.start..s.start + s.len];
+        let ctx = *pos.iter().max().unwrap_or(&0) as usize + 1;
+        let idx: Vec<u32> = (0..ctx).map(|p| slot_of(&s.block_table, meta.block_size, p)).collect();
+        let idx = Tensor::new(idx.as_slice(), dev)?;
+        let expand = |c: &Tensor| -> Result<Tensor> {
+            Ok(c.index_select(&idx, 0)?
+                .to_dtype(DType::F32)?
+                .transpose(0, 1)?
+                .unsqueeze(1)?
+                .broadcast_as((nkv, group, ctx, hd))?
+                .reshape((nh, ctx, hd))?)
+        };
+        let k = expand(k_cache)?;
+        let v = expand(v_cache)?;
+        let qs = q.narrow(0, s.start, s.len)?.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?;
+        let mut mask = Vec::with_capacity(s.len * ctx);
+        for &p in pos {
+            mask.extend((0..ctx).map(|j| if j <= p as usize { 0f32 } else { f32::NEG_INFINITY }));
+        }
+        let mask = Tensor::from_vec(mask, (1, s.len, ctx), dev)?;
+        let att = (qs.matmul(&k.t()?)? * scale as f64)?.broadcast_add(&mask)?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let o = att.matmul(&v)?.transpose(0, 1)?.to_dtype(q.dtype())?;
+        outs.push(o);
+    }
+    Ok(Tensor::cat(&outs, 0)?.contiguous()?)
+}
+
+/// Logits as host rows, for sampling.
+pub fn logits_to_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+/// Index of the largest value (ties: the first).
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+

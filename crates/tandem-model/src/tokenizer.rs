@@ -1,0 +1,271 @@
+//! Text <-> token ids: the HF `tokenizers` crate, loaded from `tokenizer.json` or rebuilt from a
+//! GGUF file's `tokenizer.ggml.*` metadata; plus end-of-sequence ids, the chat template, and an
+//! incremental decoder for streaming.
+
+use crate::chat_template::{ChatMessage, ChatTemplate};
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use candle_core::quantized::gguf_file::Value;
+use serde_json::{json, Map, Value as Json};
+use std::path::Path;
+
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Ids that end a generation (EOS and end-of-turn tokens).
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub chat_template: Option<ChatTemplate>,
+}
+
+// Pre-tokenizer regexes, as in the models' own tokenizer.json files.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+impl TextTokenizer {
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Renders `messages` with the model's chat template.
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let tpl = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| ModelError::ChatTemplate("the model has no chat template".into()))?;
+        tpl.render(
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref().unwrap_or(""),
+            self.eos_token.as_deref().unwrap_or(""),
+        )
+    }
+
+    /// Loads `tokenizer.json` and `tokenizer_config.json` (chat template, special tokens) from an
+    /// HF model directory; `config_eos` are the end ids from config.json / generation_config.json.
+    pub fn from_hf_dir(dir: &Path, config_eos: &[u32]) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(ModelError::io(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "file not found")));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Corrupt {
+            path: path.clone(),
+            format: "tokenizer.json",
+            msg: e.to_string(),
+        })?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Json = if cfg_path.exists() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+            serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
+                path: cfg_path.clone(),
+                format: "JSON",
+                msg: e.to_string(),
+            })?
+        } else {
+            Json::Null
+        };
+        let token_str = |key: &str| -> Option<String> {
+            match cfg.get(key)? {
+                Json::String(s) => Some(s.clone()),
+                Json::Object(o) => o.get("content").and_then(Json::as_str).map(str::to_string),
+                _ => None,
+            }
+        };
+        let bos_token = token_str("bos_token");
+        let eos_token = token_str("eos_token");
+        let template = match cfg.get("chat_template") {
+            Some(Json::String(s)) => Some(s.clone()),
+            Some(Json::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+                .or_else(|| list.first())
+                .and_then(|t| t.get("template"))
+                .and_then(Json::as_str)
+                .map(str::to_string),
+            _ => {
+                let jinja = dir.join("chat_template.jinja");
+                if jinja.exists() {
+                    Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?)
+                } else {
+                    None
+                }
+            }
+        };
+        let mut eos = config_eos.to_vec();
+        if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
+            eos.push(id);
+        }
+        let mut tok = Self {
+            inner,
+            eos_token_ids: eos,
+            bos_token,
+            eos_token,
+            chat_template: template.map(ChatTemplate::new).transpose()?,
+        };
+        tok.add_end_of_turn_tokens();
+        Ok(tok)
+    }
+
+    /// Rebuilds the tokenizer stored in a GGUF file's metadata (byte-level BPE, `gpt2` model).
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let path = &g.path;
+        let model = g.meta_str("tokenizer.ggml.model")?.unwrap_or("");
+        if model != "gpt2" {
+            return Err(ModelError::field(
+                path,
+                "tokenizer.ggml.model",
+                format!("`{model}` tokenizers are not supported yet (supported: gpt2 byte-level BPE); use the model's HF directory"),
+            ));
+        }
+        let strings = |key: &str| -> Result<Vec<String>> {
+            let Some(Value::Array(a)) = g.meta(key) else {
+                return Err(ModelError::field(path, key, "missing or not an array"));
+            };
+            a.iter()
+                .map(|v| v.to_string().cloned().map_err(|_| ModelError::field(path, key, "not an array of strings")))
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<i32> = match g.meta("tokenizer.ggml.token_type") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.to_i32().map_err(|_| ModelError::field(path, "tokenizer.ggml.token_type", "not an array of i32")))
+                .collect::<Result<_>>()?,
+            _ => vec![1; tokens.len()],
+        };
+        let id = |key: &str| -> Result<Option<u32>> {
+            match g.meta(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .to_u32()
+                    .map(Some)
+                    .map_err(|_| ModelError::field(path, key, "not a u32")),
+            }
+        };
+        let bos = id("tokenizer.ggml.bos_token_id")?;
+        let eos = id("tokenizer.ggml.eos_token_id")?;
+        let add_bos = matches!(g.meta("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+        let pre = g.meta_str("tokenizer.ggml.pre")?.unwrap_or("default");
+
+        let mut vocab = Map::new();
+        let mut added = Vec::new();
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.insert(t.clone(), json!(i));
+            let ty = types.get(i).copied().unwrap_or(1);
+            if ty == 3 || ty == 4 {
+                added.push(json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": ty == 3}));
+            }
+        }
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+        let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+        let (pre_tokenizer, ignore_merges) = match pre {
+            "smollm" => (json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}), false),
+            "llama-bpe" | "llama3" => (json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]}), true),
+            "qwen2" => (json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]}), false),
+            "default" | "gpt2" | "gpt-2" => (byte_level(true), false),
+            other => {
+                tracing::warn!(pre = other, file = %path.display(), "unknown tokenizer.ggml.pre; using GPT-2's byte-level pre-tokenizer");
+                (byte_level(true), false)
+            }
+        };
+        let post = match (add_bos, bos) {
+            (true, Some(b)) => {
+                let bos_str = tokens.get(b as usize).cloned().unwrap_or_default();
+                json!({"type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": bos_str, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": bos_str, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {bos_str.clone(): {"id": bos_str, "ids": [b], "tokens": [bos_str]}}})
+            }
+            _ => Json::Null,
+        };
+        let spec = json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": added, "normalizer": null,
+            "pre_tokenizer": pre_tokenizer, "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges}
+        });
+        let inner = tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes()).map_err(|e| {
+            ModelError::field(path, "tokenizer.ggml.*", format!("cannot build a tokenizer: {e}"))
+        })?;
+        let template = g.meta_str("tokenizer.chat_template")?.map(str::to_string);
+        let name = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize).cloned());
+        let mut tok = Self {
+            inner,
+            eos_token_ids: eos.into_iter().collect(),
+            bos_token: name(bos),
+            eos_token: name(eos),
+            chat_template: template.map(ChatTemplate::new).transpose()?,
+        };
+        tok.add_end_of_turn_tokens();
+        Ok(tok)
+    }
+
+    /// End-of-turn markers of common chat formats also end a generation when the vocabulary has them.
+    fn add_end_of_turn_tokens(&mut self) {
+        for t in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>"] {
+            if let Some(id) = self.inner.token_to_id(t) {
+                let special = self
+                    .inner
+                    .get_added_tokens_decoder()
+                    .get(&id)
+                    .map(|a| a.special)
+                    .unwrap_or(false);
+                if special && !self.eos_token_ids.contains(&id) {
+                    self.eos_token_ids.push(id);
+                }
+            }
+        }
+        self.eos_token_ids.sort_unstable();
+        self.eos_token_ids.dedup();
+    }
+}
+
+/// Turns a growing list of token ids into text pieces, holding back bytes that do not yet form
+/// whole characters (as TGI and vLLM do).
+#[derive(Debug, Default, Clone)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl IncrementalDecoder {
+    /// Adds one token and returns the new text it completes, if any.
+    pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+            let new = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(new)
+        } else {
+            Ok(String::new())
+        }
+    }
+}
