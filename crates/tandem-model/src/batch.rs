@@ -109,3 +109,20 @@ impl PackedBatch {
         Ok(())
     }
 }
+
+/// What the scheduler hands the engine for one iteration (vLLM v1's `SchedulerOutput`): the
+/// packed batch, sampling parameters of sequences seen for the first time, and the ids of
+/// sequences that are gone.
+#[derive(Debug, Clone, Default)]
+pub struct ScheduledBatch {
+    pub batch: PackedBatch,
+    pub new_seqs: Vec<(u64, crate::sampling::SamplingParams)>,
+    pub finished: Vec<u64>,
+}
+
+/// What the engine hands back: one sampled token per segment that asked for `Last` logits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepOutput {
+    /// (sequence id, sampled token id)
+    pub sampled: Vec<(u64, u32)>,
+}

@@ -6,7 +6,8 @@ use crate::gguf::GgufFile;
 use crate::llama::Llama;
 use crate::safetensors_dir::load_safetensors_dir;
 use crate::tokenizer::TextTokenizer;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub struct LoadedModel {
@@ -37,9 +38,15 @@ pub fn load_model(path: Option<&Path>, device: &Device, dtype: DType) -> Result<
         return Err(ModelError::io(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")));
     }
     let (model, tokenizer) = if path.is_dir() {
-        load_hf_dir(&path, device, dtype)?
+        let (cfg, map, src) = load_hf_checkpoint(&path, device, dtype)?;
+        let tokenizer = TextTokenizer::from_hf_dir(&path, &cfg.eos_token_ids)?;
+        (Llama::from_tensors(cfg, map, &src, device, dtype)?, tokenizer)
     } else {
-        load_gguf(&path, device, dtype)?
+        let mut g = GgufFile::open(&path)?;
+        let cfg = g.config()?;
+        let tokenizer = TextTokenizer::from_gguf(&g)?;
+        let map = g.load_tensors(&cfg, dtype, device)?;
+        (Llama::from_tensors(cfg, map, &path, device, dtype)?, tokenizer)
     };
     if tokenizer.vocab_size() > model.cfg.vocab_size {
         tracing::warn!(
@@ -57,12 +64,25 @@ fn model_name(p: &Path) -> String {
         .unwrap_or_else(|| p.display().to_string())
 }
 
-fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<(Llama, TextTokenizer)> {
+/// The config and HF-named weights of a checkpoint (HF directory or GGUF file), without the
+/// tokenizer; the returned path names the weights file in later errors.
+pub fn load_checkpoint(path: &Path, device: &Device, dtype: DType) -> Result<(ModelConfig, HashMap<String, Tensor>, PathBuf)> {
+    if path.is_dir() {
+        load_hf_checkpoint(path, device, dtype)
+    } else {
+        let mut g = GgufFile::open(path)?;
+        let cfg = g.config()?;
+        let map = g.load_tensors(&cfg, dtype, device)?;
+        Ok((cfg, map, path.to_path_buf()))
+    }
+}
+
+fn load_hf_checkpoint(dir: &Path, device: &Device, dtype: DType) -> Result<(ModelConfig, HashMap<String, Tensor>, PathBuf)> {
     let cfg_path = dir.join("config.json");
     let mut cfg = ModelConfig::from_hf_json(&cfg_path)?;
     let gen_path = dir.join("generation_config.json");
     if gen_path.exists() {
-        // generation_config.json's eos_token_id (often a list of end-of-turn ids) wins over config.json's.
+        // generation_config.json's eos_token_id (often a list of end-of-turn ids) adds to config.json's.
         let text = std::fs::read_to_string(&gen_path).map_err(|e| ModelError::io(&gen_path, e))?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
             path: gen_path.clone(),
@@ -78,22 +98,8 @@ fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<(Llama, Text
         }
     }
     let tensors = load_safetensors_dir(dir, dtype, device)?;
-    let src = tensors
-        .values()
-        .next()
-        .map(|(_, p)| p.clone())
-        .unwrap_or_else(|| dir.join("model.safetensors"));
+    let index = dir.join("model.safetensors.index.json");
+    let src = if index.exists() { index } else { dir.join("model.safetensors") };
     let map = tensors.into_iter().map(|(k, (t, _))| (k, t)).collect();
-    let tokenizer = TextTokenizer::from_hf_dir(dir, &cfg.eos_token_ids)?;
-    let model = Llama::from_tensors(cfg, map, &src, device, dtype)?;
-    Ok((model, tokenizer))
-}
-
-fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<(Llama, TextTokenizer)> {
-    let mut g = GgufFile::open(path)?;
-    let cfg = g.config()?;
-    let tokenizer = TextTokenizer::from_gguf(&g)?;
-    let tensors = g.load_tensors(&cfg, dtype, device)?;
-    let model = Llama::from_tensors(cfg, tensors, path, device, dtype)?;
-    Ok((model, tokenizer))
+    Ok((cfg, map, src))
 }

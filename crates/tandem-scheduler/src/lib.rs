@@ -1,1 +1,16 @@
-//! placeholder
+//! tandem-scheduler: decides what runs in each engine iteration.
+//!
+//! Owns: sequence state, KV block accounting, preemption, the token budget, and the engine
+//! loop's synchronous core (schedule, execute, post-process). It hands the engine a plain
+//! `ScheduledBatch` and reads back host data.
+//! Must not touch: tensors or devices (the engine in tandem-model owns those), HTTP.
+
+pub mod block_manager;
+pub mod engine;
+pub mod scheduler;
+pub mod sequence;
+
+pub use block_manager::BlockManager;
+pub use engine::{LlmEngine, RequestOutput};
+pub use scheduler::{AdmitError, Scheduler, SchedulerConfig};
+pub use sequence::{FinishReason, Sequence};

@@ -1,1 +1,33 @@
-fn main() {}
+//! tandem: the binary. Parses the command line and wires the crates together; no model or
+//! scheduling logic lives here.
+
+mod bench;
+mod cli;
+mod generate;
+
+use anyhow::Result;
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: cli::Cli) -> Result<()> {
+    match cli.command {
+        cli::Command::Generate(args) => generate::run(args),
+        cli::Command::Bench(cli::BenchCommand::Decode(args)) => bench::decode(args),
+    }
+}

@@ -1,0 +1,216 @@
+//! The scheduler: decides which sequences run in an iteration and how many tokens each, under a
+//! token budget, and builds the plain `ScheduledBatch` the engine executes.
+//!
+//! No prefill or decode phases: every sequence catches its computed tokens up to its length
+//! (vLLM v1). Running sequences go first, then waiting ones. When KV blocks run out, the most
+//! recently admitted running sequence is preempted (recompute: its blocks are freed and it
+//! re-enters the front of the waiting queue).
+
+use crate::block_manager::BlockManager;
+use crate::sequence::Sequence;
+use std::collections::VecDeque;
+use tandem_model::{LogitsWanted, PackedBatch, ScheduledBatch};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub max_num_seqs: usize,
+    pub max_batched_tokens: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_model_len: usize,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    pub cfg: SchedulerConfig,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    blocks: BlockManager,
+    /// Sequences that left since the last batch (their samplers can go).
+    gone: Vec<u64>,
+    /// (sequence id, tokens) scheduled in the last batch.
+    last: Vec<(u64, usize)>,
+}
+
+/// Why a sequence cannot be admitted at all.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("the prompt has {prompt} tokens; with max_tokens {max_tokens} it needs {needed}, the context window is {limit}")]
+    TooLong {
+        prompt: usize,
+        max_tokens: usize,
+        needed: usize,
+        limit: usize,
+    },
+    #[error("the prompt is empty")]
+    Empty,
+    #[error("the sequence needs {needed} KV blocks, the cache has {total}")]
+    CacheTooSmall { needed: usize, total: usize },
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        let blocks = BlockManager::new(cfg.num_blocks, cfg.block_size);
+        Self {
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            blocks,
+            gone: Vec::new(),
+            last: Vec::new(),
+        }
+    }
+
+    /// Queues a sequence, or says why it can never run.
+    pub fn add(&mut self, seq: Sequence) -> Result<(), AdmitError> {
+        if seq.tokens.is_empty() {
+            return Err(AdmitError::Empty);
+        }
+        if seq.tokens.len() >= self.cfg.max_model_len {
+            return Err(AdmitError::TooLong {
+                prompt: seq.tokens.len(),
+                max_tokens: seq.params.max_tokens,
+                needed: seq.tokens.len() + 1,
+                limit: self.cfg.max_model_len,
+            });
+        }
+        let needed = (seq.tokens.len() + 1).div_ceil(self.cfg.block_size);
+        if needed > self.cfg.num_blocks {
+            return Err(AdmitError::CacheTooSmall {
+                needed,
+                total: self.cfg.num_blocks,
+            });
+        }
+        self.waiting.push_back(seq);
+        Ok(())
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    pub fn blocks(&self) -> &BlockManager {
+        &self.blocks
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Sequence> {
+        self.running.iter().chain(self.waiting.iter()).find(|s| s.id == id)
+    }
+
+    /// Builds the next iteration's batch.
+    pub fn schedule(&mut self) -> ScheduledBatch {
+        let mut budget = self.cfg.max_batched_tokens;
+        let mut out = ScheduledBatch {
+            finished: std::mem::take(&mut self.gone),
+            ..Default::default()
+        };
+        let mut plan: Vec<(usize, usize)> = Vec::new(); // (index in running, tokens)
+        let mut preempted = false;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let seq = &self.running[i];
+            let n = seq.uncomputed().min(budget);
+            if self.blocks.allocate(seq.id, seq.num_computed + n) {
+                plan.push((i, n));
+                budget -= n;
+                i += 1;
+                continue;
+            }
+            // Out of blocks: preempt the newest running sequence (never one already planned,
+            // since those sit before `i`); if that is this one, it waits.
+            let victim = self.running.len() - 1;
+            self.preempt(victim);
+            preempted = true;
+            if victim == i {
+                break;
+            }
+        }
+        // Admit waiting sequences while there is room (not in an iteration that had to preempt).
+        if !preempted {
+            while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+                let Some(seq) = self.waiting.front() else { break };
+                let n = seq.uncomputed().min(budget);
+                // Keep one block of headroom per running sequence so admission does not cause
+                // immediate preemption at the next decode step.
+                let missing = self.blocks.blocks_missing(seq.id, seq.num_computed + n);
+                if missing + self.running.len() > self.blocks.num_free() && !self.running.is_empty() {
+                    break;
+                }
+                if !self.blocks.allocate(seq.id, seq.num_computed + n) {
+                    break;
+                }
+                let Some(seq) = self.waiting.pop_front() else { break };
+                self.running.push(seq);
+                plan.push((self.running.len() - 1, n));
+                budget -= n;
+            }
+        }
+        self.last.clear();
+        for (idx, n) in plan {
+            let seq = &mut self.running[idx];
+            if !seq.announced {
+                out.new_seqs.push((seq.id, seq.params.clone()));
+                seq.announced = true;
+            }
+            let start = seq.num_computed;
+            let logits = if start + n == seq.tokens.len() {
+                LogitsWanted::Last
+            } else {
+                LogitsWanted::None
+            };
+            push_segment(&mut out.batch, seq, start, n, self.blocks.table(seq.id).to_vec(), logits);
+            self.last.push((seq.id, n));
+        }
+        out
+    }
+
+    fn preempt(&mut self, idx: usize) {
+        let mut seq = self.running.remove(idx);
+        self.blocks.free(seq.id);
+        seq.num_computed = 0;
+        seq.num_preemptions += 1;
+        tracing::debug!(seq = seq.id, tokens = seq.tokens.len(), "preempted (recompute)");
+        self.waiting.push_front(seq);
+    }
+
+    /// Records the last batch as computed and appends sampled tokens.
+    pub fn update(&mut self, sampled: &[(u64, u32)]) {
+        for (id, n) in std::mem::take(&mut self.last) {
+            if let Some(seq) = self.running.iter_mut().find(|s| s.id == id) {
+                seq.num_computed += n;
+            }
+        }
+        for &(id, tok) in sampled {
+            if let Some(seq) = self.running.iter_mut().find(|s| s.id == id) {
+                seq.tokens.push(tok);
+            }
+        }
+    }
+
+    /// Removes a sequence (finished or aborted) and frees its blocks.
+    pub fn finish(&mut self, id: u64) -> Option<Sequence> {
+        self.blocks.free(id);
+        let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            Some(self.running.remove(i))
+        } else {
+            let i = self.waiting.iter().position(|s| s.id == id)?;
+            self.waiting.remove(i)
+        };
+        if seq.as_ref().is_some_and(|s| s.announced) {
+            self.gone.push(id);
+        }
+        seq
+    }
+}
+
+fn push_segment(batch: &mut PackedBatch, seq: &Sequence, start: usize, n: usize, table: Vec<u32>, logits: LogitsWanted) {
+    batch.push(seq.id, &seq.tokens[start..start + n], start, table, logits);
+}

@@ -1,0 +1,117 @@
+//! `tandem bench decode`: packed decode throughput of tandem's engine at several batch sizes,
+//! and candle-transformers' own Llama on the same weights at batch 1, in one run.
+
+use crate::cli::BenchDecodeArgs;
+use crate::generate::{device, engine, load, BLOCK_SIZE};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::llama as reference;
+use std::time::Instant;
+use tandem_model::{default_dtype, load_checkpoint, ModelConfig, SamplingParams};
+
+fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
+    (0..len).map(|j| ((seq * 7919 + j * 104_729) % (vocab - 200) + 100) as u32).collect()
+}
+
+pub fn decode(args: BenchDecodeArgs) -> Result<()> {
+    let dev = device(args.model.device)?;
+    println!(
+        "# tandem bench decode: prompt {} tokens, {} timed decode steps, device {:?}, threads {}",
+        args.prompt_len,
+        args.steps,
+        args.model.device,
+        candle_core::utils::get_num_threads()
+    );
+    let mut tandem_b1 = None;
+    for &b in &args.batch_sizes {
+        let m = load(&args.model)?;
+        let vocab = m.model.cfg.vocab_size;
+        let per_seq = (args.prompt_len + args.steps + 2).div_ceil(BLOCK_SIZE);
+        let mut e = engine(m, per_seq * b + b, b, b * args.prompt_len)?;
+        for s in 0..b {
+            let params = SamplingParams {
+                max_tokens: args.steps + 2,
+                ignore_eos: true,
+                ..Default::default()
+            };
+            e.add_request(prompt(s, args.prompt_len, vocab), params)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        let t0 = Instant::now();
+        e.step()?; // prefill of every prompt, one packed batch
+        let prefill = t0.elapsed().as_secs_f64();
+        e.step()?; // warm-up decode step
+        let t0 = Instant::now();
+        let mut tokens = 0;
+        for _ in 0..args.steps {
+            tokens += e.step()?.len();
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let tps = tokens as f64 / secs;
+        if b == 1 {
+            tandem_b1 = Some(tps);
+        }
+        let vs_b1 = tandem_b1.map_or(String::new(), |x| format!("{:.2}x", tps / x));
+        println!(
+            "tandem packed decode  batch {b:>3}: {tps:8.1} tok/s  ({:.1} ms/step, prefill {:.0} ms)  vs tandem batch 1: {vs_b1}",
+            secs * 1e3 / args.steps as f64,
+            prefill * 1e3
+        );
+    }
+    if !args.no_reference {
+        let tps = reference_decode(&args, &dev)?;
+        let ratio = tandem_b1.map_or(String::new(), |x| format!("  tandem/reference at batch 1: {:.2}x", x / tps));
+        println!("candle-transformers   batch   1: {tps:8.1} tok/s{ratio}");
+    }
+    Ok(())
+}
+
+fn reference_config(c: &ModelConfig) -> reference::Config {
+    reference::Config {
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        vocab_size: c.vocab_size,
+        num_hidden_layers: c.num_hidden_layers,
+        num_attention_heads: c.num_attention_heads,
+        num_key_value_heads: c.num_key_value_heads,
+        use_flash_attn: false,
+        rms_norm_eps: c.rms_norm_eps,
+        rope_theta: c.rope_theta as f32,
+        bos_token_id: None,
+        eos_token_id: None,
+        rope_scaling: None,
+        max_position_embeddings: c.max_position_embeddings,
+        tie_word_embeddings: c.tie_word_embeddings,
+    }
+}
+
+/// candle-transformers' Llama, batch 1, greedy, with its own KV cache.
+fn reference_decode(args: &BenchDecodeArgs, dev: &Device) -> Result<f64> {
+    let path = match &args.model.model {
+        Some(p) => p.clone(),
+        None => tandem_model::default_model::ensure_default_model()?,
+    };
+    let dtype = default_dtype(dev);
+    let (cfg, map, _) = load_checkpoint(&path, dev, dtype).context("reference: cannot load the checkpoint")?;
+    let rcfg = reference_config(&cfg);
+    let vb = candle_nn::VarBuilder::from_tensors(map, dtype, dev);
+    let model = reference::Llama::load(vb, &rcfg)?;
+    let mut cache = reference::Cache::new(true, dtype, &rcfg, dev)?;
+    let p = prompt(0, args.prompt_len, cfg.vocab_size);
+    let input = Tensor::new(p.as_slice(), dev)?.unsqueeze(0)?;
+    let mut logits = model.forward(&input, 0, &mut cache)?;
+    let mut pos = p.len();
+    let step = |logits: &Tensor, pos: usize, cache: &mut reference::Cache| -> Result<Tensor> {
+        let next = logits.squeeze(0)?.to_dtype(DType::F32)?.argmax(0)?.to_scalar::<u32>()?;
+        let input = Tensor::new(&[next], dev)?.unsqueeze(0)?;
+        Ok(model.forward(&input, pos, cache)?)
+    };
+    logits = step(&logits, pos, &mut cache)?; // warm-up
+    pos += 1;
+    let t0 = Instant::now();
+    for _ in 0..args.steps {
+        logits = step(&logits, pos, &mut cache)?;
+        pos += 1;
+    }
+    Ok(args.steps as f64 / t0.elapsed().as_secs_f64())
+}

