@@ -18,6 +18,8 @@ pub mod loader;
 pub mod runner;
 pub mod safetensors_dir;
 pub mod sampling;
+#[doc(hidden)]
+pub mod testing;
 pub mod tokenizer;
 
 pub use batch::{LogitsWanted, PackedBatch, ScheduledBatch, Segment, StepOutput};

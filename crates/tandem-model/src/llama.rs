@@ -38,6 +38,8 @@ pub struct Llama {
     sin: Tensor,
     device: Device,
     dtype: DType,
+    /// Use the gathered (plain candle ops) attention even where a kernel exists (tests).
+    force_gathered_attention: bool,
 }
 
 /// Takes named tensors out of a checkpoint map, checking shapes, naming the file on error.
@@ -143,6 +145,7 @@ impl Llama {
             sin,
             device: device.clone(),
             dtype,
+            force_gathered_attention: false,
         })
     }
 
@@ -152,6 +155,12 @@ impl Llama {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Routes attention through plain candle ops even where tandem-kernels has a kernel
+    /// (to check one against the other).
+    pub fn set_force_gathered_attention(&mut self, on: bool) {
+        self.force_gathered_attention = on;
     }
 
     /// Runs every token of `batch` through the model, writing their K/V into `cache`, and
@@ -208,7 +217,7 @@ impl Llama {
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, meta: &PagedAttentionMeta, batch: &PackedBatch, scale: f32) -> Result<Tensor> {
-        if self.device.is_cpu() && self.dtype == DType::F32 {
+        if self.device.is_cpu() && self.dtype == DType::F32 && !self.force_gathered_attention {
             return Ok(paged_attention(q, k, v, meta, scale)?);
         }
         attention_gathered(q, k, v, meta, batch, scale)

@@ -1,0 +1,203 @@
+//! Test fixtures shared by the crates' tests: tiny random Llama-family checkpoints written to
+//! disk in HF and GGUF form. Not part of the public API.
+#![allow(clippy::unwrap_used)]
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Clone, Copy)]
+pub struct Tiny {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub inter: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub tied: bool,
+    pub llama3_rope: bool,
+    pub max_pos: usize,
+}
+
+impl Tiny {
+    pub fn gqa() -> Self {
+        Self { vocab: 96, hidden: 64, inter: 112, layers: 3, heads: 8, kv_heads: 2, tied: false, llama3_rope: true, max_pos: 512 }
+    }
+    pub fn tied_mha() -> Self {
+        Self { vocab: 80, hidden: 48, inter: 96, layers: 2, heads: 4, kv_heads: 4, tied: true, llama3_rope: false, max_pos: 512 }
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+
+    pub fn config_json(&self) -> serde_json::Value {
+        let mut v = json!({
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": self.vocab, "hidden_size": self.hidden, "intermediate_size": self.inter,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "max_position_embeddings": self.max_pos, "tie_word_embeddings": self.tied,
+            "bos_token_id": 1, "eos_token_id": 2,
+        });
+        if self.llama3_rope {
+            v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+        }
+        v
+    }
+
+    /// Random weights under HF names, reproducible from `seed`.
+    pub fn weights(&self, seed: u64) -> HashMap<String, Tensor> {
+        let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut rand = |shape: &[usize], scale: f32, offset: f32| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let u = ((rng >> 33) as f64 / (1u64 << 31) as f64) as f32; // [0, 1)
+                    offset + scale * (2.0 * u - 1.0)
+                })
+                .collect();
+            Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        };
+        let (h, i, q, kv) = (self.hidden, self.inter, self.heads * self.head_dim(), self.kv_heads * self.head_dim());
+        let mut m = HashMap::new();
+        m.insert("model.embed_tokens.weight".to_string(), rand(&[self.vocab, h], 1.0, 0.0));
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            m.insert(format!("{p}.input_layernorm.weight"), rand(&[h], 0.2, 1.0));
+            m.insert(format!("{p}.post_attention_layernorm.weight"), rand(&[h], 0.2, 1.0));
+            for (n, o, inp) in [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h), ("self_attn.o_proj", h, q), ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h), ("mlp.down_proj", h, i)] {
+                let scale = 1.0 / (inp as f32).sqrt() * 1.7;
+                m.insert(format!("{p}.{n}.weight"), rand(&[o, inp], scale, 0.0));
+            }
+        }
+        m.insert("model.norm.weight".to_string(), rand(&[h], 0.2, 1.0));
+        if !self.tied {
+            m.insert("lm_head.weight".to_string(), rand(&[self.vocab, h], 0.3, 0.0));
+        }
+        m
+    }
+
+    /// An HF model directory: config.json, model.safetensors, and a word-level tokenizer.json.
+    pub fn write_hf_dir(&self, dir: &Path, seed: u64) -> HashMap<String, Tensor> {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("config.json"), self.config_json().to_string()).unwrap();
+        let w = self.weights(seed);
+        candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+        let vocab: serde_json::Map<String, serde_json::Value> = (0..self.vocab).map(|i| (format!("w{i}"), json!(i))).collect();
+        let tok = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
+        std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+        w
+    }
+}
+
+/// GPT-2's byte -> printable char table used by byte-level BPE vocabularies.
+pub fn bytes_to_unicode() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = vec![' '; 256];
+    for (b, c) in bs.into_iter().zip(cs) {
+        table[b as usize] = char::from_u32(c).unwrap();
+    }
+    table
+}
+
+/// A GGUF file of the same model as llama.cpp writes it: llama.cpp names, Q/K rows permuted for
+/// interleaved RoPE, f32 tensors, and a byte-level BPE tokenizer in the metadata
+/// (256 byte tokens, a few merges, 3 special tokens; vocab padded to the model's size).
+pub fn write_gguf(t: &Tiny, w: &HashMap<String, Tensor>, path: &Path) {
+    let permute = |x: &Tensor, n_head: usize| {
+        let (rows, cols) = x.dims2().unwrap();
+        x.reshape((n_head, 2, rows / n_head / 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, cols)).unwrap()
+    };
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (name, x) in w {
+        let g = if name == "model.embed_tokens.weight" {
+            "token_embd.weight".to_string()
+        } else if name == "model.norm.weight" {
+            "output_norm.weight".to_string()
+        } else if name == "lm_head.weight" {
+            "output.weight".to_string()
+        } else {
+            let rest = name.strip_prefix("model.layers.").unwrap();
+            let (l, tail) = rest.split_once('.').unwrap();
+            let m = match tail.strip_suffix(".weight").unwrap() {
+                "input_layernorm" => "attn_norm",
+                "post_attention_layernorm" => "ffn_norm",
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                other => panic!("{other}"),
+            };
+            format!("blk.{l}.{m}.weight")
+        };
+        let x = if g.ends_with("attn_q.weight") {
+            permute(x, t.heads)
+        } else if g.ends_with("attn_k.weight") {
+            permute(x, t.kv_heads)
+        } else {
+            x.clone()
+        };
+        tensors.push((g, x));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let q: Vec<(String, QTensor)> = tensors.iter().map(|(n, x)| (n.clone(), QTensor::quantize(x, GgmlDType::F32).unwrap())).collect();
+
+    let table = bytes_to_unicode();
+    let mut tokens: Vec<String> = table.iter().map(|c| c.to_string()).collect();
+    let mut types = vec![1i32; 256];
+    let merges = ["Ġ t", "h e", "Ġt he", "i n"];
+    for m in merges {
+        tokens.push(m.replace(' ', ""));
+        types.push(1);
+    }
+    for s in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
+        tokens.push(s.to_string());
+        types.push(3);
+    }
+    let n_tok = tokens.len();
+    let arch = "llama".to_string();
+    let u32v = |x: usize| Value::U32(x as u32);
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch)),
+        ("llama.block_count".into(), u32v(t.layers)),
+        ("llama.embedding_length".into(), u32v(t.hidden)),
+        ("llama.feed_forward_length".into(), u32v(t.inter)),
+        ("llama.attention.head_count".into(), u32v(t.heads)),
+        ("llama.attention.head_count_kv".into(), u32v(t.kv_heads)),
+        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)),
+        ("llama.rope.freq_base".into(), Value::F32(10000.0)),
+        ("llama.context_length".into(), u32v(t.max_pos)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges.iter().map(|m| Value::String(m.to_string())).collect())),
+        ("tokenizer.ggml.bos_token_id".into(), u32v(n_tok - 2)),
+        ("tokenizer.ggml.eos_token_id".into(), u32v(n_tok - 1)),
+        ("tokenizer.chat_template".into(), Value::String("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into())),
+    ];
+    meta.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let q_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &meta_refs, &q_refs).unwrap();
+}
