@@ -30,6 +30,8 @@ pub struct Scheduler {
     gone: Vec<u64>,
     /// (sequence id, tokens) scheduled in the last batch.
     last: Vec<(u64, usize)>,
+    /// Preemptions since start.
+    pub num_preemptions: u64,
 }
 
 /// Why a sequence cannot be admitted at all.
@@ -58,6 +60,7 @@ impl Scheduler {
             blocks,
             gone: Vec::new(),
             last: Vec::new(),
+            num_preemptions: 0,
         }
     }
 
@@ -177,6 +180,7 @@ impl Scheduler {
         self.blocks.free(seq.id);
         seq.num_computed = 0;
         seq.num_preemptions += 1;
+        self.num_preemptions += 1;
         tracing::debug!(seq = seq.id, tokens = seq.tokens.len(), "preempted (recompute)");
         self.waiting.push_front(seq);
     }
