@@ -37,7 +37,9 @@ impl PagedAttentionMeta {
         }
         for (t, (&seg, &pos)) in self.token_segment.iter().zip(&self.positions).enumerate() {
             let Some(table) = self.block_tables.get(seg as usize) else {
-                candle_core::bail!("paged_attention: token {t} names segment {seg}, which has no block table")
+                candle_core::bail!(
+                    "paged_attention: token {t} names segment {seg}, which has no block table"
+                )
             };
             let needed = pos as usize / self.block_size + 1;
             if table.len() < needed {
@@ -46,8 +48,13 @@ impl PagedAttentionMeta {
                     table.len()
                 )
             }
-            if let Some(&b) = table[..needed].iter().find(|&&b| (b as usize + 1) * self.block_size > num_slots) {
-                candle_core::bail!("paged_attention: block {b} is outside a cache of {num_slots} slots")
+            if let Some(&b) = table[..needed]
+                .iter()
+                .find(|&&b| (b as usize + 1) * self.block_size > num_slots)
+            {
+                candle_core::bail!(
+                    "paged_attention: block {b} is outside a cache of {num_slots} slots"
+                )
             }
         }
         Ok(())
@@ -61,7 +68,10 @@ struct PagedAttention<'a> {
 
 fn contiguous_f32<'s>(s: &'s CpuStorage, l: &Layout, what: &str) -> Result<&'s [f32]> {
     let CpuStorage::F32(data) = s else {
-        candle_core::bail!("paged_attention: {what} must be f32 on cpu, got {:?}", s.dtype())
+        candle_core::bail!(
+            "paged_attention: {what} must be f32 on cpu, got {:?}",
+            s.dtype()
+        )
     };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -94,7 +104,10 @@ impl CustomOp3 for PagedAttention<'_> {
             )
         }
         if t != self.meta.positions.len() {
-            candle_core::bail!("paged_attention: {t} query tokens, metadata for {}", self.meta.positions.len())
+            candle_core::bail!(
+                "paged_attention: {t} query tokens, metadata for {}",
+                self.meta.positions.len()
+            )
         }
         self.meta.validate(slots)?;
         let q = contiguous_f32(qs, ql, "q")?;
@@ -149,7 +162,10 @@ pub fn paged_attention(
     scale: f32,
 ) -> Result<Tensor> {
     if q.dtype() != DType::F32 {
-        candle_core::bail!("paged_attention: dtype {:?} has no implementation", q.dtype())
+        candle_core::bail!(
+            "paged_attention: dtype {:?} has no implementation",
+            q.dtype()
+        )
     }
     q.apply_op3_no_bwd(k_cache, v_cache, &PagedAttention { meta, scale })
 }

@@ -40,7 +40,14 @@ pub struct PackedBatch {
 
 impl PackedBatch {
     /// Appends a segment of `tokens` at positions `first_pos..`.
-    pub fn push(&mut self, seq_id: u64, tokens: &[u32], first_pos: usize, block_table: Vec<u32>, logits: LogitsWanted) {
+    pub fn push(
+        &mut self,
+        seq_id: u64,
+        tokens: &[u32],
+        first_pos: usize,
+        block_table: Vec<u32>,
+        logits: LogitsWanted,
+    ) {
         let start = self.tokens.len();
         self.tokens.extend_from_slice(tokens);
         self.positions
@@ -73,23 +80,41 @@ impl PackedBatch {
 
     /// Checks the batch's internal consistency against a cache of `num_blocks` blocks of
     /// `block_size` tokens and a context limit of `max_positions`.
-    pub fn validate(&self, block_size: usize, num_blocks: usize, max_positions: usize) -> Result<()> {
+    pub fn validate(
+        &self,
+        block_size: usize,
+        num_blocks: usize,
+        max_positions: usize,
+    ) -> Result<()> {
         let bad = |m: String| Err(ModelError::Batch(m));
         if self.tokens.len() != self.positions.len() {
-            return bad(format!("{} tokens but {} positions", self.tokens.len(), self.positions.len()));
+            return bad(format!(
+                "{} tokens but {} positions",
+                self.tokens.len(),
+                self.positions.len()
+            ));
         }
         let mut next = 0;
         for s in &self.segments {
             if s.start != next || s.len == 0 {
-                return bad(format!("segment of sequence {} does not continue the previous one or is empty", s.seq_id));
+                return bad(format!(
+                    "segment of sequence {} does not continue the previous one or is empty",
+                    s.seq_id
+                ));
             }
             next = s.start + s.len;
             if next > self.tokens.len() {
-                return bad(format!("segment of sequence {} runs past the tokens", s.seq_id));
+                return bad(format!(
+                    "segment of sequence {} runs past the tokens",
+                    s.seq_id
+                ));
             }
             let last = self.positions[next - 1] as usize;
             if last >= max_positions {
-                return bad(format!("sequence {} reaches position {last}, the model allows {max_positions}", s.seq_id));
+                return bad(format!(
+                    "sequence {} reaches position {last}, the model allows {max_positions}",
+                    s.seq_id
+                ));
             }
             if s.block_table.len() * block_size <= last {
                 return bad(format!(
@@ -100,7 +125,10 @@ impl PackedBatch {
                 ));
             }
             if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= num_blocks) {
-                return bad(format!("sequence {} names block {b}, the cache has {num_blocks}", s.seq_id));
+                return bad(format!(
+                    "sequence {} names block {b}, the cache has {num_blocks}",
+                    s.seq_id
+                ));
             }
         }
         if next != self.tokens.len() {

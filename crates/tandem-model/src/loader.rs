@@ -32,21 +32,33 @@ pub fn default_dtype(device: &Device) -> DType {
 pub fn load_model(path: Option<&Path>, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let (path, name) = match path {
         Some(p) => (p.to_path_buf(), model_name(p)),
-        None => (crate::default_model::ensure_default_model()?, crate::default_model::MODEL_NAME.to_string()),
+        None => (
+            crate::default_model::ensure_default_model()?,
+            crate::default_model::MODEL_NAME.to_string(),
+        ),
     };
     if !path.exists() {
-        return Err(ModelError::io(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")));
+        return Err(ModelError::io(
+            &path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        ));
     }
     let (model, tokenizer) = if path.is_dir() {
         let (cfg, map, src) = load_hf_checkpoint(&path, device, dtype)?;
         let tokenizer = TextTokenizer::from_hf_dir(&path, &cfg.eos_token_ids)?;
-        (Llama::from_tensors(cfg, map, &src, device, dtype)?, tokenizer)
+        (
+            Llama::from_tensors(cfg, map, &src, device, dtype)?,
+            tokenizer,
+        )
     } else {
         let mut g = GgufFile::open(&path)?;
         let cfg = g.config()?;
         let tokenizer = TextTokenizer::from_gguf(&g)?;
         let map = g.load_tensors(&cfg, dtype, device)?;
-        (Llama::from_tensors(cfg, map, &path, device, dtype)?, tokenizer)
+        (
+            Llama::from_tensors(cfg, map, &path, device, dtype)?,
+            tokenizer,
+        )
     };
     if tokenizer.vocab_size() > model.cfg.vocab_size {
         tracing::warn!(
@@ -55,18 +67,31 @@ pub fn load_model(path: Option<&Path>, device: &Device, dtype: DType) -> Result<
             "the tokenizer knows more tokens than the model's embedding has rows"
         );
     }
-    Ok(LoadedModel { model, tokenizer, path, name })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        path,
+        name,
+    })
 }
 
 fn model_name(p: &Path) -> String {
-    let stem = if p.is_dir() { p.file_name() } else { p.file_stem() };
+    let stem = if p.is_dir() {
+        p.file_name()
+    } else {
+        p.file_stem()
+    };
     stem.map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| p.display().to_string())
 }
 
 /// The config and HF-named weights of a checkpoint (HF directory or GGUF file), without the
 /// tokenizer; the returned path names the weights file in later errors.
-pub fn load_checkpoint(path: &Path, device: &Device, dtype: DType) -> Result<(ModelConfig, HashMap<String, Tensor>, PathBuf)> {
+pub fn load_checkpoint(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<(ModelConfig, HashMap<String, Tensor>, PathBuf)> {
     if path.is_dir() {
         load_hf_checkpoint(path, device, dtype)
     } else {
@@ -77,18 +102,23 @@ pub fn load_checkpoint(path: &Path, device: &Device, dtype: DType) -> Result<(Mo
     }
 }
 
-fn load_hf_checkpoint(dir: &Path, device: &Device, dtype: DType) -> Result<(ModelConfig, HashMap<String, Tensor>, PathBuf)> {
+fn load_hf_checkpoint(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<(ModelConfig, HashMap<String, Tensor>, PathBuf)> {
     let cfg_path = dir.join("config.json");
     let mut cfg = ModelConfig::from_hf_json(&cfg_path)?;
     let gen_path = dir.join("generation_config.json");
     if gen_path.exists() {
         // generation_config.json's eos_token_id (often a list of end-of-turn ids) adds to config.json's.
         let text = std::fs::read_to_string(&gen_path).map_err(|e| ModelError::io(&gen_path, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
-            path: gen_path.clone(),
-            format: "JSON",
-            msg: e.to_string(),
-        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
+                path: gen_path.clone(),
+                format: "JSON",
+                msg: e.to_string(),
+            })?;
         match v.get("eos_token_id") {
             Some(serde_json::Value::Array(a)) => cfg
                 .eos_token_ids
@@ -99,7 +129,11 @@ fn load_hf_checkpoint(dir: &Path, device: &Device, dtype: DType) -> Result<(Mode
     }
     let tensors = load_safetensors_dir(dir, dtype, device)?;
     let index = dir.join("model.safetensors.index.json");
-    let src = if index.exists() { index } else { dir.join("model.safetensors") };
+    let src = if index.exists() {
+        index
+    } else {
+        dir.join("model.safetensors")
+    };
     let map = tensors.into_iter().map(|(k, (t, _))| (k, t)).collect();
     Ok((cfg, map, src))
 }

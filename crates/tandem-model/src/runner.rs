@@ -42,7 +42,9 @@ impl ModelRunner {
         }
         let batch = &sched.batch;
         if batch.segments.iter().any(|s| s.logits == LogitsWanted::All) {
-            return Err(ModelError::Batch("the runner samples from last-token logits only".into()));
+            return Err(ModelError::Batch(
+                "the runner samples from last-token logits only".into(),
+            ));
         }
         if batch.segments.is_empty() {
             return Ok(StepOutput::default());
@@ -52,10 +54,11 @@ impl ModelRunner {
         let mut sampled = Vec::with_capacity(rows.len());
         for ((seg, _), row) in batch.logit_rows().into_iter().zip(rows) {
             let id = batch.segments[seg].seq_id;
-            let sampler = self
-                .samplers
-                .get_mut(&id)
-                .ok_or_else(|| ModelError::Batch(format!("sequence {id} was never announced with its sampling parameters")))?;
+            let sampler = self.samplers.get_mut(&id).ok_or_else(|| {
+                ModelError::Batch(format!(
+                    "sequence {id} was never announced with its sampling parameters"
+                ))
+            })?;
             sampled.push((id, sampler.sample(&row)));
         }
         Ok(StepOutput { sampled })

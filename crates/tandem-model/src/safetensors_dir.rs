@@ -1,18 +1,25 @@
 //! Loading an HF model directory's weights: `model.safetensors`, or the shards named by
 //! `model.safetensors.index.json`.
 
-use crate::error::{ModelError, Result};
+use crate::error::{candle_message, ModelError, Result};
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 /// Every tensor of the directory's checkpoint, converted to `dtype` on `device`, keyed by its
 /// HF name, each with the file it came from (for error messages).
-pub fn load_safetensors_dir(dir: &Path, dtype: DType, device: &Device) -> Result<HashMap<String, (Tensor, PathBuf)>> {
+pub fn load_safetensors_dir(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, (Tensor, PathBuf)>> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if index.exists() {
-        shard_files(&index)?.into_iter().map(|f| dir.join(f)).collect()
+        shard_files(&index)?
+            .into_iter()
+            .map(|f| dir.join(f))
+            .collect()
     } else if single.exists() {
         vec![single]
     } else {
@@ -46,24 +53,31 @@ fn shard_files(index: &Path) -> Result<BTreeSet<String>> {
         .ok_or_else(|| ModelError::field(index, "weight_map", "missing or not an object"))?;
     map.iter()
         .map(|(k, f)| {
-            f.as_str()
-                .map(str::to_string)
-                .ok_or_else(|| ModelError::field(index, format!("weight_map.{k}"), "not a file name"))
+            f.as_str().map(str::to_string).ok_or_else(|| {
+                ModelError::field(index, format!("weight_map.{k}"), "not a file name")
+            })
         })
         .collect()
 }
 
 /// All tensors of one safetensors file, as floats of `dtype` on `device`.
-pub fn load_safetensors_file(path: &Path, dtype: DType, device: &Device) -> Result<Vec<(String, Tensor)>> {
+pub fn load_safetensors_file(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<Vec<(String, Tensor)>> {
     if !path.exists() {
-        return Err(ModelError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "file not found")));
+        return Err(ModelError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+        ));
     }
     // SAFETY: the file is mapped read-only; tandem does not write model files while they are mapped,
     // and the tensors are copied out (converted and moved to `device`) before the map is dropped.
     let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| ModelError::Corrupt {
         path: path.into(),
         format: "safetensors",
-        msg: e.to_string(),
+        msg: candle_message(&e),
     })?;
     let mut out = Vec::new();
     for (name, view) in st.tensors() {
@@ -83,7 +97,7 @@ pub fn load_safetensors_file(path: &Path, dtype: DType, device: &Device) -> Resu
             .map_err(|e| ModelError::Tensor {
                 path: path.into(),
                 tensor: name.clone(),
-                msg: e.to_string(),
+                msg: candle_message(&e),
             })?;
         out.push((name, t));
     }

@@ -24,10 +24,30 @@ pub struct Tiny {
 
 impl Tiny {
     pub fn gqa() -> Self {
-        Self { vocab: 96, hidden: 64, inter: 112, layers: 3, heads: 8, kv_heads: 2, tied: false, llama3_rope: true, max_pos: 512 }
+        Self {
+            vocab: 96,
+            hidden: 64,
+            inter: 112,
+            layers: 3,
+            heads: 8,
+            kv_heads: 2,
+            tied: false,
+            llama3_rope: true,
+            max_pos: 512,
+        }
     }
     pub fn tied_mha() -> Self {
-        Self { vocab: 80, hidden: 48, inter: 96, layers: 2, heads: 4, kv_heads: 4, tied: true, llama3_rope: false, max_pos: 512 }
+        Self {
+            vocab: 80,
+            hidden: 48,
+            inter: 96,
+            layers: 2,
+            heads: 4,
+            kv_heads: 4,
+            tied: true,
+            llama3_rope: false,
+            max_pos: 512,
+        }
     }
     pub fn head_dim(&self) -> usize {
         self.hidden / self.heads
@@ -51,33 +71,59 @@ impl Tiny {
 
     /// Random weights under HF names, reproducible from `seed`.
     pub fn weights(&self, seed: u64) -> HashMap<String, Tensor> {
-        let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut rng = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let mut rand = |shape: &[usize], scale: f32, offset: f32| {
             let n: usize = shape.iter().product();
             let v: Vec<f32> = (0..n)
                 .map(|_| {
-                    rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    rng = rng
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     let u = ((rng >> 33) as f64 / (1u64 << 31) as f64) as f32; // [0, 1)
                     offset + scale * (2.0 * u - 1.0)
                 })
                 .collect();
             Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
         };
-        let (h, i, q, kv) = (self.hidden, self.inter, self.heads * self.head_dim(), self.kv_heads * self.head_dim());
+        let (h, i, q, kv) = (
+            self.hidden,
+            self.inter,
+            self.heads * self.head_dim(),
+            self.kv_heads * self.head_dim(),
+        );
         let mut m = HashMap::new();
-        m.insert("model.embed_tokens.weight".to_string(), rand(&[self.vocab, h], 1.0, 0.0));
+        m.insert(
+            "model.embed_tokens.weight".to_string(),
+            rand(&[self.vocab, h], 1.0, 0.0),
+        );
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
             m.insert(format!("{p}.input_layernorm.weight"), rand(&[h], 0.2, 1.0));
-            m.insert(format!("{p}.post_attention_layernorm.weight"), rand(&[h], 0.2, 1.0));
-            for (n, o, inp) in [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h), ("self_attn.o_proj", h, q), ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h), ("mlp.down_proj", h, i)] {
+            m.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                rand(&[h], 0.2, 1.0),
+            );
+            for (n, o, inp) in [
+                ("self_attn.q_proj", q, h),
+                ("self_attn.k_proj", kv, h),
+                ("self_attn.v_proj", kv, h),
+                ("self_attn.o_proj", h, q),
+                ("mlp.gate_proj", i, h),
+                ("mlp.up_proj", i, h),
+                ("mlp.down_proj", h, i),
+            ] {
                 let scale = 1.0 / (inp as f32).sqrt() * 1.7;
                 m.insert(format!("{p}.{n}.weight"), rand(&[o, inp], scale, 0.0));
             }
         }
         m.insert("model.norm.weight".to_string(), rand(&[h], 0.2, 1.0));
         if !self.tied {
-            m.insert("lm_head.weight".to_string(), rand(&[self.vocab, h], 0.3, 0.0));
+            m.insert(
+                "lm_head.weight".to_string(),
+                rand(&[self.vocab, h], 0.3, 0.0),
+            );
         }
         m
     }
@@ -88,7 +134,9 @@ impl Tiny {
         std::fs::write(dir.join("config.json"), self.config_json().to_string()).unwrap();
         let w = self.weights(seed);
         candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
-        let vocab: serde_json::Map<String, serde_json::Value> = (0..self.vocab).map(|i| (format!("w{i}"), json!(i))).collect();
+        let vocab: serde_json::Map<String, serde_json::Value> = (0..self.vocab)
+            .map(|i| (format!("w{i}"), json!(i)))
+            .collect();
         let tok = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
             "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
             "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
@@ -99,7 +147,10 @@ impl Tiny {
 
 /// GPT-2's byte -> printable char table used by byte-level BPE vocabularies.
 pub fn bytes_to_unicode() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -122,7 +173,14 @@ pub fn bytes_to_unicode() -> Vec<char> {
 pub fn write_gguf(t: &Tiny, w: &HashMap<String, Tensor>, path: &Path) {
     let permute = |x: &Tensor, n_head: usize| {
         let (rows, cols) = x.dims2().unwrap();
-        x.reshape((n_head, 2, rows / n_head / 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, cols)).unwrap()
+        x.reshape((n_head, 2, rows / n_head / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap()
     };
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (name, x) in w {
@@ -159,7 +217,10 @@ pub fn write_gguf(t: &Tiny, w: &HashMap<String, Tensor>, path: &Path) {
         tensors.push((g, x));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let q: Vec<(String, QTensor)> = tensors.iter().map(|(n, x)| (n.clone(), QTensor::quantize(x, GgmlDType::F32).unwrap())).collect();
+    let q: Vec<(String, QTensor)> = tensors
+        .iter()
+        .map(|(n, x)| (n.clone(), QTensor::quantize(x, GgmlDType::F32).unwrap()))
+        .collect();
 
     let table = bytes_to_unicode();
     let mut tokens: Vec<String> = table.iter().map(|c| c.to_string()).collect();

@@ -46,7 +46,11 @@ impl TextTokenizer {
     }
 
     /// Renders `messages` with the model's chat template.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tpl = self
             .chat_template
             .as_ref()
@@ -64,7 +68,10 @@ impl TextTokenizer {
     pub fn from_hf_dir(dir: &Path, config_eos: &[u32]) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(ModelError::io(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "file not found")));
+            return Err(ModelError::io(
+                &path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+            ));
         }
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Corrupt {
             path: path.clone(),
@@ -73,7 +80,8 @@ impl TextTokenizer {
         })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Json = if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+            let text =
+                std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
             serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
                 path: cfg_path.clone(),
                 format: "JSON",
@@ -140,7 +148,11 @@ impl TextTokenizer {
                 return Err(ModelError::field(path, key, "missing or not an array"));
             };
             a.iter()
-                .map(|v| v.to_string().cloned().map_err(|_| ModelError::field(path, key, "not an array of strings")))
+                .map(|v| {
+                    v.to_string()
+                        .cloned()
+                        .map_err(|_| ModelError::field(path, key, "not an array of strings"))
+                })
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
@@ -148,7 +160,11 @@ impl TextTokenizer {
         let types: Vec<i32> = match g.meta("tokenizer.ggml.token_type") {
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.to_i32().map_err(|_| ModelError::field(path, "tokenizer.ggml.token_type", "not an array of i32")))
+                .map(|v| {
+                    v.to_i32().map_err(|_| {
+                        ModelError::field(path, "tokenizer.ggml.token_type", "not an array of i32")
+                    })
+                })
                 .collect::<Result<_>>()?,
             _ => vec![1; tokens.len()],
         };
@@ -163,7 +179,10 @@ impl TextTokenizer {
         };
         let bos = id("tokenizer.ggml.bos_token_id")?;
         let eos = id("tokenizer.ggml.eos_token_id")?;
-        let add_bos = matches!(g.meta("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+        let add_bos = matches!(
+            g.meta("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(true))
+        );
         let pre = g.meta_str("tokenizer.ggml.pre")?.unwrap_or("default");
 
         let mut vocab = Map::new();
@@ -172,16 +191,27 @@ impl TextTokenizer {
             vocab.insert(t.clone(), json!(i));
             let ty = types.get(i).copied().unwrap_or(1);
             if ty == 3 || ty == 4 {
-                added.push(json!({"id": i, "content": t, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": false, "special": ty == 3}));
+                added.push(
+                    json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": ty == 3}),
+                );
             }
         }
         let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
         let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
         let (pre_tokenizer, ignore_merges) = match pre {
-            "smollm" => (json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}), false),
-            "llama-bpe" | "llama3" => (json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]}), true),
-            "qwen2" => (json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]}), false),
+            "smollm" => (
+                json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+                false,
+            ),
+            "llama-bpe" | "llama3" => (
+                json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]}),
+                true,
+            ),
+            "qwen2" => (
+                json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]}),
+                false,
+            ),
             "default" | "gpt2" | "gpt-2" => (byte_level(true), false),
             other => {
                 tracing::warn!(pre = other, file = %path.display(), "unknown tokenizer.ggml.pre; using GPT-2's byte-level pre-tokenizer");
@@ -208,9 +238,14 @@ impl TextTokenizer {
                       "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                       "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges}
         });
-        let inner = tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes()).map_err(|e| {
-            ModelError::field(path, "tokenizer.ggml.*", format!("cannot build a tokenizer: {e}"))
-        })?;
+        let inner =
+            tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes()).map_err(|e| {
+                ModelError::field(
+                    path,
+                    "tokenizer.ggml.*",
+                    format!("cannot build a tokenizer: {e}"),
+                )
+            })?;
         let template = g.meta_str("tokenizer.chat_template")?.map(str::to_string);
         let name = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize).cloned());
         let mut tok = Self {
@@ -226,7 +261,14 @@ impl TextTokenizer {
 
     /// End-of-turn markers of common chat formats also end a generation when the vocabulary has them.
     fn add_end_of_turn_tokens(&mut self) {
-        for t in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>"] {
+        for t in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end_of_text|>",
+            "<|endoftext|>",
+            "</s>",
+            "<|end|>",
+        ] {
             if let Some(id) = self.inner.token_to_id(t) {
                 let special = self
                     .inner
@@ -259,7 +301,10 @@ impl IncrementalDecoder {
         self.ids.push(id);
         let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
         let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             let new = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();

@@ -40,15 +40,25 @@ fn truncated_safetensors() {
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors file"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
 }
 
 #[test]
 fn garbage_safetensors() {
     let (dir, _) = hf_dir();
-    std::fs::write(dir.path().join("model.safetensors"), b"\xff\xff\xff\xff\xff\xff\xff\x7fnot json").unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        b"\xff\xff\xff\xff\xff\xff\xff\x7fnot json",
+    )
+    .unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("model.safetensors") && err.contains("safetensors"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -58,23 +68,38 @@ fn missing_tensor_and_wrong_shape() {
     w.remove("model.layers.1.mlp.up_proj.weight");
     candle_core::safetensors::save(&w, dir.path().join("model.safetensors")).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("missing"),
+        "{err}"
+    );
 
     let mut w = t.weights(11);
-    w.insert("model.layers.0.self_attn.k_proj.weight".into(), Tensor::zeros((7, t.hidden), DType::F32, &Device::Cpu).unwrap());
+    w.insert(
+        "model.layers.0.self_attn.k_proj.weight".into(),
+        Tensor::zeros((7, t.hidden), DType::F32, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&w, dir.path().join("model.safetensors")).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("model.layers.0.self_attn.k_proj.weight") && err.contains("[7, 48]"), "{err}");
+    assert!(
+        err.contains("model.layers.0.self_attn.k_proj.weight") && err.contains("[7, 48]"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unsupported_dtype_names_the_tensor() {
     let (dir, t) = hf_dir();
     let mut w = t.weights(11);
-    w.insert("model.norm.weight".into(), Tensor::zeros(t.hidden, DType::I64, &Device::Cpu).unwrap());
+    w.insert(
+        "model.norm.weight".into(),
+        Tensor::zeros(t.hidden, DType::I64, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&w, dir.path().join("model.safetensors")).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("model.norm.weight") && err.contains("I64"), "{err}");
+    assert!(
+        err.contains("model.norm.weight") && err.contains("I64"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -84,7 +109,10 @@ fn unsupported_architecture_and_bad_fields() {
     cfg["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("config.json") && err.contains("GPT2LMHeadModel"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("GPT2LMHeadModel"),
+        "{err}"
+    );
 
     let mut cfg = t.config_json();
     cfg["num_key_value_heads"] = serde_json::json!(3);
@@ -96,7 +124,10 @@ fn unsupported_architecture_and_bad_fields() {
     cfg.as_object_mut().unwrap().remove("hidden_size");
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("config.json") && err.contains("hidden_size"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("hidden_size"),
+        "{err}"
+    );
 
     std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
     let err = load_err(dir.path());
@@ -110,14 +141,21 @@ fn sharded_checkpoint_loads_and_missing_shard_is_named() {
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     let (a, b): (Vec<_>, Vec<_>) = w.into_iter().partition(|(k, _)| k.contains("layers.0"));
     let mut map = serde_json::Map::new();
-    for (file, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
         for (k, _) in &part {
             map.insert(k.clone(), serde_json::json!(file));
         }
         let part: std::collections::HashMap<_, _> = part.into_iter().collect();
         candle_core::safetensors::save(&part, dir.path().join(file)).unwrap();
     }
-    std::fs::write(dir.path().join("model.safetensors.index.json"), serde_json::json!({"weight_map": map}).to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": map}).to_string(),
+    )
+    .unwrap();
     load_model(Some(dir.path()), &Device::Cpu, DType::F32).unwrap();
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
     let err = load_err(dir.path());
@@ -125,7 +163,10 @@ fn sharded_checkpoint_loads_and_missing_shard_is_named() {
 }
 
 fn gguf() -> (tempfile::TempDir, std::path::PathBuf) {
-    let t = Tiny { vocab: 263, ..Tiny::gqa() };
+    let t = Tiny {
+        vocab: 263,
+        ..Tiny::gqa()
+    };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_gguf(&t, &t.weights(12), &path);
@@ -137,7 +178,12 @@ fn gguf_tokenizer_and_chat_template_come_from_metadata() {
     let (_dir, path) = gguf();
     let m = load_model(Some(&path), &Device::Cpu, DType::F32).unwrap();
     let tok = &m.tokenizer;
-    for text in ["the thin tin", "Hello, wörld! 1234 ☃", "  spaces\tand\nlines ", "<|im_start|>user\nhi<|im_end|>"] {
+    for text in [
+        "the thin tin",
+        "Hello, wörld! 1234 ☃",
+        "  spaces\tand\nlines ",
+        "<|im_start|>user\nhi<|im_end|>",
+    ] {
         let ids = tok.encode(text, false).unwrap();
         assert_eq!(tok.decode(&ids, false).unwrap(), text);
     }
@@ -147,8 +193,13 @@ fn gguf_tokenizer_and_chat_template_come_from_metadata() {
     assert_eq!(tok.encode("12", false).unwrap().len(), 2);
     assert_eq!(tok.encode("<|im_end|>", false).unwrap(), vec![262]);
     assert!(tok.eos_token_ids.contains(&262));
-    let chat = tok.apply_chat_template(&[tandem_model::ChatMessage::new("user", "hi")], true).unwrap();
-    assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    let chat = tok
+        .apply_chat_template(&[tandem_model::ChatMessage::new("user", "hi")], true)
+        .unwrap();
+    assert_eq!(
+        chat,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
 }
 
 #[test]
@@ -157,11 +208,17 @@ fn truncated_gguf_names_file_and_tensor() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 1000]).unwrap();
     let err = load_err(&path);
-    assert!(err.contains("tiny.gguf") && err.contains("tensor `") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("tiny.gguf") && err.contains("tensor `") && err.contains("truncated"),
+        "{err}"
+    );
     // Cut inside the header.
     std::fs::write(&path, &bytes[..200]).unwrap();
     let err = load_err(&path);
-    assert!(err.contains("tiny.gguf") && err.contains("not a valid GGUF file"), "{err}");
+    assert!(
+        err.contains("tiny.gguf") && err.contains("not a valid GGUF file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -171,7 +228,10 @@ fn corrupt_gguf_magic() {
     bytes[..4].copy_from_slice(b"NOPE");
     std::fs::write(&path, &bytes).unwrap();
     let err = load_err(&path);
-    assert!(err.contains("tiny.gguf") && err.contains("not a valid GGUF file"), "{err}");
+    assert!(
+        err.contains("tiny.gguf") && err.contains("not a valid GGUF file"),
+        "{err}"
+    );
     assert!(matches!(
         load_model(Some(&path), &Device::Cpu, DType::F32),
         Err(ModelError::Corrupt { .. })

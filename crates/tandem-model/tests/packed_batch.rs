@@ -14,14 +14,29 @@ fn model(dir: &std::path::Path) -> Llama {
 
 fn cache(m: &Llama, blocks: usize) -> KvCache {
     let c = &m.cfg;
-    KvCache::new(c.num_hidden_layers, blocks, BLOCK, c.num_key_value_heads, c.head_dim, DType::F32, &Device::Cpu).unwrap()
+    KvCache::new(
+        c.num_hidden_layers,
+        blocks,
+        BLOCK,
+        c.num_key_value_heads,
+        c.head_dim,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// Each sequence alone, in one prefill: logits at every position.
 fn alone(m: &Llama, tokens: &[u32]) -> Vec<Vec<f32>> {
     let c = cache(m, tokens.len().div_ceil(BLOCK));
     let mut b = PackedBatch::default();
-    b.push(0, tokens, 0, (0..tokens.len().div_ceil(BLOCK) as u32).collect(), LogitsWanted::All);
+    b.push(
+        0,
+        tokens,
+        0,
+        (0..tokens.len().div_ceil(BLOCK) as u32).collect(),
+        LogitsWanted::All,
+    );
     m.forward(&b, &c).unwrap().to_vec2::<f32>().unwrap()
 }
 
@@ -34,7 +49,11 @@ fn packed_mixed_batch_equals_each_sequence_alone() {
     let seqs: Vec<Vec<u32>> = [5usize, 11, 17, 9, 2]
         .iter()
         .enumerate()
-        .map(|(s, &n)| (0..n).map(|i| ((i * 17 + s * 29 + 1) % t.vocab) as u32).collect())
+        .map(|(s, &n)| {
+            (0..n)
+                .map(|i| ((i * 17 + s * 29 + 1) % t.vocab) as u32)
+                .collect()
+        })
         .collect();
     let want: Vec<_> = seqs.iter().map(|s| alone(&m, s)).collect();
 
@@ -60,7 +79,13 @@ fn packed_mixed_batch_equals_each_sequence_alone() {
             while tables[s].len() * BLOCK < done[s] + n {
                 tables[s].push(free.remove(0));
             }
-            b.push(s as u64, &seqs[s][done[s]..done[s] + n], done[s], tables[s].clone(), LogitsWanted::All);
+            b.push(
+                s as u64,
+                &seqs[s][done[s]..done[s] + n],
+                done[s],
+                tables[s].clone(),
+                LogitsWanted::All,
+            );
             order.push((s, n));
         }
         let rows = m.forward(&b, &c).unwrap().to_vec2::<f32>().unwrap();
@@ -72,9 +97,16 @@ fn packed_mixed_batch_equals_each_sequence_alone() {
         step += 1;
     }
     for s in 0..seqs.len() {
-        assert!(tables[s].windows(2).any(|w| w[1] != w[0] + 1) || tables[s].len() < 2, "table of {s} is contiguous");
+        assert!(
+            tables[s].windows(2).any(|w| w[1] != w[0] + 1) || tables[s].len() < 2,
+            "table of {s} is contiguous"
+        );
         for (pos, (g, w)) in got[s].iter().zip(&want[s]).enumerate() {
-            let d = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            let d = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
             assert!(d <= 1e-4, "sequence {s} position {pos}: max |diff| {d}");
         }
     }
@@ -93,7 +125,11 @@ fn last_logits_are_the_last_row_of_all() {
     b.push(0, &toks, 0, vec![2, 0, 1], LogitsWanted::Last);
     let last = m.forward(&b, &c).unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(last.len(), 1);
-    let d = last[0].iter().zip(&all[9]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let d = last[0]
+        .iter()
+        .zip(&all[9])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
     assert!(d <= 1e-5, "{d}");
 }
 

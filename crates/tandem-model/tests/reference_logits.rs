@@ -1,7 +1,6 @@
 //! The packed engine against candle-transformers' Llama on tiny random checkpoints written to
 //! disk and read back through tandem's loader.
 
-
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama as reference;
 use tandem_model::testing::{self as common, Tiny};
@@ -9,7 +8,10 @@ use tandem_model::{load_checkpoint, KvCache, Llama, LogitsWanted, PackedBatch};
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn reference_config(t: &Tiny) -> reference::Config {
@@ -30,17 +32,38 @@ fn reference_logits(t: &Tiny, dir: &std::path::Path, tokens: &[u32]) -> Vec<Vec<
         .enumerate()
         .map(|(pos, &tok)| {
             let x = Tensor::new(&[tok], &dev).unwrap().unsqueeze(0).unwrap();
-            model.forward(&x, pos, &mut cache).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap()
+            model
+                .forward(&x, pos, &mut cache)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
         })
         .collect()
 }
 
-fn ours(dir: &std::path::Path, tokens: &[u32], block_table: Vec<u32>, block_size: usize, gathered: bool) -> Vec<Vec<f32>> {
+fn ours(
+    dir: &std::path::Path,
+    tokens: &[u32],
+    block_table: Vec<u32>,
+    block_size: usize,
+    gathered: bool,
+) -> Vec<Vec<f32>> {
     let dev = Device::Cpu;
     let (cfg, map, src) = load_checkpoint(dir, &dev, DType::F32).unwrap();
     let mut model = Llama::from_tensors(cfg.clone(), map, &src, &dev, DType::F32).unwrap();
     model.set_force_gathered_attention(gathered);
-    let cache = KvCache::new(cfg.num_hidden_layers, 16, block_size, cfg.num_key_value_heads, cfg.head_dim, DType::F32, &dev).unwrap();
+    let cache = KvCache::new(
+        cfg.num_hidden_layers,
+        16,
+        block_size,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        DType::F32,
+        &dev,
+    )
+    .unwrap();
     let mut b = PackedBatch::default();
     b.push(0, tokens, 0, block_table, LogitsWanted::All);
     model.forward(&b, &cache).unwrap().to_vec2::<f32>().unwrap()
@@ -58,7 +81,10 @@ fn check(t: Tiny, seed: u64) {
         assert_eq!(got.len(), tokens.len());
         for (pos, (g, w)) in got.iter().zip(&want).enumerate() {
             let d = max_abs_diff(g, w);
-            assert!(d <= 1e-4, "position {pos} (gathered attention: {gathered}): max |diff| {d}");
+            assert!(
+                d <= 1e-4,
+                "position {pos} (gathered attention: {gathered}): max |diff| {d}"
+            );
         }
     }
 }
@@ -76,7 +102,11 @@ fn tied_embeddings_match_candle_transformers() {
 #[test]
 fn gguf_with_permuted_qk_gives_the_same_logits_as_safetensors() {
     // A GGUF written the way llama.cpp writes it (Q/K rows permuted) must load back in HF layout.
-    let t = Tiny { vocab: 263, llama3_rope: false, ..Tiny::gqa() };
+    let t = Tiny {
+        vocab: 263,
+        llama3_rope: false,
+        ..Tiny::gqa()
+    };
     let dir = tempfile::tempdir().unwrap();
     let w = t.write_hf_dir(dir.path(), 3);
     let gguf = dir.path().join("tiny.gguf");

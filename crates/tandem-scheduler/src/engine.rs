@@ -47,7 +47,11 @@ impl LlmEngine {
     }
 
     /// Queues a request; returns its sequence id.
-    pub fn add_request(&mut self, prompt: Vec<u32>, params: SamplingParams) -> Result<u64, AdmitError> {
+    pub fn add_request(
+        &mut self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<u64, AdmitError> {
         let id = self.next_id;
         self.next_id += 1;
         self.scheduler.add(Sequence::new(id, prompt, params))?;
@@ -78,7 +82,12 @@ impl LlmEngine {
 
     fn postprocess(&mut self, id: u64, tok: u32) -> tandem_model::Result<RequestOutput> {
         let Some(seq) = self.scheduler.get(id) else {
-            return Ok(RequestOutput { seq_id: id, token: Some(tok), text: String::new(), finished: Some(FinishReason::Abort) });
+            return Ok(RequestOutput {
+                seq_id: id,
+                token: Some(tok),
+                text: String::new(),
+                finished: Some(FinishReason::Abort),
+            });
         };
         let params = &seq.params;
         let n_out = seq.output().len();
@@ -100,7 +109,13 @@ impl LlmEngine {
         let longest = params.stop.iter().map(String::len).max().unwrap_or(0);
         if longest > 0 {
             let from = floor_boundary(&state.text, state.emitted.saturating_sub(longest));
-            if let Some(cut) = params.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| state.text[from..].find(s.as_str()).map(|p| from + p)).min() {
+            if let Some(cut) = params
+                .stop
+                .iter()
+                .filter(|s| !s.is_empty())
+                .filter_map(|s| state.text[from..].find(s.as_str()).map(|p| from + p))
+                .min()
+            {
                 state.text.truncate(cut);
                 finished = Some(FinishReason::Stop);
             }
@@ -109,7 +124,10 @@ impl LlmEngine {
         let end = if finished.is_some() {
             state.text.len()
         } else {
-            floor_boundary(&state.text, state.text.len().saturating_sub(longest.saturating_sub(1)))
+            floor_boundary(
+                &state.text,
+                state.text.len().saturating_sub(longest.saturating_sub(1)),
+            )
         };
         let text = if end > state.emitted {
             let t = state.text[state.emitted..end].to_string();
@@ -122,7 +140,12 @@ impl LlmEngine {
             self.scheduler.finish(id);
             self.texts.remove(&id);
         }
-        Ok(RequestOutput { seq_id: id, token: Some(tok), text, finished })
+        Ok(RequestOutput {
+            seq_id: id,
+            token: Some(tok),
+            text,
+            finished,
+        })
     }
 }
 

@@ -105,7 +105,10 @@ impl Scheduler {
     }
 
     pub fn get(&self, id: u64) -> Option<&Sequence> {
-        self.running.iter().chain(self.waiting.iter()).find(|s| s.id == id)
+        self.running
+            .iter()
+            .chain(self.waiting.iter())
+            .find(|s| s.id == id)
     }
 
     /// Builds the next iteration's batch.
@@ -139,18 +142,23 @@ impl Scheduler {
         // Admit waiting sequences while there is room (not in an iteration that had to preempt).
         if !preempted {
             while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-                let Some(seq) = self.waiting.front() else { break };
+                let Some(seq) = self.waiting.front() else {
+                    break;
+                };
                 let n = seq.uncomputed().min(budget);
                 // Keep one block of headroom per running sequence so admission does not cause
                 // immediate preemption at the next decode step.
                 let missing = self.blocks.blocks_missing(seq.id, seq.num_computed + n);
-                if missing + self.running.len() > self.blocks.num_free() && !self.running.is_empty() {
+                if missing + self.running.len() > self.blocks.num_free() && !self.running.is_empty()
+                {
                     break;
                 }
                 if !self.blocks.allocate(seq.id, seq.num_computed + n) {
                     break;
                 }
-                let Some(seq) = self.waiting.pop_front() else { break };
+                let Some(seq) = self.waiting.pop_front() else {
+                    break;
+                };
                 self.running.push(seq);
                 plan.push((self.running.len() - 1, n));
                 budget -= n;
@@ -169,7 +177,14 @@ impl Scheduler {
             } else {
                 LogitsWanted::None
             };
-            push_segment(&mut out.batch, seq, start, n, self.blocks.table(seq.id).to_vec(), logits);
+            push_segment(
+                &mut out.batch,
+                seq,
+                start,
+                n,
+                self.blocks.table(seq.id).to_vec(),
+                logits,
+            );
             self.last.push((seq.id, n));
         }
         out
@@ -181,7 +196,11 @@ impl Scheduler {
         seq.num_computed = 0;
         seq.num_preemptions += 1;
         self.num_preemptions += 1;
-        tracing::debug!(seq = seq.id, tokens = seq.tokens.len(), "preempted (recompute)");
+        tracing::debug!(
+            seq = seq.id,
+            tokens = seq.tokens.len(),
+            "preempted (recompute)"
+        );
         self.waiting.push_front(seq);
     }
 
@@ -215,6 +234,13 @@ impl Scheduler {
     }
 }
 
-fn push_segment(batch: &mut PackedBatch, seq: &Sequence, start: usize, n: usize, table: Vec<u32>, logits: LogitsWanted) {
+fn push_segment(
+    batch: &mut PackedBatch,
+    seq: &Sequence,
+    start: usize,
+    n: usize,
+    table: Vec<u32>,
+    logits: LogitsWanted,
+) {
     batch.push(seq.id, &seq.tokens[start..start + n], start, table, logits);
 }

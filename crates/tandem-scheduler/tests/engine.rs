@@ -6,10 +6,25 @@ use tandem_model::testing::Tiny;
 use tandem_model::{load_model, ModelRunner, SamplingParams};
 use tandem_scheduler::{FinishReason, LlmEngine, SchedulerConfig};
 
-fn engine(dir: &std::path::Path, num_blocks: usize, max_num_seqs: usize, max_batched_tokens: usize) -> LlmEngine {
+fn engine(
+    dir: &std::path::Path,
+    num_blocks: usize,
+    max_num_seqs: usize,
+    max_batched_tokens: usize,
+) -> LlmEngine {
     let m = load_model(Some(dir), &Device::Cpu, DType::F32).unwrap();
     let runner = ModelRunner::new(m.model, num_blocks, 4).unwrap();
-    LlmEngine::new(runner, m.tokenizer, SchedulerConfig { max_num_seqs, max_batched_tokens, block_size: 4, num_blocks, max_model_len: 512 })
+    LlmEngine::new(
+        runner,
+        m.tokenizer,
+        SchedulerConfig {
+            max_num_seqs,
+            max_batched_tokens,
+            block_size: 4,
+            num_blocks,
+            max_model_len: 512,
+        },
+    )
 }
 
 struct Done {
@@ -19,7 +34,10 @@ struct Done {
 }
 
 fn run_all(e: &mut LlmEngine, reqs: &[(Vec<u32>, SamplingParams)]) -> Vec<Done> {
-    let ids: Vec<u64> = reqs.iter().map(|(p, s)| e.add_request(p.clone(), s.clone()).unwrap()).collect();
+    let ids: Vec<u64> = reqs
+        .iter()
+        .map(|(p, s)| e.add_request(p.clone(), s.clone()).unwrap())
+        .collect();
     let mut out: Vec<Option<Done>> = (0..reqs.len()).map(|_| None).collect();
     let mut partial: Vec<(Vec<u32>, String)> = vec![(vec![], String::new()); reqs.len()];
     let mut steps = 0;
@@ -32,7 +50,11 @@ fn run_all(e: &mut LlmEngine, reqs: &[(Vec<u32>, SamplingParams)]) -> Vec<Done> 
             partial[i].1.push_str(&o.text);
             if let Some(r) = o.finished {
                 let (tokens, text) = std::mem::take(&mut partial[i]);
-                out[i] = Some(Done { tokens, text, reason: r });
+                out[i] = Some(Done {
+                    tokens,
+                    text,
+                    reason: r,
+                });
             }
         }
     }
@@ -40,7 +62,11 @@ fn run_all(e: &mut LlmEngine, reqs: &[(Vec<u32>, SamplingParams)]) -> Vec<Done> 
 }
 
 fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams { max_tokens, ignore_eos: true, ..Default::default() }
+    SamplingParams {
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    }
 }
 
 fn setup() -> (tempfile::TempDir, Tiny) {
@@ -55,13 +81,19 @@ fn continuous_batching_with_preemption_matches_each_request_alone() {
     let (dir, t) = setup();
     let reqs: Vec<(Vec<u32>, SamplingParams)> = (0..6)
         .map(|s| {
-            let prompt: Vec<u32> = (0..(3 + 5 * s)).map(|i| ((i * 11 + s * 17 + 3) % t.vocab) as u32).collect();
+            let prompt: Vec<u32> = (0..(3 + 5 * s))
+                .map(|i| ((i * 11 + s * 17 + 3) % t.vocab) as u32)
+                .collect();
             (prompt, greedy(6 + 3 * s))
         })
         .collect();
     let alone: Vec<Vec<u32>> = reqs
         .iter()
-        .map(|r| run_all(&mut engine(dir.path(), 64, 1, 512), std::slice::from_ref(r)).remove(0).tokens)
+        .map(|r| {
+            run_all(&mut engine(dir.path(), 64, 1, 512), std::slice::from_ref(r))
+                .remove(0)
+                .tokens
+        })
         .collect();
     // 20 blocks of 4 tokens cannot hold all six at once: sequences get preempted and recomputed.
     // A budget of 7 tokens per step forces chunked prefill.
@@ -72,32 +104,70 @@ fn continuous_batching_with_preemption_matches_each_request_alone() {
         assert_eq!(b.reason, FinishReason::Length);
         assert_eq!(b.tokens.len(), reqs[i].1.max_tokens);
     }
-    assert!(e.scheduler.num_preemptions > 0, "the test should exercise preemption");
+    assert!(
+        e.scheduler.num_preemptions > 0,
+        "the test should exercise preemption"
+    );
     assert_eq!(e.scheduler.blocks().num_free(), 20, "all blocks returned");
 }
 
 #[test]
 fn seeded_sampling_is_reproducible_in_any_batch() {
     let (dir, _) = setup();
-    let params = |seed| SamplingParams { temperature: 1.0, top_p: 0.9, seed: Some(seed), max_tokens: 12, ignore_eos: true, ..Default::default() };
-    let a = run_all(&mut engine(dir.path(), 64, 4, 512), &[(vec![5, 6, 7], params(42))]).remove(0).tokens;
-    let mixed = run_all(&mut engine(dir.path(), 64, 4, 512), &[(vec![9, 9], params(1)), (vec![5, 6, 7], params(42)), (vec![3], params(2))]);
+    let params = |seed| SamplingParams {
+        temperature: 1.0,
+        top_p: 0.9,
+        seed: Some(seed),
+        max_tokens: 12,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let a = run_all(
+        &mut engine(dir.path(), 64, 4, 512),
+        &[(vec![5, 6, 7], params(42))],
+    )
+    .remove(0)
+    .tokens;
+    let mixed = run_all(
+        &mut engine(dir.path(), 64, 4, 512),
+        &[
+            (vec![9, 9], params(1)),
+            (vec![5, 6, 7], params(42)),
+            (vec![3], params(2)),
+        ],
+    );
     assert_eq!(a, mixed[1].tokens);
-    let other = run_all(&mut engine(dir.path(), 64, 4, 512), &[(vec![5, 6, 7], params(43))]).remove(0).tokens;
+    let other = run_all(
+        &mut engine(dir.path(), 64, 4, 512),
+        &[(vec![5, 6, 7], params(43))],
+    )
+    .remove(0)
+    .tokens;
     assert_ne!(a, other, "a different seed should give different tokens");
 }
 
 #[test]
 fn stop_strings_cut_the_text_and_finish() {
     let (dir, _) = setup();
-    let full = run_all(&mut engine(dir.path(), 64, 1, 512), &[(vec![1, 2, 3], greedy(16))]).remove(0);
+    let full = run_all(
+        &mut engine(dir.path(), 64, 1, 512),
+        &[(vec![1, 2, 3], greedy(16))],
+    )
+    .remove(0);
     // The word-level tokenizer decodes to "wN wM ...": stop at the 5th word.
     let words: Vec<&str> = full.text.split(' ').collect();
     assert!(words.len() >= 8, "{}", full.text);
     let stop = format!(" {}", words[5]);
     let cut = full.text.find(&stop).unwrap();
-    let params = SamplingParams { stop: vec![stop.clone()], ..greedy(16) };
-    let got = run_all(&mut engine(dir.path(), 64, 1, 512), &[(vec![1, 2, 3], params)]).remove(0);
+    let params = SamplingParams {
+        stop: vec![stop.clone()],
+        ..greedy(16)
+    };
+    let got = run_all(
+        &mut engine(dir.path(), 64, 1, 512),
+        &[(vec![1, 2, 3], params)],
+    )
+    .remove(0);
     assert_eq!(got.reason, FinishReason::Stop);
     assert_eq!(got.text, full.text[..cut]);
 }
@@ -108,9 +178,15 @@ fn eos_finishes_with_stop_and_max_tokens_with_length() {
     let mut e = engine(dir.path(), 64, 1, 512);
     // Make every token an end token: the first sampled token ends the request.
     e.tokenizer.eos_token_ids = (0..96).collect();
-    let params = SamplingParams { max_tokens: 5, ..Default::default() };
+    let params = SamplingParams {
+        max_tokens: 5,
+        ..Default::default()
+    };
     let d = run_all(&mut e, &[(vec![4, 5], params.clone())]).remove(0);
-    assert_eq!((d.reason, d.tokens.len(), d.text.as_str()), (FinishReason::Stop, 1, ""));
+    assert_eq!(
+        (d.reason, d.tokens.len(), d.text.as_str()),
+        (FinishReason::Stop, 1, "")
+    );
     e.tokenizer.eos_token_ids.clear();
     let d = run_all(&mut e, &[(vec![4, 5], params)]).remove(0);
     assert_eq!((d.reason, d.tokens.len()), (FinishReason::Length, 5));
@@ -126,8 +202,14 @@ fn abort_frees_blocks_and_oversized_prompts_are_refused() {
     e.abort(id);
     assert_eq!(e.scheduler.blocks().num_free(), 8);
     assert!(!e.has_work());
-    let err = e.add_request(vec![1; 600], greedy(4)).unwrap_err().to_string();
+    let err = e
+        .add_request(vec![1; 600], greedy(4))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("context window is 512"), "{err}");
-    let err = e.add_request(vec![1; 40], greedy(4)).unwrap_err().to_string();
+    let err = e
+        .add_request(vec![1; 40], greedy(4))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("KV blocks"), "{err}");
 }

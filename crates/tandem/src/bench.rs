@@ -10,7 +10,9 @@ use std::time::Instant;
 use tandem_model::{default_dtype, load_checkpoint, ModelConfig, SamplingParams};
 
 fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
-    (0..len).map(|j| ((seq * 7919 + j * 104_729) % (vocab - 200) + 100) as u32).collect()
+    (0..len)
+        .map(|j| ((seq * 7919 + j * 104_729) % (vocab - 200) + 100) as u32)
+        .collect()
 }
 
 pub fn decode(args: BenchDecodeArgs) -> Result<()> {
@@ -60,7 +62,9 @@ pub fn decode(args: BenchDecodeArgs) -> Result<()> {
     }
     if !args.no_reference {
         let tps = reference_decode(&args, &dev)?;
-        let ratio = tandem_b1.map_or(String::new(), |x| format!("  tandem/reference at batch 1: {:.2}x", x / tps));
+        let ratio = tandem_b1.map_or(String::new(), |x| {
+            format!("  tandem/reference at batch 1: {:.2}x", x / tps)
+        });
         println!("candle-transformers   batch   1: {tps:8.1} tok/s{ratio}");
     }
     Ok(())
@@ -92,7 +96,8 @@ fn reference_decode(args: &BenchDecodeArgs, dev: &Device) -> Result<f64> {
         None => tandem_model::default_model::ensure_default_model()?,
     };
     let dtype = default_dtype(dev);
-    let (cfg, map, _) = load_checkpoint(&path, dev, dtype).context("reference: cannot load the checkpoint")?;
+    let (cfg, map, _) =
+        load_checkpoint(&path, dev, dtype).context("reference: cannot load the checkpoint")?;
     let rcfg = reference_config(&cfg);
     let vb = candle_nn::VarBuilder::from_tensors(map, dtype, dev);
     let model = reference::Llama::load(vb, &rcfg)?;
@@ -102,7 +107,11 @@ fn reference_decode(args: &BenchDecodeArgs, dev: &Device) -> Result<f64> {
     let mut logits = model.forward(&input, 0, &mut cache)?;
     let mut pos = p.len();
     let step = |logits: &Tensor, pos: usize, cache: &mut reference::Cache| -> Result<Tensor> {
-        let next = logits.squeeze(0)?.to_dtype(DType::F32)?.argmax(0)?.to_scalar::<u32>()?;
+        let next = logits
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .argmax(0)?
+            .to_scalar::<u32>()?;
         let input = Tensor::new(&[next], dev)?.unsqueeze(0)?;
         Ok(model.forward(&input, pos, cache)?)
     };

@@ -4,7 +4,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "tandem", version, about = "An LLM server that co-serves inference and LoRA finetuning")]
+#[command(
+    name = "tandem",
+    version,
+    about = "An LLM server that co-serves inference and LoRA finetuning"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -4,7 +4,9 @@ use crate::cli::{DeviceArg, GenerateArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::io::Write;
-use tandem_model::{default_dtype, load_model, ChatMessage, LoadedModel, ModelRunner, SamplingParams};
+use tandem_model::{
+    default_dtype, load_model, ChatMessage, LoadedModel, ModelRunner, SamplingParams,
+};
 use tandem_scheduler::{LlmEngine, SchedulerConfig};
 
 pub const BLOCK_SIZE: usize = 16;
@@ -12,18 +14,29 @@ pub const BLOCK_SIZE: usize = 16;
 pub fn device(arg: DeviceArg) -> Result<Device> {
     match arg {
         DeviceArg::Cpu => Ok(Device::Cpu),
-        DeviceArg::Cuda => Device::new_cuda(0).context("cannot open CUDA device 0 (is this a `--features cuda` build on a GPU host?)"),
+        DeviceArg::Cuda => Device::new_cuda(0).context(
+            "cannot open CUDA device 0 (is this a `--features cuda` build on a GPU host?)",
+        ),
     }
 }
 
 pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
     let dev = device(args.device)?;
-    let what = args.model.as_ref().map_or("the default model".to_string(), |p| p.display().to_string());
-    load_model(args.model.as_deref(), &dev, default_dtype(&dev)).with_context(|| format!("cannot load {what}"))
+    let what = args
+        .model
+        .as_ref()
+        .map_or("the default model".to_string(), |p| p.display().to_string());
+    load_model(args.model.as_deref(), &dev, default_dtype(&dev))
+        .with_context(|| format!("cannot load {what}"))
 }
 
 /// An engine with a KV cache of `num_blocks` blocks.
-pub fn engine(m: LoadedModel, num_blocks: usize, max_num_seqs: usize, max_batched_tokens: usize) -> Result<LlmEngine> {
+pub fn engine(
+    m: LoadedModel,
+    num_blocks: usize,
+    max_num_seqs: usize,
+    max_batched_tokens: usize,
+) -> Result<LlmEngine> {
     let max_model_len = m.model.cfg.max_position_embeddings;
     let runner = ModelRunner::new(m.model, num_blocks, BLOCK_SIZE)?;
     Ok(LlmEngine::new(
@@ -57,7 +70,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let chat = if args.no_chat {
         false
     } else if args.chat && !has_template {
-        bail!("--chat: the model {} has no chat template", m.path.display());
+        bail!(
+            "--chat: the model {} has no chat template",
+            m.path.display()
+        );
     } else {
         has_template
     };
@@ -76,7 +92,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let total = (prompt.len() + args.max_tokens).min(max_len);
     let blocks = total.div_ceil(BLOCK_SIZE) + 1;
     let mut engine = engine(m, blocks, 1, 512)?;
-    engine.add_request(prompt, params).map_err(|e| anyhow::anyhow!("{e}"))?;
+    engine
+        .add_request(prompt, params)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut out = std::io::stdout().lock();
     while engine.has_work() {
         for o in engine.step()? {
