@@ -23,7 +23,11 @@ pub struct ErrorDetail {
 
 impl ErrorBody {
     /// A 400-class invalid request naming the offending parameter.
-    pub fn invalid_request(message: impl Into<String>, param: Option<&str>, code: Option<&str>) -> Self {
+    pub fn invalid_request(
+        message: impl Into<String>,
+        param: Option<&str>,
+        code: Option<&str>,
+    ) -> Self {
         Self {
             error: ErrorDetail {
                 message: message.into(),

@@ -1,7 +1,8 @@
 //! Causal attention of packed query tokens over a paged KV cache.
 //!
 //! Query token `t` belongs to segment `token_segment[t]`, sits at position `positions[t]` of its
-//! sequence, and attends to keys `0..=positions[t]` of that sequence, found through the segment's
+//! sequence, and attends to keys `0..=positions[t]` of that sequence (the last `sliding_window`
+//! of them, if set), found through the segment's
 //! block table: key `j` lives in slot `block_table[j / block_size] * block_size + j % block_size`.
 //! The CPU path is the reference; devices without an implementation get an error naming the op.
 
@@ -20,6 +21,18 @@ pub struct PagedAttentionMeta {
     pub positions: Vec<u32>,
     /// Per segment: the physical block ids holding that sequence's keys, in order.
     pub block_tables: Vec<Vec<u32>>,
+    /// Sliding-window attention (Mistral): a token at position `p` sees keys `p - w + 1 ..= p`.
+    pub sliding_window: Option<usize>,
+}
+
+impl PagedAttentionMeta {
+    /// The first key position a token at `pos` attends to.
+    pub fn first_key(&self, pos: usize) -> usize {
+        match self.sliding_window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
 }
 
 impl PagedAttentionMeta {
@@ -123,9 +136,10 @@ impl CustomOp3 for PagedAttention<'_> {
             let table = &self.meta.block_tables[self.meta.token_segment[tok] as usize];
             let qv = &q[row * hd..(row + 1) * hd];
             let slot = |j: usize| table[j / bs] as usize * bs + j % bs;
-            let mut scores = Vec::with_capacity(pos + 1);
+            let first = self.meta.first_key(pos);
+            let mut scores = Vec::with_capacity(pos + 1 - first);
             let mut max = f32::NEG_INFINITY;
-            for j in 0..=pos {
+            for j in first..=pos {
                 let base = (slot(j) * nkv + g) * hd;
                 let kv = &k[base..base + hd];
                 let s = qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * self.scale;
@@ -137,7 +151,7 @@ impl CustomOp3 for PagedAttention<'_> {
                 *s = (*s - max).exp();
                 denom += *s;
             }
-            for (j, p) in scores.iter().enumerate() {
+            for (j, p) in (first..=pos).zip(&scores) {
                 let base = (slot(j) * nkv + g) * hd;
                 let w = p / denom;
                 for (oi, vi) in o.iter_mut().zip(&v[base..base + hd]) {

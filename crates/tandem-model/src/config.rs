@@ -41,6 +41,8 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Sliding-window attention span in tokens (Mistral v0.1), None for full attention.
+    pub sliding_window: Option<usize>,
 }
 
 impl ModelConfig {
@@ -166,6 +168,19 @@ impl ModelConfig {
                 .ok_or_else(|| ModelError::field(path, "eos_token_id", "not an integer"))?
                 as u32],
         };
+        let sliding_window = if is_qwen2 {
+            // Qwen2 checkpoints ship with use_sliding_window false; the layered variant is not supported.
+            if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+                return Err(ModelError::field(
+                    path,
+                    "use_sliding_window",
+                    "Qwen2 sliding-window attention is not supported",
+                ));
+            }
+            None
+        } else {
+            opt_usize("sliding_window")?
+        };
         let cfg = Self {
             architecture: arch,
             vocab_size: usize_field("vocab_size")?,
@@ -186,6 +201,7 @@ impl ModelConfig {
             attention_bias,
             bos_token_id: opt_usize("bos_token_id")?.map(|x| x as u32),
             eos_token_ids,
+            sliding_window,
         };
         cfg.validate(path)?;
         Ok(cfg)

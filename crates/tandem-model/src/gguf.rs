@@ -157,6 +157,7 @@ impl GgufFile {
                 .meta_u64("tokenizer.ggml.eos_token_id")?
                 .map(|x| vec![x as u32])
                 .unwrap_or_default(),
+            sliding_window: None,
         };
         cfg.validate(&self.path)?;
         Ok(cfg)

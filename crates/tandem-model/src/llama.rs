@@ -218,6 +218,7 @@ impl Llama {
                 .iter()
                 .map(|s| s.block_table.clone())
                 .collect(),
+            sliding_window: self.cfg.sliding_window,
         };
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = self.cfg.rms_norm_eps as f32;
@@ -307,8 +308,9 @@ pub fn attention_gathered(
             .contiguous()?;
         let mut mask = Vec::with_capacity(s.len * ctx);
         for &p in pos {
+            let first = meta.first_key(p as usize);
             mask.extend((0..ctx).map(|j| {
-                if j <= p as usize {
+                if j >= first && j <= p as usize {
                     0f32
                 } else {
                     f32::NEG_INFINITY

@@ -20,6 +20,9 @@ pub struct Tiny {
     pub tied: bool,
     pub llama3_rope: bool,
     pub max_pos: usize,
+    /// "LlamaForCausalLM", "MistralForCausalLM" or "Qwen2ForCausalLM" (q/k/v biases).
+    pub arch: &'static str,
+    pub sliding_window: Option<usize>,
 }
 
 impl Tiny {
@@ -34,6 +37,8 @@ impl Tiny {
             tied: false,
             llama3_rope: true,
             max_pos: 512,
+            arch: "LlamaForCausalLM",
+            sliding_window: None,
         }
     }
     pub fn tied_mha() -> Self {
@@ -47,6 +52,8 @@ impl Tiny {
             tied: true,
             llama3_rope: false,
             max_pos: 512,
+            arch: "LlamaForCausalLM",
+            sliding_window: None,
         }
     }
     pub fn head_dim(&self) -> usize {
@@ -55,13 +62,21 @@ impl Tiny {
 
     pub fn config_json(&self) -> serde_json::Value {
         let mut v = json!({
-            "architectures": ["LlamaForCausalLM"],
+            "architectures": [self.arch],
             "vocab_size": self.vocab, "hidden_size": self.hidden, "intermediate_size": self.inter,
             "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
             "num_key_value_heads": self.kv_heads, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
             "max_position_embeddings": self.max_pos, "tie_word_embeddings": self.tied,
             "bos_token_id": 1, "eos_token_id": 2,
         });
+        if self.arch == "Qwen2ForCausalLM" {
+            v["use_sliding_window"] = json!(false);
+            v["sliding_window"] = json!(self.max_pos);
+            v["max_window_layers"] = json!(self.layers);
+            v["hidden_act"] = json!("silu");
+        } else if let Some(w) = self.sliding_window {
+            v["sliding_window"] = json!(w);
+        }
         if self.llama3_rope {
             v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
@@ -116,6 +131,11 @@ impl Tiny {
             ] {
                 let scale = 1.0 / (inp as f32).sqrt() * 1.7;
                 m.insert(format!("{p}.{n}.weight"), rand(&[o, inp], scale, 0.0));
+                if self.arch == "Qwen2ForCausalLM"
+                    && ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"].contains(&n)
+                {
+                    m.insert(format!("{p}.{n}.bias"), rand(&[o], 0.5, 0.0));
+                }
             }
         }
         m.insert("model.norm.weight".to_string(), rand(&[h], 0.2, 1.0));

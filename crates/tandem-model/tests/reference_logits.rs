@@ -118,3 +118,78 @@ fn gguf_with_permuted_qk_gives_the_same_logits_as_safetensors() {
         assert_eq!(max_abs_diff(g, w), 0.0);
     }
 }
+
+#[test]
+fn qwen2_with_qkv_bias_matches_candle_transformers() {
+    use candle_transformers::models::qwen2;
+    let t = Tiny {
+        arch: "Qwen2ForCausalLM",
+        llama3_rope: false,
+        ..Tiny::gqa()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    t.write_hf_dir(dir.path(), 8);
+    let dev = Device::Cpu;
+    let (_, map, _) = load_checkpoint(dir.path(), &dev, DType::F32).unwrap();
+    let rcfg: qwen2::Config = serde_json::from_value(t.config_json()).unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &dev);
+    let mut model = qwen2::ModelForCausalLM::new(&rcfg, vb).unwrap();
+    let tokens: Vec<u32> = (0..23).map(|i| ((i * 19 + 5) % t.vocab) as u32).collect();
+    let want: Vec<Vec<f32>> = tokens
+        .iter()
+        .enumerate()
+        .map(|(pos, &tok)| {
+            let x = Tensor::new(&[tok], &dev).unwrap().unsqueeze(0).unwrap();
+            model
+                .forward(&x, pos)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect();
+    for gathered in [false, true] {
+        let got = ours(dir.path(), &tokens, vec![3, 1, 0], 8, gathered);
+        for (pos, (g, w)) in got.iter().zip(&want).enumerate() {
+            let d = max_abs_diff(g, w);
+            assert!(
+                d <= 1e-4,
+                "position {pos} (gathered: {gathered}): max |diff| {d}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mistral_sliding_window_kernel_equals_gathered_and_changes_late_logits() {
+    let t = Tiny {
+        arch: "MistralForCausalLM",
+        sliding_window: Some(6),
+        llama3_rope: false,
+        ..Tiny::gqa()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    t.write_hf_dir(dir.path(), 9);
+    let tokens: Vec<u32> = (0..21).map(|i| ((i * 23 + 2) % t.vocab) as u32).collect();
+    let kernel = ours(dir.path(), &tokens, vec![4, 9, 1], 8, false);
+    let gathered = ours(dir.path(), &tokens, vec![4, 9, 1], 8, true);
+    for (pos, (a, b)) in kernel.iter().zip(&gathered).enumerate() {
+        assert!(max_abs_diff(a, b) <= 1e-5, "position {pos}");
+    }
+    // The same weights without the window: equal while the window covers everything, then not.
+    let full = Tiny {
+        sliding_window: None,
+        ..t
+    };
+    let dir2 = tempfile::tempdir().unwrap();
+    full.write_hf_dir(dir2.path(), 9);
+    let unwindowed = ours(dir2.path(), &tokens, vec![4, 9, 1], 8, false);
+    for pos in 0..6 {
+        assert!(
+            max_abs_diff(&kernel[pos], &unwindowed[pos]) <= 1e-5,
+            "position {pos}"
+        );
+    }
+    assert!(max_abs_diff(&kernel[20], &unwindowed[20]) > 1e-3);
+}
