@@ -14,8 +14,27 @@ fi
 home="$dest/nvidia/cu13"
 [ -e "$home/lib64" ] || ln -s lib "$home/lib64"
 [ -e "$home/lib/libcudart.so" ] || ln -s libcudart.so.13 "$home/lib/libcudart.so"
-# nvvm's cicc is looked up under $CUDA_HOME/nvvm
-if [ ! -e "$home/nvvm" ] && [ -d "$dest/nvidia/cu13/nvvm" ]; then :; fi
+
+# Link stubs: candle links cudarc with `dynamic-linking`, so the linker wants libcuda, cuBLAS,
+# cuBLASLt, cuRAND and NVRTC. Build empty-bodied stand-ins that export every function cudarc
+# declares, under the real sonames; on a GPU host the dynamic loader picks the real libraries
+# (LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib). Never put stubs on a GPU host's path.
+stubs="$dest/nvidia/cu13/lib/stubs"   # a folder cudarc's build script searches under CUDA_HOME
+if [ ! -e "$stubs/.done" ]; then
+  cudarc="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | sort -V | tail -n 1)"
+  if [ -z "$cudarc" ]; then
+    echo "cudarc sources not found: run 'cargo fetch' first" >&2
+    exit 1
+  fi
+  mkdir -p "$stubs"
+  for spec in driver:cuda:libcuda.so.1 cublas:cublas:libcublas.so.13 cublaslt:cublasLt:libcublasLt.so.13 \
+              curand:curand:libcurand.so.10 nvrtc:nvrtc:libnvrtc.so.13; do
+    IFS=: read -r module lib soname <<<"$spec"
+    grep -oE '^pub unsafe fn [A-Za-z0-9_]+' "$cudarc/src/$module/sys/mod.rs" | awk '{print "void " $4 "(void) {}"}' | sort -u >"$stubs/$lib.c"
+    gcc -shared -fPIC -Wl,-soname,"$soname" -o "$stubs/lib$lib.so" "$stubs/$lib.c"
+  done
+  touch "$stubs/.done"
+fi
 echo "export CUDA_HOME=$home"
 echo "export CUDA_ROOT=$home"
 echo "export PATH=$home/bin:\$PATH"

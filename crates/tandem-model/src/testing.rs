@@ -191,6 +191,85 @@ pub fn bytes_to_unicode() -> Vec<char> {
 /// interleaved RoPE, f32 tensors, and a byte-level BPE tokenizer in the metadata
 /// (256 byte tokens, a few merges, 3 special tokens; vocab padded to the model's size).
 pub fn write_gguf(t: &Tiny, w: &HashMap<String, Tensor>, path: &Path) {
+    write_gguf_with_tokenizer(t, w, path, gpt2_tokenizer_meta());
+}
+
+/// A byte-level BPE (`gpt2`) tokenizer as GGUF metadata: 256 byte tokens, 4 merges, then
+/// `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` (ids 260..=262), and a ChatML template.
+pub fn gpt2_tokenizer_meta() -> Vec<(String, Value)> {
+    let table = bytes_to_unicode();
+    let mut tokens: Vec<String> = table.iter().map(|c| c.to_string()).collect();
+    let mut types = vec![1i32; 256];
+    let merges = ["Ġ t", "h e", "Ġt he", "i n"];
+    for m in merges {
+        tokens.push(m.replace(' ', ""));
+        types.push(1);
+    }
+    for s in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
+        tokens.push(s.to_string());
+        types.push(3);
+    }
+    let n_tok = tokens.len();
+    vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges.iter().map(|m| Value::String(m.to_string())).collect())),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(n_tok as u32 - 2)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(n_tok as u32 - 1)),
+        ("tokenizer.chat_template".into(), Value::String("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into())),
+    ]
+}
+
+/// A SentencePiece (`llama`) tokenizer as GGUF metadata, as llama.cpp writes Llama 2's:
+/// `<unk>`, `<s>`, `</s>`, 256 byte tokens `<0xNN>`, then pieces with scores.
+pub fn spm_tokenizer_meta() -> Vec<(String, Value)> {
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types = vec![2i32, 3, 3];
+    let mut scores = vec![0f32; 3];
+    for b in 0..256 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+        scores.push(0.0);
+    }
+    let pieces = [
+        "▁", "t", "h", "e", "a", "n", "d", "▁t", "he", "▁the", "an", "▁an", "▁and", "o", "▁to",
+    ];
+    for (i, p) in pieces.iter().enumerate() {
+        tokens.push(p.to_string());
+        types.push(1);
+        // Longer merges are rarer: lower scores, as in real SentencePiece vocabularies.
+        scores.push(-(i as f32));
+    }
+    vec![
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        (
+            "tokenizer.ggml.scores".into(),
+            Value::Array(scores.into_iter().map(Value::F32).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
+    ]
+}
+
+/// `write_gguf` with the given tokenizer metadata.
+pub fn write_gguf_with_tokenizer(
+    t: &Tiny,
+    w: &HashMap<String, Tensor>,
+    path: &Path,
+    tokenizer: Vec<(String, Value)>,
+) {
     let permute = |x: &Tensor, n_head: usize| {
         let (rows, cols) = x.dims2().unwrap();
         x.reshape((n_head, 2, rows / n_head / 2, cols))
@@ -242,40 +321,22 @@ pub fn write_gguf(t: &Tiny, w: &HashMap<String, Tensor>, path: &Path) {
         .map(|(n, x)| (n.clone(), QTensor::quantize(x, GgmlDType::F32).unwrap()))
         .collect();
 
-    let table = bytes_to_unicode();
-    let mut tokens: Vec<String> = table.iter().map(|c| c.to_string()).collect();
-    let mut types = vec![1i32; 256];
-    let merges = ["Ġ t", "h e", "Ġt he", "i n"];
-    for m in merges {
-        tokens.push(m.replace(' ', ""));
-        types.push(1);
-    }
-    for s in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
-        tokens.push(s.to_string());
-        types.push(3);
-    }
-    let n_tok = tokens.len();
-    let arch = "llama".to_string();
     let u32v = |x: usize| Value::U32(x as u32);
     let mut meta: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String(arch)),
+        ("general.architecture".into(), Value::String("llama".into())),
         ("llama.block_count".into(), u32v(t.layers)),
         ("llama.embedding_length".into(), u32v(t.hidden)),
         ("llama.feed_forward_length".into(), u32v(t.inter)),
         ("llama.attention.head_count".into(), u32v(t.heads)),
         ("llama.attention.head_count_kv".into(), u32v(t.kv_heads)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(1e-5),
+        ),
         ("llama.rope.freq_base".into(), Value::F32(10000.0)),
         ("llama.context_length".into(), u32v(t.max_pos)),
-        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
-        ("tokenizer.ggml.merges".into(), Value::Array(merges.iter().map(|m| Value::String(m.to_string())).collect())),
-        ("tokenizer.ggml.bos_token_id".into(), u32v(n_tok - 2)),
-        ("tokenizer.ggml.eos_token_id".into(), u32v(n_tok - 1)),
-        ("tokenizer.chat_template".into(), Value::String("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into())),
     ];
+    meta.extend(tokenizer);
     meta.sort_by(|a, b| a.0.cmp(&b.0));
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let q_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();

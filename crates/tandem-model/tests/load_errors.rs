@@ -237,3 +237,31 @@ fn corrupt_gguf_magic() {
         Err(ModelError::Corrupt { .. })
     ));
 }
+
+#[test]
+fn gguf_sentencepiece_tokenizer_merges_by_score_and_falls_back_to_bytes() {
+    use tandem_model::testing::{spm_tokenizer_meta, write_gguf_with_tokenizer};
+    let t = Tiny {
+        vocab: 274,
+        ..Tiny::gqa()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spm.gguf");
+    write_gguf_with_tokenizer(&t, &t.weights(13), &path, spm_tokenizer_meta());
+    let m = load_model(Some(&path), &Device::Cpu, DType::F32).unwrap();
+    let tok = &m.tokenizer;
+    let id = |s: &str| tok.token_to_id(s).unwrap();
+    // BOS added, the dummy-prefix space, whole pieces merged.
+    assert_eq!(
+        tok.encode("the and", true).unwrap(),
+        vec![1, id("▁the"), id("▁and")]
+    );
+    // Characters outside the vocabulary fall back to their UTF-8 bytes.
+    let ids = tok.encode("é", false).unwrap();
+    assert_eq!(ids, vec![id("▁"), id("<0xC3>"), id("<0xA9>")]);
+    for text in ["the and", "to the end", "héllo wörld\nnew line", "a  b"] {
+        let ids = tok.encode(text, false).unwrap();
+        assert_eq!(tok.decode(&ids, false).unwrap(), text);
+    }
+    assert_eq!(tok.eos_token_ids, vec![2]);
+}
