@@ -12,6 +12,7 @@ pub mod config;
 pub mod default_model;
 pub mod error;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod kv_cache;
 pub mod llama;
 pub mod loader;

@@ -43,23 +43,13 @@ pub fn load_model(path: Option<&Path>, device: &Device, dtype: DType) -> Result<
             std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
         ));
     }
-    let (model, tokenizer) = if path.is_dir() {
-        let (cfg, map, src) = load_hf_checkpoint(&path, device, dtype)?;
-        let tokenizer = TextTokenizer::from_hf_dir(&path, &cfg.eos_token_ids)?;
-        (
-            Llama::from_tensors(cfg, map, &src, device, dtype)?,
-            tokenizer,
-        )
+    let (cfg, map, src) = load_checkpoint(&path, device, dtype)?;
+    let tokenizer = if path.is_dir() {
+        TextTokenizer::from_hf_dir(&path, &cfg.eos_token_ids)?
     } else {
-        let mut g = GgufFile::open(&path)?;
-        let cfg = g.config()?;
-        let tokenizer = TextTokenizer::from_gguf(&g)?;
-        let map = g.load_tensors(&cfg, dtype, device)?;
-        (
-            Llama::from_tensors(cfg, map, &path, device, dtype)?,
-            tokenizer,
-        )
+        TextTokenizer::from_gguf(&GgufFile::open(&path)?)?
     };
+    let model = Llama::from_tensors(cfg, map, &src, device, dtype)?;
     if tokenizer.vocab_size() > model.cfg.vocab_size {
         tracing::warn!(
             tokenizer = tokenizer.vocab_size(),
