@@ -1,0 +1,185 @@
+//! Batched multi-LoRA over a packed batch (SGMV semantics, after Punica and S-LoRA):
+//! for each segment with an adapter, `y[seg] = scale * (x[seg] · Aᵀ) · B`ᵀ, where the adapter's
+//! A rows and Bᵀ rows sit in per-projection pools at the segment's `row_offset`, `rank` rows
+//! each. Segments without an adapter are simply not listed; their rows of `y` are zero.
+//! Ranks may differ between segments: each segment computes with its own rank (no padding).
+//!
+//! Pools: `a_pool` [rows, in] holds A (lora_A, [r, in]) row blocks; `bt_pool` [rows, out] holds
+//! Bᵀ (lora_B is [out, r]) row blocks. The CPU path is the reference.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// One segment of the packed batch that runs through an adapter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraSegment {
+    /// First token of the segment in the batch.
+    pub start: usize,
+    pub len: usize,
+    /// First row of the adapter's block in the pools.
+    pub row_offset: usize,
+    pub rank: usize,
+    /// alpha / r (or alpha / sqrt(r) with rsLoRA).
+    pub scale: f32,
+}
+
+pub(crate) fn check(segs: &[LoraSegment], t: usize, rows: usize) -> Result<()> {
+    for s in segs {
+        if s.start + s.len > t {
+            candle_core::bail!(
+                "lora_sgmv: segment {}..{} outside {t} tokens",
+                s.start,
+                s.start + s.len
+            )
+        }
+        if s.row_offset + s.rank > rows {
+            candle_core::bail!(
+                "lora_sgmv: rows {}..{} outside a pool of {rows}",
+                s.row_offset,
+                s.row_offset + s.rank
+            )
+        }
+    }
+    Ok(())
+}
+
+struct LoraSgmv {
+    segs: Arc<[LoraSegment]>,
+}
+
+fn f32_slice<'s>(s: &'s CpuStorage, l: &Layout, what: &str) -> Result<&'s [f32]> {
+    let CpuStorage::F32(d) = s else {
+        candle_core::bail!("lora_sgmv: {what} must be f32 on cpu, got {:?}", s.dtype())
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&d[a..b]),
+        None => candle_core::bail!("lora_sgmv: {what} must be contiguous"),
+    }
+}
+
+impl CustomOp3 for LoraSgmv {
+    fn name(&self) -> &'static str {
+        "lora_sgmv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (t, n_in) = xl.shape().dims2()?;
+        let (rows, a_in) = al.shape().dims2()?;
+        let (b_rows, n_out) = bl.shape().dims2()?;
+        if a_in != n_in || b_rows != rows {
+            candle_core::bail!(
+                "lora_sgmv: x {:?}, a_pool {:?}, bt_pool {:?} do not fit",
+                xl.shape(),
+                al.shape(),
+                bl.shape()
+            )
+        }
+        check(&self.segs, t, rows)?;
+        let x = f32_slice(xs, xl, "x")?;
+        let a = f32_slice(as_, al, "a_pool")?;
+        let b = f32_slice(bs, bl, "bt_pool")?;
+        let mut y = vec![0f32; t * n_out];
+        // Token -> segment, so that rows of y can be computed in parallel.
+        let mut seg_of = vec![usize::MAX; t];
+        for (i, s) in self.segs.iter().enumerate() {
+            seg_of[s.start..s.start + s.len]
+                .iter_mut()
+                .for_each(|v| *v = i);
+        }
+        y.par_chunks_mut(n_out).enumerate().for_each(|(tok, yrow)| {
+            let Some(s) = self.segs.get(seg_of[tok]) else {
+                return;
+            };
+            let xrow = &x[tok * n_in..(tok + 1) * n_in];
+            for r in 0..s.rank {
+                let arow = &a[(s.row_offset + r) * n_in..(s.row_offset + r + 1) * n_in];
+                // shrink: one entry of x · Aᵀ, then expand it along row r of Bᵀ.
+                let h = xrow.iter().zip(arow).map(|(p, q)| p * q).sum::<f32>() * s.scale;
+                let brow = &b[(s.row_offset + r) * n_out..(s.row_offset + r + 1) * n_out];
+                yrow.iter_mut().zip(brow).for_each(|(o, w)| *o += h * w);
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((t, n_out))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        as_: &candle_core::CudaStorage,
+        al: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::lora_sgmv_fwd(&self.segs, xs, xl, as_, al, bs, bl)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a_pool: &Tensor,
+        bt_pool: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, da, dbt) = lora_sgmv_backward(x, a_pool, bt_pool, dy, &self.segs)?;
+        Ok((Some(dx), Some(da), Some(dbt)))
+    }
+}
+
+/// `scale · (x Aᵀ) Bᵀ` per listed segment, as a [T, out] tensor (zero rows elsewhere).
+/// Differentiable in all three inputs (candle autograd calls `lora_sgmv_backward`).
+pub fn lora_sgmv(
+    x: &Tensor,
+    a_pool: &Tensor,
+    bt_pool: &Tensor,
+    segs: Arc<[LoraSegment]>,
+) -> Result<Tensor> {
+    x.apply_op3_arc(a_pool, bt_pool, Arc::new(Box::new(LoraSgmv { segs })))
+}
+
+/// Gradients of `lora_sgmv` for upstream gradient `dy` [T, out]: (dx [T, in], d a_pool, d bt_pool),
+/// built from plain candle ops so that it runs on any device. Per segment, with h = x Aᵀ:
+/// dBᵀ = scale · hᵀ dy, dh = scale · dy (Bᵀ)ᵀ, dA = dhᵀ x, dx = dh A.
+pub fn lora_sgmv_backward(
+    x: &Tensor,
+    a_pool: &Tensor,
+    bt_pool: &Tensor,
+    dy: &Tensor,
+    segs: &[LoraSegment],
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (t, _) = x.dims2()?;
+    check(segs, t, a_pool.dims2()?.0)?;
+    let mut dx = x.zeros_like()?;
+    let mut da = a_pool.zeros_like()?;
+    let mut dbt = bt_pool.zeros_like()?;
+    for s in segs {
+        let xs = x.narrow(0, s.start, s.len)?;
+        let dys = dy.narrow(0, s.start, s.len)?;
+        let a = a_pool.narrow(0, s.row_offset, s.rank)?;
+        let bt = bt_pool.narrow(0, s.row_offset, s.rank)?;
+        let h = xs.matmul(&a.t()?)?;
+        let d_bt = (h.t()?.matmul(&dys)? * s.scale as f64)?;
+        let dh = (dys.matmul(&bt.t()?)? * s.scale as f64)?;
+        let d_a = dh.t()?.matmul(&xs)?;
+        let d_x = dh.matmul(&a)?;
+        dx = dx.slice_scatter0(&(dx.narrow(0, s.start, s.len)? + d_x)?, s.start)?;
+        da = da.slice_scatter0(&(da.narrow(0, s.row_offset, s.rank)? + d_a)?, s.row_offset)?;
+        dbt = dbt.slice_scatter0(
+            &(dbt.narrow(0, s.row_offset, s.rank)? + d_bt)?,
+            s.row_offset,
+        )?;
+    }
+    Ok((dx, da, dbt))
+}
