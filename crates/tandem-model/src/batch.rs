@@ -26,6 +26,8 @@ pub struct Segment {
     /// Physical KV blocks of the sequence, in order; must cover positions up to the segment's last.
     pub block_table: Vec<u32>,
     pub logits: LogitsWanted,
+    /// The LoRA adapter (registry id) this segment runs through, if any.
+    pub adapter: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -48,6 +50,19 @@ impl PackedBatch {
         block_table: Vec<u32>,
         logits: LogitsWanted,
     ) {
+        self.push_with_adapter(seq_id, tokens, first_pos, block_table, logits, None);
+    }
+
+    /// Appends a segment of `tokens` at positions `first_pos..` that runs through `adapter`.
+    pub fn push_with_adapter(
+        &mut self,
+        seq_id: u64,
+        tokens: &[u32],
+        first_pos: usize,
+        block_table: Vec<u32>,
+        logits: LogitsWanted,
+        adapter: Option<u32>,
+    ) {
         let start = self.tokens.len();
         self.tokens.extend_from_slice(tokens);
         self.positions
@@ -58,6 +73,7 @@ impl PackedBatch {
             len: tokens.len(),
             block_table,
             logits,
+            adapter,
         });
     }
 
@@ -144,8 +160,16 @@ impl PackedBatch {
 #[derive(Debug, Clone, Default)]
 pub struct ScheduledBatch {
     pub batch: PackedBatch,
-    pub new_seqs: Vec<(u64, crate::sampling::SamplingParams)>,
+    pub new_seqs: Vec<NewSequence>,
     pub finished: Vec<u64>,
+}
+
+/// A sequence the engine sees for the first time: how to sample it, which adapter it uses.
+#[derive(Debug, Clone)]
+pub struct NewSequence {
+    pub seq_id: u64,
+    pub params: crate::sampling::SamplingParams,
+    pub adapter: Option<u32>,
 }
 
 /// What the engine hands back: one sampled token per segment that asked for `Last` logits.

@@ -2,7 +2,8 @@
 //!
 //! Owns: model configs, weight loading (HF safetensors directories, GGUF), tokenizers and chat
 //! templates, the default model's fetch, the Llama-family forward over packed batches, the
-//! paged KV cache's tensors, and sampling.
+//! paged KV cache's tensors, LoRA adapters (PEFT format, registry, batched application), and
+//! sampling.
 //! Must not touch: scheduling policy (which sequences run, block allocation, preemption) —
 //! that is tandem-scheduler's; this crate executes the `PackedBatch` it is given.
 
@@ -16,6 +17,7 @@ pub mod gguf_tokenizer;
 pub mod kv_cache;
 pub mod llama;
 pub mod loader;
+pub mod lora;
 pub mod runner;
 pub mod safetensors_dir;
 pub mod sampling;
@@ -23,7 +25,7 @@ pub mod sampling;
 pub mod testing;
 pub mod tokenizer;
 
-pub use batch::{LogitsWanted, PackedBatch, ScheduledBatch, Segment, StepOutput};
+pub use batch::{LogitsWanted, NewSequence, PackedBatch, ScheduledBatch, Segment, StepOutput};
 pub use chat_template::ChatMessage;
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};

@@ -9,6 +9,7 @@ use crate::batch::PackedBatch;
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{slot_of, KvCache};
+use crate::lora::{AdapterRegistry, LoraBatch, Proj};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
 use std::collections::HashMap;
@@ -180,6 +181,33 @@ impl Llama {
     /// Runs every token of `batch` through the model, writing their K/V into `cache`, and
     /// returns f32 logits [rows, vocab] for the rows `batch.logit_rows()` lists.
     pub fn forward(&self, batch: &PackedBatch, cache: &KvCache) -> Result<Tensor> {
+        self.forward_with_lora(batch, cache, None)
+    }
+
+    /// `forward`, with segments that name an adapter running through it: every projection
+    /// the adapter targets adds its LoRA delta, all segments in one `lora_sgmv` per projection.
+    pub fn forward_with_lora(
+        &self,
+        batch: &PackedBatch,
+        cache: &KvCache,
+        adapters: Option<&AdapterRegistry>,
+    ) -> Result<Tensor> {
+        let lora = match adapters {
+            Some(reg) => LoraBatch::new(reg, batch)?,
+            None if batch.segments.iter().any(|s| s.adapter.is_some()) => {
+                return Err(ModelError::Batch(
+                    "a segment names an adapter but no adapter registry was given".into(),
+                ))
+            }
+            None => None,
+        };
+        let lin = |l: usize, p: Proj, layer: &Linear, x: &Tensor| -> Result<Tensor> {
+            let y = layer.forward(x)?;
+            match &lora {
+                Some(lb) => lb.apply(l, p, x, y),
+                None => Ok(y),
+            }
+        };
         batch.validate(
             cache.block_size,
             cache.num_blocks,
@@ -226,19 +254,20 @@ impl Llama {
         let mut x = self.embed.index_select(&tokens, 0)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let q = layer.q.forward(&h)?.reshape((1, t, nh, hd))?;
-            let k = layer.k.forward(&h)?.reshape((1, t, nkv, hd))?;
-            let v = layer.v.forward(&h)?.reshape((t, nkv, hd))?;
+            let q = lin(l, Proj::Q, &layer.q, &h)?.reshape((1, t, nh, hd))?;
+            let k = lin(l, Proj::K, &layer.k, &h)?.reshape((1, t, nkv, hd))?;
+            let v = lin(l, Proj::V, &layer.v, &h)?.reshape((t, nkv, hd))?;
             let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?
                 .reshape((t, nh, hd))?;
             let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?
                 .reshape((t, nkv, hd))?;
             cache.write(l, &k, &v.contiguous()?, &slots)?;
             let attn = self.attention(&q, &cache.k[l], &cache.v[l], &meta, batch, scale)?;
-            x = (x + layer.o.forward(&attn.reshape((t, nh * hd))?)?)?;
+            x = (x + lin(l, Proj::O, &layer.o, &attn.reshape((t, nh * hd))?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-            let mlp = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-            x = (x + layer.down.forward(&mlp)?)?;
+            let mlp = (candle_nn::ops::silu(&lin(l, Proj::Gate, &layer.gate, &h)?)?
+                * lin(l, Proj::Up, &layer.up, &h)?)?;
+            x = (x + lin(l, Proj::Down, &layer.down, &mlp)?)?;
         }
         let rows: Vec<u32> = batch
             .logit_rows()

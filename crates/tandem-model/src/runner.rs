@@ -5,17 +5,30 @@ use crate::batch::{LogitsWanted, ScheduledBatch, StepOutput};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::llama::Llama;
+use crate::lora::{AdapterRegistry, RegistryConfig};
 use crate::sampling::Sampler;
 use std::collections::HashMap;
 
 pub struct ModelRunner {
     pub model: Llama,
     pub cache: KvCache,
+    pub adapters: AdapterRegistry,
     samplers: HashMap<u64, Sampler>,
+    /// Adapter pinned by each live sequence.
+    seq_adapter: HashMap<u64, u32>,
 }
 
 impl ModelRunner {
     pub fn new(model: Llama, num_blocks: usize, block_size: usize) -> Result<Self> {
+        Self::with_adapters(model, num_blocks, block_size, RegistryConfig::default())
+    }
+
+    pub fn with_adapters(
+        model: Llama,
+        num_blocks: usize,
+        block_size: usize,
+        lora: RegistryConfig,
+    ) -> Result<Self> {
         let c = &model.cfg;
         let cache = KvCache::new(
             c.num_hidden_layers,
@@ -26,19 +39,30 @@ impl ModelRunner {
             model.dtype(),
             model.device(),
         )?;
+        let adapters = AdapterRegistry::new(lora, &model.cfg, model.device(), model.dtype());
         Ok(Self {
             model,
             cache,
+            adapters,
             samplers: HashMap::new(),
+            seq_adapter: HashMap::new(),
         })
     }
 
     pub fn execute(&mut self, sched: &ScheduledBatch) -> Result<StepOutput> {
-        for (id, params) in &sched.new_seqs {
-            self.samplers.insert(*id, Sampler::new(params.clone()));
-        }
         for id in &sched.finished {
             self.samplers.remove(id);
+            if let Some(a) = self.seq_adapter.remove(id) {
+                self.adapters.unpin(a);
+            }
+        }
+        for n in &sched.new_seqs {
+            self.samplers
+                .insert(n.seq_id, Sampler::new(n.params.clone()));
+            if let Some(a) = n.adapter {
+                self.adapters.pin(a);
+                self.seq_adapter.insert(n.seq_id, a);
+            }
         }
         let batch = &sched.batch;
         if batch.segments.iter().any(|s| s.logits == LogitsWanted::All) {
@@ -49,7 +73,13 @@ impl ModelRunner {
         if batch.segments.is_empty() {
             return Ok(StepOutput::default());
         }
-        let logits = self.model.forward(batch, &self.cache)?;
+        let mut used: Vec<u32> = batch.segments.iter().filter_map(|s| s.adapter).collect();
+        used.sort_unstable();
+        used.dedup();
+        self.adapters.ensure_resident(&used)?;
+        let logits = self
+            .model
+            .forward_with_lora(batch, &self.cache, Some(&self.adapters))?;
         let rows = crate::llama::logits_to_rows(&logits)?;
         let mut sampled = Vec::with_capacity(rows.len());
         for ((seg, _), row) in batch.logit_rows().into_iter().zip(rows) {

@@ -46,15 +46,27 @@ impl LlmEngine {
         }
     }
 
-    /// Queues a request; returns its sequence id.
+    /// Queues a request, through the registered adapter named `adapter` if given; returns its
+    /// sequence id.
     pub fn add_request(
         &mut self,
         prompt: Vec<u32>,
         params: SamplingParams,
+        adapter: Option<&str>,
     ) -> Result<u64, AdmitError> {
+        let adapter = match adapter {
+            Some(name) => Some(
+                self.runner
+                    .adapters
+                    .id(name)
+                    .ok_or_else(|| AdmitError::UnknownAdapter(name.to_string()))?,
+            ),
+            None => None,
+        };
         let id = self.next_id;
         self.next_id += 1;
-        self.scheduler.add(Sequence::new(id, prompt, params))?;
+        self.scheduler
+            .add(Sequence::new(id, prompt, params, adapter))?;
         self.texts.insert(id, TextState::default());
         Ok(id)
     }

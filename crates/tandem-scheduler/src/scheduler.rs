@@ -9,7 +9,7 @@
 use crate::block_manager::BlockManager;
 use crate::sequence::Sequence;
 use std::collections::VecDeque;
-use tandem_model::{LogitsWanted, PackedBatch, ScheduledBatch};
+use tandem_model::{LogitsWanted, NewSequence, PackedBatch, ScheduledBatch};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -18,6 +18,8 @@ pub struct SchedulerConfig {
     pub block_size: usize,
     pub num_blocks: usize,
     pub max_model_len: usize,
+    /// Distinct LoRA adapters among live sequences (the engine's resident slots).
+    pub max_loras: usize,
 }
 
 #[derive(Debug)]
@@ -46,6 +48,8 @@ pub enum AdmitError {
     },
     #[error("the prompt is empty")]
     Empty,
+    #[error("no adapter named `{0}` is loaded")]
+    UnknownAdapter(String),
     #[error("the sequence needs {needed} KV blocks, the cache has {total}")]
     CacheTooSmall { needed: usize, total: usize },
 }
@@ -140,11 +144,20 @@ impl Scheduler {
             }
         }
         // Admit waiting sequences while there is room (not in an iteration that had to preempt).
+        // A sequence whose adapter would exceed `max_loras` distinct live adapters is skipped
+        // (it waits for one to drain); memory shortage stops admission (first come, first served).
         if !preempted {
-            while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-                let Some(seq) = self.waiting.front() else {
-                    break;
-                };
+            let mut live = self.live_adapters();
+            let mut i = 0;
+            while budget > 0 && self.running.len() < self.cfg.max_num_seqs && i < self.waiting.len()
+            {
+                let seq = &self.waiting[i];
+                if let Some(a) = seq.adapter {
+                    if !live.contains(&a) && live.len() >= self.cfg.max_loras {
+                        i += 1;
+                        continue;
+                    }
+                }
                 let n = seq.uncomputed().min(budget);
                 // Keep one block of headroom per running sequence so admission does not cause
                 // immediate preemption at the next decode step.
@@ -156,9 +169,10 @@ impl Scheduler {
                 if !self.blocks.allocate(seq.id, seq.num_computed + n) {
                     break;
                 }
-                let Some(seq) = self.waiting.pop_front() else {
+                let Some(seq) = self.waiting.remove(i) else {
                     break;
                 };
+                live.extend(seq.adapter);
                 self.running.push(seq);
                 plan.push((self.running.len() - 1, n));
                 budget -= n;
@@ -168,7 +182,11 @@ impl Scheduler {
         for (idx, n) in plan {
             let seq = &mut self.running[idx];
             if !seq.announced {
-                out.new_seqs.push((seq.id, seq.params.clone()));
+                out.new_seqs.push(NewSequence {
+                    seq_id: seq.id,
+                    params: seq.params.clone(),
+                    adapter: seq.adapter,
+                });
                 seq.announced = true;
             }
             let start = seq.num_computed;
@@ -188,6 +206,15 @@ impl Scheduler {
             self.last.push((seq.id, n));
         }
         out
+    }
+
+    /// Adapters of sequences the engine knows (running, or preempted after being announced).
+    fn live_adapters(&self) -> std::collections::HashSet<u32> {
+        self.running
+            .iter()
+            .chain(self.waiting.iter().filter(|s| s.announced))
+            .filter_map(|s| s.adapter)
+            .collect()
     }
 
     fn preempt(&mut self, idx: usize) {
@@ -242,5 +269,12 @@ fn push_segment(
     table: Vec<u32>,
     logits: LogitsWanted,
 ) {
-    batch.push(seq.id, &seq.tokens[start..start + n], start, table, logits);
+    batch.push_with_adapter(
+        seq.id,
+        &seq.tokens[start..start + n],
+        start,
+        table,
+        logits,
+        seq.adapter,
+    );
 }

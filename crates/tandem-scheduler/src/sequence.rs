@@ -34,10 +34,12 @@ pub struct Sequence {
     /// Whether the runner has been given this sequence's sampling parameters.
     pub announced: bool,
     pub num_preemptions: usize,
+    /// LoRA adapter (registry id), if any.
+    pub adapter: Option<u32>,
 }
 
 impl Sequence {
-    pub fn new(id: u64, prompt: Vec<u32>, params: SamplingParams) -> Self {
+    pub fn new(id: u64, prompt: Vec<u32>, params: SamplingParams, adapter: Option<u32>) -> Self {
         Self {
             id,
             prompt_len: prompt.len(),
@@ -46,6 +48,7 @@ impl Sequence {
             params,
             announced: false,
             num_preemptions: 0,
+            adapter,
         }
     }
 

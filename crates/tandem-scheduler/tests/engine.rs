@@ -23,6 +23,7 @@ fn engine(
             block_size: 4,
             num_blocks,
             max_model_len: 512,
+            max_loras: 4,
         },
     )
 }
@@ -36,7 +37,7 @@ struct Done {
 fn run_all(e: &mut LlmEngine, reqs: &[(Vec<u32>, SamplingParams)]) -> Vec<Done> {
     let ids: Vec<u64> = reqs
         .iter()
-        .map(|(p, s)| e.add_request(p.clone(), s.clone()).unwrap())
+        .map(|(p, s)| e.add_request(p.clone(), s.clone(), None).unwrap())
         .collect();
     let mut out: Vec<Option<Done>> = (0..reqs.len()).map(|_| None).collect();
     let mut partial: Vec<(Vec<u32>, String)> = vec![(vec![], String::new()); reqs.len()];
@@ -196,19 +197,19 @@ fn eos_finishes_with_stop_and_max_tokens_with_length() {
 fn abort_frees_blocks_and_oversized_prompts_are_refused() {
     let (dir, _) = setup();
     let mut e = engine(dir.path(), 8, 2, 512);
-    let id = e.add_request(vec![1; 10], greedy(20)).unwrap();
+    let id = e.add_request(vec![1; 10], greedy(20), None).unwrap();
     e.step().unwrap();
     assert!(e.scheduler.blocks().num_free() < 8);
     e.abort(id);
     assert_eq!(e.scheduler.blocks().num_free(), 8);
     assert!(!e.has_work());
     let err = e
-        .add_request(vec![1; 600], greedy(4))
+        .add_request(vec![1; 600], greedy(4), None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("context window is 512"), "{err}");
     let err = e
-        .add_request(vec![1; 40], greedy(4))
+        .add_request(vec![1; 40], greedy(4), None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("KV blocks"), "{err}");

@@ -36,7 +36,7 @@ pub fn decode(args: BenchDecodeArgs) -> Result<()> {
                 ignore_eos: true,
                 ..Default::default()
             };
-            e.add_request(prompt(s, args.prompt_len, vocab), params)
+            e.add_request(prompt(s, args.prompt_len, vocab), params, None)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         let t0 = Instant::now();

@@ -4,6 +4,7 @@ use crate::cli::{DeviceArg, GenerateArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::io::Write;
+use tandem_model::lora::RegistryConfig;
 use tandem_model::{
     default_dtype, load_model, ChatMessage, LoadedModel, ModelRunner, SamplingParams,
 };
@@ -48,6 +49,7 @@ pub fn engine(
             block_size: BLOCK_SIZE,
             num_blocks,
             max_model_len,
+            max_loras: RegistryConfig::default().max_loras,
         },
     ))
 }
@@ -93,7 +95,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let blocks = total.div_ceil(BLOCK_SIZE) + 1;
     let mut engine = engine(m, blocks, 1, 512)?;
     engine
-        .add_request(prompt, params)
+        .add_request(prompt, params, None)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut out = std::io::stdout().lock();
     while engine.has_work() {
