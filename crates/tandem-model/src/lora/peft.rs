@@ -72,10 +72,7 @@ fn parse_key(key: &str) -> Option<(usize, &str, char)> {
     let (layer, rest) = rest.split_once('.')?;
     let layer = layer.parse().ok()?;
     let rest = rest.strip_suffix(".weight")?;
-    let (module, ab) = match rest.split_once(".lora_") {
-        Some(x) => x,
-        None => return None,
-    };
+    let (module, ab) = rest.split_once(".lora_")?;
     let which = match ab.split('.').next()? {
         "A" => 'A',
         "B" => 'B',
