@@ -343,3 +343,37 @@ pub fn write_gguf_with_tokenizer(
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &meta_refs, &q_refs).unwrap();
 }
+
+/// A random LoRA adapter of rank `r` on `targets` of every layer of `t` (B non-zero, so the
+/// adapter changes the output), reproducible from `seed`.
+pub fn random_adapter(t: &Tiny, r: usize, alpha: f64, targets: &[crate::lora::Proj], rslora: bool, seed: u64) -> crate::lora::LoraAdapter {
+    use crate::lora::{LoraAdapter, LoraConfig, LoraWeights};
+    let cfg = crate::ModelConfig::from_hf_value(&t.config_json(), Path::new("config.json")).unwrap();
+    let mut rng = seed.wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(7);
+    let mut rand = |shape: (usize, usize), scale: f32| {
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                scale * (2.0 * ((rng >> 33) as f32 / (1u64 << 31) as f32) - 1.0)
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let config = LoraConfig {
+        r,
+        lora_alpha: alpha,
+        target_modules: serde_json::json!(targets.iter().map(|p| p.name()).collect::<Vec<_>>()),
+        use_rslora: rslora,
+        base_model_name_or_path: Some("tiny".into()),
+        alpha_pattern: Default::default(),
+    };
+    let mut weights = std::collections::BTreeMap::new();
+    for layer in 0..t.layers {
+        for &p in targets {
+            let (inp, out) = p.dims(&cfg);
+            let scale = config.scale("", r);
+            weights.insert((layer, p), LoraWeights { a: rand((r, inp), 0.3), b: rand((out, r), 0.3), scale });
+        }
+    }
+    LoraAdapter { config, weights }
+}
