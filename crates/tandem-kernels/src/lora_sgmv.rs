@@ -104,7 +104,7 @@ impl CustomOp3 for LoraSgmv {
             for r in 0..s.rank {
                 let arow = &a[(s.row_offset + r) * n_in..(s.row_offset + r + 1) * n_in];
                 // shrink: one entry of x · Aᵀ, then expand it along row r of Bᵀ.
-                let h = xrow.iter().zip(arow).map(|(p, q)| p * q).sum::<f32>() * s.scale;
+                let h = dot(xrow, arow) * s.scale;
                 let brow = &b[(s.row_offset + r) * n_out..(s.row_offset + r + 1) * n_out];
                 yrow.iter_mut().zip(brow).for_each(|(o, w)| *o += h * w);
             }
@@ -136,6 +136,25 @@ impl CustomOp3 for LoraSgmv {
         let (dx, da, dbt) = lora_sgmv_backward(x, a_pool, bt_pool, dy, &self.segs)?;
         Ok((Some(dx), Some(da), Some(dbt)))
     }
+}
+
+/// Dot product with eight independent accumulators, so that the compiler can vectorize it
+/// (a single running sum must keep the sequential order of float additions).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `scale · (x Aᵀ) Bᵀ` per listed segment, as a [T, out] tensor (zero rows elsewhere).

@@ -56,6 +56,10 @@ impl Tiny {
             sliding_window: None,
         }
     }
+    pub fn model_config(&self) -> crate::ModelConfig {
+        crate::ModelConfig::from_hf_value(&self.config_json(), Path::new("config.json")).unwrap()
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden / self.heads
     }
@@ -344,16 +348,24 @@ pub fn write_gguf_with_tokenizer(
     gguf_file::write(&mut f, &meta_refs, &q_refs).unwrap();
 }
 
-/// A random LoRA adapter of rank `r` on `targets` of every layer of `t` (B non-zero, so the
+/// A random LoRA adapter of rank `r` on `targets` of every layer (B non-zero, so the
 /// adapter changes the output), reproducible from `seed`.
-pub fn random_adapter(t: &Tiny, r: usize, alpha: f64, targets: &[crate::lora::Proj], rslora: bool, seed: u64) -> crate::lora::LoraAdapter {
+pub fn random_adapter(
+    cfg: &crate::ModelConfig,
+    r: usize,
+    alpha: f64,
+    targets: &[crate::lora::Proj],
+    rslora: bool,
+    seed: u64,
+) -> crate::lora::LoraAdapter {
     use crate::lora::{LoraAdapter, LoraConfig, LoraWeights};
-    let cfg = crate::ModelConfig::from_hf_value(&t.config_json(), Path::new("config.json")).unwrap();
     let mut rng = seed.wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(7);
     let mut rand = |shape: (usize, usize), scale: f32| {
         let v: Vec<f32> = (0..shape.0 * shape.1)
             .map(|_| {
-                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 scale * (2.0 * ((rng >> 33) as f32 / (1u64 << 31) as f32) - 1.0)
             })
             .collect();
@@ -368,11 +380,18 @@ pub fn random_adapter(t: &Tiny, r: usize, alpha: f64, targets: &[crate::lora::Pr
         alpha_pattern: Default::default(),
     };
     let mut weights = std::collections::BTreeMap::new();
-    for layer in 0..t.layers {
+    for layer in 0..cfg.num_hidden_layers {
         for &p in targets {
-            let (inp, out) = p.dims(&cfg);
+            let (inp, out) = p.dims(cfg);
             let scale = config.scale("", r);
-            weights.insert((layer, p), LoraWeights { a: rand((r, inp), 0.3), b: rand((out, r), 0.3), scale });
+            weights.insert(
+                (layer, p),
+                LoraWeights {
+                    a: rand((r, inp), 0.3),
+                    b: rand((out, r), 0.3),
+                    scale,
+                },
+            );
         }
     }
     LoraAdapter { config, weights }

@@ -10,17 +10,32 @@ use tandem_model::testing::{random_adapter, Tiny};
 use tandem_model::{load_checkpoint, KvCache, Llama, LogitsWanted, PackedBatch};
 
 fn tiny() -> Tiny {
-    Tiny { llama3_rope: false, ..Tiny::gqa() }
+    Tiny {
+        llama3_rope: false,
+        ..Tiny::gqa()
+    }
 }
 
 fn base(dir: &Path) -> (Llama, HashMap<String, Tensor>) {
     let (cfg, map, src) = load_checkpoint(dir, &Device::Cpu, DType::F32).unwrap();
-    (Llama::from_tensors(cfg, map.clone(), &src, &Device::Cpu, DType::F32).unwrap(), map)
+    (
+        Llama::from_tensors(cfg, map.clone(), &src, &Device::Cpu, DType::F32).unwrap(),
+        map,
+    )
 }
 
 fn cache(m: &Llama) -> KvCache {
     let c = &m.cfg;
-    KvCache::new(c.num_hidden_layers, 32, 4, c.num_key_value_heads, c.head_dim, DType::F32, &Device::Cpu).unwrap()
+    KvCache::new(
+        c.num_hidden_layers,
+        32,
+        4,
+        c.num_key_value_heads,
+        c.head_dim,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// The base model with every adapted weight replaced by W + scale·B·A.
@@ -38,23 +53,34 @@ fn merged(dir: &Path, map: &HashMap<String, Tensor>, a: &LoraAdapter) -> Llama {
 
 fn alone(m: &Llama, tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut b = PackedBatch::default();
-    b.push(0, tokens, 0, (0..tokens.len().div_ceil(4) as u32).collect(), LogitsWanted::All);
+    b.push(
+        0,
+        tokens,
+        0,
+        (0..tokens.len().div_ceil(4) as u32).collect(),
+        LogitsWanted::All,
+    );
     m.forward(&b, &cache(m)).unwrap().to_vec2::<f32>().unwrap()
 }
 
 fn rel_err(got: &[Vec<f32>], want: &[Vec<f32>]) -> f32 {
     let max = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = got.iter().flatten().zip(want.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let diff = got
+        .iter()
+        .flatten()
+        .zip(want.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     diff / max
 }
 
 fn adapters(t: &Tiny) -> Vec<LoraAdapter> {
     use Proj::*;
     vec![
-        random_adapter(t, 4, 8.0, &Proj::ALL, false, 1),
-        random_adapter(t, 8, 16.0, &[Q, V], false, 2),
-        random_adapter(t, 16, 8.0, &[O, Gate, Up, Down], true, 3),
-        random_adapter(t, 64, 32.0, &Proj::ALL, false, 4),
+        random_adapter(&t.model_config(), 4, 8.0, &Proj::ALL, false, 1),
+        random_adapter(&t.model_config(), 8, 16.0, &[Q, V], false, 2),
+        random_adapter(&t.model_config(), 16, 8.0, &[O, Gate, Up, Down], true, 3),
+        random_adapter(&t.model_config(), 64, 32.0, &Proj::ALL, false, 4),
     ]
 }
 
@@ -65,7 +91,15 @@ fn mixed_adapters_in_one_batch_equal_merged_weights_per_request() {
     t.write_hf_dir(dir.path(), 31);
     let (model, map) = base(dir.path());
     let ads = adapters(&t);
-    let mut reg = AdapterRegistry::new(RegistryConfig { max_loras: 4, max_lora_rank: 64 }, &model.cfg, &Device::Cpu, DType::F32);
+    let mut reg = AdapterRegistry::new(
+        RegistryConfig {
+            max_loras: 4,
+            max_lora_rank: 64,
+        },
+        &model.cfg,
+        &Device::Cpu,
+        DType::F32,
+    );
     let mut ids = vec![];
     for (i, a) in ads.iter().enumerate() {
         let p = dir.path().join(format!("adapter{i}"));
@@ -73,11 +107,23 @@ fn mixed_adapters_in_one_batch_equal_merged_weights_per_request() {
         ids.push(reg.register(&format!("a{i}"), &p).unwrap());
     }
     // (adapter index or none, prompt length)
-    let plan: Vec<(Option<usize>, usize)> = vec![(Some(0), 5), (None, 4), (Some(1), 7), (Some(2), 3), (None, 2), (Some(3), 6), (Some(0), 1)];
+    let plan: Vec<(Option<usize>, usize)> = vec![
+        (Some(0), 5),
+        (None, 4),
+        (Some(1), 7),
+        (Some(2), 3),
+        (None, 2),
+        (Some(3), 6),
+        (Some(0), 1),
+    ];
     let seqs: Vec<Vec<u32>> = plan
         .iter()
         .enumerate()
-        .map(|(s, &(_, n))| (0..n).map(|i| ((i * 13 + s * 7 + 2) % t.vocab) as u32).collect())
+        .map(|(s, &(_, n))| {
+            (0..n)
+                .map(|i| ((i * 13 + s * 7 + 2) % t.vocab) as u32)
+                .collect()
+        })
         .collect();
     let c = cache(&model);
     let mut b = PackedBatch::default();
@@ -86,10 +132,21 @@ fn mixed_adapters_in_one_batch_equal_merged_weights_per_request() {
         let nb = toks.len().div_ceil(4) as u32;
         let table = (next_block..next_block + nb).collect();
         next_block += nb;
-        b.push_with_adapter(s as u64, toks, 0, table, LogitsWanted::All, a.map(|i| ids[i]));
+        b.push_with_adapter(
+            s as u64,
+            toks,
+            0,
+            table,
+            LogitsWanted::All,
+            a.map(|i| ids[i]),
+        );
     }
     reg.ensure_resident(&ids).unwrap();
-    let rows = model.forward_with_lora(&b, &c, Some(&reg)).unwrap().to_vec2::<f32>().unwrap();
+    let rows = model
+        .forward_with_lora(&b, &c, Some(&reg))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     let mut it = rows.into_iter();
     for (s, (&(a, _), toks)) in plan.iter().zip(&seqs).enumerate() {
         let got: Vec<Vec<f32>> = it.by_ref().take(toks.len()).collect();
@@ -100,7 +157,10 @@ fn mixed_adapters_in_one_batch_equal_merged_weights_per_request() {
         let e = rel_err(&got, &want);
         assert!(e <= 1e-5, "sequence {s} (adapter {a:?}): max rel err {e}");
         if a.is_some() {
-            assert!(rel_err(&alone(&model, toks), &want) > 1e-3, "adapter {a:?} should change the logits");
+            assert!(
+                rel_err(&alone(&model, toks), &want) > 1e-3,
+                "adapter {a:?} should change the logits"
+            );
         }
     }
 }
@@ -111,11 +171,14 @@ fn saved_adapter_reloads_bit_identically() {
     let dir = tempfile::tempdir().unwrap();
     t.write_hf_dir(dir.path(), 32);
     let (model, _) = base(dir.path());
-    let a = random_adapter(&t, 8, 16.0, &Proj::ALL, true, 5);
+    let a = random_adapter(&t.model_config(), 8, 16.0, &Proj::ALL, true, 5);
     a.save(&dir.path().join("a")).unwrap();
     let b = LoraAdapter::load(&dir.path().join("a"), &model.cfg, &Device::Cpu, DType::F32).unwrap();
     assert_eq!(a.config, b.config);
-    assert_eq!(a.weights.keys().collect::<Vec<_>>(), b.weights.keys().collect::<Vec<_>>());
+    assert_eq!(
+        a.weights.keys().collect::<Vec<_>>(),
+        b.weights.keys().collect::<Vec<_>>()
+    );
     for (k, w) in &a.weights {
         let v = &b.weights[k];
         assert_eq!(w.a.to_vec2::<f32>().unwrap(), v.a.to_vec2::<f32>().unwrap());
@@ -124,12 +187,22 @@ fn saved_adapter_reloads_bit_identically() {
     }
     b.save(&dir.path().join("b")).unwrap();
     for f in ["adapter_model.safetensors", "adapter_config.json"] {
-        assert_eq!(std::fs::read(dir.path().join("a").join(f)).unwrap(), std::fs::read(dir.path().join("b").join(f)).unwrap(), "{f}");
+        assert_eq!(
+            std::fs::read(dir.path().join("a").join(f)).unwrap(),
+            std::fs::read(dir.path().join("b").join(f)).unwrap(),
+            "{f}"
+        );
     }
-    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("a/adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("a/adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
-    let keys = candle_core::safetensors::load(dir.path().join("a/adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let keys = candle_core::safetensors::load(
+        dir.path().join("a/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert!(keys.contains_key("base_model.model.model.layers.2.mlp.down_proj.lora_B.weight"));
 }
 
@@ -139,11 +212,21 @@ fn registry_evicts_only_idle_adapters_lru_and_reloads_on_demand() {
     let dir = tempfile::tempdir().unwrap();
     t.write_hf_dir(dir.path(), 33);
     let (model, _) = base(dir.path());
-    let mut reg = AdapterRegistry::new(RegistryConfig { max_loras: 2, max_lora_rank: 16 }, &model.cfg, &Device::Cpu, DType::F32);
+    let mut reg = AdapterRegistry::new(
+        RegistryConfig {
+            max_loras: 2,
+            max_lora_rank: 16,
+        },
+        &model.cfg,
+        &Device::Cpu,
+        DType::F32,
+    );
     let mut ids = vec![];
     for i in 0..3 {
         let p = dir.path().join(format!("a{i}"));
-        random_adapter(&t, 4, 8.0, &[Proj::Q], false, 10 + i).save(&p).unwrap();
+        random_adapter(&t.model_config(), 4, 8.0, &[Proj::Q], false, 10 + i)
+            .save(&p)
+            .unwrap();
         ids.push(reg.register(&format!("a{i}"), &p).unwrap());
     }
     assert_eq!(reg.resident(), vec!["a0", "a1"]);
@@ -166,16 +249,27 @@ fn registry_evicts_only_idle_adapters_lru_and_reloads_on_demand() {
     assert_eq!(reg.evictions, 2);
     // Above the server's max rank: refused with the module named.
     let p = dir.path().join("big");
-    random_adapter(&t, 32, 8.0, &[Proj::V], false, 20).save(&p).unwrap();
+    random_adapter(&t.model_config(), 32, 8.0, &[Proj::V], false, 20)
+        .save(&p)
+        .unwrap();
     let err = reg.register("big", &p).unwrap_err().to_string();
-    assert!(err.contains("v_proj") && err.contains("rank 32") && err.contains("16"), "{err}");
-    let err = reg.register("a0", &dir.path().join("a0")).unwrap_err().to_string();
+    assert!(
+        err.contains("v_proj") && err.contains("rank 32") && err.contains("16"),
+        "{err}"
+    );
+    let err = reg
+        .register("a0", &dir.path().join("a0"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("already loaded"), "{err}");
 }
 
 fn load_err(dir: &Path, t: &Tiny) -> String {
-    let cfg = tandem_model::ModelConfig::from_hf_value(&t.config_json(), Path::new("config.json")).unwrap();
-    LoraAdapter::load(dir, &cfg, &Device::Cpu, DType::F32).unwrap_err().to_string()
+    let cfg = tandem_model::ModelConfig::from_hf_value(&t.config_json(), Path::new("config.json"))
+        .unwrap();
+    LoraAdapter::load(dir, &cfg, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
@@ -183,17 +277,21 @@ fn broken_adapters_give_clear_errors() {
     let t = tiny();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("a");
-    let good = random_adapter(&t, 4, 8.0, &[Proj::Q, Proj::Down], false, 6);
+    let good = random_adapter(&t.model_config(), 4, 8.0, &[Proj::Q, Proj::Down], false, 6);
     let edit_cfg = |f: &dyn Fn(&mut serde_json::Value)| {
         good.save(&p).unwrap();
         let path = p.join("adapter_config.json");
-        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         f(&mut v);
         std::fs::write(&path, v.to_string()).unwrap();
     };
     edit_cfg(&|v| v["peft_type"] = "IA3".into());
     let e = load_err(&p, &t);
-    assert!(e.contains("adapter_config.json") && e.contains("peft_type") && e.contains("IA3"), "{e}");
+    assert!(
+        e.contains("adapter_config.json") && e.contains("peft_type") && e.contains("IA3"),
+        "{e}"
+    );
     edit_cfg(&|v| v["target_modules"] = serde_json::json!(["q_proj", "lm_head"]));
     let e = load_err(&p, &t);
     assert!(e.contains("target_modules") && e.contains("lm_head"), "{e}");
@@ -212,9 +310,15 @@ fn broken_adapters_give_clear_errors() {
         m.remove("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight");
     });
     let e = load_err(&p, &t);
-    assert!(e.contains("layers.1.mlp.down_proj.lora_B.weight") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("layers.1.mlp.down_proj.lora_B.weight") && e.contains("missing"),
+        "{e}"
+    );
     edit_tensors(&|m| {
-        m.insert(key.into(), Tensor::zeros((4, 7), DType::F32, &Device::Cpu).unwrap());
+        m.insert(
+            key.into(),
+            Tensor::zeros((4, 7), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let e = load_err(&p, &t);
     assert!(e.contains(key) && e.contains("[4, 7]"), "{e}");
@@ -225,12 +329,18 @@ fn broken_adapters_give_clear_errors() {
     let e = load_err(&p, &t);
     assert!(e.contains(key) && e.contains("NaN"), "{e}");
     edit_tensors(&|m| {
-        m.insert("base_model.model.model.layers.0.mlp.act_fn.lora_A.weight".into(), Tensor::zeros((4, 64), DType::F32, &Device::Cpu).unwrap());
+        m.insert(
+            "base_model.model.model.layers.0.mlp.act_fn.lora_A.weight".into(),
+            Tensor::zeros((4, 64), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let e = load_err(&p, &t);
     assert!(e.contains("act_fn") && e.contains("unknown module"), "{e}");
     edit_tensors(&|m| {
-        m.insert("base_model.model.model.layers.9.mlp.up_proj.lora_A.weight".into(), Tensor::zeros((4, 64), DType::F32, &Device::Cpu).unwrap());
+        m.insert(
+            "base_model.model.model.layers.9.mlp.up_proj.lora_A.weight".into(),
+            Tensor::zeros((4, 64), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let e = load_err(&p, &t);
     assert!(e.contains("layer 9 does not exist"), "{e}");

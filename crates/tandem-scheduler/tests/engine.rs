@@ -214,3 +214,90 @@ fn abort_frees_blocks_and_oversized_prompts_are_refused() {
         .to_string();
     assert!(err.contains("KV blocks"), "{err}");
 }
+
+#[test]
+fn requests_through_different_adapters_batch_together_within_max_loras() {
+    use tandem_model::lora::{Proj, RegistryConfig};
+    use tandem_model::testing::random_adapter;
+    let (dir, t) = setup();
+    let make = |max_loras: usize| {
+        let m = load_model(Some(dir.path()), &Device::Cpu, DType::F32).unwrap();
+        let runner = ModelRunner::with_adapters(
+            m.model,
+            64,
+            4,
+            RegistryConfig {
+                max_loras,
+                max_lora_rank: 16,
+            },
+        )
+        .unwrap();
+        let mut e = LlmEngine::new(
+            runner,
+            m.tokenizer,
+            SchedulerConfig {
+                max_num_seqs: 8,
+                max_batched_tokens: 64,
+                block_size: 4,
+                num_blocks: 64,
+                max_model_len: 512,
+                max_loras,
+            },
+        );
+        for i in 0..3u64 {
+            let p = dir.path().join(format!("lora{i}"));
+            if !p.exists() {
+                random_adapter(
+                    &t.model_config(),
+                    4 + 4 * i as usize,
+                    16.0,
+                    &Proj::ALL,
+                    false,
+                    40 + i,
+                )
+                .save(&p)
+                .unwrap();
+            }
+            e.runner.adapters.register(&format!("lora{i}"), &p).unwrap();
+        }
+        e
+    };
+    let run = |e: &mut LlmEngine, reqs: &[(Vec<u32>, Option<&str>)]| -> Vec<Vec<u32>> {
+        let ids: Vec<u64> = reqs
+            .iter()
+            .map(|(p, a)| e.add_request(p.clone(), greedy(8), *a).unwrap())
+            .collect();
+        let mut out = vec![vec![]; reqs.len()];
+        while e.has_work() {
+            for o in e.step().unwrap() {
+                out[ids.iter().position(|&x| x == o.seq_id).unwrap()].extend(o.token);
+            }
+        }
+        out
+    };
+    let reqs: Vec<(Vec<u32>, Option<&str>)> = vec![
+        (vec![3, 4, 5], Some("lora0")),
+        (vec![3, 4, 5], None),
+        (vec![3, 4, 5], Some("lora1")),
+        (vec![9, 8], Some("lora2")),
+        (vec![3, 4, 5], Some("lora0")),
+    ];
+    let alone: Vec<Vec<u32>> = reqs
+        .iter()
+        .map(|r| run(&mut make(3), std::slice::from_ref(r)).remove(0))
+        .collect();
+    assert_ne!(
+        alone[0], alone[1],
+        "the adapter should change greedy tokens"
+    );
+    assert_ne!(alone[0], alone[2]);
+    assert_eq!(alone[0], alone[4]);
+    // Only two adapters may be live at once: the third waits, then runs, and nothing changes.
+    let mut e = make(2);
+    assert_eq!(run(&mut e, &reqs), alone);
+    let err = e
+        .add_request(vec![1], greedy(2), Some("nope"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nope"), "{err}");
+}

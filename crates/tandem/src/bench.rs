@@ -1,12 +1,13 @@
 //! `tandem bench decode`: packed decode throughput of tandem's engine at several batch sizes,
 //! and candle-transformers' own Llama on the same weights at batch 1, in one run.
 
-use crate::cli::BenchDecodeArgs;
+use crate::cli::{BenchDecodeArgs, BenchLoraArgs};
 use crate::generate::{device, engine, load, BLOCK_SIZE};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama as reference;
 use std::time::Instant;
+use tandem_model::lora::{Proj, RegistryConfig};
 use tandem_model::{default_dtype, load_checkpoint, ModelConfig, SamplingParams};
 
 fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
@@ -29,7 +30,13 @@ pub fn decode(args: BenchDecodeArgs) -> Result<()> {
         let m = load(&args.model)?;
         let vocab = m.model.cfg.vocab_size;
         let per_seq = (args.prompt_len + args.steps + 2).div_ceil(BLOCK_SIZE);
-        let mut e = engine(m, per_seq * b + b, b, b * args.prompt_len)?;
+        let mut e = engine(
+            m,
+            per_seq * b + b,
+            b,
+            b * args.prompt_len,
+            RegistryConfig::default(),
+        )?;
         for s in 0..b {
             let params = SamplingParams {
                 max_tokens: args.steps + 2,
@@ -123,4 +130,89 @@ fn reference_decode(args: &BenchDecodeArgs, dev: &Device) -> Result<f64> {
         pos += 1;
     }
     Ok(args.steps as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Batch decode with the batch spread evenly over `n` distinct adapters (0: no adapter at all).
+pub fn lora(args: BenchLoraArgs) -> Result<()> {
+    let targets = args
+        .targets
+        .iter()
+        .map(|t| {
+            Proj::from_name(t).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--targets: unknown module `{t}` (supported: {})",
+                    Proj::NAMES
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    println!(
+        "# tandem bench lora: batch {}, rank {} on {}, prompt {} tokens, {} timed decode steps, threads {}",
+        args.batch,
+        args.rank,
+        args.targets.join(","),
+        args.prompt_len,
+        args.steps,
+        candle_core::utils::get_num_threads()
+    );
+    let dir = std::env::temp_dir().join(format!("tandem-bench-lora-{}-{}", std::process::id(), args.targets.join("-")));
+    let mut base_tps = None;
+    for &n in &args.adapters {
+        let m = load(&args.model)?;
+        let cfg = m.model.cfg.clone();
+        let vocab = cfg.vocab_size;
+        let per_seq = (args.prompt_len + args.steps + 2).div_ceil(BLOCK_SIZE);
+        let lora = RegistryConfig {
+            max_loras: n.max(1),
+            max_lora_rank: args.rank,
+        };
+        let mut e = engine(
+            m,
+            per_seq * args.batch + args.batch,
+            args.batch,
+            args.batch * args.prompt_len,
+            lora,
+        )?;
+        for i in 0..n {
+            let path = dir.join(format!("a{i}"));
+            if !path.exists() {
+                tandem_model::testing::random_adapter(
+                    &cfg,
+                    args.rank,
+                    2.0 * args.rank as f64,
+                    &targets,
+                    false,
+                    i as u64,
+                )
+                .save(&path)?;
+            }
+            e.runner.adapters.register(&format!("a{i}"), &path)?;
+        }
+        for s in 0..args.batch {
+            let params = SamplingParams {
+                max_tokens: args.steps + 2,
+                ignore_eos: true,
+                ..Default::default()
+            };
+            let name = (n > 0).then(|| format!("a{}", s % n));
+            e.add_request(prompt(s, args.prompt_len, vocab), params, name.as_deref())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        e.step()?; // prefill
+        e.step()?; // warm-up decode
+        let t0 = Instant::now();
+        let mut tokens = 0;
+        for _ in 0..args.steps {
+            tokens += e.step()?.len();
+        }
+        let tps = tokens as f64 / t0.elapsed().as_secs_f64();
+        let base = *base_tps.get_or_insert(tps);
+        println!(
+            "{:>2} distinct adapters: {tps:8.1} tok/s  cost vs base model alone: {:.2}x",
+            n,
+            base / tps
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }

@@ -27,6 +27,8 @@ pub enum Command {
 pub enum BenchCommand {
     /// Packed decode throughput at several batch sizes, beside candle-transformers' Llama.
     Decode(BenchDecodeArgs),
+    /// Decode throughput of one batch with 0, 1, 8, 32 distinct LoRA adapters vs the base model.
+    Lora(BenchLoraArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +78,9 @@ pub struct GenerateArgs {
     /// Stop when this text appears (repeatable); it is not printed.
     #[arg(long)]
     pub stop: Vec<String>,
+    /// A LoRA adapter directory in HF PEFT format to generate through.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -94,4 +99,30 @@ pub struct BenchDecodeArgs {
     /// Skip the candle-transformers reference.
     #[arg(long)]
     pub no_reference: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchLoraArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Sequences decoding together.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Numbers of distinct adapters to spread the batch over, comma-separated (0: base model).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,8,32")]
+    pub adapters: Vec<usize>,
+    /// Rank of every adapter.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Projections every adapter targets, comma-separated (PEFT's default for Llama: q_proj,v_proj).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub targets: Vec<String>,
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 32)]
+    pub steps: usize,
 }

@@ -31,15 +31,16 @@ pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
         .with_context(|| format!("cannot load {what}"))
 }
 
-/// An engine with a KV cache of `num_blocks` blocks.
+/// An engine with a KV cache of `num_blocks` blocks and room for `lora.max_loras` adapters.
 pub fn engine(
     m: LoadedModel,
     num_blocks: usize,
     max_num_seqs: usize,
     max_batched_tokens: usize,
+    lora: RegistryConfig,
 ) -> Result<LlmEngine> {
     let max_model_len = m.model.cfg.max_position_embeddings;
-    let runner = ModelRunner::new(m.model, num_blocks, BLOCK_SIZE)?;
+    let runner = ModelRunner::with_adapters(m.model, num_blocks, BLOCK_SIZE, lora)?;
     Ok(LlmEngine::new(
         runner,
         m.tokenizer,
@@ -49,7 +50,7 @@ pub fn engine(
             block_size: BLOCK_SIZE,
             num_blocks,
             max_model_len,
-            max_loras: RegistryConfig::default().max_loras,
+            max_loras: lora.max_loras,
         },
     ))
 }
@@ -93,9 +94,29 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let max_len = m.model.cfg.max_position_embeddings;
     let total = (prompt.len() + args.max_tokens).min(max_len);
     let blocks = total.div_ceil(BLOCK_SIZE) + 1;
-    let mut engine = engine(m, blocks, 1, 512)?;
+    let mut engine = engine(
+        m,
+        blocks,
+        1,
+        512,
+        RegistryConfig {
+            max_loras: 1,
+            max_lora_rank: 256,
+        },
+    )?;
+    let adapter = match &args.adapter {
+        Some(dir) => {
+            engine
+                .runner
+                .adapters
+                .register("adapter", dir)
+                .with_context(|| format!("cannot load the adapter {}", dir.display()))?;
+            Some("adapter")
+        }
+        None => None,
+    };
     engine
-        .add_request(prompt, params, None)
+        .add_request(prompt, params, adapter)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut out = std::io::stdout().lock();
     while engine.has_work() {

@@ -30,5 +30,6 @@ fn run(cli: cli::Cli) -> Result<()> {
     match cli.command {
         cli::Command::Generate(args) => generate::run(args),
         cli::Command::Bench(cli::BenchCommand::Decode(args)) => bench::decode(args),
+        cli::Command::Bench(cli::BenchCommand::Lora(args)) => bench::lora(args),
     }
 }
