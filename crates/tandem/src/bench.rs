@@ -155,7 +155,11 @@ pub fn lora(args: BenchLoraArgs) -> Result<()> {
         args.steps,
         candle_core::utils::get_num_threads()
     );
-    let dir = std::env::temp_dir().join(format!("tandem-bench-lora-{}-{}", std::process::id(), args.targets.join("-")));
+    let dir = std::env::temp_dir().join(format!(
+        "tandem-bench-lora-{}-{}",
+        std::process::id(),
+        args.targets.join("-")
+    ));
     let mut base_tps = None;
     for &n in &args.adapters {
         let m = load(&args.model)?;

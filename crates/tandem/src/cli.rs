@@ -29,6 +29,8 @@ pub enum BenchCommand {
     Decode(BenchDecodeArgs),
     /// Decode throughput of one batch with 0, 1, 8, 32 distinct LoRA adapters vs the base model.
     Lora(BenchLoraArgs),
+    /// Kernel checks against a float64 reference, and timings beside the base GEMM.
+    Kernels(BenchKernelsArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,4 +127,13 @@ pub struct BenchLoraArgs {
     pub prompt_len: usize,
     #[arg(long, default_value_t = 32)]
     pub steps: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchKernelsArgs {
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Shapes divided by 16 and few repetitions (a smoke run).
+    #[arg(long)]
+    pub quick: bool,
 }

@@ -2,6 +2,7 @@
 //! scheduling logic lives here.
 
 mod bench;
+mod bench_kernels;
 mod cli;
 mod generate;
 
@@ -31,5 +32,6 @@ fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Generate(args) => generate::run(args),
         cli::Command::Bench(cli::BenchCommand::Decode(args)) => bench::decode(args),
         cli::Command::Bench(cli::BenchCommand::Lora(args)) => bench::lora(args),
+        cli::Command::Bench(cli::BenchCommand::Kernels(args)) => bench_kernels::kernels(args),
     }
 }

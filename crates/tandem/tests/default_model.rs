@@ -161,3 +161,18 @@ fn without_python_the_first_run_says_what_to_do() {
         .join(tandem_model::default_model::FILE_NAME)
         .exists());
 }
+
+#[test]
+fn kernel_checks_pass_on_cpu() {
+    let out = tandem()
+        .args(["bench", "kernels", "--quick"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("| ok |").count(), 5, "{stdout}");
+}
