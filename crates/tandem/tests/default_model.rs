@@ -182,7 +182,14 @@ fn generate_through_an_adapter_changes_the_answer_and_a_zero_adapter_does_not() 
     use tandem_model::lora::Proj;
     let m = load_model(None, &Device::Cpu, DType::F32).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut a = tandem_model::testing::random_adapter(&m.model.cfg, 8, 16.0, &[Proj::Q, Proj::V, Proj::Down], false, 3);
+    let mut a = tandem_model::testing::random_adapter(
+        &m.model.cfg,
+        8,
+        16.0,
+        &[Proj::Q, Proj::V, Proj::Down],
+        false,
+        3,
+    );
     a.save(&dir.path().join("random")).unwrap();
     for w in a.weights.values_mut() {
         w.b = w.b.zeros_like().unwrap();
@@ -190,18 +197,32 @@ fn generate_through_an_adapter_changes_the_answer_and_a_zero_adapter_does_not() 
     a.save(&dir.path().join("zero")).unwrap();
     let run = |adapter: Option<&str>| {
         let mut cmd = tandem();
-        cmd.args(["generate", "--prompt", "What is the capital of France?", "--max-tokens", "12"]);
+        cmd.args([
+            "generate",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "12",
+        ]);
         if let Some(a) = adapter {
             cmd.arg("--adapter").arg(dir.path().join(a));
         }
         let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let base = run(None);
     assert_eq!(run(Some("zero")), base);
     assert_ne!(run(Some("random")), base);
-    let out = tandem().args(["generate", "--prompt", "hi", "--adapter"]).arg(dir.path().join("missing")).output().unwrap();
+    let out = tandem()
+        .args(["generate", "--prompt", "hi", "--adapter"])
+        .arg(dir.path().join("missing"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("adapter_config.json"));
 }
