@@ -21,6 +21,26 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// LoRA adapter tools.
+    #[command(subcommand)]
+    Adapter(AdapterCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdapterCommand {
+    /// Check a PEFT adapter against a base model: print its modules, ranks and scales.
+    Check(AdapterCheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AdapterCheckArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The adapter directory (adapter_config.json + adapter_model.safetensors).
+    pub adapter: PathBuf,
+    /// Also write it back out with tandem's PEFT writer (f32) into this directory.
+    #[arg(long)]
+    pub save_to: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

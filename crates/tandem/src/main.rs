@@ -33,5 +33,6 @@ fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Bench(cli::BenchCommand::Decode(args)) => bench::decode(args),
         cli::Command::Bench(cli::BenchCommand::Lora(args)) => bench::lora(args),
         cli::Command::Bench(cli::BenchCommand::Kernels(args)) => bench_kernels::kernels(args),
+        cli::Command::Adapter(cli::AdapterCommand::Check(args)) => generate::check_adapter(args),
     }
 }

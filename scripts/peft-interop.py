@@ -1,0 +1,72 @@
+"""tandem <-> HF transformers + PEFT, on a tiny random Llama (CPU is enough).
+
+1. transformers writes a random LlamaForCausalLM (safetensors) and PEFT a random LoRA adapter
+   (all seven projections, B non-zero) with rsLoRA and an alpha_pattern override.
+2. Greedy tokens from HF (base, and base + adapter through PEFT) must equal `tandem generate`'s
+   (base, and `--adapter`).
+3. `tandem adapter check --save-to` rewrites the adapter with tandem's PEFT writer; PEFT loads
+   that copy and must give the same tokens again.
+
+usage: python3 scripts/peft-interop.py path/to/tandem   (needs torch, transformers, peft)
+"""
+import json, subprocess, sys, tempfile, os
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from peft import LoraConfig, PeftModel, get_peft_model
+
+tandem = sys.argv[1]
+d = tempfile.mkdtemp()
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, eos_token_id=None,
+                  bos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+base = LlamaForCausalLM(cfg).eval()
+model_dir = os.path.join(d, "model")
+base.save_pretrained(model_dir, safe_serialization=True)
+vocab = {f"w{i}": i for i in range(cfg.vocab_size)}
+json.dump({"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+           "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+           "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}}, open(os.path.join(model_dir, "tokenizer.json"), "w"))
+
+prompt = [5, 17, 42, 7, 99]
+N = 20
+
+def hf_greedy(m):
+    with torch.no_grad():
+        out = m.generate(torch.tensor([prompt]), max_new_tokens=N, min_new_tokens=N, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+def tandem_greedy(*extra):
+    out = subprocess.run([tandem, "generate", "--model", model_dir, "--no-chat", "--prompt", " ".join(f"w{i}" for i in prompt),
+                          "--max-tokens", str(N), *extra], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"tandem failed: {out.stderr}")
+    return [int(w[1:]) for w in out.stdout.split()]
+
+results = {}
+results["base"] = (hf_greedy(base), tandem_greedy())
+
+lcfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, init_lora_weights=False, lora_dropout=0.0,
+                  alpha_pattern={"down_proj": 4},
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir), lcfg).eval()
+with torch.no_grad():  # make the adapter matter
+    for n, p in peft_model.named_parameters():
+        if "lora_" in n:
+            p.mul_(4.0)
+adapter_dir = os.path.join(d, "adapter")
+peft_model.save_pretrained(adapter_dir)
+results["peft adapter"] = (hf_greedy(peft_model), tandem_greedy("--adapter", adapter_dir))
+
+copy_dir = os.path.join(d, "tandem-copy")
+subprocess.run([tandem, "adapter", "check", "--model", model_dir, adapter_dir, "--save-to", copy_dir], check=True)
+reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(model_dir), copy_dir).eval()
+results["tandem-written adapter in PEFT"] = (hf_greedy(reloaded), tandem_greedy("--adapter", copy_dir))
+
+ok = True
+for name, (hf, td) in results.items():
+    same = hf == td
+    ok &= same
+    print(f"{'ok  ' if same else 'FAIL'} {name}: HF {hf}\n     {' ' * len(name)}  tandem {td}")
+assert results["base"][0] != results["peft adapter"][0], "the adapter should change the tokens"
+sys.exit(0 if ok else 1)
