@@ -116,18 +116,7 @@ pub fn lora_sgmv_fwd(
     bs: &CudaStorage,
     bl: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    let (t, n_in) = xl.shape().dims2()?;
-    let (rows, a_in) = al.shape().dims2()?;
-    let (b_rows, n_out) = bl.shape().dims2()?;
-    if a_in != n_in || b_rows != rows {
-        candle_core::bail!(
-            "lora_sgmv: x {:?}, a_pool {:?}, bt_pool {:?} do not fit",
-            xl.shape(),
-            al.shape(),
-            bl.shape()
-        )
-    }
-    crate::lora_sgmv::check(segs, t, rows)?;
+    let (t, _, n_out) = crate::lora_sgmv::check_shapes(segs, xl, al, bl)?;
     let dev = xs.device();
     let slice = match (&xs.slice, &as_.slice, &bs.slice) {
         (CudaStorageSlice::F32(x), CudaStorageSlice::F32(a), CudaStorageSlice::F32(b)) => {

@@ -25,7 +25,29 @@ pub struct LoraSegment {
     pub scale: f32,
 }
 
-pub(crate) fn check(segs: &[LoraSegment], t: usize, rows: usize) -> Result<()> {
+/// (tokens, in, out) after checking that x, the pools and the segments fit together.
+pub(crate) fn check_shapes(
+    segs: &[LoraSegment],
+    xl: &Layout,
+    al: &Layout,
+    bl: &Layout,
+) -> Result<(usize, usize, usize)> {
+    let (t, n_in) = xl.shape().dims2()?;
+    let (rows, a_in) = al.shape().dims2()?;
+    let (b_rows, n_out) = bl.shape().dims2()?;
+    if a_in != n_in || b_rows != rows {
+        candle_core::bail!(
+            "lora_sgmv: x {:?}, a_pool {:?}, bt_pool {:?} do not fit",
+            xl.shape(),
+            al.shape(),
+            bl.shape()
+        )
+    }
+    check(segs, t, rows)?;
+    Ok((t, n_in, n_out))
+}
+
+fn check(segs: &[LoraSegment], t: usize, rows: usize) -> Result<()> {
     for s in segs {
         if s.start + s.len > t {
             candle_core::bail!(
@@ -73,18 +95,7 @@ impl CustomOp3 for LoraSgmv {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (t, n_in) = xl.shape().dims2()?;
-        let (rows, a_in) = al.shape().dims2()?;
-        let (b_rows, n_out) = bl.shape().dims2()?;
-        if a_in != n_in || b_rows != rows {
-            candle_core::bail!(
-                "lora_sgmv: x {:?}, a_pool {:?}, bt_pool {:?} do not fit",
-                xl.shape(),
-                al.shape(),
-                bl.shape()
-            )
-        }
-        check(&self.segs, t, rows)?;
+        let (t, n_in, n_out) = check_shapes(&self.segs, xl, al, bl)?;
         let x = f32_slice(xs, xl, "x")?;
         let a = f32_slice(as_, al, "a_pool")?;
         let b = f32_slice(bs, bl, "bt_pool")?;
