@@ -5,7 +5,9 @@
 use crate::scheduler::{AdmitError, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, Sequence};
 use std::collections::HashMap;
-use tandem_model::{IncrementalDecoder, ModelRunner, SamplingParams, TextTokenizer};
+use tandem_model::{
+    IncrementalDecoder, ModelRunner, SamplingParams, ScheduledBatch, TextTokenizer,
+};
 
 /// New output of one sequence after one step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +76,22 @@ impl LlmEngine {
     pub fn abort(&mut self, id: u64) {
         self.scheduler.finish(id);
         self.texts.remove(&id);
+        if let Err(e) = self.release_finished() {
+            tracing::error!(error = %e, "releasing an aborted sequence failed");
+        }
+    }
+
+    /// Hands the runner the sequences that left at once (sampler state, adapter pins), rather
+    /// than with the next batch: an idle engine must not keep an adapter pinned.
+    fn release_finished(&mut self) -> tandem_model::Result<()> {
+        let finished = self.scheduler.take_finished();
+        if !finished.is_empty() {
+            self.runner.execute(&ScheduledBatch {
+                finished,
+                ..Default::default()
+            })?;
+        }
+        Ok(())
     }
 
     pub fn has_work(&self) -> bool {
@@ -89,6 +107,7 @@ impl LlmEngine {
         for (id, tok) in out.sampled {
             outputs.push(self.postprocess(id, tok)?);
         }
+        self.release_finished()?;
         Ok(outputs)
     }
 

@@ -1,16 +1,19 @@
 //! tandem-scheduler: decides what runs in each engine iteration.
 //!
 //! Owns: sequence state, KV block accounting, preemption, the token budget, and the engine
-//! loop's synchronous core (schedule, execute, post-process). It hands the engine a plain
+//! loop (its synchronous core: schedule, execute, post-process; and the thread that runs it,
+//! fed through channels). It hands the engine a plain
 //! `ScheduledBatch` and reads back host data.
 //! Must not touch: tensors or devices (the engine in tandem-model owns those), HTTP.
 
 pub mod block_manager;
 pub mod engine;
+pub mod engine_loop;
 pub mod scheduler;
 pub mod sequence;
 
 pub use block_manager::BlockManager;
 pub use engine::{LlmEngine, RequestOutput};
+pub use engine_loop::{EngineError, EngineHandle, EngineStats, Event, GenerateRequest};
 pub use scheduler::{AdmitError, Scheduler, SchedulerConfig};
 pub use sequence::{FinishReason, Sequence};

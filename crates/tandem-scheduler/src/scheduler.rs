@@ -104,6 +104,19 @@ impl Scheduler {
         !self.running.is_empty() || !self.waiting.is_empty()
     }
 
+    /// Ids of sequences that left since the last batch (the engine releases their state).
+    pub fn take_finished(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.gone)
+    }
+
+    /// Whether any queued or running sequence runs through adapter `id`.
+    pub fn uses_adapter(&self, id: u32) -> bool {
+        self.running
+            .iter()
+            .chain(self.waiting.iter())
+            .any(|s| s.adapter == Some(id))
+    }
+
     pub fn blocks(&self) -> &BlockManager {
         &self.blocks
     }

@@ -1,0 +1,279 @@
+//! The engine thread: owns the `LlmEngine` (model, KV cache, scheduler), runs one iteration at a
+//! time, and talks to async tasks only through channels. Nothing async runs on it; it blocks on
+//! its command channel when idle. Each request carries its own event channel; a request whose
+//! receiver is dropped (client gone) is aborted and its KV blocks freed at the next iteration.
+
+use crate::engine::LlmEngine;
+use crate::scheduler::AdmitError;
+use crate::sequence::FinishReason;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use tandem_model::SamplingParams;
+use tokio::sync::{mpsc, oneshot};
+
+/// What a request's stream carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A sampled token and the text it completed (possibly empty).
+    Token { id: u32, text: String },
+    /// The last event of a request.
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The engine failed while running this request (the request is over).
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub adapter: Option<String>,
+}
+
+/// A snapshot of the engine for health checks and metrics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub num_blocks: usize,
+    pub free_blocks: usize,
+    pub preemptions: u64,
+    pub adapters: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Admit(#[from] AdmitError),
+    #[error("{0}")]
+    Adapter(String),
+    #[error("the engine thread has stopped")]
+    Stopped,
+}
+
+enum Command {
+    Generate(
+        GenerateRequest,
+        mpsc::UnboundedSender<Event>,
+        oneshot::Sender<Result<u64, AdmitError>>,
+    ),
+    Abort(u64),
+    LoadAdapter(String, PathBuf, oneshot::Sender<Result<(), String>>),
+    UnloadAdapter(String, oneshot::Sender<Result<(), String>>),
+    Stats(oneshot::Sender<EngineStats>),
+}
+
+/// The async side's handle on the engine thread. Cheap to clone; the thread ends when every
+/// handle is dropped and no work is left.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: Sender<Command>,
+}
+
+impl EngineHandle {
+    pub fn spawn(engine: LlmEngine) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("tandem-engine".into())
+            .spawn(move || run(engine, rx))?;
+        Ok(Self { tx })
+    }
+
+    /// Queues a request; returns its id and its event stream.
+    pub async fn generate(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<Event>), EngineError> {
+        let (events, rx) = mpsc::unbounded_channel();
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Generate(req, events, reply))
+            .map_err(|_| EngineError::Stopped)?;
+        let id = answer.await.map_err(|_| EngineError::Stopped)??;
+        Ok((id, rx))
+    }
+
+    pub fn abort(&self, id: u64) {
+        let _ = self.tx.send(Command::Abort(id));
+    }
+
+    pub async fn load_adapter(&self, name: String, path: PathBuf) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::LoadAdapter(name, path, reply))
+            .map_err(|_| EngineError::Stopped)?;
+        answer
+            .await
+            .map_err(|_| EngineError::Stopped)?
+            .map_err(EngineError::Adapter)
+    }
+
+    pub async fn unload_adapter(&self, name: String) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::UnloadAdapter(name, reply))
+            .map_err(|_| EngineError::Stopped)?;
+        answer
+            .await
+            .map_err(|_| EngineError::Stopped)?
+            .map_err(EngineError::Adapter)
+    }
+
+    pub async fn stats(&self) -> Result<EngineStats, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Stats(reply))
+            .map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)
+    }
+}
+
+struct Live {
+    events: mpsc::UnboundedSender<Event>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+fn run(mut engine: LlmEngine, rx: Receiver<Command>) {
+    let mut live: HashMap<u64, Live> = HashMap::new();
+    loop {
+        // Take every pending command before the next iteration; block only when idle.
+        let cmd = if engine.has_work() {
+            match rx.try_recv() {
+                Ok(c) => Some(c),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) if live.is_empty() => return,
+                Err(TryRecvError::Disconnected) => None,
+            }
+        } else {
+            match rx.recv() {
+                Ok(c) => Some(c),
+                Err(_) => return,
+            }
+        };
+        if let Some(cmd) = cmd {
+            handle(&mut engine, &mut live, cmd);
+            continue;
+        }
+        // Clients that went away: free their sequences before computing for them.
+        let gone: Vec<u64> = live
+            .iter()
+            .filter(|(_, l)| l.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            engine.abort(id);
+            live.remove(&id);
+        }
+        if !engine.has_work() {
+            continue;
+        }
+        match engine.step() {
+            Ok(outputs) => {
+                for o in outputs {
+                    let Some(l) = live.get_mut(&o.seq_id) else {
+                        continue;
+                    };
+                    if let Some(id) = o.token {
+                        l.completion_tokens += 1;
+                        let _ = l.events.send(Event::Token { id, text: o.text });
+                    }
+                    if let Some(reason) = o.finished {
+                        if let Some(l) = live.remove(&o.seq_id) {
+                            let _ = l.events.send(Event::Finished {
+                                reason,
+                                prompt_tokens: l.prompt_tokens,
+                                completion_tokens: l.completion_tokens,
+                            });
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                // A failed iteration fails the requests it held, never the process.
+                tracing::error!(error = %e, "engine iteration failed");
+                for (id, l) in live.drain() {
+                    engine.abort(id);
+                    let _ = l.events.send(Event::Failed(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
+    match cmd {
+        Command::Generate(req, events, reply) => {
+            let prompt_tokens = req.prompt.len();
+            match engine.add_request(req.prompt, req.params, req.adapter.as_deref()) {
+                Ok(id) => {
+                    live.insert(
+                        id,
+                        Live {
+                            events,
+                            prompt_tokens,
+                            completion_tokens: 0,
+                        },
+                    );
+                    let _ = reply.send(Ok(id));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        Command::Abort(id) => {
+            engine.abort(id);
+            live.remove(&id);
+        }
+        Command::LoadAdapter(name, path, reply) => {
+            let r = engine
+                .runner
+                .adapters
+                .register(&name, &path)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let _ = reply.send(r);
+        }
+        Command::UnloadAdapter(name, reply) => {
+            let queued = engine
+                .runner
+                .adapters
+                .id(&name)
+                .is_some_and(|id| engine.scheduler.uses_adapter(id));
+            let r = if queued {
+                Err(format!(
+                    "the adapter `{name}` is in use by queued or running requests"
+                ))
+            } else {
+                engine
+                    .runner
+                    .adapters
+                    .unregister(&name)
+                    .map_err(|e| e.to_string())
+            };
+            let _ = reply.send(r);
+        }
+        Command::Stats(reply) => {
+            let s = &engine.scheduler;
+            let _ = reply.send(EngineStats {
+                running: s.num_running(),
+                waiting: s.num_waiting(),
+                num_blocks: s.blocks().num_blocks(),
+                free_blocks: s.blocks().num_free(),
+                preemptions: s.num_preemptions,
+                adapters: engine
+                    .runner
+                    .adapters
+                    .adapters()
+                    .into_iter()
+                    .map(|(n, _)| n)
+                    .collect(),
+            });
+        }
+    }
+}
