@@ -20,6 +20,7 @@ impl ChatMessage {
     }
 }
 
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
 }

@@ -7,6 +7,7 @@ use crate::error::{ModelError, Result};
 use serde_json::Value as Json;
 use std::path::Path;
 
+#[derive(Clone)]
 pub struct TextTokenizer {
     pub(crate) inner: tokenizers::Tokenizer,
     /// Ids that end a generation (EOS and end-of-turn tokens).

@@ -16,6 +16,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Serve the OpenAI-compatible API (completions, chat, models, LoRA adapters).
+    Serve(ServeArgs),
     /// Generate text for one prompt, streamed to stdout.
     Generate(GenerateArgs),
     /// Benchmarks.
@@ -156,4 +158,38 @@ pub struct BenchKernelsArgs {
     /// Shapes divided by 16 and few repetitions (a smoke run).
     #[arg(long)]
     pub quick: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// The base model's name in requests and /v1/models (default: the model's directory or file name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Sequences running at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Tokens per iteration (decode tokens plus prefill chunks).
+    #[arg(long, default_value_t = 2048)]
+    pub max_batched_tokens: usize,
+    /// KV cache size in blocks of 16 tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub kv_cache_blocks: usize,
+    /// A LoRA adapter to serve from the start, as NAME=PATH (repeatable).
+    #[arg(long = "adapter", value_name = "NAME=PATH")]
+    pub adapters: Vec<String>,
+    /// LoRA adapters resident at once.
+    #[arg(long, default_value_t = 4)]
+    pub max_loras: usize,
+    /// Largest LoRA rank accepted.
+    #[arg(long, default_value_t = 64)]
+    pub max_lora_rank: usize,
 }

@@ -5,6 +5,7 @@ mod bench;
 mod bench_kernels;
 mod cli;
 mod generate;
+mod serve;
 
 use anyhow::Result;
 use clap::Parser;
@@ -29,6 +30,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: cli::Cli) -> Result<()> {
     match cli.command {
+        cli::Command::Serve(args) => serve::run(args),
         cli::Command::Generate(args) => generate::run(args),
         cli::Command::Bench(cli::BenchCommand::Decode(args)) => bench::decode(args),
         cli::Command::Bench(cli::BenchCommand::Lora(args)) => bench::lora(args),

@@ -1,0 +1,204 @@
+//! OpenAI request shapes (the fields tandem reads; others are ignored, as OpenAI's clients send
+//! many) and their validation into engine sampling parameters.
+
+use crate::error::ApiError;
+use serde::Deserialize;
+use serde_json::Value;
+use tandem_model::SamplingParams;
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StringOrList {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by completions and chat completions.
+#[derive(Debug, Deserialize)]
+pub struct Sampling {
+    pub model: String,
+    pub max_tokens: Option<u64>,
+    pub max_completion_tokens: Option<u64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub n: Option<u64>,
+    pub stop: Option<StringOrList>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<u64>,
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: StringOrList,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatMessageIn {
+    pub role: String,
+    pub content: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessageIn>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LoadAdapterRequest {
+    pub lora_name: String,
+    pub lora_path: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct UnloadAdapterRequest {
+    pub lora_name: String,
+}
+
+/// Parses a JSON body into `T`, with a 400 that says what is wrong.
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = e.to_string();
+        // serde names the missing or mistyped field in backticks.
+        let param = msg.split('`').nth(1).map(str::to_string);
+        ApiError::invalid(format!("Invalid request body: {msg}"), param.as_deref())
+    })
+}
+
+impl Sampling {
+    /// Engine parameters, or a 400 naming the parameter. `default_max_tokens` applies when the
+    /// request sets none (16 for completions, as OpenAI; the room left for chat).
+    pub fn to_params(&self, default_max_tokens: usize) -> Result<SamplingParams, ApiError> {
+        let bad = |p: &str, m: String| Err(ApiError::invalid(m, Some(p)));
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            Some(0) => return bad("max_tokens", "max_tokens must be at least 1".into()),
+            Some(m) => m as usize,
+            None => default_max_tokens,
+        };
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return bad(
+                "temperature",
+                format!("temperature must be between 0 and 2, got {temperature}"),
+            );
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return bad("top_p", format!("top_p must be in (0, 1], got {top_p}"));
+        }
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(k) => {
+                return bad(
+                    "top_k",
+                    format!("top_k must be -1 (off) or positive, got {k}"),
+                )
+            }
+        };
+        for (p, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if let Some(v) = v.filter(|v| *v != 0.0) {
+                return bad(
+                    p,
+                    format!("{p} is not supported yet (got {v}); omit it or set 0"),
+                );
+            }
+        }
+        if self
+            .logprobs
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && *v != Value::Bool(false))
+            || self.top_logprobs.is_some_and(|t| t > 0)
+        {
+            return bad("logprobs", "logprobs are not supported yet".into());
+        }
+        let stop = self.stop.as_ref().map(|s| match s {
+            StringOrList::One(s) => vec![s.clone()],
+            StringOrList::Many(v) => v.clone(),
+        });
+        let stop = stop.unwrap_or_default();
+        if stop.len() > 4 || stop.iter().any(String::is_empty) {
+            return bad("stop", "stop takes up to 4 non-empty strings".into());
+        }
+        Ok(SamplingParams {
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k,
+            seed: self.seed,
+            max_tokens,
+            stop,
+            ignore_eos: self.ignore_eos,
+        })
+    }
+
+    pub fn n(&self) -> Result<usize, ApiError> {
+        match self.n {
+            None => Ok(1),
+            Some(n @ 1..=16) => Ok(n as usize),
+            Some(n) => Err(ApiError::invalid(
+                format!("n must be between 1 and 16, got {n}"),
+                Some("n"),
+            )),
+        }
+    }
+}
+
+/// The text of a chat message's content: a string, or a list of `{"type": "text", "text"}` parts.
+pub fn content_text(v: &Option<Value>) -> Result<String, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut out = String::new();
+            for p in parts {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("text"), Some(t)) => out.push_str(t),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            "only text content parts are supported",
+                            Some("messages"),
+                        ))
+                    }
+                }
+            }
+            Ok(out)
+        }
+        Some(_) => Err(ApiError::invalid(
+            "message content must be a string or a list of text parts",
+            Some("messages"),
+        )),
+    }
+}

@@ -1,0 +1,460 @@
+//! Route handlers: thin — validate, hand the request to the engine thread, shape the answer.
+
+use crate::error::ApiError;
+use crate::openai::{
+    self, content_text, ChatRequest, CompletionRequest, LoadAdapterRequest, Sampling,
+    UnloadAdapterRequest,
+};
+use crate::AppState;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, StreamExt};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tandem_model::{ChatMessage, SamplingParams};
+use tandem_scheduler::{EngineError, Event, FinishReason, GenerateRequest};
+use tokio::sync::mpsc;
+
+/// Request bodies above this get 413.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/v1/load_lora_adapter", post(load_adapter))
+        .route("/v1/unload_lora_adapter", post(unload_adapter))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(api)
+        .route("/health", get(health))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    b.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            let mut err = ApiError::invalid(
+                format!("Request body is larger than {MAX_BODY_BYTES} bytes"),
+                None,
+            );
+            err.status = StatusCode::PAYLOAD_TOO_LARGE;
+            err
+        } else {
+            ApiError::invalid(format!("Cannot read the request body: {e}"), None)
+        }
+    })
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    match st.engine.stats().await {
+        Ok(_) => StatusCode::OK.into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let stats = st.engine.stats().await.map_err(ApiError::internal)?;
+    let created = now();
+    let mut data = vec![
+        json!({"id": st.model_name, "object": "model", "created": created, "owned_by": "tandem",
+        "root": st.model_name, "parent": null, "max_model_len": st.max_model_len}),
+    ];
+    for a in stats.adapters {
+        data.push(json!({"id": a, "object": "model", "created": created, "owned_by": "tandem", "root": a, "parent": st.model_name}));
+    }
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+async fn load_adapter(
+    State(st): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: LoadAdapterRequest = openai::parse(&body(b)?)?;
+    if req.lora_name.is_empty() || req.lora_name == st.model_name {
+        return Err(ApiError::invalid(
+            format!("`{}` cannot name an adapter", req.lora_name),
+            Some("lora_name"),
+        ));
+    }
+    st.engine
+        .load_adapter(req.lora_name.clone(), req.lora_path.into())
+        .await
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("lora_path")))?;
+    Ok(format!(
+        "Success: LoRA adapter '{}' added successfully.",
+        req.lora_name
+    )
+    .into_response())
+}
+
+async fn unload_adapter(
+    State(st): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: UnloadAdapterRequest = openai::parse(&body(b)?)?;
+    let known = st
+        .engine
+        .stats()
+        .await
+        .map_err(ApiError::internal)?
+        .adapters
+        .contains(&req.lora_name);
+    if !known {
+        return Err(ApiError::model_not_found(&req.lora_name));
+    }
+    st.engine
+        .unload_adapter(req.lora_name.clone())
+        .await
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("lora_name")))?;
+    Ok(format!(
+        "Success: LoRA adapter '{}' removed successfully.",
+        req.lora_name
+    )
+    .into_response())
+}
+
+/// None for the base model, the adapter's name otherwise; 404 for anything else.
+async fn resolve_model(st: &AppState, model: &str) -> Result<Option<String>, ApiError> {
+    if model == st.model_name {
+        return Ok(None);
+    }
+    let adapters = st
+        .engine
+        .stats()
+        .await
+        .map_err(ApiError::internal)?
+        .adapters;
+    if adapters.iter().any(|a| a == model) {
+        Ok(Some(model.to_string()))
+    } else {
+        Err(ApiError::model_not_found(model))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = openai::parse(&body(b)?)?;
+    let prompts = req.prompt.into_vec();
+    if prompts.is_empty() || prompts.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "prompt must be a non-empty string or list of strings",
+            Some("prompt"),
+        ));
+    }
+    let mut encoded = Vec::with_capacity(prompts.len());
+    for p in &prompts {
+        encoded.push(
+            st.tokenizer
+                .encode(p, true)
+                .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?,
+        );
+    }
+    run(st, Kind::Completion, req.sampling, encoded, Some(16)).await
+}
+
+async fn chat(
+    State(st): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = openai::parse(&body(b)?)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages must not be empty",
+            Some("messages"),
+        ));
+    }
+    let mut msgs = Vec::with_capacity(req.messages.len());
+    for m in &req.messages {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "user" | "assistant" | "developer" | "tool"
+        ) {
+            return Err(ApiError::invalid(
+                format!("unknown role `{}`", m.role),
+                Some("messages"),
+            ));
+        }
+        let role = if m.role == "developer" {
+            "system"
+        } else {
+            m.role.as_str()
+        };
+        msgs.push(ChatMessage::new(role, content_text(&m.content)?));
+    }
+    let text = st
+        .tokenizer
+        .apply_chat_template(&msgs, true)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    let ids = st
+        .tokenizer
+        .encode(&text, false)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    run(st, Kind::Chat, req.sampling, vec![ids], None).await
+}
+
+/// Submits every (prompt, choice) to the engine and answers in one JSON or as an SSE stream.
+async fn run(
+    st: Arc<AppState>,
+    kind: Kind,
+    s: Sampling,
+    prompts: Vec<Vec<u32>>,
+    default_max: Option<usize>,
+) -> Result<Response, ApiError> {
+    let adapter = resolve_model(&st, &s.model).await?;
+    let n = s.n()?;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let room = st.max_model_len.saturating_sub(longest);
+    let params = s.to_params(default_max.unwrap_or(room).max(1))?;
+    if longest + params.max_tokens > st.max_model_len {
+        return Err(ApiError::context_length(format!(
+            "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in the prompt, {} in the completion). Please reduce the length of the prompt or completion.",
+            st.max_model_len,
+            longest + params.max_tokens,
+            longest,
+            params.max_tokens
+        )));
+    }
+    let mut streams = Vec::with_capacity(prompts.len() * n);
+    let mut prompt_tokens = 0;
+    for p in prompts {
+        prompt_tokens += p.len();
+        for i in 0..n {
+            // Choices of one request differ: each gets its own seed.
+            let params = SamplingParams {
+                seed: params.seed.map(|s| s.wrapping_add(i as u64)),
+                ..params.clone()
+            };
+            let req = GenerateRequest {
+                prompt: p.clone(),
+                params,
+                adapter: adapter.clone(),
+            };
+            let (_, rx) = st.engine.generate(req).await.map_err(|e| match e {
+                EngineError::Admit(a) => ApiError::context_length(a.to_string()),
+                other => ApiError::internal(other),
+            })?;
+            streams.push(rx);
+        }
+    }
+    let id = match kind {
+        Kind::Completion => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+        Kind::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+    };
+    let head = Head {
+        id,
+        created: now(),
+        model: s.model.clone(),
+        kind,
+    };
+    if s.stream {
+        let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        Ok(stream_response(head, streams, prompt_tokens, usage))
+    } else {
+        collect_response(head, streams, prompt_tokens).await
+    }
+}
+
+struct Head {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Head {
+    fn choice(&self, index: usize, text: &str, finish: Option<&str>, delta: bool) -> Value {
+        match (self.kind, delta) {
+            (Kind::Completion, _) => {
+                json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+            (Kind::Chat, true) => {
+                json!({"index": index, "delta": {"content": text}, "logprobs": null, "finish_reason": finish})
+            }
+            (Kind::Chat, false) => {
+                json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish})
+            }
+        }
+    }
+
+    fn object(&self, chunk: bool, choices: Vec<Value>, usage: Option<Value>) -> Value {
+        let object = match (self.kind, chunk) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        };
+        let mut v = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices});
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        v
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+fn finish_str(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+async fn collect_response(
+    head: Head,
+    streams: Vec<mpsc::UnboundedReceiver<Event>>,
+    prompt_tokens: usize,
+) -> Result<Response, ApiError> {
+    let mut choices = Vec::with_capacity(streams.len());
+    let mut completion_tokens = 0;
+    for (i, mut rx) in streams.into_iter().enumerate() {
+        let mut text = String::new();
+        let mut finish = None;
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Token { text: t, .. } => text.push_str(&t),
+                Event::Finished {
+                    reason,
+                    completion_tokens: c,
+                    ..
+                } => {
+                    completion_tokens += c;
+                    finish = Some(finish_str(reason));
+                    break;
+                }
+                Event::Failed(e) => return Err(ApiError::internal(e)),
+            }
+        }
+        if finish.is_none() {
+            return Err(ApiError::internal(
+                "the engine ended a request without finishing it",
+            ));
+        }
+        choices.push(head.choice(i, &text, finish, false));
+    }
+    Ok(Json(head.object(
+        false,
+        choices,
+        Some(usage(prompt_tokens, completion_tokens)),
+    ))
+    .into_response())
+}
+
+/// SSE: one chunk per text piece, a last chunk per choice with its finish_reason, the usage
+/// chunk if asked, then `[DONE]`. When the client goes away the forwarding task ends, dropping
+/// the engine streams, and the engine frees those sequences.
+fn stream_response(
+    head: Head,
+    streams: Vec<mpsc::UnboundedReceiver<Event>>,
+    prompt_tokens: usize,
+    include_usage: bool,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<SseEvent>(64);
+    let n = streams.len();
+    tokio::spawn(async move {
+        let send = |v: Value| SseEvent::default().data(v.to_string());
+        if head.kind == Kind::Chat {
+            for i in 0..n {
+                let first = json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+                if tx
+                    .send(send(head.object(true, vec![first], None)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+        let merged = stream::select_all(streams.into_iter().enumerate().map(|(i, rx)| {
+            stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
+                .map(move |e| (i, e))
+                .boxed()
+        }));
+        futures_util::pin_mut!(merged);
+        let mut completion_tokens = 0;
+        while let Some((i, ev)) = merged.next().await {
+            let chunk = match ev {
+                Event::Token { text, .. } if text.is_empty() => continue,
+                Event::Token { text, .. } => {
+                    head.object(true, vec![head.choice(i, &text, None, true)], None)
+                }
+                Event::Finished {
+                    reason,
+                    completion_tokens: c,
+                    ..
+                } => {
+                    completion_tokens += c;
+                    head.object(
+                        true,
+                        vec![head.choice(i, "", Some(finish_str(reason)), true)],
+                        None,
+                    )
+                }
+                Event::Failed(e) => {
+                    tracing::error!(error = %e, "request failed mid-stream");
+                    json!({"error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": null, "code": null}})
+                }
+            };
+            if tx.send(send(chunk)).await.is_err() {
+                return;
+            }
+        }
+        if include_usage {
+            let _ = tx
+                .send(send(head.object(
+                    true,
+                    vec![],
+                    Some(usage(prompt_tokens, completion_tokens)),
+                )))
+                .await;
+        }
+        let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+    });
+    let events = stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

@@ -1,0 +1,92 @@
+//! `tandem serve`: loads the model, starts the engine thread, serves the API until Ctrl-C or
+//! SIGTERM, then stops accepting connections and lets open responses finish.
+
+use crate::cli::ServeArgs;
+use crate::generate::{engine, load};
+use anyhow::{bail, Context, Result};
+use std::sync::Arc;
+use tandem_api::AppState;
+use tandem_model::lora::RegistryConfig;
+use tandem_scheduler::EngineHandle;
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    if args.max_num_seqs == 0 || args.max_batched_tokens == 0 || args.kv_cache_blocks == 0 {
+        bail!("--max-num-seqs, --max-batched-tokens and --kv-cache-blocks must be at least 1");
+    }
+    let m = load(&args.model)?;
+    let name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| m.name.clone());
+    let tokenizer = m.tokenizer.clone();
+    let max_model_len = m.model.cfg.max_position_embeddings;
+    let lora = RegistryConfig {
+        max_loras: args.max_loras.max(1),
+        max_lora_rank: args.max_lora_rank,
+    };
+    let mut e = engine(
+        m,
+        args.kv_cache_blocks,
+        args.max_num_seqs,
+        args.max_batched_tokens,
+        lora,
+    )?;
+    for spec in &args.adapters {
+        let (n, p) = spec
+            .split_once('=')
+            .with_context(|| format!("--adapter {spec}: expected NAME=PATH"))?;
+        if n.is_empty() || n == name {
+            bail!("--adapter {spec}: `{n}` cannot name an adapter");
+        }
+        e.runner
+            .adapters
+            .register(n, p.as_ref())
+            .with_context(|| format!("--adapter {spec}"))?;
+    }
+    let handle = EngineHandle::spawn(e).context("cannot start the engine thread")?;
+    let state = Arc::new(AppState {
+        engine: handle,
+        tokenizer,
+        model_name: name.clone(),
+        max_model_len,
+        api_key: args.api_key.clone(),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!(%local, model = %name, "serving");
+        eprintln!("tandem: serving {name} on http://{local}");
+        axum::serve(listener, tandem_api::app(state))
+            .with_graceful_shutdown(shutdown())
+            .await?;
+        Ok(())
+    })
+}
+
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("tandem: shutting down");
+}
