@@ -1,0 +1,176 @@
+"""End to end against the real `tandem serve` on the default model, with the official `openai`
+client (what users run). Started by .ci/run: `python -m pytest tests/test_openai.py`.
+
+TANDEM_BIN names the binary (default target/debug/tandem).
+"""
+import concurrent.futures as cf
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+
+import httpx
+import openai
+import pytest
+
+BIN = os.environ.get("TANDEM_BIN", "target/debug/tandem")
+MODEL = "SmolLM2-135M-Instruct"
+Q = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(*extra):
+    port = free_port()
+    proc = subprocess.Popen([BIN, "serve", "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stdout.read())
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def write_adapter(path, zero_b, seed):
+    """A PEFT LoRA adapter for SmolLM2-135M (q_proj, v_proj, rank 8), written with safetensors."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for layer in range(30):
+        for proj, out in (("q_proj", 576), ("v_proj", 192)):
+            base = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{base}.lora_A.weight"] = (rng.standard_normal((8, 576)) * 0.1).astype(np.float32)
+            b = np.zeros((out, 8), np.float32) if zero_b else (rng.standard_normal((out, 8)) * 0.1).astype(np.float32)
+            tensors[f"{base}.lora_B.weight"] = b
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    json.dump({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "bias": "none",
+               "task_type": "CAUSAL_LM", "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+              open(os.path.join(path, "adapter_config.json"), "w"))
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = start()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused")
+
+
+def test_models_lists_the_base_model(client):
+    ids = [m.id for m in client.models.list().data]
+    assert MODEL in ids
+
+
+def test_chat_answers_paris(client):
+    r = client.chat.completions.create(model=MODEL, messages=Q, temperature=0, max_tokens=30)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completion_and_length_finish(client):
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=5)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5
+    assert r.choices[0].text
+
+
+def test_streamed_chat_reassembles_to_the_non_streamed_text(client):
+    full = client.chat.completions.create(model=MODEL, messages=Q, temperature=0, max_tokens=40).choices[0].message.content
+    chunks = list(client.chat.completions.create(model=MODEL, messages=Q, temperature=0, max_tokens=40, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_n_choices_and_seed(client):
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", temperature=1.0, max_tokens=8, n=3, seed=5)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    again = client.completions.create(model=MODEL, prompt="Once upon a time", temperature=1.0, max_tokens=8, n=3, seed=5)
+    assert [c.text for c in r.choices] == [c.text for c in again.choices]
+
+
+def test_errors_in_openai_shape(client, server):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=Q)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=Q, temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi " * 9000, max_tokens=10)
+    assert e.value.body["code"] == "context_length_exceeded"
+    r = httpx.post(server + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(server + "/v1/completions", content=b"x" * (5 << 20), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "error" in r.json()
+
+
+def test_concurrent_streams_equal_each_alone(client):
+    prompts = [f"Count from {i} to {i + 5}:" for i in range(32)]
+    lengths = [4 + i % 12 for i in range(32)]
+
+    def run(i, stream):
+        kw = dict(model=MODEL, prompt=prompts[i], temperature=0, max_tokens=lengths[i])
+        if stream:
+            return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
+        return client.completions.create(**kw).choices[0].text
+
+    alone = [run(i, False) for i in range(32)]
+    with cf.ThreadPoolExecutor(32) as ex:
+        together = list(ex.map(lambda i: run(i, True), range(32)))
+    assert together == alone
+
+
+def test_adapters_load_by_name_and_a_zero_adapter_changes_nothing(client, server):
+    d = tempfile.mkdtemp()
+    write_adapter(os.path.join(d, "zero"), True, 1)
+    write_adapter(os.path.join(d, "rand"), False, 2)
+    for name in ("zero", "rand"):
+        r = httpx.post(server + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": os.path.join(d, name)})
+        assert r.status_code == 200, r.text
+    models = {m.id: m for m in client.models.list().data}
+    assert models["rand"].model_extra["parent"] == MODEL
+    ask = lambda model: client.chat.completions.create(model=model, messages=Q, temperature=0, max_tokens=20).choices[0].message.content
+    base = ask(MODEL)
+    assert ask("zero") == base
+    assert ask("rand") != base
+    r = httpx.post(server + "/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": os.path.join(d, "missing")})
+    assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"]
+    assert httpx.post(server + "/v1/unload_lora_adapter", json={"lora_name": "rand"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        ask("rand")
+
+
+def test_api_key_is_required_when_set():
+    proc, url = start("--api-key", "sekret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong").models.list()
+        ok = openai.OpenAI(base_url=url + "/v1", api_key="sekret").models.list()
+        assert MODEL in [m.id for m in ok.data]
+        assert httpx.get(url + "/health").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
