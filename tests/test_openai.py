@@ -174,3 +174,33 @@ def test_api_key_is_required_when_set():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def metric(url, name):
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def test_metrics_and_a_dropped_stream_frees_its_kv_blocks(client, server):
+    before = metric(server, "tandem:generation_tokens_total")
+    client.completions.create(model=MODEL, prompt="Hello", temperature=0, max_tokens=3)
+    assert metric(server, "tandem:generation_tokens_total") >= before + 3
+    assert metric(server, "tandem:e2e_request_latency_seconds_count") >= 1
+    assert metric(server, "tandem:kv_cache_usage_perc") == 0.0
+    with httpx.stream("POST", server + "/v1/completions", json={"model": MODEL, "prompt": "Tell me a long story.",
+                                                                "max_tokens": 2000, "temperature": 0, "ignore_eos": True,
+                                                                "stream": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert metric(server, "tandem:num_requests_running") == 1
+        assert metric(server, "tandem:kv_cache_usage_perc") > 0
+    # The client is gone: its sequence is aborted and its blocks return.
+    for _ in range(100):
+        if metric(server, "tandem:kv_cache_usage_perc") == 0 and metric(server, "tandem:num_requests_running") == 0:
+            break
+        time.sleep(0.05)
+    assert metric(server, "tandem:kv_cache_usage_perc") == 0
+    assert metric(server, "tandem:num_requests_running") == 0

@@ -5,6 +5,7 @@
 //! tensors or scheduling policy — requests go to the engine thread through `EngineHandle`.
 
 mod error;
+pub mod metrics;
 mod openai;
 mod routes;
 
@@ -23,6 +24,7 @@ pub struct AppState {
     pub model_name: String,
     pub max_model_len: usize,
     pub api_key: Option<String>,
+    pub metrics: metrics::Metrics,
 }
 
 /// The router; `main` binds it, tests bind it to port 0.

@@ -1,6 +1,7 @@
 //! Route handlers: thin — validate, hand the request to the engine thread, shape the answer.
 
 use crate::error::ApiError;
+use crate::metrics::RequestTimer;
 use crate::openai::{
     self, content_text, ChatRequest, CompletionRequest, LoadAdapterRequest, Sampling,
     UnloadAdapterRequest,
@@ -37,6 +38,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(api)
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -75,6 +77,15 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
         Ok(_) => StatusCode::OK.into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let stats = st.engine.stats().await.map_err(ApiError::internal)?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(&stats),
+    )
+        .into_response())
 }
 
 fn now() -> u64 {
@@ -258,6 +269,7 @@ async fn run(
     let mut prompt_tokens = 0;
     for p in prompts {
         prompt_tokens += p.len();
+        st.metrics.prompt(p.len());
         for i in 0..n {
             // Choices of one request differ: each gets its own seed.
             let params = SamplingParams {
@@ -288,9 +300,9 @@ async fn run(
     };
     if s.stream {
         let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        Ok(stream_response(head, streams, prompt_tokens, usage))
+        Ok(stream_response(st, head, streams, prompt_tokens, usage))
     } else {
-        collect_response(head, streams, prompt_tokens).await
+        collect_response(&st, head, streams, prompt_tokens).await
     }
 }
 
@@ -342,6 +354,7 @@ fn finish_str(r: FinishReason) -> &'static str {
 }
 
 async fn collect_response(
+    st: &AppState,
     head: Head,
     streams: Vec<mpsc::UnboundedReceiver<Event>>,
     prompt_tokens: usize,
@@ -351,14 +364,19 @@ async fn collect_response(
     for (i, mut rx) in streams.into_iter().enumerate() {
         let mut text = String::new();
         let mut finish = None;
+        let mut timer = RequestTimer::start();
         while let Some(ev) = rx.recv().await {
             match ev {
-                Event::Token { text: t, .. } => text.push_str(&t),
+                Event::Token { text: t, .. } => {
+                    timer.token(&st.metrics);
+                    text.push_str(&t)
+                }
                 Event::Finished {
                     reason,
                     completion_tokens: c,
                     ..
                 } => {
+                    timer.finish(&st.metrics, reason, c);
                     completion_tokens += c;
                     finish = Some(finish_str(reason));
                     break;
@@ -385,6 +403,7 @@ async fn collect_response(
 /// chunk if asked, then `[DONE]`. When the client goes away the forwarding task ends, dropping
 /// the engine streams, and the engine frees those sequences.
 fn stream_response(
+    st: Arc<AppState>,
     head: Head,
     streams: Vec<mpsc::UnboundedReceiver<Event>>,
     prompt_tokens: usize,
@@ -413,10 +432,14 @@ fn stream_response(
         }));
         futures_util::pin_mut!(merged);
         let mut completion_tokens = 0;
+        let mut timers: Vec<RequestTimer> = (0..n).map(|_| RequestTimer::start()).collect();
         while let Some((i, ev)) = merged.next().await {
             let chunk = match ev {
-                Event::Token { text, .. } if text.is_empty() => continue,
                 Event::Token { text, .. } => {
+                    timers[i].token(&st.metrics);
+                    if text.is_empty() {
+                        continue;
+                    }
                     head.object(true, vec![head.choice(i, &text, None, true)], None)
                 }
                 Event::Finished {
@@ -424,6 +447,7 @@ fn stream_response(
                     completion_tokens: c,
                     ..
                 } => {
+                    timers[i].finish(&st.metrics, reason, c);
                     completion_tokens += c;
                     head.object(
                         true,

@@ -44,12 +44,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("--adapter {spec}"))?;
     }
     let handle = EngineHandle::spawn(e).context("cannot start the engine thread")?;
+    let metrics = tandem_api::metrics::Metrics::new(&name).context("cannot set up metrics")?;
     let state = Arc::new(AppState {
         engine: handle,
         tokenizer,
         model_name: name.clone(),
         max_model_len,
         api_key: args.api_key.clone(),
+        metrics,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
