@@ -204,3 +204,27 @@ def test_metrics_and_a_dropped_stream_frees_its_kv_blocks(client, server):
         time.sleep(0.05)
     assert metric(server, "tandem:kv_cache_usage_perc") == 0
     assert metric(server, "tandem:num_requests_running") == 0
+
+
+def test_a_full_queue_answers_429_with_retry_after():
+    proc, url = start("--max-pending", "1")
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2000,
+                                                                 "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+            next(r.iter_lines())
+            c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.RateLimitError) as e:
+                c.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+            assert e.value.response.headers["retry-after"] == "1"
+        # The stream is gone: its slot is free again.
+        for _ in range(100):
+            try:
+                c.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+                break
+            except openai.RateLimitError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("the slot of the closed stream was not released")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

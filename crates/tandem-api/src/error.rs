@@ -88,6 +88,16 @@ impl ApiError {
         )
     }
 
+    pub fn overloaded(pending: usize) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!("The server is busy ({pending} requests in flight); retry shortly."),
+            None,
+            Some("rate_limit_exceeded"),
+        )
+    }
+
     /// 500 with a generic message; the cause is logged.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
@@ -104,12 +114,17 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_string(&self.body).unwrap_or_else(|_| "{}".into());
-        (
+        let mut r = (
             self.status,
             [(header::CONTENT_TYPE, "application/json")],
             body,
         )
-            .into_response()
+            .into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        r
     }
 }
 

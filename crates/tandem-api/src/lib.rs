@@ -25,6 +25,9 @@ pub struct AppState {
     pub max_model_len: usize,
     pub api_key: Option<String>,
     pub metrics: metrics::Metrics,
+    /// Requests in flight (being answered or streamed) beyond which new ones get 429.
+    pub max_pending: usize,
+    pub pending: std::sync::atomic::AtomicUsize,
 }
 
 /// The router; `main` binds it, tests bind it to port 0.

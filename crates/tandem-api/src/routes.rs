@@ -243,6 +243,29 @@ async fn chat(
     run(st, Kind::Chat, req.sampling, vec![ids], None).await
 }
 
+/// A slot among `max_pending` requests in flight, held until the response (or stream) ends.
+pub(crate) struct Permit(Arc<AppState>);
+
+impl Permit {
+    fn acquire(st: &Arc<AppState>) -> Result<Self, ApiError> {
+        use std::sync::atomic::Ordering;
+        let before = st.pending.fetch_add(1, Ordering::SeqCst);
+        if before >= st.max_pending {
+            st.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::overloaded(before));
+        }
+        Ok(Self(st.clone()))
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0
+            .pending
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Submits every (prompt, choice) to the engine and answers in one JSON or as an SSE stream.
 async fn run(
     st: Arc<AppState>,
@@ -252,6 +275,7 @@ async fn run(
     default_max: Option<usize>,
 ) -> Result<Response, ApiError> {
     let adapter = resolve_model(&st, &s.model).await?;
+    let permit = Permit::acquire(&st)?;
     let n = s.n()?;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let room = st.max_model_len.saturating_sub(longest);
@@ -300,9 +324,18 @@ async fn run(
     };
     if s.stream {
         let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        Ok(stream_response(st, head, streams, prompt_tokens, usage))
+        Ok(stream_response(
+            st,
+            permit,
+            head,
+            streams,
+            prompt_tokens,
+            usage,
+        ))
     } else {
-        collect_response(&st, head, streams, prompt_tokens).await
+        let r = collect_response(&st, head, streams, prompt_tokens).await;
+        drop(permit);
+        r
     }
 }
 
@@ -404,6 +437,7 @@ async fn collect_response(
 /// the engine streams, and the engine frees those sequences.
 fn stream_response(
     st: Arc<AppState>,
+    permit: Permit,
     head: Head,
     streams: Vec<mpsc::UnboundedReceiver<Event>>,
     prompt_tokens: usize,
@@ -412,6 +446,7 @@ fn stream_response(
     let (tx, rx) = mpsc::channel::<SseEvent>(64);
     let n = streams.len();
     tokio::spawn(async move {
+        let _permit = permit;
         let send = |v: Value| SseEvent::default().data(v.to_string());
         if head.kind == Kind::Chat {
             for i in 0..n {

@@ -177,6 +177,9 @@ pub struct ServeArgs {
     /// Sequences running at once.
     #[arg(long, default_value_t = 64)]
     pub max_num_seqs: usize,
+    /// HTTP requests in flight beyond which new ones get 429 with Retry-After.
+    #[arg(long, default_value_t = 1024)]
+    pub max_pending: usize,
     /// Tokens per iteration (decode tokens plus prefill chunks).
     #[arg(long, default_value_t = 2048)]
     pub max_batched_tokens: usize,

@@ -52,6 +52,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_model_len,
         api_key: args.api_key.clone(),
         metrics,
+        max_pending: args.max_pending.max(1),
+        pending: Default::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
