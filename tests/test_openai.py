@@ -228,3 +228,22 @@ def test_a_full_queue_answers_429_with_retry_after():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_lora_requests_info_names_running_adapters(server):
+    d = tempfile.mkdtemp()
+    write_adapter(os.path.join(d, "info"), False, 3)
+    assert httpx.post(server + "/v1/load_lora_adapter", json={"lora_name": "info", "lora_path": os.path.join(d, "info")}).status_code == 200
+    with httpx.stream("POST", server + "/v1/completions", json={"model": "info", "prompt": "Hi", "max_tokens": 2000,
+                                                                "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+        info = [l for l in httpx.get(server + "/metrics").text.splitlines() if l.startswith("tandem:lora_requests_info{")]
+        assert len(info) == 1, info
+        assert 'running_lora_adapters="info"' in info[0] and 'max_lora="4"' in info[0], info[0]
+    for _ in range(100):
+        if metric(server, "tandem:num_requests_running") == 0:
+            break
+        time.sleep(0.05)
+    assert httpx.post(server + "/v1/unload_lora_adapter", json={"lora_name": "info"}).status_code == 200

@@ -23,6 +23,7 @@ pub struct Metrics {
     ttft: Histogram,
     tpot: Histogram,
     e2e: Histogram,
+    lora_info: prometheus::GaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -88,6 +89,13 @@ impl Metrics {
                 "Histogram of end to end request latency in seconds.",
                 LATENCY_BUCKETS,
             ))?,
+            lora_info: prometheus::GaugeVec::new(
+                opts(
+                    "tandem:lora_requests_info",
+                    "Running stats on LoRA requests (value: the time of the last update).",
+                ),
+                &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.running.clone()))?;
@@ -100,6 +108,7 @@ impl Metrics {
         m.registry.register(Box::new(m.ttft.clone()))?;
         m.registry.register(Box::new(m.tpot.clone()))?;
         m.registry.register(Box::new(m.e2e.clone()))?;
+        m.registry.register(Box::new(m.lora_info.clone()))?;
         Ok(m)
     }
 
@@ -117,6 +126,19 @@ impl Metrics {
             self.preemptions.inc_by(s.preemptions.saturating_sub(*last));
             *last = s.preemptions.max(*last);
         }
+        // One series, labelled with the adapters as of now (as vLLM does).
+        self.lora_info.reset();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.lora_info
+            .with_label_values(&[
+                &s.max_loras.to_string(),
+                &s.running_adapters.join(","),
+                &s.waiting_adapters.join(","),
+            ])
+            .set(now);
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(error = %e, "cannot encode metrics");

@@ -42,7 +42,12 @@ pub struct EngineStats {
     pub num_blocks: usize,
     pub free_blocks: usize,
     pub preemptions: u64,
+    /// Every registered adapter.
     pub adapters: Vec<String>,
+    /// Adapters of running / waiting requests (vLLM's lora_requests_info labels).
+    pub running_adapters: Vec<String>,
+    pub waiting_adapters: Vec<String>,
+    pub max_loras: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,19 +265,23 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
         }
         Command::Stats(reply) => {
             let s = &engine.scheduler;
+            let reg = &engine.runner.adapters;
+            let names = |ids: Vec<u32>| -> Vec<String> {
+                ids.into_iter()
+                    .filter_map(|id| reg.name(id).map(str::to_string))
+                    .collect()
+            };
+            let (running, waiting) = s.adapters_in_use();
             let _ = reply.send(EngineStats {
                 running: s.num_running(),
                 waiting: s.num_waiting(),
                 num_blocks: s.blocks().num_blocks(),
                 free_blocks: s.blocks().num_free(),
                 preemptions: s.num_preemptions,
-                adapters: engine
-                    .runner
-                    .adapters
-                    .adapters()
-                    .into_iter()
-                    .map(|(n, _)| n)
-                    .collect(),
+                adapters: reg.adapters().into_iter().map(|(n, _)| n).collect(),
+                running_adapters: names(running),
+                waiting_adapters: names(waiting),
+                max_loras: reg.config().max_loras,
             });
         }
     }

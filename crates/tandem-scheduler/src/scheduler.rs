@@ -109,6 +109,23 @@ impl Scheduler {
         std::mem::take(&mut self.gone)
     }
 
+    /// Distinct adapters of running sequences, and of waiting ones, in first-seen order.
+    pub fn adapters_in_use(&self) -> (Vec<u32>, Vec<u32>) {
+        let distinct = |it: &mut dyn Iterator<Item = &Sequence>| {
+            let mut v: Vec<u32> = Vec::new();
+            for a in it.filter_map(|s| s.adapter) {
+                if !v.contains(&a) {
+                    v.push(a);
+                }
+            }
+            v
+        };
+        (
+            distinct(&mut self.running.iter()),
+            distinct(&mut self.waiting.iter()),
+        )
+    }
+
     /// Whether any queued or running sequence runs through adapter `id`.
     pub fn uses_adapter(&self, id: u32) -> bool {
         self.running
