@@ -247,3 +247,26 @@ def test_lora_requests_info_names_running_adapters(server):
             break
         time.sleep(0.05)
     assert httpx.post(server + "/v1/unload_lora_adapter", json={"lora_name": "info"}).status_code == 200
+
+
+def test_logprobs_in_completions_chat_and_streams(client):
+    import math
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=6, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert "".join(lp.tokens) == r.choices[0].text
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert chosen <= 0 and abs(chosen - max(top.values())) < 1e-4  # greedy picks the top token
+    c = client.chat.completions.create(model=MODEL, messages=Q, temperature=0, max_tokens=10, logprobs=True, top_logprobs=3)
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens
+    for e in content:
+        assert len(e.top_logprobs) == 3 and abs(e.logprob - e.top_logprobs[0].logprob) < 1e-4
+        assert sum(math.exp(t.logprob) for t in e.top_logprobs) <= 1.0 + 1e-4
+    streamed = [x for ch in client.chat.completions.create(model=MODEL, messages=Q, temperature=0, max_tokens=10, logprobs=True,
+                                                           top_logprobs=3, stream=True)
+                if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", logprobs=9)
+    assert e.value.body["param"] == "logprobs"

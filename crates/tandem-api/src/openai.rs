@@ -95,7 +95,11 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
 impl Sampling {
     /// Engine parameters, or a 400 naming the parameter. `default_max_tokens` applies when the
     /// request sets none (16 for completions, as OpenAI; the room left for chat).
-    pub fn to_params(&self, default_max_tokens: usize) -> Result<SamplingParams, ApiError> {
+    pub fn to_params(
+        &self,
+        default_max_tokens: usize,
+        chat: bool,
+    ) -> Result<SamplingParams, ApiError> {
         let bad = |p: &str, m: String| Err(ApiError::invalid(m, Some(p)));
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
             Some(0) => return bad("max_tokens", "max_tokens must be at least 1".into()),
@@ -134,14 +138,7 @@ impl Sampling {
                 );
             }
         }
-        if self
-            .logprobs
-            .as_ref()
-            .is_some_and(|v| !v.is_null() && *v != Value::Bool(false))
-            || self.top_logprobs.is_some_and(|t| t > 0)
-        {
-            return bad("logprobs", "logprobs are not supported yet".into());
-        }
+        let logprobs = self.logprobs_wanted(chat)?;
         let stop = self.stop.as_ref().map(|s| match s {
             StringOrList::One(s) => vec![s.clone()],
             StringOrList::Many(v) => v.clone(),
@@ -158,7 +155,31 @@ impl Sampling {
             max_tokens,
             stop,
             ignore_eos: self.ignore_eos,
+            logprobs,
         })
+    }
+
+    /// Completions: `logprobs` is a number of alternatives (0-5). Chat: `logprobs: true`, with
+    /// `top_logprobs` alternatives (0-20).
+    fn logprobs_wanted(&self, chat: bool) -> Result<Option<usize>, ApiError> {
+        let bad = |p: &str, m: &str| Err(ApiError::invalid(m, Some(p)));
+        match (chat, &self.logprobs) {
+            (_, None | Some(Value::Null)) | (true, Some(Value::Bool(false))) => {
+                if chat && self.top_logprobs.is_some_and(|t| t > 0) {
+                    return bad("top_logprobs", "top_logprobs needs logprobs: true");
+                }
+                Ok(None)
+            }
+            (true, Some(Value::Bool(true))) => match self.top_logprobs.unwrap_or(0) {
+                t @ 0..=20 => Ok(Some(t as usize)),
+                _ => bad("top_logprobs", "top_logprobs must be between 0 and 20"),
+            },
+            (false, Some(v)) => match v.as_u64() {
+                Some(k @ 0..=5) => Ok(Some(k as usize)),
+                _ => bad("logprobs", "logprobs must be an integer between 0 and 5"),
+            },
+            (true, Some(_)) => bad("logprobs", "logprobs must be true or false"),
+        }
     }
 
     pub fn n(&self) -> Result<usize, ApiError> {

@@ -20,7 +20,7 @@ use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::Arc;
-use tandem_model::{ChatMessage, SamplingParams};
+use tandem_model::{ChatMessage, SamplingParams, TextTokenizer, TokenLogprobs};
 use tandem_scheduler::{EngineError, Event, FinishReason, GenerateRequest};
 use tokio::sync::mpsc;
 
@@ -279,7 +279,7 @@ async fn run(
     let n = s.n()?;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let room = st.max_model_len.saturating_sub(longest);
-    let params = s.to_params(default_max.unwrap_or(room).max(1))?;
+    let params = s.to_params(default_max.unwrap_or(room).max(1), kind == Kind::Chat)?;
     if longest + params.max_tokens > st.max_model_len {
         return Err(ApiError::context_length(format!(
             "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in the prompt, {} in the completion). Please reduce the length of the prompt or completion.",
@@ -347,16 +347,62 @@ struct Head {
 }
 
 impl Head {
-    fn choice(&self, index: usize, text: &str, finish: Option<&str>, delta: bool) -> Value {
+    fn choice(
+        &self,
+        index: usize,
+        text: &str,
+        finish: Option<&str>,
+        delta: bool,
+        logprobs: Value,
+    ) -> Value {
         match (self.kind, delta) {
             (Kind::Completion, _) => {
-                json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
             }
             (Kind::Chat, true) => {
-                json!({"index": index, "delta": {"content": text}, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": finish})
             }
             (Kind::Chat, false) => {
-                json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish})
+            }
+        }
+    }
+
+    /// OpenAI's logprobs object for `entries` (Null when none were asked for). `offset` is the
+    /// text offset of the first entry (completions' `text_offset`).
+    fn logprobs(&self, tok: &TextTokenizer, entries: &[TokenLogprobs], mut offset: usize) -> Value {
+        if entries.is_empty() {
+            return Value::Null;
+        }
+        let text = |id: u32| tok.decode(&[id], false).unwrap_or_default();
+        match self.kind {
+            Kind::Completion => {
+                let mut offsets = Vec::with_capacity(entries.len());
+                for e in entries {
+                    offsets.push(offset);
+                    offset += text(e.token).len();
+                }
+                json!({
+                    "tokens": entries.iter().map(|e| text(e.token)).collect::<Vec<_>>(),
+                    "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": entries.iter().map(|e| e.top.iter().map(|(t, l)| (text(*t), json!(l))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+                    "text_offset": offsets,
+                })
+            }
+            Kind::Chat => {
+                let item = |t: u32, l: f32| {
+                    let s = text(t);
+                    json!({"token": s, "logprob": l, "bytes": s.as_bytes()})
+                };
+                let content: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let mut v = item(e.token, e.logprob);
+                        v["top_logprobs"] = e.top.iter().map(|(t, l)| item(*t, *l)).collect();
+                        v
+                    })
+                    .collect();
+                json!({ "content": content })
             }
         }
     }
@@ -398,10 +444,14 @@ async fn collect_response(
         let mut text = String::new();
         let mut finish = None;
         let mut timer = RequestTimer::start();
+        let mut lps = Vec::new();
         while let Some(ev) = rx.recv().await {
             match ev {
-                Event::Token { text: t, .. } => {
+                Event::Token {
+                    text: t, logprobs, ..
+                } => {
                     timer.token(&st.metrics);
+                    lps.extend(logprobs);
                     text.push_str(&t)
                 }
                 Event::Finished {
@@ -422,7 +472,8 @@ async fn collect_response(
                 "the engine ended a request without finishing it",
             ));
         }
-        choices.push(head.choice(i, &text, finish, false));
+        let lp = head.logprobs(&st.tokenizer, &lps, 0);
+        choices.push(head.choice(i, &text, finish, false, lp));
     }
     Ok(Json(head.object(
         false,
@@ -468,14 +519,17 @@ fn stream_response(
         futures_util::pin_mut!(merged);
         let mut completion_tokens = 0;
         let mut timers: Vec<RequestTimer> = (0..n).map(|_| RequestTimer::start()).collect();
+        let mut offsets = vec![0usize; n];
         while let Some((i, ev)) = merged.next().await {
             let chunk = match ev {
-                Event::Token { text, .. } => {
+                Event::Token { text, logprobs, .. } => {
                     timers[i].token(&st.metrics);
-                    if text.is_empty() {
+                    if text.is_empty() && logprobs.is_none() {
                         continue;
                     }
-                    head.object(true, vec![head.choice(i, &text, None, true)], None)
+                    let lp = head.logprobs(&st.tokenizer, logprobs.as_slice(), offsets[i]);
+                    offsets[i] += text.len();
+                    head.object(true, vec![head.choice(i, &text, None, true, lp)], None)
                 }
                 Event::Finished {
                     reason,
@@ -486,7 +540,7 @@ fn stream_response(
                     completion_tokens += c;
                     head.object(
                         true,
-                        vec![head.choice(i, "", Some(finish_str(reason)), true)],
+                        vec![head.choice(i, "", Some(finish_str(reason)), true, Value::Null)],
                         None,
                     )
                 }

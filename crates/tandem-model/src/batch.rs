@@ -173,8 +173,10 @@ pub struct NewSequence {
 }
 
 /// What the engine hands back: one sampled token per segment that asked for `Last` logits.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepOutput {
     /// (sequence id, sampled token id)
     pub sampled: Vec<(u64, u32)>,
+    /// Log-probabilities of sampled tokens, for sequences that asked for them.
+    pub logprobs: std::collections::HashMap<u64, crate::sampling::TokenLogprobs>,
 }

@@ -33,5 +33,5 @@ pub use kv_cache::KvCache;
 pub use llama::Llama;
 pub use loader::{default_dtype, load_checkpoint, load_model, LoadedModel};
 pub use runner::ModelRunner;
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{Sampler, SamplingParams, TokenLogprobs};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};

@@ -82,6 +82,7 @@ impl ModelRunner {
             .forward_with_lora(batch, &self.cache, Some(&self.adapters))?;
         let rows = crate::llama::logits_to_rows(&logits)?;
         let mut sampled = Vec::with_capacity(rows.len());
+        let mut logprobs = HashMap::new();
         for ((seg, _), row) in batch.logit_rows().into_iter().zip(rows) {
             let id = batch.segments[seg].seq_id;
             let sampler = self.samplers.get_mut(&id).ok_or_else(|| {
@@ -89,8 +90,12 @@ impl ModelRunner {
                     "sequence {id} was never announced with its sampling parameters"
                 ))
             })?;
-            sampled.push((id, sampler.sample(&row)));
+            let tok = sampler.sample(&row);
+            if let Some(k) = sampler.params().logprobs {
+                logprobs.insert(id, crate::sampling::TokenLogprobs::of(&row, tok, k));
+            }
+            sampled.push((id, tok));
         }
-        Ok(StepOutput { sampled })
+        Ok(StepOutput { sampled, logprobs })
     }
 }

@@ -16,6 +16,8 @@ pub struct SamplingParams {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Return the sampled token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -28,6 +30,7 @@ impl Default for SamplingParams {
             max_tokens: 256,
             stop: vec![],
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -48,6 +51,51 @@ impl SamplingParams {
             return Err("max_tokens must be >= 1".into());
         }
         Ok(())
+    }
+}
+
+/// Log-probabilities (of the model's distribution, before temperature) of a sampled token and
+/// of the `k` most likely tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// (token, logprob), most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    pub fn of(logits: &[f32], token: u32, k: usize) -> Self {
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max as f64
+            + logits
+                .iter()
+                .map(|&x| ((x - max) as f64).exp())
+                .sum::<f64>()
+                .ln();
+        let lp = |i: usize| (logits[i] as f64 - lse) as f32;
+        let mut top: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = k.min(top.len());
+        if k > 0 {
+            top.select_nth_unstable_by(k - 1, |&a, &b| {
+                logits[b as usize]
+                    .total_cmp(&logits[a as usize])
+                    .then(a.cmp(&b))
+            });
+            top.truncate(k);
+            top.sort_by(|&a, &b| {
+                logits[b as usize]
+                    .total_cmp(&logits[a as usize])
+                    .then(a.cmp(&b))
+            });
+        } else {
+            top.clear();
+        }
+        Self {
+            token,
+            logprob: lp(token as usize),
+            top: top.into_iter().map(|t| (t, lp(t as usize))).collect(),
+        }
     }
 }
 

@@ -6,11 +6,11 @@ use crate::scheduler::{AdmitError, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, Sequence};
 use std::collections::HashMap;
 use tandem_model::{
-    IncrementalDecoder, ModelRunner, SamplingParams, ScheduledBatch, TextTokenizer,
+    IncrementalDecoder, ModelRunner, SamplingParams, ScheduledBatch, TextTokenizer, TokenLogprobs,
 };
 
 /// New output of one sequence after one step.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RequestOutput {
     pub seq_id: u64,
     /// The token sampled this step (None when the step only finished the sequence).
@@ -18,6 +18,8 @@ pub struct RequestOutput {
     /// Text that became final this step (stop strings and held-back bytes excluded).
     pub text: String,
     pub finished: Option<FinishReason>,
+    /// The token's log-probabilities, when the request asked for them.
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 #[derive(Default)]
@@ -105,7 +107,9 @@ impl LlmEngine {
         self.scheduler.update(&out.sampled);
         let mut outputs = Vec::with_capacity(out.sampled.len());
         for (id, tok) in out.sampled {
-            outputs.push(self.postprocess(id, tok)?);
+            let mut o = self.postprocess(id, tok)?;
+            o.logprobs = out.logprobs.get(&id).cloned();
+            outputs.push(o);
         }
         self.release_finished()?;
         Ok(outputs)
@@ -118,6 +122,7 @@ impl LlmEngine {
                 token: Some(tok),
                 text: String::new(),
                 finished: Some(FinishReason::Abort),
+                logprobs: None,
             });
         };
         let params = &seq.params;
@@ -176,6 +181,7 @@ impl LlmEngine {
             token: Some(tok),
             text,
             finished,
+            logprobs: None,
         })
     }
 }

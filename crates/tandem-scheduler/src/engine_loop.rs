@@ -9,14 +9,18 @@ use crate::sequence::FinishReason;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
-use tandem_model::SamplingParams;
+use tandem_model::{SamplingParams, TokenLogprobs};
 use tokio::sync::{mpsc, oneshot};
 
 /// What a request's stream carries.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A sampled token and the text it completed (possibly empty).
-    Token { id: u32, text: String },
+    /// A sampled token, the text it completed (possibly empty), its log-probabilities if asked.
+    Token {
+        id: u32,
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+    },
     /// The last event of a request.
     Finished {
         reason: FinishReason,
@@ -185,7 +189,11 @@ fn run(mut engine: LlmEngine, rx: Receiver<Command>) {
                     };
                     if let Some(id) = o.token {
                         l.completion_tokens += 1;
-                        let _ = l.events.send(Event::Token { id, text: o.text });
+                        let _ = l.events.send(Event::Token {
+                            id,
+                            text: o.text,
+                            logprobs: o.logprobs,
+                        });
                     }
                     if let Some(reason) = o.finished {
                         if let Some(l) = live.remove(&o.seq_id) {

@@ -64,6 +64,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         stop: args.stop.clone(),
         ignore_eos: false,
+        logprobs: None,
     };
     if let Err(e) = params.validate() {
         bail!("invalid sampling option: {e}");
