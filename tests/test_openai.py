@@ -270,3 +270,33 @@ def test_logprobs_in_completions_chat_and_streams(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="hi", logprobs=9)
     assert e.value.body["param"] == "logprobs"
+
+
+def test_adapters_loaded_at_run_time_survive_a_restart_with_data_dir():
+    data = tempfile.mkdtemp()
+    d = tempfile.mkdtemp()
+    write_adapter(os.path.join(d, "kept"), False, 4)
+    proc, url = start("--data-dir", data)
+    try:
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "kept", "lora_path": os.path.join(d, "kept")})
+        assert r.status_code == 200, r.text
+        ask = lambda u: openai.OpenAI(base_url=u + "/v1", api_key="x").chat.completions.create(
+            model="kept", messages=Q, temperature=0, max_tokens=12).choices[0].message.content
+        before = ask(url)
+    finally:
+        proc.kill()  # no graceful shutdown: the record must already be on disk
+        proc.wait(timeout=30)
+    proc, url = start("--data-dir", data)
+    try:
+        assert "kept" in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+        assert ask(url) == before
+        assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "kept"}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    proc, url = start("--data-dir", data)
+    try:
+        assert "kept" not in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -7,6 +7,7 @@
 mod error;
 pub mod metrics;
 mod openai;
+pub mod persist;
 mod routes;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
@@ -28,6 +29,8 @@ pub struct AppState {
     /// Requests in flight (being answered or streamed) beyond which new ones get 429.
     pub max_pending: usize,
     pub pending: std::sync::atomic::AtomicUsize,
+    /// Where adapters loaded at run time are recorded (`--data-dir`), if anywhere.
+    pub adapter_store: Option<persist::AdapterStore>,
 }
 
 /// The router; `main` binds it, tests bind it to port 0.

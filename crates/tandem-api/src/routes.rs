@@ -119,10 +119,22 @@ async fn load_adapter(
             Some("lora_name"),
         ));
     }
+    let path =
+        std::fs::canonicalize(&req.lora_path).unwrap_or_else(|_| req.lora_path.clone().into());
     st.engine
-        .load_adapter(req.lora_name.clone(), req.lora_path.into())
+        .load_adapter(req.lora_name.clone(), path.clone())
         .await
         .map_err(|e| ApiError::invalid(e.to_string(), Some("lora_path")))?;
+    if let Some(store) = &st.adapter_store {
+        // Acknowledged means recorded: if the record cannot be written, the load is undone.
+        if let Err(e) = store.put(&req.lora_name, &path) {
+            let _ = st.engine.unload_adapter(req.lora_name.clone()).await;
+            return Err(ApiError::internal(format!(
+                "cannot record adapter {}: {e}",
+                req.lora_name
+            )));
+        }
+    }
     Ok(format!(
         "Success: LoRA adapter '{}' added successfully.",
         req.lora_name
@@ -149,6 +161,11 @@ async fn unload_adapter(
         .unload_adapter(req.lora_name.clone())
         .await
         .map_err(|e| ApiError::invalid(e.to_string(), Some("lora_name")))?;
+    if let Some(store) = &st.adapter_store {
+        if let Err(e) = store.remove(&req.lora_name) {
+            tracing::error!(error = %e, adapter = %req.lora_name, "cannot update the adapter record");
+        }
+    }
     Ok(format!(
         "Success: LoRA adapter '{}' removed successfully.",
         req.lora_name

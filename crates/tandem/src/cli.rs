@@ -189,6 +189,9 @@ pub struct ServeArgs {
     /// A LoRA adapter to serve from the start, as NAME=PATH (repeatable).
     #[arg(long = "adapter", value_name = "NAME=PATH")]
     pub adapters: Vec<String>,
+    /// Keep state here: adapters loaded at run time are recorded and served again after a restart.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
     /// LoRA adapters resident at once.
     #[arg(long, default_value_t = 4)]
     pub max_loras: usize,

@@ -43,6 +43,29 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .register(n, p.as_ref())
             .with_context(|| format!("--adapter {spec}"))?;
     }
+    let adapter_store = match &args.data_dir {
+        Some(dir) => {
+            let store = tandem_api::persist::AdapterStore::open(dir)
+                .with_context(|| format!("--data-dir {}", dir.display()))?;
+            for (n, p) in store
+                .list()
+                .with_context(|| format!("--data-dir {}", dir.display()))?
+            {
+                if e.runner.adapters.id(&n).is_some() {
+                    continue; // given again with --adapter
+                }
+                match e.runner.adapters.register(&n, &p) {
+                    Ok(_) => tracing::info!(adapter = %n, path = %p.display(), "restored adapter"),
+                    Err(err) => {
+                        tracing::warn!(adapter = %n, error = %err, "cannot restore a recorded adapter; it stays recorded");
+                        eprintln!("tandem: warning: cannot restore adapter {n}: {err}");
+                    }
+                }
+            }
+            Some(store)
+        }
+        None => None,
+    };
     let handle = EngineHandle::spawn(e).context("cannot start the engine thread")?;
     let metrics = tandem_api::metrics::Metrics::new(&name).context("cannot set up metrics")?;
     let state = Arc::new(AppState {
@@ -54,6 +77,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         metrics,
         max_pending: args.max_pending.max(1),
         pending: Default::default(),
+        adapter_store,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
