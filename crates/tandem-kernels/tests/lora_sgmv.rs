@@ -90,26 +90,15 @@ fn backward_matches_autograd_of_the_unbatched_formulation() {
     let mut rng = StdRng::seed_from_u64(2);
     let t = 30;
     let dev = Device::Cpu;
-    let x = Var::from_tensor(&Tensor::from_vec(rand_vec(&mut rng, t * IN), (t, IN), &dev).unwrap())
-        .unwrap();
-    let a = Var::from_tensor(
-        &Tensor::from_vec(
-            rand_vec(&mut rng, SLOTS * RMAX * IN),
-            (SLOTS * RMAX, IN),
-            &dev,
+    let mut var = |rows: usize, cols: usize| {
+        Var::from_tensor(
+            &Tensor::from_vec(rand_vec(&mut rng, rows * cols), (rows, cols), &dev).unwrap(),
         )
-        .unwrap(),
-    )
-    .unwrap();
-    let bt = Var::from_tensor(
-        &Tensor::from_vec(
-            rand_vec(&mut rng, SLOTS * RMAX * OUT),
-            (SLOTS * RMAX, OUT),
-            &dev,
-        )
-        .unwrap(),
-    )
-    .unwrap();
+        .unwrap()
+    };
+    let x = var(t, IN);
+    let a = var(SLOTS * RMAX, IN);
+    let bt = var(SLOTS * RMAX, OUT);
     let g = Tensor::from_vec(rand_vec(&mut rng, t * OUT), (t, OUT), &dev).unwrap();
     let segs = segments();
 

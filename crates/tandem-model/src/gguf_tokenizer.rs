@@ -43,15 +43,8 @@ impl TextTokenizer {
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let types: Vec<i32> = match g.meta("tokenizer.ggml.token_type") {
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| {
-                    v.to_i32().map_err(|_| {
-                        ModelError::field(path, "tokenizer.ggml.token_type", "not an array of i32")
-                    })
-                })
-                .collect::<Result<_>>()?,
-            _ => vec![1; tokens.len()],
+            Some(_) => numbers(g, "tokenizer.ggml.token_type", "i32", |v| v.to_i32().ok())?,
+            None => vec![1; tokens.len()],
         };
         let id = |key: &str| -> Result<Option<u32>> {
             match g.meta(key) {
@@ -75,23 +68,14 @@ impl TextTokenizer {
             let pre = g.meta_str("tokenizer.ggml.pre")?.unwrap_or("default");
             gpt2_parts(&tokens, merges, pre, path)
         } else {
-            let scores: Vec<f32> = match g.meta("tokenizer.ggml.scores") {
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .map(|v| {
-                        v.to_f32().map_err(|_| {
-                            ModelError::field(path, "tokenizer.ggml.scores", "not an array of f32")
-                        })
-                    })
-                    .collect::<Result<_>>()?,
-                _ => {
-                    return Err(ModelError::field(
-                        path,
-                        "tokenizer.ggml.scores",
-                        "missing (a SentencePiece vocabulary needs scores)",
-                    ))
-                }
-            };
+            if g.meta("tokenizer.ggml.scores").is_none() {
+                return Err(ModelError::field(
+                    path,
+                    "tokenizer.ggml.scores",
+                    "missing (a SentencePiece vocabulary needs scores)",
+                ));
+            }
+            let scores = numbers(g, "tokenizer.ggml.scores", "f32", |v| v.to_f32().ok())?;
             if scores.len() != tokens.len() {
                 return Err(ModelError::field(
                     path,
@@ -154,6 +138,20 @@ impl TextTokenizer {
         };
         tok.add_end_of_turn_tokens();
         Ok(tok)
+    }
+}
+
+/// A metadata array of numbers, each converted by `conv`; the error names the key and `what`.
+fn numbers<T>(
+    g: &GgufFile,
+    key: &str,
+    what: &str,
+    conv: impl Fn(&Value) -> Option<T>,
+) -> Result<Vec<T>> {
+    let bad = || ModelError::field(&g.path, key, format!("not an array of {what}"));
+    match g.meta(key) {
+        Some(Value::Array(a)) => a.iter().map(|v| conv(v).ok_or_else(bad)).collect(),
+        _ => Err(bad()),
     }
 }
 

@@ -1,6 +1,7 @@
 //! tandem: the binary. Parses the command line and wires the crates together; no model or
 //! scheduling logic lives here.
 
+mod adapter;
 mod bench;
 mod bench_kernels;
 mod cli;
@@ -35,6 +36,6 @@ fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Bench(cli::BenchCommand::Decode(args)) => bench::decode(args),
         cli::Command::Bench(cli::BenchCommand::Lora(args)) => bench::lora(args),
         cli::Command::Bench(cli::BenchCommand::Kernels(args)) => bench_kernels::kernels(args),
-        cli::Command::Adapter(cli::AdapterCommand::Check(args)) => generate::check_adapter(args),
+        cli::Command::Adapter(cli::AdapterCommand::Check(args)) => adapter::check(args),
     }
 }
