@@ -1,24 +1,39 @@
 #!/usr/bin/env bash
 # GPU host check (no compiler needed there): kernel checks against the float64 CPU reference,
-# kernel timings beside the base GEMM, PyTorch baselines in the same run, and the whole engine
-# on CUDA on a random-weight model. Prints tables to stdout; record them in docs/benchmarks.md.
+# kernel timings (CUDA events) beside the base GEMM, PyTorch baselines in the same run, HF PEFT
+# interop through the CUDA engine, and the whole engine on CUDA vs CPU on a random-weight model.
+# Prints tables to stdout (and to $OUT/gpu-check.txt when OUT is set); record them in
+# docs/benchmarks.md.
 #
-# Build here:   eval "$(scripts/cuda-toolchain.sh)" && cargo build --release --features cuda
-# Run there:    scripts/gpu-check.sh [path/to/tandem]   (default: target/release/tandem)
+# Build here:   eval "$(scripts/cuda-toolchain.sh)"
+#               cargo build --release --features cuda --target-dir target/cuda
+# Run there:    scripts/gpu-check.sh [path/to/tandem]   (default: target/cuda/release/tandem)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bin="${1:-target/release/tandem}"
+bin="${1:-target/cuda/release/tandem}"
 export LD_LIBRARY_PATH="/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu-check.txt") 2>&1; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' || true
 status=0
 
 echo "## lora_sgmv: checks and timings (tandem bench kernels --device cuda)"
 "$bin" bench kernels --device cuda || status=1
 
-if [ -f ../shared/bench/lora_baseline.py ]; then
-  echo "## PyTorch baselines, same machine, same run (../shared/bench/lora_baseline.py)"
-  python3 ../shared/bench/lora_baseline.py || status=1
+# ../shared/bench/lora_baseline.py, or a copy next to the binary (when only the repo travels).
+baseline=""
+for f in ../shared/bench/lora_baseline.py "$(dirname "$bin")/lora_baseline.py"; do
+  [ -f "$f" ] && baseline="$f" && break
+done
+if [ -n "$baseline" ]; then
+  echo "## PyTorch baselines, same machine, same run ($baseline)"
+  python3 "$baseline" || status=1
+else
+  echo "lora_baseline.py not found: PyTorch baselines skipped"
 fi
+
+echo "## HF transformers + PEFT vs tandem on CUDA (f32): greedy tokens, base and adapters"
+python3 scripts/peft-interop.py "$bin" --device cuda --dtype f32 || status=1
 
 echo "## the engine on CUDA: a random-weight Llama (transformers), greedy, CPU vs CUDA"
 tmp="$(mktemp -d)"
@@ -35,9 +50,14 @@ json.dump({"version": "1.0", "truncation": None, "padding": None, "added_tokens"
            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}}, open(f"{d}/tokenizer.json", "w"))
 PY
-for dev in cpu cuda; do
-  echo "--device $dev:"
-  "$bin" generate --model "$tmp" --device "$dev" --no-chat --prompt "w1 w2 w3 w4" --max-tokens 16 || status=1
-done
+run() { "$bin" generate --model "$tmp" --no-chat --prompt "w1 w2 w3 w4" --max-tokens 24 "$@"; }
+cpu="$(run --device cpu)" || status=1
+cuda32="$(run --device cuda --dtype f32)" || status=1
+cuda16="$(run --device cuda)" || status=1
+echo "cpu f32:   $cpu"
+echo "cuda f32:  $cuda32"
+echo "cuda bf16: $cuda16"
+if [ "$cpu" = "$cuda32" ]; then echo "ok   cuda f32 greedy == cpu f32"; else echo "FAIL cuda f32 greedy != cpu f32"; status=1; fi
 rm -rf "$tmp"
+echo "gpu-check exit status: $status"
 exit $status

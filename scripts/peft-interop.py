@@ -7,7 +7,8 @@
 3. `tandem adapter check --save-to` rewrites the adapter with tandem's PEFT writer; PEFT loads
    that copy and must give the same tokens again.
 
-usage: python3 scripts/peft-interop.py path/to/tandem   (needs torch, transformers, peft)
+usage: python3 scripts/peft-interop.py path/to/tandem [generate args...]   (needs torch, transformers, peft)
+Extra arguments go to every `tandem generate`, e.g. `--device cuda --dtype f32` on a GPU host.
 """
 import json, subprocess, sys, tempfile, os
 import torch
@@ -15,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from peft import LoraConfig, PeftModel, get_peft_model
 
 tandem = sys.argv[1]
+generate_args = sys.argv[2:]
 d = tempfile.mkdtemp()
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=4,
@@ -38,7 +40,7 @@ def hf_greedy(m):
 
 def tandem_greedy(*extra):
     out = subprocess.run([tandem, "generate", "--model", model_dir, "--no-chat", "--prompt", " ".join(f"w{i}" for i in prompt),
-                          "--max-tokens", str(N), *extra], capture_output=True, text=True)
+                          "--max-tokens", str(N), *generate_args, *extra], capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"tandem failed: {out.stderr}")
     return [int(w[1:]) for w in out.stdout.split()]

@@ -9,5 +9,5 @@ pub mod cuda;
 pub mod lora_sgmv;
 pub mod paged_attention;
 
-pub use lora_sgmv::{lora_sgmv, lora_sgmv_backward, LoraSegment};
+pub use lora_sgmv::{lora_sgmv, lora_sgmv_backward, lora_sgmv_op, LoraSegment};
 pub use paged_attention::{paged_attention, PagedAttentionMeta};

@@ -67,8 +67,40 @@ fn check(segs: &[LoraSegment], t: usize, rows: usize) -> Result<()> {
     Ok(())
 }
 
-struct LoraSgmv {
-    segs: Arc<[LoraSegment]>,
+/// Tokens per work tile of the CUDA kernels (TILE_T in kernels/lora_sgmv.cu).
+pub const TILE_TOKENS: usize = 8;
+
+/// The CUDA kernels' work list: `(segment, first token, tokens, 0)` per tile of at most
+/// [`TILE_TOKENS`] tokens of one segment, then `(row_offset, rank, scale bits, 0)` per segment;
+/// with the number of tiles and whether the tiles cover every one of the `t` tokens.
+pub fn work_list(segs: &[LoraSegment], t: usize) -> (Vec<i32>, usize, bool) {
+    let mut meta = Vec::new();
+    let mut covered = 0;
+    for (i, s) in segs.iter().enumerate() {
+        covered += s.len;
+        for start in (s.start..s.start + s.len).step_by(TILE_TOKENS) {
+            let n = TILE_TOKENS.min(s.start + s.len - start);
+            meta.extend([i as i32, start as i32, n as i32, 0]);
+        }
+    }
+    let n_tiles = meta.len() / 4;
+    for s in segs {
+        meta.extend([
+            s.row_offset as i32,
+            s.rank as i32,
+            s.scale.to_bits() as i32,
+            0,
+        ]);
+    }
+    (meta, n_tiles, covered == t)
+}
+
+pub(crate) struct LoraSgmv {
+    pub(crate) segs: Arc<[LoraSegment]>,
+    /// The work list on the device, uploaded on the first CUDA call and reused by later calls of
+    /// the same op (one upload per batch when the op is applied to every layer).
+    #[cfg(feature = "cuda")]
+    pub(crate) plan: std::sync::OnceLock<crate::cuda::SgmvPlan>,
 }
 
 fn f32_slice<'s>(s: &'s CpuStorage, l: &Layout, what: &str) -> Result<&'s [f32]> {
@@ -133,7 +165,7 @@ impl CustomOp3 for LoraSgmv {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::lora_sgmv_fwd(&self.segs, xs, xl, as_, al, bs, bl)
+        crate::cuda::lora_sgmv_fwd(self, xs, xl, as_, al, bs, bl)
     }
 
     fn bwd(
@@ -176,7 +208,17 @@ pub fn lora_sgmv(
     bt_pool: &Tensor,
     segs: Arc<[LoraSegment]>,
 ) -> Result<Tensor> {
-    x.apply_op3_arc(a_pool, bt_pool, Arc::new(Box::new(LoraSgmv { segs })))
+    x.apply_op3_arc(a_pool, bt_pool, lora_sgmv_op(segs))
+}
+
+/// The op itself, to apply many times over the same segments with
+/// `x.apply_op3_arc(a_pool, bt_pool, op.clone())`: on CUDA the segment list is uploaded once.
+pub fn lora_sgmv_op(segs: Arc<[LoraSegment]>) -> Arc<Box<dyn CustomOp3 + Send + Sync>> {
+    Arc::new(Box::new(LoraSgmv {
+        segs,
+        #[cfg(feature = "cuda")]
+        plan: std::sync::OnceLock::new(),
+    }))
 }
 
 /// Gradients of `lora_sgmv` for upstream gradient `dy` [T, out]: (dx [T, in], d a_pool, d bt_pool),

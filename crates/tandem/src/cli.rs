@@ -70,6 +70,16 @@ pub struct ModelArgs {
     /// cuda needs a build with `--features cuda`.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
+    /// Weights and activations: auto is f32 on cpu, bf16 on cuda.
+    #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
+    pub dtype: DTypeArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DTypeArg {
+    Auto,
+    F32,
+    Bf16,
 }
 
 #[derive(Args, Debug)]

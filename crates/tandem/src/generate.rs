@@ -1,6 +1,6 @@
 //! `tandem generate`: one prompt through the engine, text streamed to stdout.
 
-use crate::cli::{DeviceArg, GenerateArgs, ModelArgs};
+use crate::cli::{DTypeArg, DeviceArg, GenerateArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::io::Write;
@@ -27,8 +27,12 @@ pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
         .model
         .as_ref()
         .map_or("the default model".to_string(), |p| p.display().to_string());
-    load_model(args.model.as_deref(), &dev, default_dtype(&dev))
-        .with_context(|| format!("cannot load {what}"))
+    let dtype = match args.dtype {
+        DTypeArg::Auto => default_dtype(&dev),
+        DTypeArg::F32 => candle_core::DType::F32,
+        DTypeArg::Bf16 => candle_core::DType::BF16,
+    };
+    load_model(args.model.as_deref(), &dev, dtype).with_context(|| format!("cannot load {what}"))
 }
 
 /// An engine with a KV cache of `num_blocks` blocks and room for `lora.max_loras` adapters.
