@@ -16,27 +16,34 @@ use std::collections::HashMap;
 use std::path::Path;
 use tandem_kernels::{paged_attention, PagedAttentionMeta};
 
-struct Layer {
-    input_norm: Tensor,
-    post_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+pub(crate) struct Layer {
+    pub(crate) input_norm: Tensor,
+    pub(crate) post_norm: Tensor,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+}
+
+/// Activations of one segment kept by `forward_packed` for training: the segment's input to
+/// every layer, then the last layer's output (num_hidden_layers + 1 tensors of [len, hidden]).
+pub struct Captured {
+    pub segment: usize,
+    pub inputs: Vec<Tensor>,
 }
 
 pub struct Llama {
     pub cfg: ModelConfig,
     embed: Tensor,
-    layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: Tensor,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Tensor,
+    pub(crate) lm_head: Tensor,
     /// [max_position_embeddings, head_dim / 2]
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
     device: Device,
     dtype: DType,
     /// Use the gathered (plain candle ops) attention even where a kernel exists (tests).
@@ -192,6 +199,40 @@ impl Llama {
         cache: &KvCache,
         adapters: Option<&AdapterRegistry>,
     ) -> Result<Tensor> {
+        Ok(self.forward_packed(batch, cache, adapters, &[])?.0)
+    }
+
+    /// `forward_with_lora` that also keeps, for the segments listed in `capture` (indices into
+    /// `batch.segments`), what token-level training needs: each layer's input and the last
+    /// layer's output, copied out of the batch's activations.
+    pub fn forward_packed(
+        &self,
+        batch: &PackedBatch,
+        cache: &KvCache,
+        adapters: Option<&AdapterRegistry>,
+        capture: &[usize],
+    ) -> Result<(Tensor, Vec<Captured>)> {
+        let mut caps: Vec<Captured> = capture
+            .iter()
+            .map(|&segment| Captured {
+                segment,
+                inputs: Vec::with_capacity(self.layers.len() + 1),
+            })
+            .collect();
+        if let Some(c) = caps.iter().find(|c| c.segment >= batch.segments.len()) {
+            return Err(ModelError::Batch(format!(
+                "capture of segment {} in a batch of {}",
+                c.segment,
+                batch.segments.len()
+            )));
+        }
+        let keep = |x: &Tensor, caps: &mut Vec<Captured>| -> Result<()> {
+            for c in caps.iter_mut() {
+                let s = &batch.segments[c.segment];
+                c.inputs.push(x.narrow(0, s.start, s.len)?.copy()?);
+            }
+            Ok(())
+        };
         let lora = match adapters {
             Some(reg) => LoraBatch::new(reg, batch)?,
             None if batch.segments.iter().any(|s| s.adapter.is_some()) => {
@@ -253,6 +294,7 @@ impl Llama {
 
         let mut x = self.embed.index_select(&tokens, 0)?;
         for (l, layer) in self.layers.iter().enumerate() {
+            keep(&x, &mut caps)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
             let q = lin(l, Proj::Q, &layer.q, &h)?.reshape((1, t, nh, hd))?;
             let k = lin(l, Proj::K, &layer.k, &h)?.reshape((1, t, nkv, hd))?;
@@ -269,17 +311,28 @@ impl Llama {
                 * lin(l, Proj::Up, &layer.up, &h)?)?;
             x = (x + lin(l, Proj::Down, &layer.down, &mlp)?)?;
         }
+        keep(&x, &mut caps)?;
         let rows: Vec<u32> = batch
             .logit_rows()
             .into_iter()
             .map(|(_, t)| t as u32)
             .collect();
         if rows.is_empty() {
-            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, dev)?);
+            return Ok((
+                Tensor::zeros((0, self.cfg.vocab_size), DType::F32, dev)?,
+                caps,
+            ));
         }
         let x = x.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok(x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        Ok((x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?, caps))
+    }
+
+    /// The token embeddings of `tokens` [len, hidden] (training references).
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        Ok(self
+            .embed
+            .index_select(&Tensor::new(tokens, &self.device)?, 0)?)
     }
 
     fn attention(

@@ -30,6 +30,8 @@ impl Default for RegistryConfig {
 struct Entry {
     name: String,
     path: PathBuf,
+    /// An adapter held in memory (one being trained): installed from here, not from `path`.
+    live: Option<LoraAdapter>,
     slot: Option<usize>,
     pins: usize,
     last_used: u64,
@@ -104,6 +106,7 @@ impl AdapterRegistry {
             Entry {
                 name: name.into(),
                 path: path.into(),
+                live: None,
                 slot: None,
                 pins: 0,
                 last_used: 0,
@@ -114,6 +117,56 @@ impl AdapterRegistry {
             self.install(id, slot, &adapter)?;
         }
         Ok(id)
+    }
+
+    /// Registers an adapter held in memory (e.g. one being trained) under `name`, resident at
+    /// once if a slot is free. `replace_live` swaps in new weights.
+    pub fn register_live(&mut self, name: &str, adapter: LoraAdapter) -> Result<u32> {
+        if self.by_name.contains_key(name) {
+            return Err(ModelError::field(
+                name,
+                "name",
+                format!("an adapter named `{name}` is already loaded"),
+            ));
+        }
+        self.check_rank(Path::new(name), &adapter)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.entries.insert(
+            id,
+            Entry {
+                name: name.into(),
+                path: PathBuf::new(),
+                live: None,
+                slot: None,
+                pins: 0,
+                last_used: 0,
+            },
+        );
+        self.by_name.insert(name.into(), id);
+        self.replace_live(id, adapter)?;
+        Ok(id)
+    }
+
+    /// New weights for a live adapter; rewritten into its slot if it is resident.
+    pub fn replace_live(&mut self, id: u32, adapter: LoraAdapter) -> Result<()> {
+        let Some(e) = self.entries.get(&id) else {
+            return Err(ModelError::Batch(format!("adapter {id} is not registered")));
+        };
+        let name = e.name.clone();
+        self.check_rank(Path::new(&name), &adapter)?;
+        let slot = match e.slot {
+            Some(s) => Some(s),
+            None => self.slots.iter().position(Option::is_none),
+        };
+        if let Some(slot) = slot {
+            self.slot_modules[slot].clear();
+            self.install(id, slot, &adapter)?;
+        }
+        if let Some(e) = self.entries.get_mut(&id) {
+            e.live = Some(adapter);
+        }
+        Ok(())
     }
 
     /// Forgets an adapter. Refused while a sequence uses it.
@@ -151,6 +204,7 @@ impl AdapterRegistry {
         let mut v: Vec<_> = self
             .entries
             .values()
+            .filter(|e| e.live.is_none())
             .map(|e| (e.name.clone(), e.path.clone()))
             .collect();
         v.sort();
@@ -217,8 +271,10 @@ impl AdapterRegistry {
                     victim
                 }
             };
-            let path = self.entries[&id].path.clone();
-            let adapter = self.read(&path)?;
+            let adapter = match &self.entries[&id].live {
+                Some(a) => a.clone(),
+                None => self.read(&self.entries[&id].path.clone())?,
+            };
             self.install(id, slot, &adapter)?;
         }
         Ok(())
@@ -245,6 +301,11 @@ impl AdapterRegistry {
 
     fn read(&self, path: &Path) -> Result<LoraAdapter> {
         let adapter = LoraAdapter::load(path, &self.model, &self.device, self.dtype)?;
+        self.check_rank(path, &adapter)?;
+        Ok(adapter)
+    }
+
+    fn check_rank(&self, path: &Path, adapter: &LoraAdapter) -> Result<()> {
         if let Some(((l, p), w)) = adapter
             .weights
             .iter()
@@ -260,7 +321,7 @@ impl AdapterRegistry {
                 ),
             ));
         }
-        Ok(adapter)
+        Ok(())
     }
 
     fn install(&mut self, id: u32, slot: usize, adapter: &LoraAdapter) -> Result<()> {

@@ -1,0 +1,371 @@
+//! A trainable LoRA adapter and one training sequence's token-level state machine.
+//!
+//! `SeqTrain` cuts a sequence into chunks. Forward: each chunk runs as a segment of a packed
+//! batch (`Llama::forward_packed` with capture), which writes its K/V into the cache and hands
+//! back the chunk's input to every layer; nothing else is kept. At the top the chunk's loss
+//! gradient is formed at once. Backward: (layer, chunk) steps, top layer first, chunks in
+//! reverse order inside a layer (`Llama::layer_backward`); each saved input is freed once its
+//! layer is done. Each unit is small, so a scheduler can place any number of them in an
+//! iteration.
+
+use super::step::LayerLora;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::{slot_of, KvCache};
+use crate::llama::Llama;
+use crate::lora::{LoraAdapter, LoraConfig, LoraWeights, Proj};
+use crate::ModelConfig;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap};
+
+/// The shape of a LoRA adapter to train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub targets: Vec<Proj>,
+    pub use_rslora: bool,
+}
+
+/// LoRA weights being trained: f32 master weights as candle `Var`s, per (layer, projection).
+pub struct TrainableLora {
+    pub spec: LoraSpec,
+    pub layers: Vec<LayerLora>,
+}
+
+/// PEFT's key for a LoRA weight.
+pub fn peft_key(layer: usize, p: Proj, which: char) -> String {
+    format!(
+        "base_model.model.model.layers.{layer}.{}.{}.lora_{which}.weight",
+        p.parent(),
+        p.name()
+    )
+}
+
+impl TrainableLora {
+    /// PEFT's initialization: A kaiming-uniform (a = √5, i.e. U(±1/√in)), B zero, so that the
+    /// adapter starts as the base model.
+    pub fn new(cfg: &ModelConfig, spec: LoraSpec, device: &Device, seed: u64) -> Result<Self> {
+        if spec.r == 0 {
+            return Err(ModelError::Batch("LoRA rank must be at least 1".into()));
+        }
+        if spec.targets.is_empty() {
+            return Err(ModelError::Batch(
+                "LoRA needs at least one target module".into(),
+            ));
+        }
+        let mut rng = StdRng::seed_from_u64(seed);
+        let scale = if spec.use_rslora {
+            spec.alpha / (spec.r as f64).sqrt()
+        } else {
+            spec.alpha / spec.r as f64
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            let mut l = LayerLora::default();
+            for &p in &spec.targets {
+                let (inp, out) = p.dims(cfg);
+                let bound = 1.0 / (inp as f64).sqrt();
+                let a: Vec<f32> = (0..spec.r * inp)
+                    .map(|_| rng.random_range(-bound..bound) as f32)
+                    .collect();
+                let a = Var::from_tensor(&Tensor::from_vec(a, (spec.r, inp), device)?)?;
+                let b = Var::zeros((out, spec.r), DType::F32, device)?;
+                l.modules.insert(p, (a, b, scale));
+            }
+            layers.push(l);
+        }
+        Ok(Self { spec, layers })
+    }
+
+    /// Continues training a saved adapter (all modules of one rank).
+    pub fn from_adapter(adapter: &LoraAdapter, num_layers: usize, device: &Device) -> Result<Self> {
+        let mut layers: Vec<LayerLora> = (0..num_layers).map(|_| LayerLora::default()).collect();
+        let mut targets = Vec::new();
+        for (&(l, p), w) in &adapter.weights {
+            let a = Var::from_tensor(&w.a.to_dtype(DType::F32)?.to_device(device)?)?;
+            let b = Var::from_tensor(&w.b.to_dtype(DType::F32)?.to_device(device)?)?;
+            layers[l].modules.insert(p, (a, b, w.scale));
+            if !targets.contains(&p) {
+                targets.push(p);
+            }
+        }
+        targets.sort();
+        let c = &adapter.config;
+        Ok(Self {
+            spec: LoraSpec {
+                r: c.r,
+                alpha: c.lora_alpha,
+                targets,
+                use_rslora: c.use_rslora,
+            },
+            layers,
+        })
+    }
+
+    /// Every parameter under its PEFT key, in a fixed order.
+    pub fn named_params(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut ps: Vec<_> = layer.modules.iter().collect();
+            ps.sort_by_key(|(p, _)| **p);
+            for (p, (a, b, _)) in ps {
+                out.push((peft_key(l, *p, 'A'), a.clone()));
+                out.push((peft_key(l, *p, 'B'), b.clone()));
+            }
+        }
+        out
+    }
+
+    /// A snapshot of the current weights as a PEFT adapter.
+    pub fn to_adapter(&self, base_model: Option<String>) -> Result<LoraAdapter> {
+        let mut weights = BTreeMap::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (p, (a, b, scale)) in &layer.modules {
+                weights.insert(
+                    (l, *p),
+                    LoraWeights {
+                        a: a.as_tensor().copy()?,
+                        b: b.as_tensor().copy()?,
+                        scale: *scale,
+                    },
+                );
+            }
+        }
+        let mut targets: Vec<_> = self.spec.targets.iter().map(|p| p.name()).collect();
+        targets.sort();
+        Ok(LoraAdapter {
+            config: LoraConfig {
+                r: self.spec.r,
+                lora_alpha: self.spec.alpha,
+                target_modules: serde_json::json!(targets),
+                use_rslora: self.spec.use_rslora,
+                base_model_name_or_path: base_model,
+                alpha_pattern: HashMap::new(),
+            },
+            weights,
+        })
+    }
+}
+
+/// Per parameter name: the gradient summed over the steps so far.
+#[derive(Default)]
+pub struct GradAccum {
+    pub grads: HashMap<String, Tensor>,
+}
+
+impl GradAccum {
+    fn add(&mut self, name: String, g: Tensor) -> Result<()> {
+        let sum = match self.grads.remove(&name) {
+            Some(prev) => (prev + g)?,
+            None => g,
+        };
+        self.grads.insert(name, sum);
+        Ok(())
+    }
+}
+
+/// Where a training sequence is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqPhase {
+    /// The next chunk to run forward.
+    Forward(usize),
+    /// The next (layer, chunk) backward step.
+    Backward(usize, usize),
+    Done,
+}
+
+/// One training sequence's token-level forward and backward.
+pub struct SeqTrain {
+    pub tokens: Vec<u32>,
+    /// labels[i]: the token position i predicts, if it is a target.
+    labels: Vec<Option<u32>>,
+    /// (first position, tokens) per chunk.
+    pub chunks: Vec<(usize, usize)>,
+    /// Per chunk, per layer: the chunk's input to that layer (freed when the layer is done).
+    saved: Vec<Vec<Option<Tensor>>>,
+    /// Per chunk: gradient w.r.t. the output of the layer being stepped.
+    d_out: Vec<Option<Tensor>>,
+    /// dK, dV of the layer being stepped, for every position [len, kv heads, head dim].
+    d_kv: Option<(Tensor, Tensor)>,
+    pub phase: SeqPhase,
+    /// The loss's weight (1 / target tokens of the whole batch).
+    weight: f64,
+    /// Σ -log p over targets so far, and their count.
+    pub loss_sum: f64,
+    pub targets: usize,
+}
+
+impl SeqTrain {
+    /// `target[i]`: token i is predicted and counts (see `Example`). `weight` multiplies this
+    /// sequence's summed loss (1 / target tokens of the batch for a mean over the batch).
+    pub fn new(tokens: Vec<u32>, target: &[bool], chunk_tokens: usize, weight: f64) -> Self {
+        let n = tokens.len();
+        let labels = (0..n)
+            .map(|i| (i + 1 < n && target[i + 1]).then(|| tokens[i + 1]))
+            .collect();
+        let chunk = chunk_tokens.max(1);
+        let chunks: Vec<_> = (0..n)
+            .step_by(chunk)
+            .map(|s| (s, chunk.min(n - s)))
+            .collect();
+        let nc = chunks.len();
+        Self {
+            tokens,
+            labels,
+            chunks,
+            saved: vec![Vec::new(); nc],
+            d_out: vec![None; nc],
+            d_kv: None,
+            phase: if n == 0 {
+                SeqPhase::Done
+            } else {
+                SeqPhase::Forward(0)
+            },
+            weight,
+            loss_sum: 0.0,
+            targets: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// The next forward chunk: (chunk index, first position, tokens), if forward is not done.
+    pub fn next_forward(&self) -> Option<(usize, usize, &[u32])> {
+        match self.phase {
+            SeqPhase::Forward(c) => {
+                let (s, n) = self.chunks[c];
+                Some((c, s, &self.tokens[s..s + n]))
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes the captured layer inputs of forward chunk `c` (num_layers + 1 tensors, the last
+    /// being the top layer's output) and forms the chunk's loss gradient.
+    pub fn finish_forward(
+        &mut self,
+        model: &Llama,
+        c: usize,
+        mut inputs: Vec<Tensor>,
+    ) -> Result<()> {
+        if self.phase != SeqPhase::Forward(c) {
+            return Err(ModelError::Batch(format!(
+                "training chunk {c} is not the next forward chunk"
+            )));
+        }
+        let top = inputs
+            .pop()
+            .ok_or_else(|| ModelError::Batch("no captured activations".into()))?;
+        let (s, n) = self.chunks[c];
+        let (loss, count, d) = model.head_backward(&top, &self.labels[s..s + n], self.weight)?;
+        self.loss_sum += loss;
+        self.targets += count;
+        self.d_out[c] = Some(d);
+        self.saved[c] = inputs.into_iter().map(Some).collect();
+        self.phase = if c + 1 < self.chunks.len() {
+            SeqPhase::Forward(c + 1)
+        } else {
+            SeqPhase::Backward(model.cfg.num_hidden_layers - 1, self.chunks.len() - 1)
+        };
+        Ok(())
+    }
+
+    /// Runs the next backward step, reading earlier tokens' K/V from `cache` through
+    /// `block_table`, and adds the LoRA gradients into `acc`.
+    pub fn backward_step(
+        &mut self,
+        model: &Llama,
+        cache: &KvCache,
+        block_table: &[u32],
+        lora: &TrainableLora,
+        acc: &mut GradAccum,
+    ) -> Result<()> {
+        let SeqPhase::Backward(l, c) = self.phase else {
+            return Err(ModelError::Batch("no backward step is due".into()));
+        };
+        let (start, len) = self.chunks[c];
+        let dev = model.device();
+        if self.d_kv.is_none() {
+            let shape = (
+                self.len(),
+                model.cfg.num_key_value_heads,
+                model.cfg.head_dim,
+            );
+            let z = Tensor::zeros(shape, model.dtype(), dev)?;
+            self.d_kv = Some((z.clone(), z));
+        }
+        let (prev_k, prev_v) = if start > 0 {
+            let slots: Vec<u32> = (0..start)
+                .map(|p| slot_of(block_table, cache.block_size, p))
+                .collect();
+            let idx = Tensor::new(slots.as_slice(), dev)?;
+            (
+                Some(cache.k[l].index_select(&idx, 0)?),
+                Some(cache.v[l].index_select(&idx, 0)?),
+            )
+        } else {
+            (None, None)
+        };
+        let x = self.saved[c]
+            .get_mut(l)
+            .and_then(Option::take)
+            .ok_or_else(|| ModelError::Batch(format!("no saved input for layer {l}, chunk {c}")))?;
+        let d_out = self.d_out[c].take().ok_or_else(|| {
+            ModelError::Batch(format!("no output gradient for layer {l}, chunk {c}"))
+        })?;
+        let (dk, dv) = self.d_kv.take().expect("set above");
+        let g = model.layer_backward(
+            l,
+            &x,
+            start,
+            prev_k.as_ref(),
+            prev_v.as_ref(),
+            &d_out,
+            &dk.narrow(0, start, len)?,
+            &dv.narrow(0, start, len)?,
+            &lora.layers[l],
+        )?;
+        let add_prev = |buf: Tensor, d: Option<Tensor>| -> Result<Tensor> {
+            Ok(match d {
+                Some(d) => {
+                    buf.slice_scatter0(&(buf.narrow(0, 0, start)? + d.to_dtype(buf.dtype())?)?, 0)?
+                }
+                None => buf,
+            })
+        };
+        self.d_kv = Some((add_prev(dk, g.d_k_prev)?, add_prev(dv, g.d_v_prev)?));
+        for (p, (da, db)) in g.lora {
+            acc.add(peft_key(l, p, 'A'), da)?;
+            acc.add(peft_key(l, p, 'B'), db)?;
+        }
+        self.d_out[c] = Some(g.d_x);
+        self.phase = if c > 0 {
+            SeqPhase::Backward(l, c - 1)
+        } else if l > 0 {
+            // Layer l is done: its dK/dV start afresh for the layer below.
+            self.d_kv = None;
+            SeqPhase::Backward(l - 1, self.chunks.len() - 1)
+        } else {
+            self.d_kv = None;
+            self.d_out.iter_mut().for_each(|d| *d = None);
+            SeqPhase::Done
+        };
+        Ok(())
+    }
+
+    /// Bytes of activations this sequence holds now (saved inputs, gradients, dK/dV buffers).
+    pub fn held_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let saved: usize = self.saved.iter().flatten().flatten().map(bytes).sum();
+        let d: usize = self.d_out.iter().flatten().map(bytes).sum();
+        let kv = self.d_kv.as_ref().map_or(0, |(k, v)| bytes(k) + bytes(v));
+        saved + d + kv
+    }
+}

@@ -1,0 +1,450 @@
+//! Token-level finetuning against candle autograd: the LoRA gradients of the chunked path
+//! (packed forward with captured layer inputs, (layer, chunk) backward steps with dK/dV
+//! buffers) equal candle autograd over the whole unchunked sequence, for several chunk sizes,
+//! for batches of sequences with prompt masking, and with inference segments sharing the
+//! forward iterations. AdamW against a float64 hand computation; checkpoint + resume against a
+//! straight run.
+
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+use tandem_model::finetune::{
+    lr_factor, AdamW, AdamWConfig, Example, Finetuner, GradAccum, LoraSpec, Schedule, SeqPhase,
+    SeqTrain, TrainConfig, TrainableLora,
+};
+use tandem_model::lora::{AdapterRegistry, Proj, RegistryConfig};
+use tandem_model::testing::{random_adapter, Tiny};
+use tandem_model::{load_checkpoint, KvCache, Llama, LogitsWanted, PackedBatch};
+
+fn model(t: &Tiny) -> (tempfile::TempDir, Llama) {
+    let dir = tempfile::tempdir().unwrap();
+    t.write_hf_dir(dir.path(), 3);
+    let m = load(dir.path());
+    (dir, m)
+}
+
+fn load(dir: &Path) -> Llama {
+    let (cfg, map, src) = load_checkpoint(dir, &Device::Cpu, DType::F32).unwrap();
+    Llama::from_tensors(cfg, map, &src, &Device::Cpu, DType::F32).unwrap()
+}
+
+/// Rank-8 LoRA on all seven projections with non-zero B (so that every gradient is non-zero).
+fn lora(m: &Llama, seed: u64) -> TrainableLora {
+    let spec = LoraSpec {
+        r: 8,
+        alpha: 16.0,
+        targets: Proj::ALL.to_vec(),
+        use_rslora: false,
+    };
+    let l = TrainableLora::new(&m.cfg, spec, &Device::Cpu, seed).unwrap();
+    for (i, (_, v)) in l.named_params().iter().enumerate() {
+        if v.dims()[1] == 8 {
+            let t = Tensor::randn(0f32, 0.2, v.dims(), &Device::Cpu).unwrap();
+            v.set(&t).unwrap();
+        }
+        let _ = i;
+    }
+    l
+}
+
+/// Sequences of different lengths; the first `prompt` tokens of each are not targets.
+fn sequences(vocab: u32) -> Vec<(Vec<u32>, Vec<bool>)> {
+    [(13usize, 4usize), (6, 2), (9, 0)]
+        .iter()
+        .enumerate()
+        .map(|(k, &(n, prompt))| {
+            let toks = (0..n as u32)
+                .map(|i| (i * 7 + 3 + k as u32 * 11) % vocab)
+                .collect();
+            let target = (0..n).map(|i| i > 0 && i >= prompt).collect();
+            (toks, target)
+        })
+        .collect()
+}
+
+fn labels(tokens: &[u32], target: &[bool]) -> Vec<Option<u32>> {
+    (0..tokens.len())
+        .map(|i| (i + 1 < tokens.len() && target[i + 1]).then(|| tokens[i + 1]))
+        .collect()
+}
+
+/// candle autograd over each whole sequence: mean loss over the batch's targets.
+fn reference(
+    m: &Llama,
+    l: &TrainableLora,
+    seqs: &[(Vec<u32>, Vec<bool>)],
+) -> HashMap<String, Tensor> {
+    let total: usize = seqs
+        .iter()
+        .map(|(_, t)| t.iter().filter(|&&b| b).count())
+        .sum();
+    let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+    for (toks, target) in seqs {
+        let mut x = m.embed(toks).unwrap();
+        for layer in 0..m.cfg.num_hidden_layers {
+            x = m
+                .layer_chunk(layer, &x, 0, None, None, &l.layers[layer])
+                .unwrap()
+                .0;
+        }
+        let (nll, _) = m.head_nll(&x, &labels(toks, target)).unwrap().unwrap();
+        loss = (loss + nll).unwrap();
+    }
+    let grads = (loss / total as f64).unwrap().backward().unwrap();
+    l.named_params()
+        .into_iter()
+        .map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().clone()))
+        .collect()
+}
+
+/// The token-level path; with `bystanders`, every forward chunk shares its batch with an
+/// inference prefill through another adapter and a base-only decode.
+fn token_level(
+    m: &Llama,
+    l: &TrainableLora,
+    seqs: &[(Vec<u32>, Vec<bool>)],
+    chunk: usize,
+    bystanders: bool,
+) -> HashMap<String, Tensor> {
+    let c = &m.cfg;
+    let cache = KvCache::new(
+        c.num_hidden_layers,
+        64,
+        4,
+        c.num_key_value_heads,
+        c.head_dim,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut reg = AdapterRegistry::new(
+        RegistryConfig {
+            max_loras: 2,
+            max_lora_rank: 8,
+        },
+        c,
+        &Device::Cpu,
+        DType::F32,
+    );
+    let train = reg
+        .register_live("train", l.to_adapter(None).unwrap())
+        .unwrap();
+    let other = reg
+        .register_live(
+            "other",
+            random_adapter(c, 4, 8.0, &[Proj::Q, Proj::Down], false, 9),
+        )
+        .unwrap();
+    let total: usize = seqs
+        .iter()
+        .map(|(_, t)| t.iter().filter(|&&b| b).count())
+        .sum();
+    let mut acc = GradAccum::default();
+    for (k, (toks, target)) in seqs.iter().enumerate() {
+        let table: Vec<u32> = (k as u32 * 10..k as u32 * 10 + 10).collect();
+        let mut seq = SeqTrain::new(toks.clone(), target, chunk, 1.0 / total as f64);
+        let (mut pa, mut pb) = (0usize, 0usize);
+        while let Some((ci, start, t)) = seq.next_forward() {
+            let mut batch = PackedBatch::default();
+            let mut at = 0;
+            if bystanders {
+                let bt: Vec<u32> = (40..52).collect();
+                batch.push_with_adapter(100, &[5, 9, 2], pa, bt, LogitsWanted::Last, Some(other));
+                pa += 3;
+                at = 1;
+            }
+            batch.push_with_adapter(0, t, start, table.clone(), LogitsWanted::None, Some(train));
+            if bystanders {
+                batch.push(101, &[7], pb, (52..64).collect(), LogitsWanted::Last);
+                pb += 1;
+            }
+            let (_, mut caps) = m.forward_packed(&batch, &cache, Some(&reg), &[at]).unwrap();
+            seq.finish_forward(m, ci, caps.pop().unwrap().inputs)
+                .unwrap();
+        }
+        while seq.phase != SeqPhase::Done {
+            seq.backward_step(m, &cache, &table, l, &mut acc).unwrap();
+        }
+    }
+    acc.grads
+}
+
+fn max_rel_err(got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let mut worst = 0f32;
+    for (name, w) in want {
+        let g = &got[name];
+        let diff = (g - w)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = w
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(scale > 0.0, "{name}: zero reference gradient");
+        worst = worst.max(diff / scale);
+    }
+    worst
+}
+
+fn check_model(t: Tiny) {
+    let (_dir, m) = model(&t);
+    let l = lora(&m, 1);
+    let all = sequences(t.vocab as u32);
+    // One sequence with prompt masking, every chunk size; then the batch.
+    let one = &all[..1];
+    let want = reference(&m, &l, one);
+    for chunk in [1, 3, 7, one[0].0.len()] {
+        let err = max_rel_err(&token_level(&m, &l, one, chunk, false), &want);
+        assert!(err <= 1e-4, "chunk {chunk}: max rel err {err}");
+    }
+    let want = reference(&m, &l, &all);
+    for chunk in [3, 7] {
+        let alone = token_level(&m, &l, &all, chunk, false);
+        let err = max_rel_err(&alone, &want);
+        assert!(err <= 1e-4, "batch, chunk {chunk}: max rel err {err}");
+        let shared = token_level(&m, &l, &all, chunk, true);
+        let err = max_rel_err(&shared, &want);
+        assert!(
+            err <= 1e-4,
+            "batch with inference segments, chunk {chunk}: max rel err {err}"
+        );
+        let err = max_rel_err(&shared, &alone);
+        assert!(
+            err <= 1e-5,
+            "inference segments changed the gradients: {err}"
+        );
+    }
+}
+
+#[test]
+fn token_level_gradients_equal_autograd_gqa() {
+    check_model(Tiny {
+        llama3_rope: true,
+        ..Tiny::gqa()
+    });
+}
+
+#[test]
+fn token_level_gradients_equal_autograd_tied_embeddings() {
+    check_model(Tiny::tied_mha());
+}
+
+#[test]
+fn token_level_gradients_equal_autograd_sliding_window() {
+    check_model(Tiny {
+        arch: "MistralForCausalLM",
+        sliding_window: Some(5),
+        llama3_rope: false,
+        ..Tiny::gqa()
+    });
+}
+
+/// The differentiable layer the backward recomputes is the inference forward: logits through
+/// `layer_chunk` over the whole sequence equal the packed forward's.
+#[test]
+fn recomputed_layers_equal_the_inference_forward() {
+    for t in [Tiny::gqa(), Tiny::tied_mha()] {
+        let (_dir, m) = model(&t);
+        let l = lora(&m, 2);
+        let toks: Vec<u32> = (0..11).map(|i| (i * 5 + 1) % t.vocab as u32).collect();
+        let mut x = m.embed(&toks).unwrap();
+        for layer in 0..m.cfg.num_hidden_layers {
+            x = m
+                .layer_chunk(layer, &x, 0, None, None, &l.layers[layer])
+                .unwrap()
+                .0;
+        }
+        let c = &m.cfg;
+        let cache = KvCache::new(
+            c.num_hidden_layers,
+            8,
+            4,
+            c.num_key_value_heads,
+            c.head_dim,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut reg = AdapterRegistry::new(
+            RegistryConfig {
+                max_loras: 1,
+                max_lora_rank: 8,
+            },
+            c,
+            &Device::Cpu,
+            DType::F32,
+        );
+        let id = reg.register_live("t", l.to_adapter(None).unwrap()).unwrap();
+        let mut b = PackedBatch::default();
+        b.push_with_adapter(0, &toks, 0, (0..3).collect(), LogitsWanted::All, Some(id));
+        let (_, caps) = m.forward_packed(&b, &cache, Some(&reg), &[0]).unwrap();
+        let top = caps[0].inputs.last().unwrap();
+        let err = (top - &x)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = x
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            err / scale < 1e-5,
+            "recomputed vs packed forward: {}",
+            err / scale
+        );
+        assert_eq!(caps[0].inputs.len(), c.num_hidden_layers + 1);
+    }
+}
+
+#[test]
+fn adamw_step_matches_float64_reference() {
+    let cfg = AdamWConfig {
+        lr: 0.01,
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-6,
+        weight_decay: 0.1,
+        max_grad_norm: 0.5,
+    };
+    let p0 = [0.5f64, -1.25, 2.0, 0.0];
+    let g1 = [0.3f64, -0.4, 0.1, 0.2];
+    let g2 = [-0.05f64, 0.02, 0.03, -0.01];
+    let var =
+        Var::from_tensor(&Tensor::new(&[0.5f32, -1.25, 2.0, 0.0], &Device::Cpu).unwrap()).unwrap();
+    let params = vec![("p".to_string(), var.clone())];
+    let mut opt = AdamW::new(cfg);
+    let (mut p, mut m, mut v) = (p0.to_vec(), [0f64; 4], [0f64; 4]);
+    for (t, g) in [g1, g2].iter().enumerate() {
+        let grads = HashMap::from([(
+            "p".to_string(),
+            Tensor::new(&g.map(|x| x as f32), &Device::Cpu).unwrap(),
+        )]);
+        let lr = 0.01 * lr_factor(Schedule::Linear, t, 0, 4);
+        let info = opt.step(&params, &grads, lr).unwrap();
+        // By hand: clip to the global norm, decay, moments, bias correction.
+        let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!((info.grad_norm - norm).abs() < 1e-6);
+        let clip = (0.5 / (norm + 1e-6)).min(1.0);
+        let step = t as i32 + 1;
+        for i in 0..4 {
+            let gi = g[i] * clip;
+            p[i] *= 1.0 - lr * 0.1;
+            m[i] = 0.9 * m[i] + 0.1 * gi;
+            v[i] = 0.99 * v[i] + 0.01 * gi * gi;
+            let mh = m[i] / (1.0 - 0.9f64.powi(step));
+            let vh = v[i] / (1.0 - 0.99f64.powi(step));
+            p[i] -= lr * mh / (vh.sqrt() + 1e-6);
+        }
+        let got = var.as_tensor().to_vec1::<f32>().unwrap();
+        for i in 0..4 {
+            assert!(
+                (got[i] as f64 - p[i]).abs() < 1e-6,
+                "step {step} p[{i}]: {} vs {}",
+                got[i],
+                p[i]
+            );
+        }
+    }
+    assert_eq!(lr_factor(Schedule::Linear, 1, 0, 4), 0.75);
+    assert_eq!(lr_factor(Schedule::Constant, 0, 2, 4), 0.0);
+    assert_eq!(lr_factor(Schedule::Constant, 1, 2, 4), 0.5);
+    assert!((lr_factor(Schedule::Cosine, 2, 0, 4) - 0.5).abs() < 1e-12);
+}
+
+fn tiny_data(vocab: u32) -> Vec<Example> {
+    (0..7)
+        .map(|k| {
+            let n = 5 + k % 4;
+            Example {
+                tokens: (0..n as u32)
+                    .map(|i| (i * 3 + k as u32 * 5 + 1) % vocab)
+                    .collect(),
+                target: (0..n).map(|i| i >= 2).collect(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn resumed_run_equals_a_straight_run() {
+    let t = Tiny::gqa();
+    let (_dir, m) = model(&t);
+    let cfg = TrainConfig {
+        r: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        lr: 1e-2,
+        batch_size: 3,
+        epochs: 2,
+        chunk_tokens: 3,
+        seed: 5,
+        ..Default::default()
+    };
+    let data = tiny_data(t.vocab as u32);
+    let mut straight = Finetuner::new(&m, data.clone(), cfg.clone(), None).unwrap();
+    assert_eq!(straight.total_steps(), 6);
+    let mut losses = Vec::new();
+    while !straight.is_done() {
+        losses.push(straight.train_step().unwrap().loss);
+    }
+    let mut first = Finetuner::new(&m, data.clone(), cfg, None).unwrap();
+    for _ in 0..4 {
+        first.train_step().unwrap();
+    }
+    let ck = tempfile::tempdir().unwrap();
+    let ck = ck.path().join("checkpoint-4");
+    first.save_checkpoint(&ck).unwrap();
+    drop(first);
+    let mut resumed = Finetuner::resume(&m, data, &ck).unwrap();
+    assert_eq!(resumed.step, 4);
+    let mut resumed_losses = Vec::new();
+    while !resumed.is_done() {
+        resumed_losses.push(resumed.train_step().unwrap().loss);
+    }
+    assert_eq!(resumed_losses.len(), 2);
+    for (a, b) in resumed_losses.iter().zip(&losses[4..]) {
+        assert!((a - b).abs() < 1e-9, "loss after resume {a} vs {b}");
+    }
+    let (a, b) = (straight.adapter().unwrap(), resumed.adapter().unwrap());
+    for (k, w) in &a.weights {
+        let r = &b.weights[k];
+        for (x, y) in [(&w.a, &r.a), (&w.b, &r.b)] {
+            let d = (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d <= 1e-6, "{k:?}: max abs diff {d}");
+        }
+    }
+    // Training moved the weights (B starts at zero).
+    let moved = a.weights.values().any(|w| {
+        w.b.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    });
+    assert!(moved);
+}
