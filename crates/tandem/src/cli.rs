@@ -26,6 +26,72 @@ pub enum Command {
     /// LoRA adapter tools.
     #[command(subcommand)]
     Adapter(AdapterCommand),
+    /// Train a LoRA adapter on a JSONL file (token-level backward); writes an HF PEFT adapter.
+    Finetune(FinetuneArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha (scale alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    /// Projections to adapt, comma-separated (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+    /// down_proj), or all-linear.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    pub targets: Vec<String>,
+    /// Scale alpha / sqrt(rank) (rsLoRA).
+    #[arg(long)]
+    pub rslora: bool,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// constant, linear or cosine (after the warmup).
+    #[arg(long, default_value = "linear")]
+    pub schedule: String,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Sequences per optimizer step (gradient accumulation over them).
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Tokens per forward chunk of a training sequence.
+    #[arg(long, default_value_t = 128)]
+    pub chunk_tokens: usize,
+    /// Longer examples are cut to this many tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub max_seq_len: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Training data: JSONL of {"prompt","completion"}, {"messages":[...]} or {"text"}.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where the adapter goes (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Write a checkpoint (adapter + optimizer state + data position) into OUT/checkpoint-STEP
+    /// every this many steps (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: usize,
+    /// Continue the run checkpointed in this directory (its settings win over the flags).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -53,6 +119,29 @@ pub enum BenchCommand {
     Lora(BenchLoraArgs),
     /// Kernel checks against a float64 reference, and timings beside the base GEMM.
     Kernels(BenchKernelsArgs),
+    /// Token-level finetuning vs candle autograd: activation memory and tokens/s.
+    Finetune(BenchFinetuneArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchFinetuneArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Sequence lengths for the activation-memory comparison.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024,2048")]
+    pub mem_lens: Vec<usize>,
+    /// Up to this length autograd's whole graph is built and measured (beyond: layers x one
+    /// layer's graph + the head's).
+    #[arg(long, default_value_t = 256)]
+    pub full_graph_max: usize,
+    /// Tokens per training sequence for the throughput comparison.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Optimizer steps (one sequence each) timed each way.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 128)]
+    pub chunk_tokens: usize,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

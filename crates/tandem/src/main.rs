@@ -3,8 +3,10 @@
 
 mod adapter;
 mod bench;
+mod bench_finetune;
 mod bench_kernels;
 mod cli;
+mod finetune;
 mod generate;
 mod serve;
 
@@ -36,6 +38,8 @@ fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Bench(cli::BenchCommand::Decode(args)) => bench::decode(args),
         cli::Command::Bench(cli::BenchCommand::Lora(args)) => bench::lora(args),
         cli::Command::Bench(cli::BenchCommand::Kernels(args)) => bench_kernels::kernels(args),
+        cli::Command::Bench(cli::BenchCommand::Finetune(args)) => bench_finetune::run(args),
         cli::Command::Adapter(cli::AdapterCommand::Check(args)) => adapter::check(args),
+        cli::Command::Finetune(args) => finetune::run(args),
     }
 }

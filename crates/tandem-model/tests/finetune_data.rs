@@ -1,0 +1,150 @@
+//! Training data: the three JSONL shapes, loss masks (completion only; assistant turns only
+//! through the chat template), and errors that name the line and the field.
+
+use std::path::Path;
+use tandem_model::finetune::{load_jsonl, parse_record, validate_jsonl, Record};
+use tandem_model::TextTokenizer;
+
+/// A word-level tokenizer over `words` (split on whitespace and punctuation) with a chat
+/// template that marks each turn with its role.
+fn tokenizer(dir: &Path) -> TextTokenizer {
+    let words = [
+        "<unk>",
+        "<",
+        ">",
+        "</",
+        "user",
+        "assistant",
+        "system",
+        "end",
+        "hello",
+        "hi",
+        "there",
+        "how",
+        "are",
+        "you",
+        "fine",
+        "thanks",
+        "be",
+        "brief",
+        "q",
+        "a",
+        "text",
+        "only",
+    ];
+    let vocab: serde_json::Map<String, serde_json::Value> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), i.into()))
+        .collect();
+    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}});
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let tpl = "{% for m in messages %}<{{ m.role }}> {{ m.content }} </end> {% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}";
+    let cfg = serde_json::json!({"chat_template": tpl, "eos_token": "end"});
+    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    TextTokenizer::from_hf_dir(dir, &[7]).unwrap()
+}
+
+fn words(tok: &TextTokenizer, ids: &[u32]) -> Vec<String> {
+    ids.iter()
+        .map(|&i| tok.decode(&[i], false).unwrap())
+        .collect()
+}
+
+#[test]
+fn loss_masks_follow_the_record_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let file = dir.path().join("train.jsonl");
+    std::fs::write(
+        &file,
+        [
+            r#"{"prompt": "q how are you", "completion": "fine thanks"}"#,
+            "",
+            r#"{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}, {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine"}]}"#,
+            r#"{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi", "weight": 0}, {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine"}]}"#,
+            r#"{"text": "text only"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let ex = load_jsonl(&file, &tok, 1024).unwrap();
+    assert_eq!(ex.len(), 4);
+    let targets = |i: usize| -> Vec<String> {
+        let w = words(&tok, &ex[i].tokens);
+        w.into_iter()
+            .zip(&ex[i].target)
+            .filter(|(_, t)| **t)
+            .map(|(w, _)| w)
+            .collect()
+    };
+    // Completion and the EOS after it.
+    assert_eq!(
+        words(&tok, &ex[0].tokens),
+        ["q", "how", "are", "you", "fine", "thanks", "end"]
+    );
+    assert_eq!(targets(0), ["fine", "thanks", "end"]);
+    // Both assistant turns, with the template's end-of-turn marker; nothing else.
+    assert_eq!(
+        targets(1),
+        ["hi", "there", "</", "end", ">", "fine", "</", "end", ">"]
+    );
+    // weight 0: the first answer is context only.
+    assert_eq!(targets(2), ["fine", "</", "end", ">"]);
+    // text: every token but the first, then EOS.
+    assert_eq!(targets(3), ["only", "end"]);
+    assert!(!ex.iter().any(|e| e.target[0]));
+    // Cut to max_seq_len; a line left with nothing to learn is an error naming it.
+    let short = load_jsonl(&file, &tok, 6).unwrap_err().to_string();
+    assert!(
+        short.contains("train.jsonl") && short.contains("line 3"),
+        "{short}"
+    );
+}
+
+#[test]
+fn bad_lines_name_the_line_and_field() {
+    let cases = [
+        ("not json", "json"),
+        ("[1, 2]", "json"),
+        (r#"{"prompt": "a"}"#, "completion"),
+        (r#"{"prompt": "a", "completion": 5}"#, "completion"),
+        (r#"{"prompt": "a", "completion": ""}"#, "completion"),
+        (r#"{"messages": "hi"}"#, "messages"),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}]}"#,
+            "messages",
+        ),
+        (
+            r#"{"messages": [{"role": "wizard", "content": "x"}]}"#,
+            "messages[0].role",
+        ),
+        (
+            r#"{"messages": [{"role": "assistant"}]}"#,
+            "messages[0].content",
+        ),
+        (
+            r#"{"messages": [{"role": "assistant", "content": "x", "weight": 2}]}"#,
+            "messages[0].weight",
+        ),
+        (r#"{"text": ""}"#, "text"),
+        (r#"{"input": "x"}"#, "json"),
+    ];
+    for (line, field) in cases {
+        let (f, msg) = parse_record(line).unwrap_err();
+        assert_eq!(f, field, "{line}: {msg}");
+        let err = validate_jsonl(&format!("{{\"text\": \"ok\"}}\n{line}\n")).unwrap_err();
+        assert!(err.starts_with("line 2: `"), "{err}");
+    }
+    assert_eq!(
+        validate_jsonl("{\"text\": \"a\"}\n\n{\"text\": \"b\"}\n"),
+        Ok(2)
+    );
+    assert!(validate_jsonl("\n").is_err());
+    assert!(matches!(
+        parse_record(r#"{"completion": "just this"}"#),
+        Ok(Record::Completion { .. })
+    ));
+}
