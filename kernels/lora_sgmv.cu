@@ -7,16 +7,16 @@
 // resident adapter's rank rows. Ranks differ per segment; each segment computes with its own rank
 // (no padding to a common rank), all segments in one launch. Accumulation is in f32.
 //
-// Work is cut into tiles of up to TILE_T tokens of one segment (a host-built list):
-//   meta[4*i .. 4*i+4]            = (segment, first token, tokens, 0)        for tile i < n_tiles
-//   meta[4*(n_tiles+s) .. +4]     = (row_offset, rank, scale as f32 bits, 0) for segment s
-// shrink: grid (n_tiles, ceil(in / K_BLOCK)), block 256 (8 warps). The block stages its tile's
-//   x[:, K_BLOCK] in shared memory as f32; each warp takes K_BLOCK/8 inputs, each lane one rank
-//   row of A (32 rows per pass) streamed from global memory, TILE_T accumulators per lane. The
-//   warps' partial sums are reduced in shared memory and added into v with atomicAdd (split K;
-//   the host zeroes v).
+// Work is cut into tiles of up to TILE_T tokens of one segment (a host-built list, two int4 per
+// tile): (first token, tokens, first pool row, rank), (scale as f32 bits, 0, 0, 0).
+// shrink: grid (n_tiles, k_splits = ceil(in / K_BLOCK)), block 256 (8 warps). The block stages its
+//   tile's x[:, K_BLOCK] in shared memory as f32; each warp takes K_BLOCK/8 inputs, each lane one
+//   rank row of A (8, 16 or 32 rows per pass; for small ranks the spare lanes split the inputs),
+//   the first pass's loads issued before x is staged. The warps' partial sums are reduced in
+//   shared memory and stored as this split's partial v[split, t, r] (no atomics, no zeroing).
 // expand: grid (n_tiles, ceil(out / 256)), block 256. Each thread owns one output column for the
-//   tile's tokens; the tile's v rows sit in shared memory.
+//   tile's tokens; its first 16 rows of Bt are loaded while the block sums the splits of the
+//   tile's v into shared memory.
 // Rows of y outside every tile are not written (the host zeroes y when tiles leave gaps).
 
 #include <cuda_bf16.h>
@@ -59,43 +59,130 @@ __device__ __forceinline__ void load8(const __nv_bfloat16 *p, float w[8], bool v
     }
 }
 
+// Eight elements kept as loaded (bf16: one uint4), converted to f32 where they are used.
+template <typename T> struct Raw8;
+template <> struct Raw8<float> {
+    float4 a, b;
+    __device__ __forceinline__ void load(const float *p, bool vec, int n) {
+        if (vec) {
+            a = reinterpret_cast<const float4 *>(p)[0];
+            b = reinterpret_cast<const float4 *>(p)[1];
+        } else {
+            float w[8];
+            load8(p, w, false, n);
+            a = make_float4(w[0], w[1], w[2], w[3]);
+            b = make_float4(w[4], w[5], w[6], w[7]);
+        }
+    }
+    __device__ __forceinline__ void zero() { a = b = make_float4(0.f, 0.f, 0.f, 0.f); }
+    __device__ __forceinline__ void get(float w[8]) const {
+        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+    }
+};
+template <> struct Raw8<__nv_bfloat16> {
+    uint4 u;
+    __device__ __forceinline__ void load(const __nv_bfloat16 *p, bool vec, int n) {
+        if (vec) {
+            u = *reinterpret_cast<const uint4 *>(p);
+        } else {
+            uint16_t h[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) h[i] = i < n ? reinterpret_cast<const uint16_t *>(p)[i] : 0;
+            u = make_uint4(h[0] | (uint32_t)h[1] << 16, h[2] | (uint32_t)h[3] << 16, h[4] | (uint32_t)h[5] << 16,
+                           h[6] | (uint32_t)h[7] << 16);
+        }
+    }
+    __device__ __forceinline__ void zero() { u = make_uint4(0, 0, 0, 0); }
+    __device__ __forceinline__ void get(float w[8]) const {
+        const uint32_t q[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            w[2 * i] = __uint_as_float(q[i] << 16);
+            w[2 * i + 1] = __uint_as_float(q[i] & 0xffff0000u);
+        }
+    }
+};
+
+struct Tile {
+    int t0, nt, row0, rank;
+    float scale;
+};
+
+// Tile i of the host-built list: (first token, tokens, first pool row, rank), (scale bits, 0, 0, 0).
+__device__ __forceinline__ Tile read_tile(const int32_t *meta, int i) {
+    const int4 a = reinterpret_cast<const int4 *>(meta)[2 * i];
+    const int4 b = reinterpret_cast<const int4 *>(meta)[2 * i + 1];
+    return Tile{a.x, a.y, a.z, a.w, __int_as_float(b.x)};
+}
+
 template <typename T>
 __device__ void shrink(const T *__restrict__ x, const T *__restrict__ a, float *__restrict__ v,
-                       const int32_t *__restrict__ meta, int n_tiles, int n_in, int v_stride) {
+                       const int32_t *__restrict__ meta, int n_in, int n_tokens, int v_stride) {
     __shared__ __align__(16) float xs[TILE_T][K_BLOCK + 4];
     __shared__ float red[8][TILE_T][32];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int4 tile = reinterpret_cast<const int4 *>(meta)[blockIdx.x];
-    const int4 seg = reinterpret_cast<const int4 *>(meta)[n_tiles + tile.x];
-    const int t0 = tile.y, nt = tile.z, row0 = seg.x, rank = seg.y;
-    const float scale = __int_as_float(seg.z);
+    const Tile tile = read_tile(meta, blockIdx.x);
     const int k0 = blockIdx.y * K_BLOCK;
     const int kn = min(K_BLOCK, n_in - k0);
-    for (int i = tid; i < TILE_T * K_BLOCK; i += THREADS) {
-        const int tok = i / K_BLOCK, k = i % K_BLOCK;
-        xs[tok][k] = (tok < nt && k < kn) ? to_f32(x[(size_t)(t0 + tok) * n_in + k0 + k]) : 0.f;
-    }
-    __syncthreads();
-    const bool vec = n_in % 8 == 0 && (reinterpret_cast<uintptr_t>(a) & 15) == 0;
+    const bool vec = n_in % 8 == 0 && (reinterpret_cast<uintptr_t>(a) & 15) == 0 &&
+                     (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+    // Lanes: `rows` rank rows per pass (8, 16 or 32); for small ranks the other lanes split the
+    // warp's inputs, lane group lq taking groups of eight lq, lq + ksub, ...
+    const int rows = tile.rank <= 8 ? 8 : tile.rank <= 16 ? 16 : 32;
+    const int ksub = 32 / rows;
+    const int lr = lane % rows, lq = lane / rows;
     const int kw0 = warp * K_WARP;
     const int kw_end = min(kw0 + K_WARP, kn);
-    for (int r0 = 0; r0 < rank; r0 += 32) {
-        const int r = r0 + lane;
+    constexpr int NI = K_WARP / 8;
+    const int ni = NI / ksub;
+    Raw8<T> raw[NI];
+    auto load_pass = [&](int r0) {
+        const int r = r0 + lr;
+        const T *arow = a + (size_t)(tile.row0 + r) * n_in + k0;
+#pragma unroll
+        for (int ii = 0; ii < NI; ++ii) {
+            const int k = kw0 + 8 * (ii * ksub + lq);
+            if (r < tile.rank && ii < ni && k < kw_end) {
+                raw[ii].load(arow + k, vec, kw_end - k);
+            } else {
+                raw[ii].zero();
+            }
+        }
+    };
+    // The first pass's A loads go out before x is staged, so that both are in flight at once.
+    load_pass(0);
+#pragma unroll
+    for (int i = 0; i < TILE_T * K_BLOCK / 8 / THREADS; ++i) {
+        const int e = (i * THREADS + tid) * 8;
+        const int tok = e / K_BLOCK, k = e % K_BLOCK;
+        float w[8];
+        if (tok < tile.nt && k < kn) {
+            load8(x + (size_t)(tile.t0 + tok) * n_in + k0 + k, w, vec, kn - k);
+        } else {
+#pragma unroll
+            for (int q = 0; q < 8; ++q) w[q] = 0.f;
+        }
+        *reinterpret_cast<float4 *>(&xs[tok][k]) = make_float4(w[0], w[1], w[2], w[3]);
+        *reinterpret_cast<float4 *>(&xs[tok][k + 4]) = make_float4(w[4], w[5], w[6], w[7]);
+    }
+    __syncthreads();
+    for (int r0 = 0; r0 < tile.rank; r0 += rows) {
+        if (r0 > 0) load_pass(r0);
         float acc[TILE_T];
 #pragma unroll
         for (int j = 0; j < TILE_T; ++j) acc[j] = 0.f;
-        if (r < rank) {
-            const T *arow = a + (size_t)(row0 + r) * n_in + k0;
-            for (int k = kw0; k < kw_end; k += 8) {
-                float w[8];
-                load8(arow + k, w, vec, kw_end - k);
 #pragma unroll
-                for (int j = 0; j < TILE_T; ++j) {
-                    const float4 u0 = *reinterpret_cast<const float4 *>(&xs[j][k]);
-                    const float4 u1 = *reinterpret_cast<const float4 *>(&xs[j][k + 4]);
-                    acc[j] += u0.x * w[0] + u0.y * w[1] + u0.z * w[2] + u0.w * w[3] + u1.x * w[4] + u1.y * w[5] +
-                              u1.z * w[6] + u1.w * w[7];
-                }
+        for (int ii = 0; ii < NI; ++ii) {
+            const int k = kw0 + 8 * (ii * ksub + lq);
+            if (ii >= ni || k >= kw_end) continue;
+            float w[8];
+            raw[ii].get(w);
+#pragma unroll
+            for (int j = 0; j < TILE_T; ++j) {
+                const float4 u0 = *reinterpret_cast<const float4 *>(&xs[j][k]);
+                const float4 u1 = *reinterpret_cast<const float4 *>(&xs[j][k + 4]);
+                acc[j] += u0.x * w[0] + u0.y * w[1] + u0.z * w[2] + u0.w * w[3] + u1.x * w[4] + u1.y * w[5] +
+                          u1.z * w[6] + u1.w * w[7];
             }
         }
 #pragma unroll
@@ -103,10 +190,14 @@ __device__ void shrink(const T *__restrict__ x, const T *__restrict__ a, float *
         __syncthreads();
         {
             const int j = tid >> 5, l = tid & 31;  // TILE_T * 32 == THREADS
-            float s = 0.f;
+            if (l < rows && j < tile.nt && r0 + l < tile.rank) {
+                float sum = 0.f;
 #pragma unroll
-            for (int w = 0; w < 8; ++w) s += red[w][j][l];
-            if (j < nt && r0 + l < rank) atomicAdd(v + (size_t)(t0 + j) * v_stride + r0 + l, s * scale);
+                for (int w = 0; w < 8; ++w)
+                    for (int q = 0; q < ksub; ++q) sum += red[w][j][l + q * rows];
+                // This split's partial sum; the expand kernel adds the splits.
+                v[((size_t)blockIdx.y * n_tokens + tile.t0 + j) * v_stride + r0 + l] = sum * tile.scale;
+            }
         }
         __syncthreads();
     }
@@ -114,25 +205,42 @@ __device__ void shrink(const T *__restrict__ x, const T *__restrict__ a, float *
 
 template <typename T>
 __device__ void expand(const float *__restrict__ v, const T *__restrict__ bt, T *__restrict__ y,
-                       const int32_t *__restrict__ meta, int n_tiles, int n_out, int v_stride) {
+                       const int32_t *__restrict__ meta, int n_out, int n_tokens, int v_stride, int k_splits) {
     __shared__ __align__(16) float vs[TILE_T][MAX_RANK];
     const int tid = threadIdx.x;
-    const int4 tile = reinterpret_cast<const int4 *>(meta)[blockIdx.x];
-    const int4 seg = reinterpret_cast<const int4 *>(meta)[n_tiles + tile.x];
-    const int t0 = tile.y, nt = tile.z, row0 = seg.x, rank = seg.y;
-    for (int i = tid; i < TILE_T * rank; i += THREADS) {
-        const int tok = i / rank, r = i % rank;
-        vs[tok][r] = tok < nt ? v[(size_t)(t0 + tok) * v_stride + r] : 0.f;
+    const Tile tile = read_tile(meta, blockIdx.x);
+    const int o = blockIdx.y * THREADS + tid;
+    const bool valid = o < n_out;
+    const T *b = bt + (size_t)tile.row0 * n_out + o;
+    // The first B values go out before v is gathered.
+    constexpr int RP = 16;
+    float wp[RP];
+#pragma unroll
+    for (int r = 0; r < RP; ++r) wp[r] = valid && r < tile.rank ? to_f32(b[(size_t)r * n_out]) : 0.f;
+    for (int i = tid; i < TILE_T * tile.rank; i += THREADS) {
+        const int tok = i / tile.rank, r = i % tile.rank;
+        float sum = 0.f;
+        if (tok < tile.nt)
+            for (int s = 0; s < k_splits; ++s) sum += v[((size_t)s * n_tokens + tile.t0 + tok) * v_stride + r];
+        vs[tok][r] = sum;
     }
     __syncthreads();
-    const int o = blockIdx.y * THREADS + tid;
-    if (o >= n_out) return;
+    if (!valid) return;
     float acc[TILE_T];
 #pragma unroll
     for (int j = 0; j < TILE_T; ++j) acc[j] = 0.f;
-    const T *b = bt + (size_t)row0 * n_out + o;
-    int r = 0;
-    for (; r + 4 <= rank; r += 4) {
+#pragma unroll
+    for (int r = 0; r < RP; r += 4) {
+        if (r >= tile.rank) break;
+#pragma unroll
+        for (int j = 0; j < TILE_T; ++j) {
+            const float4 q = *reinterpret_cast<const float4 *>(&vs[j][r]);
+            acc[j] += q.x * wp[r] + q.y * wp[r + 1] + q.z * wp[r + 2] + q.w * wp[r + 3];
+        }
+    }
+    int r = RP;
+#pragma unroll 4
+    for (; r + 4 <= tile.rank; r += 4) {
         const float w0 = to_f32(b[(size_t)r * n_out]), w1 = to_f32(b[(size_t)(r + 1) * n_out]);
         const float w2 = to_f32(b[(size_t)(r + 2) * n_out]), w3 = to_f32(b[(size_t)(r + 3) * n_out]);
 #pragma unroll
@@ -141,30 +249,181 @@ __device__ void expand(const float *__restrict__ v, const T *__restrict__ bt, T 
             acc[j] += q.x * w0 + q.y * w1 + q.z * w2 + q.w * w3;
         }
     }
-    for (; r < rank; ++r) {
+    for (; r < tile.rank; ++r) {
         const float w = to_f32(b[(size_t)r * n_out]);
 #pragma unroll
         for (int j = 0; j < TILE_T; ++j) acc[j] += vs[j][r] * w;
     }
 #pragma unroll
     for (int j = 0; j < TILE_T; ++j)
-        if (j < nt) store(acc[j], y + (size_t)(t0 + j) * n_out + o);
+        if (j < tile.nt) store(acc[j], y + (size_t)(tile.t0 + j) * n_out + o);
 }
 
 #define LORA_SGMV(NAME, T)                                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                     \
-        lora_shrink_##NAME(const T *x, const T *a, float *v, const int32_t *meta, int n_tiles, int n_in,      \
+        lora_shrink_##NAME(const T *x, const T *a, float *v, const int32_t *meta, int n_in, int n_tokens,     \
                            int v_stride) {                                                                    \
-        shrink<T>(x, a, v, meta, n_tiles, n_in, v_stride);                                                    \
+        shrink<T>(x, a, v, meta, n_in, n_tokens, v_stride);                                                   \
     }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                     \
-        lora_expand_##NAME(const float *v, const T *bt, T *y, const int32_t *meta, int n_tiles, int n_out,    \
-                           int v_stride) {                                                                    \
-        expand<T>(v, bt, y, meta, n_tiles, n_out, v_stride);                                                  \
+        lora_expand_##NAME(const float *v, const T *bt, T *y, const int32_t *meta, int n_out, int n_tokens,   \
+                           int v_stride, int k_splits) {                                                      \
+        expand<T>(v, bt, y, meta, n_out, n_tokens, v_stride, k_splits);                                       \
     }
 
 LORA_SGMV(f32, float)
 LORA_SGMV(bf16, __nv_bfloat16)
+
+// ---- bf16 on tensor cores (mma.sync m16n8k16, f32 accumulation), ranks up to 64 ----------------
+// The same tiles and the same split partials as above. A tile's 8 tokens are rows 0-7 of the
+// 16-row mma (rows 8-15 zero). Needs in % 16 == 0, out % 8 == 0 and 16-byte aligned operands
+// (checked by the host, which otherwise uses the kernels above).
+
+#define K_BLOCK_MMA 256
+#define MMA_MAX_RANK 64
+
+__device__ __forceinline__ void mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t ld_pair(const __nv_bfloat16 *p) { return *reinterpret_cast<const uint32_t *>(p); }
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t *>(&h);
+}
+
+__device__ __forceinline__ uint32_t pack_raw(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+    return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
+}
+
+// grid (n_tiles, ceil(in / K_BLOCK_MMA)), block 256: warp w takes inputs [w * 32, w * 32 + 32)
+// of the block's range in steps of 16, all its fragments loaded before the mmas; M = the tile's tokens, N = rank rows (8 per mma), K = in.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    lora_shrink_mma_bf16(const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ a,
+                         float *__restrict__ v, const int32_t *__restrict__ meta, int n_in, int n_tokens,
+                         int v_stride) {
+    __shared__ float red[8][TILE_T][MMA_MAX_RANK];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tig = lane & 3;
+    const Tile tile = read_tile(meta, blockIdx.x);
+    const int n_tiles8 = (tile.rank + 7) / 8;
+    const bool row_ok = g < tile.nt;
+    const __nv_bfloat16 *xr = x + (size_t)(tile.t0 + (row_ok ? g : 0)) * n_in;
+    float acc[MMA_MAX_RANK / 8][4];
+#pragma unroll
+    for (int n = 0; n < MMA_MAX_RANK / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    const int kw = blockIdx.y * K_BLOCK_MMA + warp * (K_BLOCK_MMA / 8);
+    // Every fragment of the warp's range is loaded first (one memory latency), then the mmas.
+    constexpr int STEPS = K_BLOCK_MMA / 8 / 16;
+    uint32_t xa[STEPS][2], ab[STEPS][MMA_MAX_RANK / 8][2];
+#pragma unroll
+    for (int step = 0; step < STEPS; ++step) {
+        const int k = kw + step * 16;
+        const bool k_ok = k < n_in;
+        xa[step][0] = row_ok && k_ok ? ld_pair(xr + k + tig * 2) : 0u;
+        xa[step][1] = row_ok && k_ok ? ld_pair(xr + k + tig * 2 + 8) : 0u;
+#pragma unroll
+        for (int n = 0; n < MMA_MAX_RANK / 8; ++n) {
+            const int r = n * 8 + g;
+            const bool ok = k_ok && n < n_tiles8 && r < tile.rank;
+            const __nv_bfloat16 *ar = a + (size_t)(tile.row0 + (ok ? r : 0)) * n_in + k + tig * 2;
+            ab[step][n][0] = ok ? ld_pair(ar) : 0u;
+            ab[step][n][1] = ok ? ld_pair(ar + 8) : 0u;
+        }
+    }
+#pragma unroll
+    for (int step = 0; step < STEPS; ++step) {
+#pragma unroll
+        for (int n = 0; n < MMA_MAX_RANK / 8; ++n) {
+            if (n < n_tiles8) mma_bf16(acc[n], xa[step][0], 0u, xa[step][1], 0u, ab[step][n][0], ab[step][n][1]);
+        }
+    }
+    // Rows g (tokens) of the accumulators: columns n * 8 + tig * 2 + {0, 1} (rank rows).
+#pragma unroll
+    for (int n = 0; n < MMA_MAX_RANK / 8; ++n) {
+        if (n >= n_tiles8) break;
+        red[warp][g][n * 8 + tig * 2] = acc[n][0];
+        red[warp][g][n * 8 + tig * 2 + 1] = acc[n][1];
+    }
+    __syncthreads();
+    for (int i = tid; i < TILE_T * tile.rank; i += THREADS) {
+        const int j = i / tile.rank, r = i % tile.rank;
+        if (j >= tile.nt) continue;
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; ++w) sum += red[w][j][r];
+        v[((size_t)blockIdx.y * n_tokens + tile.t0 + j) * v_stride + r] = sum * tile.scale;
+    }
+}
+
+// grid (n_tiles, ceil(out / 256)), block 256: warp w owns 32 output columns (4 mma column tiles);
+// M = the tile's tokens, N = outputs, K = rank (16 per mma, zero-padded).
+extern "C" __global__ void __launch_bounds__(THREADS)
+    lora_expand_mma_bf16(const float *__restrict__ v, const __nv_bfloat16 *__restrict__ bt,
+                         __nv_bfloat16 *__restrict__ y, const int32_t *__restrict__ meta, int n_out, int n_tokens,
+                         int v_stride, int k_splits) {
+    __shared__ float vs[TILE_T][MMA_MAX_RANK + 4];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tig = lane & 3;
+    const Tile tile = read_tile(meta, blockIdx.x);
+    const int kpad = (tile.rank + 15) / 16 * 16;
+    const int ow = blockIdx.y * THREADS + warp * 32;
+    // B fragments for rank rows k .. k + 15 of the warp's four column tiles.
+    auto load_b = [&](int k, uint32_t b[4][2]) {
+        const int r0 = k + tig * 2;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int col = ow + q * 8 + g;
+            const bool col_ok = col < n_out;
+            const __nv_bfloat16 *b_col = bt + (size_t)tile.row0 * n_out + (col_ok ? col : 0);
+            const __nv_bfloat16 z = __float2bfloat16(0.f);
+            auto at = [&](int r) { return col_ok && r < tile.rank ? b_col[(size_t)r * n_out] : z; };
+            b[q][0] = pack_raw(at(r0), at(r0 + 1));
+            b[q][1] = pack_raw(at(r0 + 8), at(r0 + 9));
+        }
+    };
+    // The first rows' loads go out before the block gathers v.
+    uint32_t bfrag[4][2];
+    load_b(0, bfrag);
+    for (int i = tid; i < TILE_T * kpad; i += THREADS) {
+        const int tok = i / kpad, r = i % kpad;
+        float sum = 0.f;
+        if (tok < tile.nt && r < tile.rank) {
+            const float *vp = v + ((size_t)tile.t0 + tok) * v_stride + r;
+            const size_t split_stride = (size_t)n_tokens * v_stride;
+#pragma unroll 8
+            for (int s = 0; s < k_splits; ++s) sum += vp[s * split_stride];
+        }
+        vs[tok][r] = sum;
+    }
+    __syncthreads();
+    if (ow >= n_out) return;
+    float acc[4][4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[q][0] = acc[q][1] = acc[q][2] = acc[q][3] = 0.f;
+    for (int k = 0; k < kpad; k += 16) {
+        if (k > 0) load_b(k, bfrag);
+        const uint32_t a0 = pack_bf16(vs[g][k + tig * 2], vs[g][k + tig * 2 + 1]);
+        const uint32_t a2 = pack_bf16(vs[g][k + tig * 2 + 8], vs[g][k + tig * 2 + 9]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) mma_bf16(acc[q], a0, 0u, a2, 0u, bfrag[q][0], bfrag[q][1]);
+    }
+    if (g >= tile.nt) return;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int col = ow + q * 8 + tig * 2;
+        if (col < n_out) {
+            *reinterpret_cast<__nv_bfloat162 *>(y + (size_t)(tile.t0 + g) * n_out + col) =
+                __floats2bfloat162_rn(acc[q][0], acc[q][1]);
+        }
+    }
+}
 
 // Benchmark helper: keeps the GPU busy for `cycles` clock ticks, so that the host can queue the
 // launches to be timed behind it and events measure device time, not launch latency.

@@ -6,6 +6,8 @@
    (base, and `--adapter`).
 3. `tandem adapter check --save-to` rewrites the adapter with tandem's PEFT writer; PEFT loads
    that copy and must give the same tokens again.
+4. `tandem finetune` trains an adapter on the same model; PEFT loads it and must give the same
+   tokens as `tandem generate --adapter`.
 
 usage: python3 scripts/peft-interop.py path/to/tandem [generate args...]   (needs torch, transformers, peft)
 Extra arguments go to every `tandem generate`, e.g. `--device cuda --dtype f32` on a GPU host.
@@ -64,6 +66,18 @@ copy_dir = os.path.join(d, "tandem-copy")
 subprocess.run([tandem, "adapter", "check", "--model", model_dir, adapter_dir, "--save-to", copy_dir], check=True)
 reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(model_dir), copy_dir).eval()
 results["tandem-written adapter in PEFT"] = (hf_greedy(reloaded), tandem_greedy("--adapter", copy_dir))
+
+# 4. An adapter trained by `tandem finetune` loads in PEFT and gives the same tokens there.
+data = os.path.join(d, "train.jsonl")
+with open(data, "w") as f:
+    for k in range(6):
+        f.write(json.dumps({"text": " ".join(f"w{(k * 13 + i * 7) % cfg.vocab_size}" for i in range(12))}) + "\n")
+trained_dir = os.path.join(d, "trained")
+subprocess.run([tandem, "finetune", "--model", model_dir, "--data", data, "--out", trained_dir, "--targets", "all-linear",
+                "--rank", "4", "--lr", "5e-2", "--epochs", "2", "--batch-size", "3", "--chunk-tokens", "5",
+                *generate_args], check=True, capture_output=True)
+trained = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(model_dir), trained_dir).eval()
+results["adapter trained by tandem finetune, in PEFT"] = (hf_greedy(trained), tandem_greedy("--adapter", trained_dir))
 
 ok = True
 for name, (hf, td) in results.items():

@@ -14,6 +14,14 @@ const MODULE: &str = "tandem_lora_sgmv";
 /// (MAX_RANK), as in kernels/lora_sgmv.cu.
 const K_BLOCK: usize = 512;
 const MAX_RANK: usize = 256;
+/// The tensor-core path (bf16): inputs per shrink block and the largest rank (K_BLOCK_MMA,
+/// MMA_MAX_RANK in kernels/lora_sgmv.cu).
+const K_BLOCK_MMA: usize = 256;
+const MMA_MAX_RANK: usize = 64;
+
+/// Route bf16 through the CUDA-core kernels even where the tensor-core ones apply (benchmarks).
+pub static FORCE_CUDA_CORES: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// A segment list on the device: the kernels' work list (see `work_list`).
 pub struct SgmvPlan {
@@ -76,44 +84,62 @@ fn run<T: DeviceRepr + ValidAsZeroBits>(
     if plan.n_tiles == 0 {
         return Ok(y);
     }
-    let v = dev.alloc_zeros::<f32>(t * plan.max_rank)?;
-    let (n_tiles, n_in_i, n_out_i, stride) = (
-        plan.n_tiles as i32,
+    let aligned = |l: &Layout| l.start_offset() % 8 == 0;
+    let mma = suffix == "bf16"
+        && !FORCE_CUDA_CORES.load(std::sync::atomic::Ordering::Relaxed)
+        && plan.max_rank <= MMA_MAX_RANK
+        && n_in % 16 == 0
+        && n_out % 8 == 0
+        && aligned(xl)
+        && aligned(al)
+        && aligned(bl);
+    let (kind, k_block) = if mma {
+        ("mma_bf16", K_BLOCK_MMA)
+    } else {
+        (suffix, K_BLOCK)
+    };
+    let k_splits = n_in.div_ceil(k_block);
+    // SAFETY: the shrink kernel writes every (split, token, rank) entry the expand kernel reads.
+    let v = unsafe { dev.alloc::<f32>(k_splits * t * plan.max_rank)? };
+    let (n_in_i, n_out_i, t_i, stride, splits_i) = (
         n_in as i32,
         n_out as i32,
+        t as i32,
         plan.max_rank as i32,
+        k_splits as i32,
     );
 
     let shrink =
-        dev.get_or_load_custom_func(&format!("lora_shrink_{suffix}"), MODULE, LORA_SGMV_PTX)?;
+        dev.get_or_load_custom_func(&format!("lora_shrink_{kind}"), MODULE, LORA_SGMV_PTX)?;
     let mut b = shrink.builder();
     b.arg(&x)
         .arg(&a)
         .arg(&v)
         .arg(&plan.meta)
-        .arg(&n_tiles)
         .arg(&n_in_i)
+        .arg(&t_i)
         .arg(&stride);
     let cfg = LaunchConfig {
-        grid_dim: (plan.n_tiles as u32, n_in.div_ceil(K_BLOCK) as u32, 1),
+        grid_dim: (plan.n_tiles as u32, k_splits as u32, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: every pointer covers the extent the kernel reads or writes: x [t, n_in]; the pools'
-    // rows were checked against the segments (check_shapes); v [t, max_rank]; meta as built by
-    // work_list for these segments and t tokens.
+    // rows were checked against the segments (check_shapes); v [k_splits, t, max_rank]; meta as
+    // built by work_list for these segments and t tokens.
     unsafe { b.launch(cfg) }.w()?;
 
     let expand =
-        dev.get_or_load_custom_func(&format!("lora_expand_{suffix}"), MODULE, LORA_SGMV_PTX)?;
+        dev.get_or_load_custom_func(&format!("lora_expand_{kind}"), MODULE, LORA_SGMV_PTX)?;
     let mut b = expand.builder();
     b.arg(&v)
         .arg(&bt)
         .arg(&y)
         .arg(&plan.meta)
-        .arg(&n_tiles)
         .arg(&n_out_i)
-        .arg(&stride);
+        .arg(&t_i)
+        .arg(&stride)
+        .arg(&splits_i);
     let cfg = LaunchConfig {
         grid_dim: (plan.n_tiles as u32, n_out.div_ceil(256) as u32, 1),
         block_dim: (256, 1, 1),

@@ -70,28 +70,29 @@ fn check(segs: &[LoraSegment], t: usize, rows: usize) -> Result<()> {
 /// Tokens per work tile of the CUDA kernels (TILE_T in kernels/lora_sgmv.cu).
 pub const TILE_TOKENS: usize = 8;
 
-/// The CUDA kernels' work list: `(segment, first token, tokens, 0)` per tile of at most
-/// [`TILE_TOKENS`] tokens of one segment, then `(row_offset, rank, scale bits, 0)` per segment;
-/// with the number of tiles and whether the tiles cover every one of the `t` tokens.
+/// The CUDA kernels' work list: per tile of at most [`TILE_TOKENS`] tokens of one segment,
+/// `(first token, tokens, first pool row, rank)` then `(scale bits, 0, 0, 0)`; with the number of
+/// tiles and whether the tiles cover every one of the `t` tokens.
 pub fn work_list(segs: &[LoraSegment], t: usize) -> (Vec<i32>, usize, bool) {
     let mut meta = Vec::new();
     let mut covered = 0;
-    for (i, s) in segs.iter().enumerate() {
+    for s in segs {
         covered += s.len;
         for start in (s.start..s.start + s.len).step_by(TILE_TOKENS) {
             let n = TILE_TOKENS.min(s.start + s.len - start);
-            meta.extend([i as i32, start as i32, n as i32, 0]);
+            meta.extend([
+                start as i32,
+                n as i32,
+                s.row_offset as i32,
+                s.rank as i32,
+                s.scale.to_bits() as i32,
+                0,
+                0,
+                0,
+            ]);
         }
     }
-    let n_tiles = meta.len() / 4;
-    for s in segs {
-        meta.extend([
-            s.row_offset as i32,
-            s.rank as i32,
-            s.scale.to_bits() as i32,
-            0,
-        ]);
-    }
+    let n_tiles = meta.len() / 8;
     (meta, n_tiles, covered == t)
 }
 

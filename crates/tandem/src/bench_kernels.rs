@@ -227,14 +227,26 @@ fn copy_bandwidth(_: &Device) -> Result<Option<f64>> {
     Ok(None)
 }
 
+/// Routes bf16 through the CUDA-core kernels instead of the tensor-core ones (CUDA builds).
+fn force_cuda_cores(on: bool) {
+    #[cfg(feature = "cuda")]
+    tandem_kernels::cuda::FORCE_CUDA_CORES.store(on, std::sync::atomic::Ordering::Relaxed);
+    let _ = on;
+}
+
 pub fn kernels(args: BenchKernelsArgs) -> Result<()> {
     let dev = device(args.device)?;
     let div = if args.quick { 16 } else { 1 };
     let mut rng = StdRng::seed_from_u64(0);
-    let dtypes: &[DType] = if dev.is_cpu() {
-        &[DType::F32]
+    // (dtype, through the CUDA-core kernels): bf16 runs on tensor cores where it can.
+    let dtypes: &[(DType, bool)] = if dev.is_cpu() {
+        &[(DType::F32, false)]
     } else {
-        &[DType::F32, DType::BF16]
+        &[
+            (DType::F32, false),
+            (DType::BF16, false),
+            (DType::BF16, true),
+        ]
     };
     // Correctness on fresh random inputs: ranks 8-64 mixed in one launch, 1-64 segments (some
     // adapters shared, base-only runs between them), 1-4096 tokens, hidden 4096 and 14336.
@@ -268,12 +280,12 @@ pub fn kernels(args: BenchKernelsArgs) -> Result<()> {
         let host = inputs(&c, &mut rng);
         let want = reference(&c, &host);
         let max = want.iter().fold(0f64, |m, v| m.max(v.abs()));
-        for &dtype in dtypes {
+        for &(dtype, cores) in dtypes {
             let (xt, at, btt) = upload(&dev, dtype, &c, &host)?;
-            let got = lora_sgmv(&xt, &at, &btt, Arc::from(c.segs.clone()))?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
+            force_cuda_cores(cores);
+            let got = lora_sgmv(&xt, &at, &btt, Arc::from(c.segs.clone()));
+            force_cuda_cores(false);
+            let got = got?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let err = got
                 .iter()
                 .zip(&want)
@@ -284,8 +296,9 @@ pub fn kernels(args: BenchKernelsArgs) -> Result<()> {
             let ok = err <= limit;
             failed += usize::from(!ok);
             println!(
-                "| {} | {dtype:?} | {} | {} -> {} | {} | {} ({ranks:?}) | {err:.2e} | {limit:.0e} |",
+                "| {} | {dtype:?}{} | {} | {} -> {} | {} | {} ({ranks:?}) | {err:.2e} | {limit:.0e} |",
                 if ok { "ok" } else { "FAIL" },
+                if cores { " (CUDA cores)" } else { "" },
                 c.tokens,
                 c.n_in,
                 c.n_out,
@@ -308,9 +321,9 @@ pub fn kernels(args: BenchKernelsArgs) -> Result<()> {
         );
     }
     println!(
-        "\n| timing ({dtype:?}) | base GEMM us | lora_sgmv us | with upload us | lora/base | LoRA bytes MB | % of copy bw |"
+        "\n| timing ({dtype:?}) | base GEMM us | lora_sgmv us | with upload us | lora/base | LoRA bytes MB | % of copy bw | CUDA-core path us |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let reps = if args.quick { 5 } else { 100 };
     for (tokens, n_in, n_out, adapters, rank) in [
         (256, 4096, 4096, 32, 16),
@@ -344,13 +357,25 @@ pub fn kernels(args: BenchKernelsArgs) -> Result<()> {
             lora_sgmv(&xt, &at, &btt, segs.clone())?;
             Ok(())
         })?;
+        let cores = if dtype == DType::BF16 {
+            force_cuda_cores(true);
+            let op = lora_sgmv_op(segs.clone());
+            let t = device_median_us(&dev, reps, || {
+                xt.apply_op3_arc(&at, &btt, op.clone())?;
+                Ok(())
+            });
+            force_cuda_cores(false);
+            format!("{:.1}", t?)
+        } else {
+            "-".to_string()
+        };
         let elem = dtype.size_in_bytes() as f64;
         let bytes = (c.tokens * (c.n_in + c.n_out) + c.rows * (c.n_in + c.n_out)) as f64 * elem;
         let share = bw.map_or("-".to_string(), |bw| {
             format!("{:.0}%", bytes / (lora * 1e-6) / bw * 100.0)
         });
         println!(
-            "| T{} H{} O{} A{} r{} | {base:.1} | {lora:.1} | {with_upload:.1} | {:.2} | {:.1} | {share} |",
+            "| T{} H{} O{} A{} r{} | {base:.1} | {lora:.1} | {with_upload:.1} | {:.2} | {:.1} | {share} | {cores} |",
             c.tokens,
             c.n_in,
             c.n_out,
