@@ -412,7 +412,7 @@ fn resumed_run_equals_a_straight_run() {
     first.save_checkpoint(&ck).unwrap();
     drop(first);
     let mut resumed = Finetuner::resume(&m, data, &ck).unwrap();
-    assert_eq!(resumed.step, 4);
+    assert_eq!(resumed.step(), 4);
     let mut resumed_losses = Vec::new();
     while !resumed.is_done() {
         resumed_losses.push(resumed.train_step().unwrap().loss);

@@ -94,7 +94,7 @@ pub fn run(args: BenchFinetuneArgs) -> Result<()> {
         let ours = r.peak_activation_bytes as f64 / len as f64;
         // Autograd: one layer's graph times the layers, plus the head (identical layers);
         // checked against the whole graph where that fits (--full-graph-max).
-        let lora = &ft.lora;
+        let lora = ft.lora();
         let xv = Var::from_tensor(&model.embed(&ex.tokens)?)?;
         let (out, _, _) = model.layer_chunk(0, xv.as_tensor(), 0, None, None, &lora.layers[0])?;
         let layer = graph_bytes(&out.sum_all()?);

@@ -82,14 +82,14 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     eprintln!(
         "finetune: {} on {examples} examples ({targets} target tokens), LoRA r={} alpha={} on {}, {} steps of {} sequences, lr {} ({:?}), chunks of {} tokens",
         m.name,
-        ft.cfg.r,
-        ft.cfg.alpha,
-        ft.cfg.targets.join(","),
+        ft.cfg().r,
+        ft.cfg().alpha,
+        ft.cfg().targets.join(","),
         ft.total_steps(),
-        ft.cfg.batch_size,
-        ft.cfg.lr,
-        ft.cfg.schedule,
-        ft.cfg.chunk_tokens,
+        ft.cfg().batch_size,
+        ft.cfg().lr,
+        ft.cfg().schedule,
+        ft.cfg().chunk_tokens,
     );
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;

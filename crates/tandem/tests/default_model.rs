@@ -174,7 +174,8 @@ fn kernel_checks_pass_on_cpu() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(stdout.matches("| ok |").count(), 5, "{stdout}");
+    assert_eq!(stdout.matches("| ok |").count(), 9, "{stdout}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
 }
 
 #[test]

@@ -5,11 +5,13 @@
 
 pub mod adamw;
 pub mod data;
+pub mod run;
 pub mod step;
 pub mod trainer;
 
 pub use adamw::{lr_factor, AdamW, AdamWConfig, Schedule, StepInfo};
 pub use data::{load_jsonl, parse_record, tokenize, validate_jsonl, Example, Record};
+pub use run::{Progress, TrainingRun};
 pub use step::{ChunkGrads, LayerLora};
 pub use trainer::{peft_key, GradAccum, LoraSpec, SeqPhase, SeqTrain, TrainableLora};
 
@@ -19,7 +21,6 @@ use crate::kv_cache::KvCache;
 use crate::llama::Llama;
 use crate::lora::{AdapterRegistry, RegistryConfig};
 use candle_core::Tensor;
-use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
@@ -124,16 +125,11 @@ pub struct StepReport {
 /// Runs optimizer steps of token-level LoRA training on its own KV cache.
 pub struct Finetuner<'m> {
     model: &'m Llama,
-    pub cfg: TrainConfig,
-    pub lora: TrainableLora,
-    opt: AdamW,
+    pub run: TrainingRun,
     registry: AdapterRegistry,
     adapter_id: u32,
     cache: KvCache,
     block_table: Vec<u32>,
-    data: Vec<Example>,
-    /// Optimizer steps done.
-    pub step: usize,
     base_model: Option<String>,
 }
 
@@ -148,21 +144,11 @@ impl<'m> Finetuner<'m> {
     ) -> Result<Self> {
         cfg.check()?;
         let lora = TrainableLora::new(&model.cfg, cfg.spec()?, model.device(), cfg.seed)?;
-        Self::with_lora(model, data, cfg, lora, base_model)
+        Self::with_run(model, TrainingRun::new(data, cfg, lora)?, base_model)
     }
 
-    fn with_lora(
-        model: &'m Llama,
-        data: Vec<Example>,
-        cfg: TrainConfig,
-        lora: TrainableLora,
-        base_model: Option<String>,
-    ) -> Result<Self> {
-        if data.is_empty() {
-            return Err(ModelError::Batch("no training examples".into()));
-        }
-        let longest = data.iter().map(|e| e.tokens.len()).max().unwrap_or(1);
-        let blocks = longest.div_ceil(BLOCK).max(1);
+    fn with_run(model: &'m Llama, run: TrainingRun, base_model: Option<String>) -> Result<Self> {
+        let blocks = run.max_len().div_ceil(BLOCK).max(1);
         let mc = &model.cfg;
         let cache = KvCache::new(
             mc.num_hidden_layers,
@@ -176,78 +162,53 @@ impl<'m> Finetuner<'m> {
         let mut registry = AdapterRegistry::new(
             RegistryConfig {
                 max_loras: 1,
-                max_lora_rank: lora.spec.r,
+                max_lora_rank: run.lora.spec.r,
             },
             mc,
             model.device(),
             model.dtype(),
         );
-        let adapter_id = registry.register_live("training", lora.to_adapter(None)?)?;
-        let opt = AdamW::new(AdamWConfig {
-            lr: cfg.lr,
-            weight_decay: cfg.weight_decay,
-            max_grad_norm: cfg.max_grad_norm,
-            ..Default::default()
-        });
+        let adapter_id = registry.register_live("training", run.lora.to_adapter(None)?)?;
         Ok(Self {
             model,
-            cfg,
-            lora,
-            opt,
+            run,
             registry,
             adapter_id,
             cache,
             block_table: (0..blocks as u32).collect(),
-            data,
-            step: 0,
             base_model,
         })
     }
 
-    pub fn steps_per_epoch(&self) -> usize {
-        self.data.len().div_ceil(self.cfg.batch_size)
+    pub fn cfg(&self) -> &TrainConfig {
+        &self.run.cfg
+    }
+
+    pub fn lora(&self) -> &TrainableLora {
+        &self.run.lora
+    }
+
+    pub fn step(&self) -> usize {
+        self.run.step
     }
 
     pub fn total_steps(&self) -> usize {
-        self.steps_per_epoch() * self.cfg.epochs
+        self.run.total_steps()
     }
 
     pub fn is_done(&self) -> bool {
-        self.step >= self.total_steps()
+        self.run.is_done()
     }
 
-    /// The examples of optimizer step `step` (0-based): each epoch visits every example once,
-    /// in an order shuffled from the seed and the epoch.
-    pub fn batch_indices(&self, step: usize) -> Vec<usize> {
-        let spe = self.steps_per_epoch();
-        let (epoch, i) = (step / spe, step % spe);
-        let mut order: Vec<usize> = (0..self.data.len()).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(
-            self.cfg.seed.wrapping_add(epoch as u64),
-        ));
-        let bs = self.cfg.batch_size;
-        order[i * bs..((i + 1) * bs).min(order.len())].to_vec()
-    }
-
-    /// Gradients of the mean loss over `examples` (token-level path), without an update.
-    /// Returns (Σ loss, targets, tokens, peak activation bytes) besides the gradients.
-    pub fn gradients(
-        &mut self,
-        examples: &[usize],
-    ) -> Result<(GradAccum, f64, usize, usize, usize)> {
-        let total: usize = examples.iter().map(|&i| self.data[i].num_targets()).sum();
-        let weight = 1.0 / total.max(1) as f64;
-        let mut acc = GradAccum::default();
-        let (mut loss, mut targets, mut tokens, mut peak) = (0.0, 0, 0, 0);
-        for &i in examples {
-            let ex = &self.data[i];
-            let mut seq =
-                SeqTrain::new(ex.tokens.clone(), &ex.target, self.cfg.chunk_tokens, weight);
-            while let Some((c, start, toks)) = seq.next_forward() {
+    /// One optimizer step: the batch's sequences forward chunk by chunk, then backward step
+    /// by step, then AdamW; the new weights go into the registry slot.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        loop {
+            while let Some((c, start, toks)) = self.run.next_forward() {
                 let mut batch = PackedBatch::default();
                 batch.push_with_adapter(
                     0,
-                    toks,
+                    &toks,
                     start,
                     self.block_table.clone(),
                     LogitsWanted::None,
@@ -257,57 +218,25 @@ impl<'m> Finetuner<'m> {
                     self.model
                         .forward_packed(&batch, &self.cache, Some(&self.registry), &[0])?;
                 let inputs = caps.pop().map(|c| c.inputs).unwrap_or_default();
-                seq.finish_forward(self.model, c, inputs)?;
-                peak = peak.max(seq.held_bytes());
+                self.run.finish_forward(self.model, c, inputs)?;
             }
-            while seq.phase != SeqPhase::Done {
-                seq.backward_step(
-                    self.model,
-                    &self.cache,
-                    &self.block_table,
-                    &self.lora,
-                    &mut acc,
-                )?;
-                peak = peak.max(seq.held_bytes());
+            if !self.run.backward_due() {
+                return Err(ModelError::Batch("the training run is done".into()));
             }
-            loss += seq.loss_sum;
-            targets += seq.targets;
-            tokens += seq.len();
+            if let Progress::OptimizerStep(r) =
+                self.run
+                    .backward_step(self.model, &self.cache, &self.block_table)?
+            {
+                self.registry
+                    .replace_live(self.adapter_id, self.run.lora.to_adapter(None)?)?;
+                return Ok(r);
+            }
         }
-        Ok((acc, loss, targets, tokens, peak))
-    }
-
-    /// One optimizer step over the next batch.
-    pub fn train_step(&mut self) -> Result<StepReport> {
-        let total_steps = self.total_steps();
-        let idx = self.batch_indices(self.step);
-        let (acc, loss, targets, tokens, peak) = self.gradients(&idx)?;
-        let lr = self.cfg.lr
-            * lr_factor(
-                self.cfg.schedule,
-                self.step,
-                self.cfg.warmup_steps,
-                total_steps,
-            );
-        let info = self.opt.step(&self.lora.named_params(), &acc.grads, lr)?;
-        self.step += 1;
-        self.registry
-            .replace_live(self.adapter_id, self.lora.to_adapter(None)?)?;
-        Ok(StepReport {
-            step: self.step,
-            total_steps,
-            loss: loss / targets.max(1) as f64,
-            lr,
-            grad_norm: info.grad_norm,
-            tokens,
-            targets,
-            peak_activation_bytes: peak,
-        })
     }
 
     /// The adapter as it is now, in PEFT form.
     pub fn adapter(&self) -> Result<crate::lora::LoraAdapter> {
-        self.lora.to_adapter(self.base_model.clone())
+        self.run.lora.to_adapter(self.base_model.clone())
     }
 
     /// Writes a checkpoint: the adapter (PEFT), the optimizer state and the position in the
@@ -317,13 +246,13 @@ impl<'m> Finetuner<'m> {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
         self.adapter()?.save(&tmp)?;
-        let state: HashMap<String, Tensor> = self.opt.state_tensors();
+        let state: HashMap<String, Tensor> = self.run.opt.state_tensors();
         let opt_path = tmp.join("optimizer.safetensors");
         candle_core::safetensors::save(&state, &opt_path)?;
         let meta = serde_json::json!({
-            "step": self.step,
+            "step": self.run.step,
             "total_steps": self.total_steps(),
-            "config": self.cfg,
+            "config": self.run.cfg,
             "base_model": self.base_model,
         });
         let meta_path = tmp.join("trainer_state.json");
@@ -363,13 +292,13 @@ impl<'m> Finetuner<'m> {
         )?;
         let lora =
             TrainableLora::from_adapter(&adapter, model.cfg.num_hidden_layers, model.device())?;
-        let mut ft = Self::with_lora(model, data, cfg, lora, base_model)?;
+        let mut ft = Self::with_run(model, TrainingRun::new(data, cfg, lora)?, base_model)?;
         let opt_path = dir.join("optimizer.safetensors");
         let state = candle_core::safetensors::load(&opt_path, model.device()).map_err(|e| {
             ModelError::field(&opt_path, "tensors", crate::error::candle_message(&e))
         })?;
-        ft.opt.restore(step, state)?;
-        ft.step = step;
+        ft.run.opt.restore(step, state)?;
+        ft.run.step = step;
         Ok(ft)
     }
 }

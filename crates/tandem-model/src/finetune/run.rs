@@ -1,0 +1,211 @@
+//! A training run cut into schedulable units, on a KV cache and adapter registry it does not
+//! own: whoever runs it (`Finetuner` alone, or the co-serving engine between inference tokens)
+//! asks for the next forward chunk, places it in a packed batch with `capture`, hands back the
+//! captured activations, and runs backward steps as its budget allows. The run does the rest:
+//! which sequence is next, the loss weighting over the optimizer batch, gradient accumulation,
+//! AdamW and the learning-rate schedule.
+
+use super::{
+    lr_factor, AdamW, AdamWConfig, Example, GradAccum, SeqPhase, SeqTrain, StepReport, TrainConfig,
+    TrainableLora,
+};
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::llama::Llama;
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use std::collections::HashMap;
+
+/// What `backward_step` completed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Progress {
+    /// More of the current sequence's backward is due.
+    Stepped,
+    /// The sequence is done; its KV blocks may go.
+    SequenceDone,
+    /// The sequence is done and so is an optimizer step: the adapter's weights changed.
+    OptimizerStep(StepReport),
+}
+
+pub struct TrainingRun {
+    pub cfg: TrainConfig,
+    pub lora: TrainableLora,
+    pub(crate) opt: AdamW,
+    data: Vec<Example>,
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Examples of the optimizer step in progress, and how many have started.
+    batch: Vec<usize>,
+    started: usize,
+    weight: f64,
+    seq: Option<SeqTrain>,
+    acc: GradAccum,
+    loss: f64,
+    targets: usize,
+    tokens: usize,
+    peak: usize,
+}
+
+impl TrainingRun {
+    pub fn new(data: Vec<Example>, cfg: TrainConfig, lora: TrainableLora) -> Result<Self> {
+        if data.is_empty() {
+            return Err(ModelError::Batch("no training examples".into()));
+        }
+        let opt = AdamW::new(AdamWConfig {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            max_grad_norm: cfg.max_grad_norm,
+            ..Default::default()
+        });
+        Ok(Self {
+            cfg,
+            lora,
+            opt,
+            data,
+            step: 0,
+            batch: Vec::new(),
+            started: 0,
+            weight: 0.0,
+            seq: None,
+            acc: GradAccum::default(),
+            loss: 0.0,
+            targets: 0,
+            tokens: 0,
+            peak: 0,
+        })
+    }
+
+    pub fn steps_per_epoch(&self) -> usize {
+        self.data.len().div_ceil(self.cfg.batch_size)
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.steps_per_epoch() * self.cfg.epochs
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.step >= self.total_steps()
+    }
+
+    /// The longest example, in tokens (what one sequence's KV needs at most).
+    pub fn max_len(&self) -> usize {
+        self.data.iter().map(|e| e.tokens.len()).max().unwrap_or(0)
+    }
+
+    /// The examples of optimizer step `step` (0-based): each epoch visits every example once,
+    /// in an order shuffled from the seed and the epoch.
+    pub fn batch_indices(&self, step: usize) -> Vec<usize> {
+        let spe = self.steps_per_epoch();
+        let (epoch, i) = (step / spe, step % spe);
+        let mut order: Vec<usize> = (0..self.data.len()).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(
+            self.cfg.seed.wrapping_add(epoch as u64),
+        ));
+        let bs = self.cfg.batch_size;
+        order[i * bs..((i + 1) * bs).min(order.len())].to_vec()
+    }
+
+    /// The sequence in flight, starting the next one of the optimizer batch if none is.
+    /// Returns its length in tokens (None when the run is done).
+    pub fn current_len(&mut self) -> Option<usize> {
+        if self.seq.is_none() {
+            if self.is_done() {
+                return None;
+            }
+            if self.started == 0 {
+                self.batch = self.batch_indices(self.step);
+                let total: usize = self.batch.iter().map(|&i| self.data[i].num_targets()).sum();
+                self.weight = 1.0 / total.max(1) as f64;
+            }
+            let ex = &self.data[self.batch[self.started]];
+            self.started += 1;
+            self.seq = Some(SeqTrain::new(
+                ex.tokens.clone(),
+                &ex.target,
+                self.cfg.chunk_tokens,
+                self.weight,
+            ));
+        }
+        self.seq.as_ref().map(SeqTrain::len)
+    }
+
+    /// The next forward chunk of the sequence in flight: (chunk, first position, tokens).
+    pub fn next_forward(&mut self) -> Option<(usize, usize, Vec<u32>)> {
+        self.current_len()?;
+        let (c, s, t) = self.seq.as_ref()?.next_forward()?;
+        Some((c, s, t.to_vec()))
+    }
+
+    /// Hands back the captured activations of forward chunk `c`.
+    pub fn finish_forward(
+        &mut self,
+        model: &Llama,
+        c: usize,
+        inputs: Vec<candle_core::Tensor>,
+    ) -> Result<()> {
+        let seq = self
+            .seq
+            .as_mut()
+            .ok_or_else(|| ModelError::Batch("no training sequence in flight".into()))?;
+        seq.finish_forward(model, c, inputs)?;
+        self.peak = self.peak.max(seq.held_bytes());
+        Ok(())
+    }
+
+    /// Whether the sequence in flight is in its backward.
+    pub fn backward_due(&self) -> bool {
+        matches!(
+            self.seq.as_ref().map(|s| s.phase),
+            Some(SeqPhase::Backward(..))
+        )
+    }
+
+    /// One backward step of the sequence in flight (its K/V in `cache` through `block_table`);
+    /// at the end of the optimizer batch, the AdamW update.
+    pub fn backward_step(
+        &mut self,
+        model: &Llama,
+        cache: &KvCache,
+        block_table: &[u32],
+    ) -> Result<Progress> {
+        let seq = self
+            .seq
+            .as_mut()
+            .ok_or_else(|| ModelError::Batch("no training sequence in flight".into()))?;
+        seq.backward_step(model, cache, block_table, &self.lora, &mut self.acc)?;
+        self.peak = self.peak.max(seq.held_bytes());
+        if seq.phase != SeqPhase::Done {
+            return Ok(Progress::Stepped);
+        }
+        self.loss += seq.loss_sum;
+        self.targets += seq.targets;
+        self.tokens += seq.len();
+        self.seq = None;
+        if self.started < self.batch.len() {
+            return Ok(Progress::SequenceDone);
+        }
+        let total_steps = self.total_steps();
+        let lr = self.cfg.lr
+            * lr_factor(
+                self.cfg.schedule,
+                self.step,
+                self.cfg.warmup_steps,
+                total_steps,
+            );
+        let grads: HashMap<String, candle_core::Tensor> = std::mem::take(&mut self.acc.grads);
+        let info = self.opt.step(&self.lora.named_params(), &grads, lr)?;
+        self.step += 1;
+        let report = StepReport {
+            step: self.step,
+            total_steps,
+            loss: self.loss / self.targets.max(1) as f64,
+            lr,
+            grad_norm: info.grad_norm,
+            tokens: self.tokens,
+            targets: self.targets,
+            peak_activation_bytes: self.peak,
+        };
+        self.started = 0;
+        (self.loss, self.targets, self.tokens, self.peak) = (0.0, 0, 0, 0);
+        Ok(Progress::OptimizerStep(report))
+    }
+}
