@@ -162,6 +162,8 @@ pub struct ScheduledBatch {
     pub batch: PackedBatch,
     pub new_seqs: Vec<NewSequence>,
     pub finished: Vec<u64>,
+    /// Segments (finetuning chunks) whose activations the engine keeps for their backward.
+    pub capture: Vec<usize>,
 }
 
 /// A sequence the engine sees for the first time: how to sample it, which adapter it uses.

@@ -16,6 +16,8 @@ pub struct ModelRunner {
     samplers: HashMap<u64, Sampler>,
     /// Adapter pinned by each live sequence.
     seq_adapter: HashMap<u64, u32>,
+    /// Activations the last `execute` kept for `ScheduledBatch::capture` (finetuning chunks).
+    pub captured: Vec<crate::llama::Captured>,
 }
 
 impl ModelRunner {
@@ -46,6 +48,7 @@ impl ModelRunner {
             adapters,
             samplers: HashMap::new(),
             seq_adapter: HashMap::new(),
+            captured: Vec::new(),
         })
     }
 
@@ -70,6 +73,7 @@ impl ModelRunner {
                 "the runner samples from last-token logits only".into(),
             ));
         }
+        self.captured.clear();
         if batch.segments.is_empty() {
             return Ok(StepOutput::default());
         }
@@ -77,9 +81,10 @@ impl ModelRunner {
         used.sort_unstable();
         used.dedup();
         self.adapters.ensure_resident(&used)?;
-        let logits = self
-            .model
-            .forward_with_lora(batch, &self.cache, Some(&self.adapters))?;
+        let (logits, captured) =
+            self.model
+                .forward_packed(batch, &self.cache, Some(&self.adapters), &sched.capture)?;
+        self.captured = captured;
         let rows = crate::llama::logits_to_rows(&logits)?;
         let mut sampled = Vec::with_capacity(rows.len());
         let mut logprobs = HashMap::new();

@@ -2,12 +2,19 @@
 //! Post-processing turns sampled tokens into text, applies stop conditions (EOS and end-of-turn
 //! ids, stop strings, max_tokens, the context window) and frees finished sequences.
 
+use crate::coserve::{CoserveConfig, CoserveMode, JobState, StepCost, TrainingJob};
 use crate::scheduler::{AdmitError, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, Sequence};
 use std::collections::HashMap;
+use std::time::Instant;
+use tandem_model::finetune::{Progress, TrainingRun};
 use tandem_model::{
-    IncrementalDecoder, ModelRunner, SamplingParams, ScheduledBatch, TextTokenizer, TokenLogprobs,
+    IncrementalDecoder, LogitsWanted, ModelRunner, SamplingParams, ScheduledBatch, TextTokenizer,
+    TokenLogprobs,
 };
+
+/// Sequence ids from here down hold finetuning jobs' KV blocks (one per job).
+pub const JOB_SEQ_BASE: u64 = u64::MAX - 1;
 
 /// New output of one sequence after one step.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +44,25 @@ pub struct LlmEngine {
     pub tokenizer: TextTokenizer,
     texts: HashMap<u64, TextState>,
     next_id: u64,
+    pub coserve: CoserveConfig,
+    /// Finetuning jobs, in the order they were started (finished ones stay for their reports).
+    pub jobs: Vec<TrainingJob>,
+    backward_cost: StepCost,
+    iterations: u64,
+    /// Running totals of what iterations held.
+    pub counters: IterationCounters,
+}
+
+/// Tokens per iteration by kind, summed since start (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IterationCounters {
+    pub iterations: u64,
+    pub decode_tokens: u64,
+    pub prefill_tokens: u64,
+    pub finetune_forward_tokens: u64,
+    pub finetune_backward_steps: u64,
+    /// Iterations that ran inference and finetuning work together.
+    pub mixed_iterations: u64,
 }
 
 impl LlmEngine {
@@ -47,7 +73,89 @@ impl LlmEngine {
             tokenizer,
             texts: HashMap::new(),
             next_id: 0,
+            coserve: CoserveConfig::default(),
+            jobs: Vec::new(),
+            backward_cost: StepCost::default(),
+            iterations: 0,
+            counters: IterationCounters::default(),
         }
+    }
+
+    /// Starts finetuning `run` on a new live adapter served as `name` (usable by requests at
+    /// once: it starts as the base model, PEFT's B = 0).
+    pub fn start_job(&mut self, name: &str, run: TrainingRun) -> Result<(), String> {
+        if self.jobs.iter().any(|j| j.name == name) || self.runner.adapters.id(name).is_some() {
+            return Err(format!("an adapter or job named `{name}` already exists"));
+        }
+        let r = run.lora.spec.r;
+        let max = self.runner.adapters.config().max_lora_rank;
+        if r > max {
+            return Err(format!(
+                "LoRA rank {r} is above the server's max LoRA rank {max}"
+            ));
+        }
+        let blocks_needed = run.max_len().div_ceil(self.scheduler.blocks().block_size());
+        if blocks_needed > self.scheduler.blocks().num_blocks() {
+            return Err(format!(
+                "the longest training example needs {blocks_needed} KV blocks, the cache has {}",
+                self.scheduler.blocks().num_blocks()
+            ));
+        }
+        let adapter = run.lora.to_adapter(None).map_err(|e| e.to_string())?;
+        let id = self
+            .runner
+            .adapters
+            .register_live(name, adapter)
+            .map_err(|e| e.to_string())?;
+        // A training adapter stays resident while its job runs.
+        self.runner.adapters.pin(id);
+        self.jobs.push(TrainingJob {
+            name: name.to_string(),
+            run,
+            adapter_id: id,
+            seq_id: JOB_SEQ_BASE - self.jobs.len() as u64,
+            state: JobState::Running,
+            reports: Vec::new(),
+            forward_tokens: 0,
+            backward_steps: 0,
+        });
+        Ok(())
+    }
+
+    /// Stops a job for good (its adapter keeps its last weights and stays served).
+    pub fn cancel_job(&mut self, name: &str) -> Result<(), String> {
+        let i = self.job_index(name)?;
+        if self.jobs[i].state.is_final() {
+            return Err(format!("job `{name}` has already finished"));
+        }
+        self.end_job(i, JobState::Cancelled);
+        Ok(())
+    }
+
+    /// Pauses or resumes a running job (a paused job keeps its state and KV blocks).
+    pub fn pause_job(&mut self, name: &str, pause: bool) -> Result<(), String> {
+        let i = self.job_index(name)?;
+        let j = &mut self.jobs[i];
+        j.state = match (&j.state, pause) {
+            (JobState::Running, true) => JobState::Paused,
+            (JobState::Paused, false) => JobState::Running,
+            (s, _) => return Err(format!("job `{name}` is {s:?}")),
+        };
+        Ok(())
+    }
+
+    fn job_index(&self, name: &str) -> Result<usize, String> {
+        self.jobs
+            .iter()
+            .position(|j| j.name == name)
+            .ok_or_else(|| format!("no job named `{name}`"))
+    }
+
+    fn end_job(&mut self, i: usize, state: JobState) {
+        let j = &mut self.jobs[i];
+        j.state = state;
+        self.scheduler.blocks_mut().free(j.seq_id);
+        self.runner.adapters.unpin(j.adapter_id);
     }
 
     /// Queues a request, through the registered adapter named `adapter` if given; returns its
@@ -97,14 +205,69 @@ impl LlmEngine {
     }
 
     pub fn has_work(&self) -> bool {
-        self.scheduler.has_work()
+        self.scheduler.has_work() || self.training_due()
     }
 
-    /// One iteration.
+    fn training_due(&self) -> bool {
+        self.coserve.mode != CoserveMode::InferenceOnly
+            && self.jobs.iter().any(|j| j.state.is_active())
+    }
+
+    /// One iteration: inference as the scheduler decided, plus the finetuning work the
+    /// co-serving policy fits in.
     pub fn step(&mut self) -> tandem_model::Result<Vec<RequestOutput>> {
-        let sched = self.scheduler.schedule();
+        let t0 = Instant::now();
+        self.iterations += 1;
+        let mut sched = self.scheduler.schedule();
+        let inference = !sched.batch.segments.is_empty();
+        for seg in &sched.batch.segments {
+            let n = seg.len as u64;
+            // A one-token segment past the prompt is a decode step.
+            if seg.len == 1
+                && self
+                    .scheduler
+                    .get(seg.seq_id)
+                    .is_some_and(|q| q.num_computed >= q.prompt_len)
+            {
+                self.counters.decode_tokens += n;
+            } else {
+                self.counters.prefill_tokens += n;
+            }
+        }
+        self.counters.iterations += 1;
+        let backward_before: u64 = self.jobs.iter().map(|j| j.backward_steps).sum();
+        let job = self.pick_job(inference);
+        let mut forward_chunk = None;
+        if let Some(i) = job {
+            forward_chunk = self.place_forward_chunk(i, &mut sched);
+        }
         let out = self.runner.execute(&sched)?;
         self.scheduler.update(&out.sampled);
+        if let (Some(i), Some(c)) = (job, forward_chunk) {
+            let inputs = self
+                .runner
+                .captured
+                .pop()
+                .map(|c| c.inputs)
+                .unwrap_or_default();
+            let j = &mut self.jobs[i];
+            if let Err(e) = j.run.finish_forward(&self.runner.model, c, inputs) {
+                self.fail_job(i, e.to_string());
+            }
+        }
+        if let Some(i) = job {
+            self.run_backward(i, t0, inference);
+        }
+        let backward = self.jobs.iter().map(|j| j.backward_steps).sum::<u64>() - backward_before;
+        let forward = sched
+            .capture
+            .first()
+            .map_or(0, |&c| sched.batch.segments[c].len as u64);
+        self.counters.finetune_forward_tokens += forward;
+        self.counters.finetune_backward_steps += backward;
+        if inference && (forward > 0 || backward > 0) {
+            self.counters.mixed_iterations += 1;
+        }
         let mut outputs = Vec::with_capacity(out.sampled.len());
         for (id, tok) in out.sampled {
             let mut o = self.postprocess(id, tok)?;
@@ -113,6 +276,130 @@ impl LlmEngine {
         }
         self.release_finished()?;
         Ok(outputs)
+    }
+
+    /// The job that gets this iteration's finetuning work, if the mode gives it any.
+    fn pick_job(&mut self, inference: bool) -> Option<usize> {
+        match self.coserve.mode {
+            CoserveMode::InferenceOnly => return None,
+            CoserveMode::Temporal
+                if inference
+                    && self.iterations % self.coserve.temporal_every.max(1) as u64 != 0 =>
+            {
+                return None
+            }
+            _ => {}
+        }
+        let n = self.jobs.len();
+        // Round robin over running jobs, one per iteration.
+        (0..n)
+            .map(|k| (self.iterations as usize + k) % n)
+            .find(|&i| self.jobs[i].state.is_active())
+    }
+
+    /// Appends job `i`'s next forward chunk to the batch if tokens and KV blocks allow; returns
+    /// the chunk index.
+    fn place_forward_chunk(&mut self, i: usize, sched: &mut ScheduledBatch) -> Option<usize> {
+        let used = sched.batch.num_tokens();
+        let Some(len) = self.jobs[i].run.current_len() else {
+            self.finish_job(i);
+            return None;
+        };
+        let j = &mut self.jobs[i];
+        let (c, start, toks) = j.run.next_forward()?;
+        let budget = self.scheduler.cfg.max_batched_tokens.saturating_sub(used);
+        if used > 0 && toks.len() > budget && self.coserve.mode == CoserveMode::Coserve {
+            return None;
+        }
+        // The whole sequence's KV blocks, taken when its first chunk runs.
+        if !self.scheduler.blocks_mut().allocate(j.seq_id, len) {
+            return None;
+        }
+        let table = self.scheduler.blocks().table(j.seq_id).to_vec();
+        sched.batch.push_with_adapter(
+            j.seq_id,
+            &toks,
+            start,
+            table,
+            LogitsWanted::None,
+            Some(j.adapter_id),
+        );
+        sched.capture.push(sched.batch.segments.len() - 1);
+        j.forward_tokens += toks.len() as u64;
+        Some(c)
+    }
+
+    /// Backward steps of job `i` while the iteration's latency budget allows (at least one when
+    /// no inference is running, every due step in finetune-only and temporal turns).
+    fn run_backward(&mut self, i: usize, t0: Instant, inference: bool) {
+        let slo = self.coserve.tpot_slo;
+        let unlimited = matches!(
+            self.coserve.mode,
+            CoserveMode::FinetuneOnly | CoserveMode::Temporal
+        );
+        let mut steps = 0;
+        loop {
+            let j = &mut self.jobs[i];
+            if !j.state.is_active() || !j.run.backward_due() {
+                break;
+            }
+            let elapsed = t0.elapsed();
+            let fits = elapsed + self.backward_cost.predict() <= slo;
+            if !(unlimited || fits || (steps == 0 && !inference)) {
+                break;
+            }
+            let table = self.scheduler.blocks().table(j.seq_id).to_vec();
+            let s0 = Instant::now();
+            let r = j
+                .run
+                .backward_step(&self.runner.model, &self.runner.cache, &table);
+            self.backward_cost.observe(s0.elapsed());
+            steps += 1;
+            j.backward_steps += 1;
+            match r {
+                Ok(Progress::Stepped) => {}
+                Ok(Progress::SequenceDone) => {
+                    self.scheduler.blocks_mut().free(j.seq_id);
+                    if unlimited && inference {
+                        break;
+                    }
+                }
+                Ok(Progress::OptimizerStep(report)) => {
+                    self.scheduler.blocks_mut().free(j.seq_id);
+                    tracing::info!(job = %j.name, step = report.step, loss = report.loss, "finetuning step");
+                    j.reports.push(report);
+                    let id = j.adapter_id;
+                    let adapter = j.run.lora.to_adapter(None);
+                    let done = j.run.is_done();
+                    if let Err(e) = adapter.and_then(|a| self.runner.adapters.replace_live(id, a)) {
+                        self.fail_job(i, e.to_string());
+                        break;
+                    }
+                    if done {
+                        self.finish_job(i);
+                        break;
+                    }
+                    if unlimited && inference {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    self.fail_job(i, e.to_string());
+                    break;
+                }
+            }
+        }
+    }
+
+    fn finish_job(&mut self, i: usize) {
+        if !self.jobs[i].state.is_final() {
+            self.end_job(i, JobState::Succeeded);
+        }
+    }
+
+    fn fail_job(&mut self, i: usize, msg: String) {
+        tracing::error!(job = %self.jobs[i].name, error = %msg, "finetuning job failed");
+        self.end_job(i, JobState::Failed(msg));
     }
 
     fn postprocess(&mut self, id: u64, tok: u32) -> tandem_model::Result<RequestOutput> {

@@ -7,13 +7,15 @@
 //! Must not touch: tensors or devices (the engine in tandem-model owns those), HTTP.
 
 pub mod block_manager;
+pub mod coserve;
 pub mod engine;
 pub mod engine_loop;
 pub mod scheduler;
 pub mod sequence;
 
 pub use block_manager::BlockManager;
-pub use engine::{LlmEngine, RequestOutput};
+pub use coserve::{CoserveConfig, CoserveMode, JobState, TrainingJob};
+pub use engine::{IterationCounters, LlmEngine, RequestOutput};
 pub use engine_loop::{EngineError, EngineHandle, EngineStats, Event, GenerateRequest};
 pub use scheduler::{AdmitError, Scheduler, SchedulerConfig};
 pub use sequence::{FinishReason, Sequence};

@@ -138,6 +138,11 @@ impl Scheduler {
         &self.blocks
     }
 
+    /// For KV blocks held outside the scheduler's sequences (finetuning jobs).
+    pub fn blocks_mut(&mut self) -> &mut BlockManager {
+        &mut self.blocks
+    }
+
     pub fn get(&self, id: u64) -> Option<&Sequence> {
         self.running
             .iter()

@@ -1,0 +1,113 @@
+//! Co-serving policy: how finetuning work shares the engine's iterations with inference.
+//!
+//! Each iteration the scheduler first takes every decode token and the prefill chunks that fit
+//! its token budget; then a finetuning job's next forward chunk joins the same packed batch if
+//! the leftover token budget and free KV blocks allow; after the forward, backward (layer,
+//! chunk) steps run for as long as the iteration's latency budget (the TPOT SLO minus the
+//! forward's measured time, predicted per step from measured step times) allows. Under heavy
+//! inference load finetuning shrinks toward nothing; with no inference it takes the iteration.
+
+use std::time::Duration;
+use tandem_model::finetune::{StepReport, TrainingRun};
+
+/// How inference and finetuning share the engine (benchmark baselines besides co-serving).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CoserveMode {
+    /// Finetuning fills what each iteration's latency budget leaves.
+    #[default]
+    Coserve,
+    /// Finetuning runs a whole sequence (forward and backward) every `temporal_every` iterations.
+    Temporal,
+    /// Finetuning jobs wait.
+    InferenceOnly,
+    /// Finetuning runs as fast as it can, inference only between its sequences.
+    FinetuneOnly,
+}
+
+impl std::str::FromStr for CoserveMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "coserve" => Ok(Self::Coserve),
+            "temporal" => Ok(Self::Temporal),
+            "inference-only" => Ok(Self::InferenceOnly),
+            "finetune-only" => Ok(Self::FinetuneOnly),
+            _ => Err(format!(
+                "unknown co-serving mode `{s}` (coserve, temporal, inference-only, finetune-only)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CoserveConfig {
+    pub mode: CoserveMode,
+    /// The inference latency target per iteration (time per output token).
+    pub tpot_slo: Duration,
+    /// Temporal mode: iterations between finetuning turns.
+    pub temporal_every: usize,
+}
+
+impl Default for CoserveConfig {
+    fn default() -> Self {
+        Self {
+            mode: CoserveMode::Coserve,
+            tpot_slo: Duration::from_millis(100),
+            temporal_every: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobState {
+    Running,
+    Paused,
+    Succeeded,
+    Failed(String),
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_active(&self) -> bool {
+        *self == JobState::Running
+    }
+
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed(_) | Self::Cancelled)
+    }
+}
+
+/// A finetuning job inside the engine: its run, the adapter it trains (served under `name`
+/// while it trains and after), and what it has reported.
+pub struct TrainingJob {
+    pub name: String,
+    pub run: TrainingRun,
+    /// Registry id of the live adapter.
+    pub adapter_id: u32,
+    /// Sequence id under which its KV blocks are held.
+    pub seq_id: u64,
+    pub state: JobState,
+    pub reports: Vec<StepReport>,
+    /// Tokens run forward / backward steps done, for metrics.
+    pub forward_tokens: u64,
+    pub backward_steps: u64,
+}
+
+/// An online estimate of one backward step's time (exponential moving average).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepCost {
+    ema: Option<Duration>,
+}
+
+impl StepCost {
+    pub fn predict(&self) -> Duration {
+        self.ema.unwrap_or(Duration::ZERO)
+    }
+
+    pub fn observe(&mut self, d: Duration) {
+        self.ema = Some(match self.ema {
+            None => d,
+            Some(e) => e.mul_f64(0.8) + d.mul_f64(0.2),
+        });
+    }
+}
