@@ -284,7 +284,9 @@ impl LlmEngine {
             CoserveMode::InferenceOnly => return None,
             CoserveMode::Temporal
                 if inference
-                    && self.iterations % self.coserve.temporal_every.max(1) as u64 != 0 =>
+                    && !self
+                        .iterations
+                        .is_multiple_of(self.coserve.temporal_every.max(1) as u64) =>
             {
                 return None
             }
