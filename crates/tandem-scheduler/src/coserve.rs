@@ -91,6 +91,8 @@ pub struct TrainingJob {
     /// Tokens run forward / backward steps done, for metrics.
     pub forward_tokens: u64,
     pub backward_steps: u64,
+    /// Tokens of sequences whose backward is complete (finetuning progress).
+    pub trained_tokens: u64,
 }
 
 /// An online estimate of one backward step's time (exponential moving average).

@@ -13,6 +13,9 @@ use tandem_model::{
     TokenLogprobs,
 };
 
+/// The share of the TPOT SLO an iteration may fill with finetuning work.
+pub const SLO_MARGIN: f64 = 0.85;
+
 /// Sequence ids from here down hold finetuning jobs' KV blocks (one per job).
 pub const JOB_SEQ_BASE: u64 = u64::MAX - 1;
 
@@ -118,6 +121,7 @@ impl LlmEngine {
             reports: Vec::new(),
             forward_tokens: 0,
             backward_steps: 0,
+            trained_tokens: 0,
         });
         Ok(())
     }
@@ -282,6 +286,8 @@ impl LlmEngine {
     fn pick_job(&mut self, inference: bool) -> Option<usize> {
         match self.coserve.mode {
             CoserveMode::InferenceOnly => return None,
+            // Requests waiting for a slot come first: finetuning only uses spare iterations.
+            CoserveMode::Coserve if self.scheduler.num_waiting() > 0 => return None,
             CoserveMode::Temporal
                 if inference
                     && !self
@@ -334,7 +340,8 @@ impl LlmEngine {
     /// Backward steps of job `i` while the iteration's latency budget allows (at least one when
     /// no inference is running, every due step in finetune-only and temporal turns).
     fn run_backward(&mut self, i: usize, t0: Instant, inference: bool) {
-        let slo = self.coserve.tpot_slo;
+        // Aim under the SLO: step times vary and the iteration has work after the backward.
+        let slo = self.coserve.tpot_slo.mul_f64(SLO_MARGIN);
         let unlimited = matches!(
             self.coserve.mode,
             CoserveMode::FinetuneOnly | CoserveMode::Temporal
@@ -351,6 +358,7 @@ impl LlmEngine {
                 break;
             }
             let table = self.scheduler.blocks().table(j.seq_id).to_vec();
+            let seq_len = j.run.current_len().unwrap_or(0) as u64;
             let s0 = Instant::now();
             let r = j
                 .run
@@ -361,12 +369,14 @@ impl LlmEngine {
             match r {
                 Ok(Progress::Stepped) => {}
                 Ok(Progress::SequenceDone) => {
+                    j.trained_tokens += seq_len;
                     self.scheduler.blocks_mut().free(j.seq_id);
                     if unlimited && inference {
                         break;
                     }
                 }
                 Ok(Progress::OptimizerStep(report)) => {
+                    j.trained_tokens += seq_len;
                     self.scheduler.blocks_mut().free(j.seq_id);
                     tracing::info!(job = %j.name, step = report.step, loss = report.loss, "finetuning step");
                     j.reports.push(report);

@@ -121,6 +121,35 @@ pub enum BenchCommand {
     Kernels(BenchKernelsArgs),
     /// Token-level finetuning vs candle autograd: activation memory and tokens/s.
     Finetune(BenchFinetuneArgs),
+    /// Inference under Poisson load with a finetuning job, per co-serving mode.
+    Coserve(BenchCoserveArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchCoserveArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Seconds per timed run.
+    #[arg(long, default_value_t = 20.0)]
+    pub secs: f64,
+    #[arg(long, default_value_t = 250.0)]
+    pub tpot_slo_ms: f64,
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 32)]
+    pub output_len: usize,
+    #[arg(long, default_value_t = 16)]
+    pub max_num_seqs: usize,
+    #[arg(long, default_value_t = 256)]
+    pub max_batched_tokens: usize,
+    /// Tokens per training sequence of the job.
+    #[arg(long, default_value_t = 128)]
+    pub train_len: usize,
+    #[arg(long, default_value_t = 32)]
+    pub chunk_tokens: usize,
+    /// Temporal mode: iterations between finetuning turns.
+    #[arg(long, default_value_t = 8)]
+    pub temporal_every: usize,
 }
 
 #[derive(Args, Debug)]

@@ -1,0 +1,245 @@
+//! `tandem bench coserve`: inference under Poisson arrivals at light, medium and heavy rates
+//! (fractions of a measured capacity) while one finetuning job trains, for each co-serving mode,
+//! in-process on the engine. Reports TTFT and TPOT p50/p99, TPOT SLO attainment, and finetuning
+//! throughput (tokens of sequences whose backward completed, per second) beside the job alone.
+
+use crate::cli::BenchCoserveArgs;
+use crate::generate::{engine, load};
+use anyhow::Result;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tandem_model::finetune::{Example, TrainConfig, TrainableLora, TrainingRun};
+use tandem_model::lora::RegistryConfig;
+use tandem_model::SamplingParams;
+use tandem_scheduler::{CoserveConfig, CoserveMode, LlmEngine};
+
+struct Outcome {
+    ttft: Vec<f64>,
+    tpot: Vec<f64>,
+    finished: usize,
+    submitted: usize,
+    trained_tokens: u64,
+    secs: f64,
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
+fn prompt(k: usize, len: usize, vocab: usize) -> Vec<u32> {
+    (0..len)
+        .map(|j| ((k * 7919 + j * 104_729) % (vocab - 200) + 100) as u32)
+        .collect()
+}
+
+fn job_data(vocab: usize, len: usize) -> Vec<Example> {
+    (0..64)
+        .map(|k| Example {
+            tokens: prompt(10_000 + k, len, vocab),
+            target: (0..len).map(|i| i > 0).collect(),
+        })
+        .collect()
+}
+
+/// One timed run: Poisson arrivals at `rate` req/s (none if 0) for `secs`, with a finetuning
+/// job if `job` is given.
+fn run_once(
+    e: &mut LlmEngine,
+    args: &BenchCoserveArgs,
+    rate: f64,
+    job: Option<TrainingRun>,
+    seed: u64,
+) -> Result<Outcome> {
+    let vocab = e.runner.model.cfg.vocab_size;
+    let has_job = job.is_some();
+    if let Some(run) = job {
+        e.start_job("bench", run).map_err(anyhow::Error::msg)?;
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let horizon = Duration::from_secs_f64(args.secs);
+    let mut arrivals = Vec::new();
+    if rate > 0.0 {
+        let mut t = 0.0;
+        loop {
+            t += -(1.0 - rng.random::<f64>()).ln() / rate;
+            if t >= args.secs {
+                break;
+            }
+            arrivals.push(Duration::from_secs_f64(t));
+        }
+    }
+    let params = SamplingParams {
+        max_tokens: args.output_len,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let mut next = 0;
+    // id -> (arrival, token times)
+    let mut live: HashMap<u64, (Duration, Vec<Duration>)> = HashMap::new();
+    let mut out = Outcome {
+        ttft: vec![],
+        tpot: vec![],
+        finished: 0,
+        submitted: 0,
+        trained_tokens: 0,
+        secs: 0.0,
+    };
+    while start.elapsed() < horizon {
+        let now = start.elapsed();
+        while next < arrivals.len() && arrivals[next] <= now {
+            let id = e
+                .add_request(prompt(next, args.prompt_len, vocab), params.clone(), None)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            live.insert(id, (arrivals[next], vec![]));
+            next += 1;
+            out.submitted += 1;
+        }
+        if !e.has_work() {
+            let wait = arrivals.get(next).map_or(horizon, |a| *a).min(horizon);
+            std::thread::sleep(wait.saturating_sub(start.elapsed()));
+            continue;
+        }
+        for o in e.step()? {
+            let t = start.elapsed();
+            if let Some((_, times)) = live.get_mut(&o.seq_id) {
+                times.push(t);
+            }
+            if o.finished.is_some() {
+                if let Some((arr, times)) = live.remove(&o.seq_id) {
+                    out.finished += 1;
+                    out.ttft.push((times[0] - arr).as_secs_f64() * 1e3);
+                    if times.len() > 1 {
+                        let span = (times[times.len() - 1] - times[0]).as_secs_f64() * 1e3;
+                        out.tpot.push(span / (times.len() - 1) as f64);
+                    }
+                }
+            }
+        }
+    }
+    out.secs = start.elapsed().as_secs_f64();
+    for id in live.keys() {
+        e.abort(*id);
+    }
+    if has_job {
+        let j = e.jobs.last().expect("started above");
+        out.trained_tokens = j.trained_tokens;
+        e.cancel_job("bench").ok();
+        e.jobs.clear();
+        e.runner.adapters.unregister("bench").ok();
+    }
+    Ok(out)
+}
+
+pub fn run(args: BenchCoserveArgs) -> Result<()> {
+    let m = load(&args.model)?;
+    let name = m.name.clone();
+    let vocab = m.model.cfg.vocab_size;
+    let blocks = 4096;
+    let mut e = engine(
+        m,
+        blocks,
+        args.max_num_seqs,
+        args.max_batched_tokens,
+        RegistryConfig::default(),
+    )?;
+    let slo = Duration::from_secs_f64(args.tpot_slo_ms / 1e3);
+    let new_job = |e: &LlmEngine| -> Result<TrainingRun> {
+        let cfg = TrainConfig {
+            r: 16,
+            alpha: 32.0,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+            batch_size: 4,
+            epochs: 100,
+            chunk_tokens: args.chunk_tokens,
+            lr: 1e-4,
+            ..Default::default()
+        };
+        let lora =
+            TrainableLora::new(&e.runner.model.cfg, cfg.spec()?, e.runner.model.device(), 0)?;
+        Ok(TrainingRun::new(
+            job_data(vocab, args.train_len),
+            cfg,
+            lora,
+        )?)
+    };
+    // Capacity: how many requests per second inference alone sustains with a full batch.
+    e.coserve = CoserveConfig {
+        mode: CoserveMode::InferenceOnly,
+        tpot_slo: slo,
+        temporal_every: args.temporal_every,
+    };
+    let n = args.max_num_seqs;
+    let params = SamplingParams {
+        max_tokens: args.output_len,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    for k in 0..n {
+        e.add_request(
+            prompt(50_000 + k, args.prompt_len, vocab),
+            params.clone(),
+            None,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    while e.has_work() {
+        e.step()?;
+    }
+    let capacity = n as f64 / t0.elapsed().as_secs_f64();
+    println!(
+        "# tandem bench coserve: {name}, prompt {} + output {} tokens per request, Poisson arrivals, {} s per run, TPOT SLO {} ms, job: LoRA r16 q/v, sequences of {} tokens in chunks of {}, threads {}",
+        args.prompt_len,
+        args.output_len,
+        args.secs,
+        args.tpot_slo_ms,
+        args.train_len,
+        args.chunk_tokens,
+        candle_core::utils::get_num_threads()
+    );
+    println!("# capacity (a full batch of {n} requests, inference only): {capacity:.2} req/s");
+    // The job alone.
+    e.coserve.mode = CoserveMode::FinetuneOnly;
+    let job = new_job(&e)?;
+    let alone = run_once(&mut e, &args, 0.0, Some(job), 0)?;
+    let alone_tps = alone.trained_tokens as f64 / alone.secs;
+    println!("# finetune-only throughput: {alone_tps:.1} trained tokens/s");
+    println!("\n| load | rate req/s | mode | requests done | TTFT p50 / p99 ms | TPOT p50 / p99 ms | TPOT SLO attainment | finetune tok/s | share of finetune-only |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (label, frac) in [("light", 0.25), ("medium", 0.5), ("heavy", 0.9)] {
+        let rate = capacity * frac;
+        for mode in [
+            CoserveMode::InferenceOnly,
+            CoserveMode::Coserve,
+            CoserveMode::Temporal,
+        ] {
+            e.coserve.mode = mode;
+            let job = (mode != CoserveMode::InferenceOnly)
+                .then(|| new_job(&e))
+                .transpose()?;
+            let o = run_once(&mut e, &args, rate, job, 1)?;
+            let attain = o.tpot.iter().filter(|&&t| t <= args.tpot_slo_ms).count() as f64
+                / o.tpot.len().max(1) as f64;
+            let tps = o.trained_tokens as f64 / o.secs;
+            println!(
+                "| {label} | {rate:.2} | {mode:?} | {}/{} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1}% | {tps:.1} | {:.0}% |",
+                o.finished,
+                o.submitted,
+                pct(&o.ttft, 0.5),
+                pct(&o.ttft, 0.99),
+                pct(&o.tpot, 0.5),
+                pct(&o.tpot, 0.99),
+                attain * 100.0,
+                100.0 * tps / alone_tps.max(1e-9),
+            );
+        }
+    }
+    Ok(())
+}
