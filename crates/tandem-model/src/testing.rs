@@ -396,3 +396,35 @@ pub fn random_adapter(
     }
     LoraAdapter { config, weights }
 }
+
+/// Seven short training examples over a vocabulary of `vocab` (the first two tokens of each
+/// are prompt, the rest targets).
+pub fn tiny_examples(vocab: u32) -> Vec<crate::finetune::Example> {
+    (0..7)
+        .map(|k| {
+            let n = 5 + k % 4;
+            crate::finetune::Example {
+                tokens: (0..n as u32)
+                    .map(|i| (i * 3 + k as u32 * 5 + 1) % vocab)
+                    .collect(),
+                target: (0..n).map(|i| i >= 2).collect(),
+            }
+        })
+        .collect()
+}
+
+/// A small training configuration for the tiny models: rank 4 on q/v/down, 2 epochs of
+/// batches of 3, chunks of 3 tokens.
+pub fn tiny_train_config() -> crate::finetune::TrainConfig {
+    crate::finetune::TrainConfig {
+        r: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        lr: 1e-2,
+        batch_size: 3,
+        epochs: 2,
+        chunk_tokens: 3,
+        seed: 5,
+        ..Default::default()
+    }
+}

@@ -9,11 +9,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;
 use tandem_model::finetune::{
-    lr_factor, AdamW, AdamWConfig, Example, Finetuner, GradAccum, LoraSpec, Schedule, SeqPhase,
-    SeqTrain, TrainConfig, TrainableLora,
+    lr_factor, AdamW, AdamWConfig, Finetuner, GradAccum, LoraSpec, Schedule, SeqPhase, SeqTrain,
+    TrainableLora,
 };
 use tandem_model::lora::{AdapterRegistry, Proj, RegistryConfig};
-use tandem_model::testing::{random_adapter, Tiny};
+use tandem_model::testing::{random_adapter, tiny_examples, tiny_train_config, Tiny};
 use tandem_model::{load_checkpoint, KvCache, Llama, LogitsWanted, PackedBatch};
 
 fn model(t: &Tiny) -> (tempfile::TempDir, Llama) {
@@ -169,26 +169,23 @@ fn token_level(
     acc.grads
 }
 
+/// max |t| as f32.
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn max_rel_err(got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>) -> f32 {
     assert_eq!(got.len(), want.len());
     let mut worst = 0f32;
     for (name, w) in want {
         let g = &got[name];
-        let diff = (g - w)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = w
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs(&(g - w).unwrap());
+        let scale = max_abs(w);
         assert!(scale > 0.0, "{name}: zero reference gradient");
         worst = worst.max(diff / scale);
     }
@@ -288,21 +285,8 @@ fn recomputed_layers_equal_the_inference_forward() {
         b.push_with_adapter(0, &toks, 0, (0..3).collect(), LogitsWanted::All, Some(id));
         let (_, caps) = m.forward_packed(&b, &cache, Some(&reg), &[0]).unwrap();
         let top = caps[0].inputs.last().unwrap();
-        let err = (top - &x)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = x
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = max_abs(&(top - &x).unwrap());
+        let scale = max_abs(&x);
         assert!(
             err / scale < 1e-5,
             "recomputed vs packed forward: {}",
@@ -367,36 +351,12 @@ fn adamw_step_matches_float64_reference() {
     assert!((lr_factor(Schedule::Cosine, 2, 0, 4) - 0.5).abs() < 1e-12);
 }
 
-fn tiny_data(vocab: u32) -> Vec<Example> {
-    (0..7)
-        .map(|k| {
-            let n = 5 + k % 4;
-            Example {
-                tokens: (0..n as u32)
-                    .map(|i| (i * 3 + k as u32 * 5 + 1) % vocab)
-                    .collect(),
-                target: (0..n).map(|i| i >= 2).collect(),
-            }
-        })
-        .collect()
-}
-
 #[test]
 fn resumed_run_equals_a_straight_run() {
     let t = Tiny::gqa();
     let (_dir, m) = model(&t);
-    let cfg = TrainConfig {
-        r: 4,
-        alpha: 8.0,
-        targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
-        lr: 1e-2,
-        batch_size: 3,
-        epochs: 2,
-        chunk_tokens: 3,
-        seed: 5,
-        ..Default::default()
-    };
-    let data = tiny_data(t.vocab as u32);
+    let cfg = tiny_train_config();
+    let data = tiny_examples(t.vocab as u32);
     let mut straight = Finetuner::new(&m, data.clone(), cfg.clone(), None).unwrap();
     assert_eq!(straight.total_steps(), 6);
     let mut losses = Vec::new();

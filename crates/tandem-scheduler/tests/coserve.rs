@@ -5,8 +5,8 @@
 
 use candle_core::{DType, Device};
 use std::time::Duration;
-use tandem_model::finetune::{Example, Finetuner, TrainConfig, TrainableLora, TrainingRun};
-use tandem_model::testing::Tiny;
+use tandem_model::finetune::{Finetuner, TrainableLora, TrainingRun};
+use tandem_model::testing::{tiny_examples, tiny_train_config, Tiny};
 use tandem_model::{load_model, ModelRunner, SamplingParams};
 use tandem_scheduler::{CoserveConfig, CoserveMode, JobState, LlmEngine, SchedulerConfig};
 
@@ -31,34 +31,6 @@ fn engine(dir: &std::path::Path, mode: CoserveMode) -> LlmEngine {
         temporal_every: 3,
     };
     e
-}
-
-fn data(vocab: u32) -> Vec<Example> {
-    (0..7)
-        .map(|k| {
-            let n = 5 + k % 4;
-            Example {
-                tokens: (0..n as u32)
-                    .map(|i| (i * 3 + k as u32 * 5 + 1) % vocab)
-                    .collect(),
-                target: (0..n).map(|i| i >= 2).collect(),
-            }
-        })
-        .collect()
-}
-
-fn cfg() -> TrainConfig {
-    TrainConfig {
-        r: 4,
-        alpha: 8.0,
-        targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
-        lr: 1e-2,
-        batch_size: 3,
-        epochs: 2,
-        chunk_tokens: 3,
-        seed: 5,
-        ..Default::default()
-    }
 }
 
 fn requests() -> Vec<(Vec<u32>, SamplingParams)> {
@@ -104,7 +76,8 @@ fn coserved_job_trains_the_standalone_adapter_and_leaves_inference_unchanged() {
     let vocab = t.vocab as u32;
     // The reference: the same run alone.
     let m = load_model(Some(dir.path()), &Device::Cpu, DType::F32).unwrap();
-    let mut alone = Finetuner::new(&m.model, data(vocab), cfg(), None).unwrap();
+    let mut alone =
+        Finetuner::new(&m.model, tiny_examples(vocab), tiny_train_config(), None).unwrap();
     while !alone.is_done() {
         alone.train_step().unwrap();
     }
@@ -119,19 +92,29 @@ fn coserved_job_trains_the_standalone_adapter_and_leaves_inference_unchanged() {
     ] {
         let mut e = engine(dir.path(), mode);
         let free = e.scheduler.blocks().num_free();
-        let lora = TrainableLora::new(&e.runner.model.cfg, cfg().spec().unwrap(), &Device::Cpu, 5)
-            .unwrap();
-        let run_ = TrainingRun::new(data(vocab), cfg(), lora).unwrap();
+        let lora = TrainableLora::new(
+            &e.runner.model.cfg,
+            tiny_train_config().spec().unwrap(),
+            &Device::Cpu,
+            5,
+        )
+        .unwrap();
+        let run_ = TrainingRun::new(tiny_examples(vocab), tiny_train_config(), lora).unwrap();
         let total = run_.total_steps();
         e.start_job("ft", run_).unwrap();
         assert!(e
             .start_job(
                 "ft",
                 TrainingRun::new(
-                    data(vocab),
-                    cfg(),
-                    TrainableLora::new(&e.runner.model.cfg, cfg().spec().unwrap(), &Device::Cpu, 5)
-                        .unwrap()
+                    tiny_examples(vocab),
+                    tiny_train_config(),
+                    TrainableLora::new(
+                        &e.runner.model.cfg,
+                        tiny_train_config().spec().unwrap(),
+                        &Device::Cpu,
+                        5
+                    )
+                    .unwrap()
                 )
                 .unwrap()
             )
@@ -203,11 +186,16 @@ fn jobs_pause_resume_and_cancel() {
     let dir = tempfile::tempdir().unwrap();
     t.write_hf_dir(dir.path(), 4);
     let mut e = engine(dir.path(), CoserveMode::Coserve);
-    let lora =
-        TrainableLora::new(&e.runner.model.cfg, cfg().spec().unwrap(), &Device::Cpu, 1).unwrap();
+    let lora = TrainableLora::new(
+        &e.runner.model.cfg,
+        tiny_train_config().spec().unwrap(),
+        &Device::Cpu,
+        1,
+    )
+    .unwrap();
     e.start_job(
         "a",
-        TrainingRun::new(data(t.vocab as u32), cfg(), lora).unwrap(),
+        TrainingRun::new(tiny_examples(t.vocab as u32), tiny_train_config(), lora).unwrap(),
     )
     .unwrap();
     e.step().unwrap();
