@@ -300,3 +300,56 @@ def test_adapters_loaded_at_run_time_survive_a_restart_with_data_dir():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+TRAIN_LINES = [
+    {"messages": [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "BANANA! 5."}]},
+    {"prompt": "Name a color.", "completion": " Red."},
+    {"text": "The sky is blue."},
+]
+
+
+def test_files_upload_list_retrieve_delete_and_bad_jsonl(client):
+    path = os.path.join(tempfile.mkdtemp(), "train.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(l) for l in TRAIN_LINES) + "\n")
+    up = client.files.create(file=open(path, "rb"), purpose="fine-tune")
+    assert up.id.startswith("file-") and up.purpose == "fine-tune" and up.filename == "train.jsonl"
+    assert up.bytes == os.path.getsize(path)
+    assert up.id in [f.id for f in client.files.list(purpose="fine-tune").data]
+    assert client.files.retrieve(up.id).bytes == up.bytes
+    assert client.files.content(up.id).read() == open(path, "rb").read()
+    bad = os.path.join(tempfile.mkdtemp(), "bad.jsonl")
+    with open(bad, "w") as f:
+        f.write(json.dumps(TRAIN_LINES[0]) + "\n" + '{"prompt": "a", "completion": 5}\n')
+    with pytest.raises(openai.BadRequestError) as e:
+        client.files.create(file=open(bad, "rb"), purpose="fine-tune")
+    assert "line 2" in str(e.value) and "completion" in str(e.value)
+    with pytest.raises(openai.BadRequestError):
+        client.files.create(file=open(path, "rb"), purpose="assistants")
+    assert client.files.delete(up.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(up.id)
+    with pytest.raises(openai.NotFoundError):
+        client.files.delete(up.id)
+
+
+def test_uploaded_files_survive_kill_9_with_data_dir():
+    data = tempfile.mkdtemp()
+    path = os.path.join(tempfile.mkdtemp(), "train.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(l) for l in TRAIN_LINES) + "\n")
+    proc, url = start("--data-dir", data)
+    try:
+        up = openai.OpenAI(base_url=url + "/v1", api_key="x").files.create(file=open(path, "rb"), purpose="fine-tune")
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    proc, url = start("--data-dir", data)
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x")
+        assert c.files.retrieve(up.id).bytes == up.bytes
+        assert c.files.content(up.id).read() == open(path, "rb").read()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -47,6 +47,17 @@ impl ApiError {
         }
     }
 
+    /// 404 for a named object (file, job) that does not exist.
+    pub fn not_found(message: impl Into<String>, param: Option<&str>) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            message,
+            param,
+            None,
+        )
+    }
+
     /// 400, naming the parameter.
     pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
         Self::new(

@@ -1,14 +1,17 @@
 //! tandem-api: the HTTP face of tandem, in OpenAI's shapes: completions, chat completions (with
-//! SSE streaming), models, LoRA adapters loaded at run time (vLLM's routes), health.
+//! SSE streaming), models, LoRA adapters loaded at run time (vLLM's routes), files for
+//! fine-tuning (kept in a SQLite store), health.
 //!
 //! Owns: request validation, response shapes, streaming, authentication. Must not touch:
 //! tensors or scheduling policy — requests go to the engine thread through `EngineHandle`.
 
 mod error;
+mod files;
 pub mod metrics;
 mod openai;
 pub mod persist;
 mod routes;
+pub mod store;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 
@@ -31,6 +34,8 @@ pub struct AppState {
     pub pending: std::sync::atomic::AtomicUsize,
     /// Where adapters loaded at run time are recorded (`--data-dir`), if anywhere.
     pub adapter_store: Option<persist::AdapterStore>,
+    /// Files (and, next, fine-tuning jobs): SQLite in the data dir, or in memory.
+    pub store: store::Store,
 }
 
 /// The router; `main` binds it, tests bind it to port 0.

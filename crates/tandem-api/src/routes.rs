@@ -34,6 +34,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/load_lora_adapter", post(load_adapter))
         .route("/v1/unload_lora_adapter", post(unload_adapter))
+        .route(
+            "/v1/files",
+            post(crate::files::upload)
+                .layer(DefaultBodyLimit::max(crate::files::MAX_FILE_BYTES))
+                .get(crate::files::list),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(crate::files::get_one).delete(crate::files::delete),
+        )
+        .route("/v1/files/{id}/content", get(crate::files::content))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(api)

@@ -66,6 +66,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
         None => None,
     };
+    let store = tandem_api::store::Store::open(args.data_dir.as_deref()).with_context(|| {
+        format!(
+            "cannot open the store in --data-dir {}",
+            args.data_dir
+                .as_deref()
+                .unwrap_or(std::path::Path::new("(memory)"))
+                .display()
+        )
+    })?;
     let handle = EngineHandle::spawn(e).context("cannot start the engine thread")?;
     let metrics = tandem_api::metrics::Metrics::new(&name).context("cannot set up metrics")?;
     let state = Arc::new(AppState {
@@ -78,6 +87,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_pending: args.max_pending.max(1),
         pending: Default::default(),
         adapter_store,
+        store,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
