@@ -353,3 +353,66 @@ def test_uploaded_files_survive_kill_9_with_data_dir():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def upload_training_file(c, lines=TRAIN_LINES):
+    path = os.path.join(tempfile.mkdtemp(), "train.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(l) for l in lines) + "\n")
+    return c.files.create(file=open(path, "rb"), purpose="fine-tune").id
+
+
+def wait_for(c, job_id, statuses, timeout=300):
+    for _ in range(timeout * 4):
+        job = c.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(0.25)
+    raise AssertionError(f"job {job_id} stayed {job.status}")
+
+
+def test_fine_tuning_job_runs_to_success_and_its_model_answers(client):
+    fid = upload_training_file(client)
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=fid, suffix="bananas", seed=7,
+                                         hyperparameters={"n_epochs": 2, "batch_size": 1, "learning_rate_multiplier": 5},
+                                         extra_body={"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}})
+    assert job.id.startswith("ftjob-") and job.status in ("queued", "running") and job.training_file == fid
+    assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=50).data]
+    done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model.startswith(f"ft:{MODEL}:bananas:") and done.trained_tokens > 0 and done.finished_at
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    metrics = [e for e in events if e.type == "metrics"]
+    assert [e.data["step"] for e in reversed(metrics)] == [1, 2, 3, 4, 5, 6]
+    assert all(e.data["train_loss"] > 0 for e in metrics)
+    assert any("successfully completed" in e.message for e in events)
+    assert done.fine_tuned_model in [m.id for m in client.models.list().data]
+    out = client.chat.completions.create(model=done.fine_tuned_model, messages=Q, max_tokens=8, temperature=0)
+    assert out.choices[0].message.content
+    assert client.fine_tuning.jobs.checkpoints.list(job.id).data == []
+
+
+def test_fine_tuning_job_can_be_cancelled_and_bad_requests_are_rejected(client):
+    fid = upload_training_file(client)
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=fid, hyperparameters={"n_epochs": 50, "batch_size": 1})
+    paused = client.fine_tuning.jobs.pause(job.id)
+    assert paused.status == "paused"
+    assert client.fine_tuning.jobs.resume(job.id).status == "running"
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+    assert wait_for(client, job.id, ("cancelled",)).status == "cancelled"
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model=MODEL, training_file="file-nope")
+    assert e.value.body["param"] == "training_file"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=fid)
+    assert e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model=MODEL, training_file=fid, hyperparameters={"n_epochs": 0})
+    assert e.value.body["param"] == "n_epochs"
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.create(model=MODEL, training_file=fid, extra_body={"lora": {"target_modules": ["lm_head"]}})
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.retrieve("ftjob-nope")

@@ -7,6 +7,7 @@
 
 mod error;
 mod files;
+mod jobs;
 pub mod metrics;
 mod openai;
 pub mod persist;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub adapter_store: Option<persist::AdapterStore>,
     /// Files (and, next, fine-tuning jobs): SQLite in the data dir, or in memory.
     pub store: store::Store,
+    /// `--data-dir`: finished jobs' adapters go to `fine_tuned/<job id>` in it.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// The router; `main` binds it, tests bind it to port 0.

@@ -45,6 +45,25 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(crate::files::get_one).delete(crate::files::delete),
         )
         .route("/v1/files/{id}/content", get(crate::files::content))
+        .route(
+            "/v1/fine_tuning/jobs",
+            post(crate::jobs::create).get(crate::jobs::list),
+        )
+        .route("/v1/fine_tuning/jobs/{id}", get(crate::jobs::get_one))
+        .route("/v1/fine_tuning/jobs/{id}/events", get(crate::jobs::events))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/checkpoints",
+            get(crate::jobs::checkpoints),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{id}/cancel",
+            post(crate::jobs::cancel),
+        )
+        .route("/v1/fine_tuning/jobs/{id}/pause", post(crate::jobs::pause))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/resume",
+            post(crate::jobs::resume),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(api)

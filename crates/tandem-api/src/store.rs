@@ -1,4 +1,5 @@
-//! The durable store: uploaded files (metadata and contents) in SQLite — `tandem.db` in the data
+//! The durable store: uploaded files (metadata and contents), fine-tuning jobs and their events
+//! in SQLite — `tandem.db` in the data
 //! dir, or in memory without one. Every write is one transaction, so a crash leaves a file
 //! either fully there or not at all.
 
@@ -45,6 +46,16 @@ CREATE TABLE IF NOT EXISTS files (
     bytes INTEGER NOT NULL,
     created_at INTEGER NOT NULL,
     content BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    object TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    object TEXT NOT NULL
 );
 ";
 
@@ -137,6 +148,58 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?)
+    }
+
+    /// Creates or replaces a fine-tuning job object (OpenAI's JSON shape, kept whole).
+    pub fn put_job(&self, job: &serde_json::Value) -> Result<(), StoreError> {
+        let id = job["id"].as_str().unwrap_or_default();
+        let created = job["created_at"].as_i64().unwrap_or(0);
+        self.conn().execute(
+            "INSERT INTO jobs (id, created_at, object) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET object = excluded.object",
+            params![id, created, job.to_string()],
+        )?;
+        Ok(())
+    }
+
+    pub fn job(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let text: Option<String> = self
+            .conn()
+            .query_row("SELECT object FROM jobs WHERE id = ?1", params![id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    }
+
+    /// Newest first.
+    pub fn jobs(&self) -> Result<Vec<serde_json::Value>, StoreError> {
+        let c = self.conn();
+        let mut st = c.prepare("SELECT object FROM jobs ORDER BY created_at DESC, rowid DESC")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows
+            .filter_map(|r| r.ok())
+            .filter_map(|t| serde_json::from_str(&t).ok())
+            .collect())
+    }
+
+    pub fn add_event(&self, job_id: &str, event: &serde_json::Value) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO events (job_id, object) VALUES (?1, ?2)",
+            params![job_id, event.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Newest first.
+    pub fn events(&self, job_id: &str) -> Result<Vec<serde_json::Value>, StoreError> {
+        let c = self.conn();
+        let mut st = c.prepare("SELECT object FROM events WHERE job_id = ?1 ORDER BY seq DESC")?;
+        let rows = st.query_map(params![job_id], |r| r.get::<_, String>(0))?;
+        Ok(rows
+            .filter_map(|r| r.ok())
+            .filter_map(|t| serde_json::from_str(&t).ok())
+            .collect())
     }
 
     /// True if it was there.

@@ -3,12 +3,14 @@
 //! its command channel when idle. Each request carries its own event channel; a request whose
 //! receiver is dropped (client gone) is aborted and its KV blocks freed at the next iteration.
 
+use crate::coserve::JobState;
 use crate::engine::LlmEngine;
 use crate::scheduler::AdmitError;
 use crate::sequence::FinishReason;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use tandem_model::finetune::{Example, StepReport, TrainConfig, TrainableLora, TrainingRun};
 use tandem_model::{SamplingParams, TokenLogprobs};
 use tokio::sync::{mpsc, oneshot};
 
@@ -74,6 +76,32 @@ enum Command {
     LoadAdapter(String, PathBuf, oneshot::Sender<Result<(), String>>),
     UnloadAdapter(String, oneshot::Sender<Result<(), String>>),
     Stats(oneshot::Sender<EngineStats>),
+    StartJob(
+        String,
+        Vec<Example>,
+        Box<TrainConfig>,
+        oneshot::Sender<Result<(), String>>,
+    ),
+    Jobs(oneshot::Sender<Vec<JobSnapshot>>),
+    /// Cancel (None), pause (Some(true)) or resume (Some(false)).
+    ControlJob(String, Option<bool>, oneshot::Sender<Result<(), String>>),
+    SaveJobAdapter(
+        String,
+        PathBuf,
+        Option<String>,
+        oneshot::Sender<Result<(), String>>,
+    ),
+}
+
+/// A finetuning job as the engine sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSnapshot {
+    pub name: String,
+    pub state: JobState,
+    pub step: usize,
+    pub total_steps: usize,
+    pub trained_tokens: u64,
+    pub reports: Vec<StepReport>,
 }
 
 /// The async side's handle on the engine thread. Cheap to clone; the thread ends when every
@@ -125,6 +153,61 @@ impl EngineHandle {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Command::UnloadAdapter(name, reply))
+            .map_err(|_| EngineError::Stopped)?;
+        answer
+            .await
+            .map_err(|_| EngineError::Stopped)?
+            .map_err(EngineError::Adapter)
+    }
+
+    /// Starts a finetuning job on `data` whose adapter is served as `name` (the LoRA weights are
+    /// created on the engine's device).
+    pub async fn start_job(
+        &self,
+        name: String,
+        data: Vec<Example>,
+        cfg: TrainConfig,
+    ) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::StartJob(name, data, Box::new(cfg), reply))
+            .map_err(|_| EngineError::Stopped)?;
+        answer
+            .await
+            .map_err(|_| EngineError::Stopped)?
+            .map_err(EngineError::Adapter)
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<JobSnapshot>, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Jobs(reply))
+            .map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Cancels (`pause` None), pauses (Some(true)) or resumes (Some(false)) a job.
+    pub async fn control_job(&self, name: String, pause: Option<bool>) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::ControlJob(name, pause, reply))
+            .map_err(|_| EngineError::Stopped)?;
+        answer
+            .await
+            .map_err(|_| EngineError::Stopped)?
+            .map_err(EngineError::Adapter)
+    }
+
+    /// Writes a job's adapter as it is now, in PEFT format, to `dir`.
+    pub async fn save_job_adapter(
+        &self,
+        name: String,
+        dir: PathBuf,
+        base_model: Option<String>,
+    ) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::SaveJobAdapter(name, dir, base_model, reply))
             .map_err(|_| EngineError::Stopped)?;
         answer
             .await
@@ -271,6 +354,49 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
             };
             let _ = reply.send(r);
         }
+        Command::StartJob(name, data, cfg, reply) => {
+            let m = &engine.runner.model;
+            let run = cfg
+                .spec()
+                .and_then(|spec| TrainableLora::new(&m.cfg, spec, m.device(), cfg.seed))
+                .and_then(|lora| TrainingRun::new(data, *cfg, lora))
+                .map_err(|e| e.to_string());
+            let _ = reply.send(run.and_then(|run| engine.start_job(&name, run)));
+        }
+        Command::Jobs(reply) => {
+            let snaps = engine
+                .jobs
+                .iter()
+                .map(|j| JobSnapshot {
+                    name: j.name.clone(),
+                    state: j.state.clone(),
+                    step: j.run.step,
+                    total_steps: j.run.total_steps(),
+                    trained_tokens: j.trained_tokens,
+                    reports: j.reports.clone(),
+                })
+                .collect();
+            let _ = reply.send(snaps);
+        }
+        Command::ControlJob(name, pause, reply) => {
+            let r = match pause {
+                None => engine.cancel_job(&name),
+                Some(p) => engine.pause_job(&name, p),
+            };
+            let _ = reply.send(r);
+        }
+        Command::SaveJobAdapter(name, dir, base, reply) => {
+            let r = match engine.jobs.iter().find(|j| j.name == name) {
+                None => Err(format!("no job named `{name}`")),
+                Some(j) => j
+                    .run
+                    .lora
+                    .to_adapter(base)
+                    .and_then(|a| a.save(&dir))
+                    .map_err(|e| e.to_string()),
+            };
+            let _ = reply.send(r);
+        }
         Command::Stats(reply) => {
             let s = &engine.scheduler;
             let reg = &engine.runner.adapters;
@@ -286,7 +412,7 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
                 num_blocks: s.blocks().num_blocks(),
                 free_blocks: s.blocks().num_free(),
                 preemptions: s.num_preemptions,
-                adapters: reg.adapters().into_iter().map(|(n, _)| n).collect(),
+                adapters: reg.names(),
                 running_adapters: names(running),
                 waiting_adapters: names(waiting),
                 max_loras: reg.config().max_loras,

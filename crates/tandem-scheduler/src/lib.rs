@@ -16,6 +16,8 @@ pub mod sequence;
 pub use block_manager::BlockManager;
 pub use coserve::{CoserveConfig, CoserveMode, JobState, TrainingJob};
 pub use engine::{IterationCounters, LlmEngine, RequestOutput};
-pub use engine_loop::{EngineError, EngineHandle, EngineStats, Event, GenerateRequest};
+pub use engine_loop::{
+    EngineError, EngineHandle, EngineStats, Event, GenerateRequest, JobSnapshot,
+};
 pub use scheduler::{AdmitError, Scheduler, SchedulerConfig};
 pub use sequence::{FinishReason, Sequence};

@@ -326,4 +326,10 @@ pub struct ServeArgs {
     /// Largest LoRA rank accepted.
     #[arg(long, default_value_t = 64)]
     pub max_lora_rank: usize,
+    /// How finetuning jobs share the engine: coserve, temporal, inference-only, finetune-only.
+    #[arg(long, default_value = "coserve")]
+    pub coserve_mode: String,
+    /// Inference time per output token to hold while finetuning fills the rest (ms).
+    #[arg(long, default_value_t = 250.0)]
+    pub tpot_slo_ms: f64,
 }

@@ -31,6 +31,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
         args.max_batched_tokens,
         lora,
     )?;
+    e.coserve = tandem_scheduler::CoserveConfig {
+        mode: args
+            .coserve_mode
+            .parse()
+            .map_err(|m: String| anyhow::anyhow!("--coserve-mode: {m}"))?,
+        tpot_slo: if args.tpot_slo_ms > 0.0 && args.tpot_slo_ms.is_finite() {
+            std::time::Duration::from_secs_f64(args.tpot_slo_ms / 1e3)
+        } else {
+            bail!("--tpot-slo-ms must be a positive number")
+        },
+        ..Default::default()
+    };
     for spec in &args.adapters {
         let (n, p) = spec
             .split_once('=')
@@ -88,6 +100,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         pending: Default::default(),
         adapter_store,
         store,
+        data_dir: args.data_dir.clone(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -211,6 +211,13 @@ impl AdapterRegistry {
         v
     }
 
+    /// Every registered adapter's name, live ones (being trained) included, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.entries.values().map(|e| e.name.clone()).collect();
+        v.sort();
+        v
+    }
+
     pub fn resident(&self) -> Vec<String> {
         self.slots
             .iter()

@@ -1,0 +1,465 @@
+//! `/v1/fine_tuning/jobs`: OpenAI's fine-tuning jobs, trained by the engine between (and
+//! inside) inference iterations. A job's adapter is served under its `fine_tuned_model` name.
+//! Job objects and events live in the store; a watcher task per job copies the engine's
+//! progress (steps, losses, final state) into them.
+
+use crate::error::ApiError;
+use crate::store::now;
+use crate::AppState;
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_model::finetune::{parse_record, tokenize, Example, TrainConfig};
+use tandem_scheduler::JobState;
+
+/// The learning rate a multiplier of 1 means (LoRA).
+const BASE_LR: f64 = 2e-4;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Hyper {
+    n_epochs: Option<Value>,
+    batch_size: Option<Value>,
+    learning_rate_multiplier: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Method {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    supervised: Option<Supervised>,
+}
+
+#[derive(Deserialize)]
+struct Supervised {
+    hyperparameters: Option<Hyper>,
+}
+
+#[derive(Deserialize)]
+struct Lora {
+    r: Option<usize>,
+    alpha: Option<f64>,
+    target_modules: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+pub struct CreateJob {
+    model: String,
+    training_file: String,
+    validation_file: Option<String>,
+    suffix: Option<String>,
+    seed: Option<u64>,
+    hyperparameters: Option<Hyper>,
+    method: Option<Method>,
+    lora: Option<Lora>,
+}
+
+/// `value` as an integer in `lo..=hi`, or `auto` (None) -> default.
+fn int_param(
+    v: &Option<Value>,
+    name: &str,
+    default: usize,
+    lo: usize,
+    hi: usize,
+) -> Result<usize, ApiError> {
+    match v {
+        None => Ok(default),
+        Some(Value::String(s)) if s == "auto" => Ok(default),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(x) if (lo as u64..=hi as u64).contains(&x) => Ok(x as usize),
+            _ => Err(ApiError::invalid(
+                format!("{name} must be an integer from {lo} to {hi}"),
+                Some(name),
+            )),
+        },
+        Some(_) => Err(ApiError::invalid(
+            format!("{name} must be an integer or \"auto\""),
+            Some(name),
+        )),
+    }
+}
+
+fn missing(id: &str) -> ApiError {
+    ApiError::not_found(
+        format!("No such fine-tuning job: {id}"),
+        Some("fine_tuning_job_id"),
+    )
+}
+
+pub async fn create(
+    State(st): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: CreateJob = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("Invalid request: {e}"), None))?;
+    if req.model != st.model_name {
+        return Err(ApiError::invalid(
+            format!(
+                "Model {} is not available for fine-tuning here: the base model is {}",
+                req.model, st.model_name
+            ),
+            Some("model"),
+        ));
+    }
+    if let Some(m) = &req.method {
+        if m.kind.as_deref().is_some_and(|k| k != "supervised") {
+            return Err(ApiError::invalid(
+                "Only the `supervised` method is supported",
+                Some("method.type"),
+            ));
+        }
+    }
+    let hyper = req
+        .method
+        .and_then(|m| m.supervised)
+        .and_then(|s| s.hyperparameters)
+        .or(req.hyperparameters)
+        .unwrap_or_default();
+    let content = st.store.file_content(&req.training_file)?.ok_or_else(|| {
+        ApiError::invalid(
+            format!("Invalid training_file: {}: no such file", req.training_file),
+            Some("training_file"),
+        )
+    })?;
+    if let Some(v) = &req.validation_file {
+        if st.store.file(v)?.is_none() {
+            return Err(ApiError::invalid(
+                format!("Invalid validation_file: {v}: no such file"),
+                Some("validation_file"),
+            ));
+        }
+    }
+    let text = String::from_utf8_lossy(&content);
+    let max_len = st.max_model_len.min(2048);
+    let mut data: Vec<Example> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ex = parse_record(line)
+            .and_then(|r| tokenize(&r, &st.tokenizer, max_len))
+            .map_err(|(f, m)| {
+                ApiError::invalid(
+                    format!("training_file line {}: `{f}` {m}", i + 1),
+                    Some("training_file"),
+                )
+            })?;
+        data.push(ex);
+    }
+    let n_epochs = int_param(&hyper.n_epochs, "n_epochs", 3, 1, 50)?;
+    let batch_size = int_param(
+        &hyper.batch_size,
+        "batch_size",
+        4.min(data.len().max(1)),
+        1,
+        256,
+    )?;
+    let mult = match &hyper.learning_rate_multiplier {
+        None => 1.0,
+        Some(Value::String(s)) if s == "auto" => 1.0,
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(x) if x > 0.0 && x <= 100.0 => x,
+            _ => {
+                return Err(ApiError::invalid(
+                    "learning_rate_multiplier must be in (0, 100]",
+                    Some("learning_rate_multiplier"),
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "learning_rate_multiplier must be a number or \"auto\"",
+                Some("learning_rate_multiplier"),
+            ))
+        }
+    };
+    let lora = req.lora.unwrap_or(Lora {
+        r: None,
+        alpha: None,
+        target_modules: None,
+    });
+    let r = lora.r.unwrap_or(8);
+    let cfg = TrainConfig {
+        r,
+        alpha: lora.alpha.unwrap_or(2.0 * r as f64),
+        targets: lora
+            .target_modules
+            .unwrap_or_else(|| vec!["q_proj".into(), "v_proj".into()]),
+        lr: BASE_LR * mult,
+        epochs: n_epochs,
+        batch_size,
+        chunk_tokens: 128,
+        max_seq_len: max_len,
+        seed: req.seed.unwrap_or(42),
+        ..Default::default()
+    };
+    if r == 0 {
+        return Err(ApiError::invalid(
+            "lora.r must be at least 1",
+            Some("lora.r"),
+        ));
+    }
+    if cfg.alpha.is_nan() || cfg.alpha <= 0.0 {
+        return Err(ApiError::invalid(
+            "lora.alpha must be positive",
+            Some("lora.alpha"),
+        ));
+    }
+    cfg.spec()
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("lora.target_modules")))?;
+    if let Some(s) = &req.suffix {
+        if s.len() > 64
+            || !s
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ApiError::invalid(
+                "suffix: up to 64 letters, digits, '-' or '_'",
+                Some("suffix"),
+            ));
+        }
+    }
+    let id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());
+    let adapter = format!(
+        "ft:{}:{}:{}",
+        st.model_name,
+        req.suffix.as_deref().unwrap_or("tandem"),
+        &id[6..14]
+    );
+    let hp =
+        json!({"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": mult});
+    let mut job = json!({
+        "id": id,
+        "object": "fine_tuning.job",
+        "created_at": now(),
+        "finished_at": null,
+        "model": req.model,
+        "fine_tuned_model": null,
+        "organization_id": "org-tandem",
+        "result_files": [],
+        "status": "running",
+        "validation_file": req.validation_file,
+        "training_file": req.training_file,
+        "hyperparameters": hp,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "trained_tokens": 0,
+        "error": null,
+        "seed": cfg.seed,
+        "estimated_finish": null,
+        "integrations": [],
+        "user_provided_suffix": req.suffix,
+        "lora": {"r": cfg.r, "alpha": cfg.alpha, "target_modules": cfg.targets},
+        "tandem_adapter": adapter,
+    });
+    st.engine
+        .start_job(adapter.clone(), data, cfg)
+        .await
+        .map_err(|e| ApiError::invalid(format!("Cannot start the job: {e}"), None))?;
+    st.store.put_job(&job)?;
+    event(&st, &id, "info", "Created fine-tuning job", None);
+    event(&st, &id, "info", "Fine-tuning job started", None);
+    tracing::info!(job = %id, adapter = %adapter, "fine-tuning job started");
+    tokio::spawn(watch(st.clone(), id.clone(), adapter));
+    job["status"] = json!("running");
+    Ok(Json(job))
+}
+
+fn event(st: &AppState, job: &str, level: &str, message: &str, data: Option<Value>) {
+    let kind = if data.is_some() { "metrics" } else { "message" };
+    let e = json!({
+        "id": format!("ftevent-{}", uuid::Uuid::new_v4().simple()),
+        "object": "fine_tuning.job.event",
+        "created_at": now(),
+        "level": level,
+        "message": message,
+        "type": kind,
+        "data": data.unwrap_or(json!({})),
+    });
+    if let Err(err) = st.store.add_event(job, &e) {
+        tracing::error!(job, error = %err, "cannot record a job event");
+    }
+}
+
+/// Copies the engine's progress on `adapter` into job `id` until the job ends.
+async fn watch(st: Arc<AppState>, id: String, adapter: String) {
+    let mut seen = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Ok(jobs) = st.engine.jobs().await else {
+            return;
+        };
+        let Some(snap) = jobs.into_iter().find(|j| j.name == adapter) else {
+            return;
+        };
+        let Ok(Some(mut job)) = st.store.job(&id) else {
+            return;
+        };
+        for r in &snap.reports[seen..] {
+            event(
+                &st,
+                &id,
+                "info",
+                &format!(
+                    "Step {}/{}: training loss={:.4}",
+                    r.step, r.total_steps, r.loss
+                ),
+                Some(
+                    json!({"step": r.step, "total_steps": r.total_steps, "train_loss": r.loss, "learning_rate": r.lr, "grad_norm": r.grad_norm}),
+                ),
+            );
+        }
+        seen = snap.reports.len();
+        job["trained_tokens"] = json!(snap.trained_tokens);
+        let status = match &snap.state {
+            JobState::Running => "running",
+            JobState::Paused => "paused",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed(_) => "failed",
+            JobState::Cancelled => "cancelled",
+        };
+        job["status"] = json!(status);
+        if snap.state.is_final() {
+            job["finished_at"] = json!(now());
+            match &snap.state {
+                JobState::Succeeded => {
+                    job["fine_tuned_model"] = json!(adapter);
+                    if let Some(dir) = &st.data_dir {
+                        let out = dir.join("fine_tuned").join(&id);
+                        if let Err(e) = st
+                            .engine
+                            .save_job_adapter(
+                                adapter.clone(),
+                                out.clone(),
+                                Some(st.model_name.clone()),
+                            )
+                            .await
+                        {
+                            tracing::error!(job = %id, error = %e, "cannot save the adapter");
+                        } else {
+                            job["result_files"] = json!([]);
+                            tracing::info!(job = %id, path = %out.display(), "adapter saved");
+                        }
+                    }
+                    event(&st, &id, "info", "The job has successfully completed", None);
+                }
+                JobState::Failed(msg) => {
+                    job["error"] =
+                        json!({"code": "training_failed", "message": msg, "param": null});
+                    event(&st, &id, "error", &format!("The job failed: {msg}"), None);
+                }
+                _ => event(&st, &id, "info", "The job was cancelled", None),
+            }
+        }
+        if let Err(e) = st.store.put_job(&job) {
+            tracing::error!(job = %id, error = %e, "cannot record the job");
+        }
+        if snap.state.is_final() {
+            return;
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct Page {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+fn page(items: Vec<Value>, p: &Page) -> Json<Value> {
+    let start = match &p.after {
+        Some(a) => items
+            .iter()
+            .position(|j| j["id"] == json!(a))
+            .map_or(items.len(), |i| i + 1),
+        None => 0,
+    };
+    let limit = p.limit.unwrap_or(20).clamp(1, 100);
+    let data: Vec<Value> = items.iter().skip(start).take(limit).cloned().collect();
+    let has_more = start + data.len() < items.len();
+    Json(json!({"object": "list", "data": data, "has_more": has_more}))
+}
+
+pub async fn list(
+    State(st): State<Arc<AppState>>,
+    Query(p): Query<Page>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(page(st.store.jobs()?, &p))
+}
+
+pub async fn get_one(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(st.store.job(&id)?.ok_or_else(|| missing(&id))?))
+}
+
+pub async fn events(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(p): Query<Page>,
+) -> Result<Json<Value>, ApiError> {
+    st.store.job(&id)?.ok_or_else(|| missing(&id))?;
+    Ok(page(st.store.events(&id)?, &p))
+}
+
+pub async fn checkpoints(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    st.store.job(&id)?.ok_or_else(|| missing(&id))?;
+    Ok(Json(
+        json!({"object": "list", "data": [], "has_more": false}),
+    ))
+}
+
+async fn control(
+    st: Arc<AppState>,
+    id: String,
+    pause: Option<bool>,
+) -> Result<Json<Value>, ApiError> {
+    let mut job = st.store.job(&id)?.ok_or_else(|| missing(&id))?;
+    let adapter = job["tandem_adapter"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    st.engine
+        .control_job(adapter, pause)
+        .await
+        .map_err(|e| ApiError::invalid(format!("Cannot change job {id}: {e}"), None))?;
+    let (status, msg) = match pause {
+        None => ("cancelled", "The job was cancelled"),
+        Some(true) => ("paused", "The job was paused"),
+        Some(false) => ("running", "The job was resumed"),
+    };
+    job["status"] = json!(status);
+    if pause.is_none() {
+        job["finished_at"] = json!(now());
+    }
+    st.store.put_job(&job)?;
+    event(&st, &id, "info", msg, None);
+    Ok(Json(job))
+}
+
+pub async fn cancel(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    control(st, id, None).await
+}
+
+pub async fn pause(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    control(st, id, Some(true)).await
+}
+
+pub async fn resume(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    control(st, id, Some(false)).await
+}
