@@ -389,12 +389,27 @@ def test_fine_tuning_job_runs_to_success_and_its_model_answers(client):
     assert done.fine_tuned_model in [m.id for m in client.models.list().data]
     out = client.chat.completions.create(model=done.fine_tuned_model, messages=Q, max_tokens=8, temperature=0)
     assert out.choices[0].message.content
-    assert client.fine_tuning.jobs.checkpoints.list(job.id).data == []
+    ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in ckpts] == [3]  # the end of epoch 1 (epoch 2 ends the job)
+    assert ckpts[0].fine_tuned_model_checkpoint == done.fine_tuned_model + ":ckpt-step-3"
+    assert ckpts[0].metrics.train_loss > 0
+    out = client.chat.completions.create(model=ckpts[0].fine_tuned_model_checkpoint, messages=Q, max_tokens=8, temperature=0)
+    assert out.choices[0].message.content
 
 
 def test_fine_tuning_job_can_be_cancelled_and_bad_requests_are_rejected(client):
     fid = upload_training_file(client)
     job = client.fine_tuning.jobs.create(model=MODEL, training_file=fid, hyperparameters={"n_epochs": 50, "batch_size": 1})
+    # While it runs, its latest checkpoint answers by name.
+    for _ in range(1200):
+        ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
+        if ckpts:
+            break
+        time.sleep(0.25)
+    assert ckpts, "no checkpoint while the job ran"
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    out = client.chat.completions.create(model=ckpts[0].fine_tuned_model_checkpoint, messages=Q, max_tokens=8, temperature=0)
+    assert out.choices[0].message.content
     paused = client.fine_tuning.jobs.pause(job.id)
     assert paused.status == "paused"
     assert client.fine_tuning.jobs.resume(job.id).status == "running"

@@ -254,8 +254,15 @@ pub async fn create(
         "lora": {"r": cfg.r, "alpha": cfg.alpha, "target_modules": cfg.targets},
         "tandem_adapter": adapter,
     });
+    // A checkpoint at the end of every epoch, written and served while the job runs.
+    let ckpt_dir = match &st.data_dir {
+        Some(d) => d.join("checkpoints").join(&id),
+        None => std::env::temp_dir().join("tandem-checkpoints").join(&id),
+    };
+    std::fs::create_dir_all(&ckpt_dir).map_err(ApiError::internal)?;
+    let every = data.len().div_ceil(batch_size);
     st.engine
-        .start_job(adapter.clone(), data, cfg)
+        .start_job(adapter.clone(), data, cfg, Some((ckpt_dir, every)))
         .await
         .map_err(|e| ApiError::invalid(format!("Cannot start the job: {e}"), None))?;
     st.store.put_job(&job)?;
@@ -312,6 +319,38 @@ async fn watch(st: Arc<AppState>, id: String, adapter: String) {
             );
         }
         seen = snap.reports.len();
+        let ckpts: Vec<Value> = snap
+            .checkpoints
+            .iter()
+            .map(|(step, name, _)| {
+                let loss = snap.reports.get(step - 1).map(|r| r.loss);
+                json!({
+                    "id": format!("ftckpt-{}-{step}", &id[6..]),
+                    "object": "fine_tuning.job.checkpoint",
+                    "created_at": now(),
+                    "fine_tuned_model_checkpoint": name,
+                    "fine_tuning_job_id": id,
+                    "metrics": {"step": step, "train_loss": loss},
+                    "step_number": step,
+                })
+            })
+            .collect();
+        let known = job["tandem_checkpoints"].as_array().map_or(0, Vec::len);
+        for c in ckpts.iter().skip(known) {
+            let name = c["fine_tuned_model_checkpoint"]
+                .as_str()
+                .unwrap_or_default();
+            event(
+                &st,
+                &id,
+                "info",
+                &format!("Checkpoint written and served as {name}"),
+                None,
+            );
+        }
+        if ckpts.len() > known {
+            job["tandem_checkpoints"] = json!(ckpts);
+        }
         job["trained_tokens"] = json!(snap.trained_tokens);
         let status = match &snap.state {
             JobState::Running => "running",
@@ -408,11 +447,16 @@ pub async fn events(
 pub async fn checkpoints(
     State(st): State<Arc<AppState>>,
     Path(id): Path<String>,
+    Query(p): Query<Page>,
 ) -> Result<Json<Value>, ApiError> {
-    st.store.job(&id)?.ok_or_else(|| missing(&id))?;
-    Ok(Json(
-        json!({"object": "list", "data": [], "has_more": false}),
-    ))
+    let job = st.store.job(&id)?.ok_or_else(|| missing(&id))?;
+    // Newest first, as OpenAI lists them.
+    let mut items: Vec<Value> = job["tandem_checkpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    items.reverse();
+    Ok(page(items, &p))
 }
 
 async fn control(

@@ -93,6 +93,10 @@ pub struct TrainingJob {
     pub backward_steps: u64,
     /// Tokens of sequences whose backward is complete (finetuning progress).
     pub trained_tokens: u64,
+    /// Where and how often (in optimizer steps) to write servable checkpoints.
+    pub checkpoint: Option<(std::path::PathBuf, usize)>,
+    /// Checkpoints written: (step, adapter name it is served under, directory).
+    pub checkpoints: Vec<(usize, String, std::path::PathBuf)>,
 }
 
 /// An online estimate of one backward step's time (exponential moving average).

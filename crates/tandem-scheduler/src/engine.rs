@@ -122,7 +122,49 @@ impl LlmEngine {
             forward_tokens: 0,
             backward_steps: 0,
             trained_tokens: 0,
+            checkpoint: None,
+            checkpoints: Vec::new(),
         });
+        Ok(())
+    }
+
+    /// Job `name` writes its adapter to `dir/step-N` every `every` optimizer steps and serves
+    /// each as `<name>:ckpt-step-N`.
+    pub fn set_job_checkpoints(
+        &mut self,
+        name: &str,
+        dir: std::path::PathBuf,
+        every: usize,
+    ) -> Result<(), String> {
+        let i = self.job_index(name)?;
+        self.jobs[i].checkpoint = Some((dir, every.max(1)));
+        Ok(())
+    }
+
+    /// Writes job `i`'s adapter as a checkpoint and registers it, if one is due at `step`.
+    fn checkpoint(&mut self, i: usize, step: usize) -> Result<(), String> {
+        let j = &mut self.jobs[i];
+        let Some((dir, every)) = &j.checkpoint else {
+            return Ok(());
+        };
+        if !step.is_multiple_of(*every) || j.run.is_done() {
+            return Ok(());
+        }
+        let path = dir.join(format!("step-{step}"));
+        let tmp = dir.join(format!(".step-{step}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        j.run
+            .lora
+            .to_adapter(None)
+            .and_then(|a| a.save(&tmp))
+            .map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let name = format!("{}:ckpt-step-{step}", j.name);
+        j.checkpoints.push((step, name.clone(), path.clone()));
+        self.runner
+            .adapters
+            .register(&name, &path)
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -386,6 +428,9 @@ impl LlmEngine {
                     if let Err(e) = adapter.and_then(|a| self.runner.adapters.replace_live(id, a)) {
                         self.fail_job(i, e.to_string());
                         break;
+                    }
+                    if let Err(e) = self.checkpoint(i, report.step) {
+                        tracing::warn!(job = %self.jobs[i].name, error = %e, "cannot write a checkpoint");
                     }
                     if done {
                         self.finish_job(i);

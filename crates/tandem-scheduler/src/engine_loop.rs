@@ -80,6 +80,7 @@ enum Command {
         String,
         Vec<Example>,
         Box<TrainConfig>,
+        Option<(PathBuf, usize)>,
         oneshot::Sender<Result<(), String>>,
     ),
     Jobs(oneshot::Sender<Vec<JobSnapshot>>),
@@ -102,6 +103,8 @@ pub struct JobSnapshot {
     pub total_steps: usize,
     pub trained_tokens: u64,
     pub reports: Vec<StepReport>,
+    /// (step, served name, directory) of each checkpoint written.
+    pub checkpoints: Vec<(usize, String, PathBuf)>,
 }
 
 /// The async side's handle on the engine thread. Cheap to clone; the thread ends when every
@@ -161,16 +164,24 @@ impl EngineHandle {
     }
 
     /// Starts a finetuning job on `data` whose adapter is served as `name` (the LoRA weights are
-    /// created on the engine's device).
+    /// created on the engine's device). With `checkpoints` (dir, every N steps), each checkpoint
+    /// is written and served as `<name>:ckpt-step-N`.
     pub async fn start_job(
         &self,
         name: String,
         data: Vec<Example>,
         cfg: TrainConfig,
+        checkpoints: Option<(PathBuf, usize)>,
     ) -> Result<(), EngineError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Command::StartJob(name, data, Box::new(cfg), reply))
+            .send(Command::StartJob(
+                name,
+                data,
+                Box::new(cfg),
+                checkpoints,
+                reply,
+            ))
             .map_err(|_| EngineError::Stopped)?;
         answer
             .await
@@ -354,14 +365,20 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
             };
             let _ = reply.send(r);
         }
-        Command::StartJob(name, data, cfg, reply) => {
+        Command::StartJob(name, data, cfg, checkpoints, reply) => {
             let m = &engine.runner.model;
             let run = cfg
                 .spec()
                 .and_then(|spec| TrainableLora::new(&m.cfg, spec, m.device(), cfg.seed))
                 .and_then(|lora| TrainingRun::new(data, *cfg, lora))
                 .map_err(|e| e.to_string());
-            let _ = reply.send(run.and_then(|run| engine.start_job(&name, run)));
+            let r =
+                run.and_then(|run| engine.start_job(&name, run))
+                    .and_then(|()| match checkpoints {
+                        Some((dir, every)) => engine.set_job_checkpoints(&name, dir, every),
+                        None => Ok(()),
+                    });
+            let _ = reply.send(r);
         }
         Command::Jobs(reply) => {
             let snaps = engine
@@ -374,6 +391,7 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
                     total_steps: j.run.total_steps(),
                     trained_tokens: j.trained_tokens,
                     reports: j.reports.clone(),
+                    checkpoints: j.checkpoints.clone(),
                 })
                 .collect();
             let _ = reply.send(snaps);
