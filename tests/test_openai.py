@@ -431,3 +431,46 @@ def test_fine_tuning_job_can_be_cancelled_and_bad_requests_are_rejected(client):
         client.fine_tuning.jobs.create(model=MODEL, training_file=fid, extra_body={"lora": {"target_modules": ["lm_head"]}})
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-nope")
+
+
+def test_kill_9_during_a_job_then_restart_resumes_it_from_its_checkpoint():
+    data = tempfile.mkdtemp()
+    proc, url = start("--data-dir", data)
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x")
+        fid = upload_training_file(c)
+        job = c.fine_tuning.jobs.create(model=MODEL, training_file=fid, hyperparameters={"n_epochs": 4, "batch_size": 1})
+        for _ in range(1200):
+            if c.fine_tuning.jobs.checkpoints.list(job.id).data:
+                break
+            time.sleep(0.25)
+        assert c.fine_tuning.jobs.retrieve(job.id).status == "running"
+    finally:
+        proc.kill()  # kill -9 mid-job
+        proc.wait(timeout=30)
+    proc, url = start("--data-dir", data)
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x")
+        assert c.files.retrieve(fid).bytes > 0
+        done = wait_for(c, job.id, ("succeeded", "failed", "cancelled"))
+        assert done.status == "succeeded", done.error
+        messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data]
+        resumed = [m for m in messages if m.startswith("Resumed after a restart from step ")]
+        assert resumed and int(resumed[0].split()[-1]) in (3, 6, 9), messages  # a checkpoint's step
+        steps = sorted({e.data["step"] for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"})
+        assert steps == list(range(1, 13)), steps
+        ask = c.chat.completions.create(model=done.fine_tuned_model, messages=Q, max_tokens=8, temperature=0)
+        before = ask.choices[0].message.content
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    proc, url = start("--data-dir", data)
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x")
+        assert done.fine_tuned_model in [m.id for m in c.models.list().data]
+        again = c.chat.completions.create(model=done.fine_tuned_model, messages=Q, max_tokens=8, temperature=0)
+        assert again.choices[0].message.content == before
+        assert c.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_model::finetune::{parse_record, tokenize, Example, TrainConfig};
-use tandem_scheduler::JobState;
+use tandem_scheduler::{JobSpec, JobState};
 
 /// The learning rate a multiplier of 1 means (LoRA).
 const BASE_LR: f64 = 2e-4;
@@ -82,6 +82,39 @@ fn int_param(
     }
 }
 
+/// Longest training sequence (tokens); the same at creation and at recovery.
+fn max_seq_len(st: &AppState) -> usize {
+    st.max_model_len.min(2048)
+}
+
+/// The training file's lines as tokenized examples.
+fn examples(st: &AppState, content: &[u8]) -> Result<Vec<Example>, ApiError> {
+    let text = String::from_utf8_lossy(content);
+    let mut data = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ex = parse_record(line)
+            .and_then(|r| tokenize(&r, &st.tokenizer, max_seq_len(st)))
+            .map_err(|(f, m)| {
+                ApiError::invalid(
+                    format!("training_file line {}: `{f}` {m}", i + 1),
+                    Some("training_file"),
+                )
+            })?;
+        data.push(ex);
+    }
+    Ok(data)
+}
+
+fn checkpoint_dir(st: &AppState, id: &str) -> std::path::PathBuf {
+    match &st.data_dir {
+        Some(d) => d.join("checkpoints").join(id),
+        None => std::env::temp_dir().join("tandem-checkpoints").join(id),
+    }
+}
+
 fn missing(id: &str) -> ApiError {
     ApiError::not_found(
         format!("No such fine-tuning job: {id}"),
@@ -132,23 +165,8 @@ pub async fn create(
             ));
         }
     }
-    let text = String::from_utf8_lossy(&content);
-    let max_len = st.max_model_len.min(2048);
-    let mut data: Vec<Example> = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let ex = parse_record(line)
-            .and_then(|r| tokenize(&r, &st.tokenizer, max_len))
-            .map_err(|(f, m)| {
-                ApiError::invalid(
-                    format!("training_file line {}: `{f}` {m}", i + 1),
-                    Some("training_file"),
-                )
-            })?;
-        data.push(ex);
-    }
+    let max_len = max_seq_len(&st);
+    let data = examples(&st, &content)?;
     let n_epochs = int_param(&hyper.n_epochs, "n_epochs", 3, 1, 50)?;
     let batch_size = int_param(
         &hyper.batch_size,
@@ -253,16 +271,21 @@ pub async fn create(
         "user_provided_suffix": req.suffix,
         "lora": {"r": cfg.r, "alpha": cfg.alpha, "target_modules": cfg.targets},
         "tandem_adapter": adapter,
+        "tandem_config": cfg,
+        "tandem_checkpoint_every": data.len().div_ceil(batch_size),
     });
     // A checkpoint at the end of every epoch, written and served while the job runs.
-    let ckpt_dir = match &st.data_dir {
-        Some(d) => d.join("checkpoints").join(&id),
-        None => std::env::temp_dir().join("tandem-checkpoints").join(&id),
-    };
+    let ckpt_dir = checkpoint_dir(&st, &id);
     std::fs::create_dir_all(&ckpt_dir).map_err(ApiError::internal)?;
     let every = data.len().div_ceil(batch_size);
     st.engine
-        .start_job(adapter.clone(), data, cfg, Some((ckpt_dir, every)))
+        .start_job(JobSpec {
+            name: adapter.clone(),
+            data,
+            cfg,
+            checkpoints: Some((ckpt_dir, every)),
+            resume_from: None,
+        })
         .await
         .map_err(|e| ApiError::invalid(format!("Cannot start the job: {e}"), None))?;
     st.store.put_job(&job)?;
@@ -319,27 +342,29 @@ async fn watch(st: Arc<AppState>, id: String, adapter: String) {
             );
         }
         seen = snap.reports.len();
-        let ckpts: Vec<Value> = snap
-            .checkpoints
-            .iter()
-            .map(|(step, name, _)| {
-                let loss = snap.reports.get(step - 1).map(|r| r.loss);
-                json!({
-                    "id": format!("ftckpt-{}-{step}", &id[6..]),
-                    "object": "fine_tuning.job.checkpoint",
-                    "created_at": now(),
-                    "fine_tuned_model_checkpoint": name,
-                    "fine_tuning_job_id": id,
-                    "metrics": {"step": step, "train_loss": loss},
-                    "step_number": step,
-                })
-            })
-            .collect();
-        let known = job["tandem_checkpoints"].as_array().map_or(0, Vec::len);
-        for c in ckpts.iter().skip(known) {
-            let name = c["fine_tuned_model_checkpoint"]
-                .as_str()
-                .unwrap_or_default();
+        let mut ckpts: Vec<Value> = job["tandem_checkpoints"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let last = ckpts
+            .last()
+            .and_then(|c| c["step_number"].as_u64())
+            .unwrap_or(0) as usize;
+        for (step, name, _) in snap.checkpoints.iter().filter(|c| c.0 > last) {
+            let loss = snap
+                .reports
+                .iter()
+                .find(|r| r.step == *step)
+                .map(|r| r.loss);
+            ckpts.push(json!({
+                "id": format!("ftckpt-{}-{step}", &id[6..]),
+                "object": "fine_tuning.job.checkpoint",
+                "created_at": now(),
+                "fine_tuned_model_checkpoint": name,
+                "fine_tuning_job_id": id,
+                "metrics": {"step": step, "train_loss": loss},
+                "step_number": step,
+            }));
             event(
                 &st,
                 &id,
@@ -348,9 +373,7 @@ async fn watch(st: Arc<AppState>, id: String, adapter: String) {
                 None,
             );
         }
-        if ckpts.len() > known {
-            job["tandem_checkpoints"] = json!(ckpts);
-        }
+        job["tandem_checkpoints"] = json!(ckpts);
         job["trained_tokens"] = json!(snap.trained_tokens);
         let status = match &snap.state {
             JobState::Running => "running",
@@ -506,4 +529,106 @@ pub async fn resume(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     control(st, id, Some(false)).await
+}
+
+/// After a restart: serves every finished job's adapter and checkpoints again, and continues
+/// jobs that were running (or paused) from their latest checkpoint (from the start if none).
+pub async fn recover(st: Arc<AppState>) {
+    let jobs = match st.store.jobs() {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the job store");
+            return;
+        }
+    };
+    for job in jobs {
+        let id = job["id"].as_str().unwrap_or_default().to_string();
+        let adapter = job["tandem_adapter"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let status = job["status"].as_str().unwrap_or_default().to_string();
+        let mut latest: Option<(usize, std::path::PathBuf)> = None;
+        for c in job["tandem_checkpoints"].as_array().into_iter().flatten() {
+            let (Some(name), Some(step)) = (
+                c["fine_tuned_model_checkpoint"].as_str(),
+                c["step_number"].as_u64(),
+            ) else {
+                continue;
+            };
+            let path = checkpoint_dir(&st, &id).join(format!("step-{step}"));
+            if !path.exists() {
+                continue;
+            }
+            if let Err(e) = st.engine.load_adapter(name.to_string(), path.clone()).await {
+                tracing::warn!(job = %id, checkpoint = name, error = %e, "cannot serve a checkpoint again");
+            }
+            latest = Some((step as usize, path));
+        }
+        match status.as_str() {
+            "succeeded" => {
+                if let (Some(dir), Some(name)) = (&st.data_dir, job["fine_tuned_model"].as_str()) {
+                    let path = dir.join("fine_tuned").join(&id);
+                    if let Err(e) = st.engine.load_adapter(name.to_string(), path).await {
+                        tracing::warn!(job = %id, error = %e, "cannot serve a fine-tuned model again");
+                    }
+                }
+            }
+            "running" | "paused" | "queued" => {
+                let restart = async {
+                    let file = job["training_file"].as_str().unwrap_or_default();
+                    let content = st.store.file_content(file)?.ok_or_else(|| {
+                        ApiError::invalid("the training file is gone", Some("training_file"))
+                    })?;
+                    let data = examples(&st, &content)?;
+                    let cfg: TrainConfig = serde_json::from_value(job["tandem_config"].clone())
+                        .map_err(|e| ApiError::invalid(format!("stored config: {e}"), None))?;
+                    let every = job["tandem_checkpoint_every"].as_u64().unwrap_or(1) as usize;
+                    st.engine
+                        .start_job(JobSpec {
+                            name: adapter.clone(),
+                            data,
+                            cfg,
+                            checkpoints: Some((checkpoint_dir(&st, &id), every)),
+                            resume_from: latest.as_ref().map(|(_, p)| p.clone()),
+                        })
+                        .await
+                        .map_err(|e| ApiError::invalid(e.to_string(), None))?;
+                    if status == "paused" {
+                        st.engine
+                            .control_job(adapter.clone(), Some(true))
+                            .await
+                            .map_err(|e| ApiError::invalid(e.to_string(), None))?;
+                    }
+                    Ok::<(), ApiError>(())
+                };
+                match restart.await {
+                    Ok(()) => {
+                        let from = latest.as_ref().map_or(0, |(s, _)| *s);
+                        let msg = format!("Resumed after a restart from step {from}");
+                        event(&st, &id, "info", &msg, None);
+                        tracing::info!(job = %id, step = from, "fine-tuning job resumed");
+                        tokio::spawn(watch(st.clone(), id.clone(), adapter.clone()));
+                    }
+                    Err(e) => {
+                        let msg = e.body.error.message.clone();
+                        let mut job = job.clone();
+                        job["status"] = json!("failed");
+                        job["finished_at"] = json!(now());
+                        job["error"] =
+                            json!({"code": "resume_failed", "message": msg, "param": null});
+                        let _ = st.store.put_job(&job);
+                        event(
+                            &st,
+                            &id,
+                            "error",
+                            &format!("Cannot resume after a restart: {msg}"),
+                            None,
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
 }

@@ -8,6 +8,7 @@
 mod error;
 mod files;
 mod jobs;
+pub use jobs::recover as recover_jobs;
 pub mod metrics;
 mod openai;
 pub mod persist;

@@ -151,14 +151,11 @@ impl LlmEngine {
             return Ok(());
         }
         let path = dir.join(format!("step-{step}"));
-        let tmp = dir.join(format!(".step-{step}.tmp"));
-        let _ = std::fs::remove_dir_all(&tmp);
+        // The whole training state, so that a restart continues from here; it is also a PEFT
+        // adapter directory, served at once.
         j.run
-            .lora
-            .to_adapter(None)
-            .and_then(|a| a.save(&tmp))
+            .save_checkpoint(&path, None)
             .map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
         let name = format!("{}:ckpt-step-{step}", j.name);
         j.checkpoints.push((step, name.clone(), path.clone()));
         self.runner

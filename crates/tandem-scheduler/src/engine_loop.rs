@@ -76,13 +76,7 @@ enum Command {
     LoadAdapter(String, PathBuf, oneshot::Sender<Result<(), String>>),
     UnloadAdapter(String, oneshot::Sender<Result<(), String>>),
     Stats(oneshot::Sender<EngineStats>),
-    StartJob(
-        String,
-        Vec<Example>,
-        Box<TrainConfig>,
-        Option<(PathBuf, usize)>,
-        oneshot::Sender<Result<(), String>>,
-    ),
+    StartJob(Box<JobSpec>, oneshot::Sender<Result<(), String>>),
     Jobs(oneshot::Sender<Vec<JobSnapshot>>),
     /// Cancel (None), pause (Some(true)) or resume (Some(false)).
     ControlJob(String, Option<bool>, oneshot::Sender<Result<(), String>>),
@@ -92,6 +86,19 @@ enum Command {
         Option<String>,
         oneshot::Sender<Result<(), String>>,
     ),
+}
+
+/// What the engine needs to start (or continue) a finetuning job.
+pub struct JobSpec {
+    /// The adapter name it trains and serves.
+    pub name: String,
+    pub data: Vec<Example>,
+    pub cfg: TrainConfig,
+    /// Write a checkpoint into this directory every N optimizer steps (served as
+    /// `<name>:ckpt-step-N`).
+    pub checkpoints: Option<(PathBuf, usize)>,
+    /// Continue from this checkpoint instead of starting afresh.
+    pub resume_from: Option<PathBuf>,
 }
 
 /// A finetuning job as the engine sees it.
@@ -163,25 +170,12 @@ impl EngineHandle {
             .map_err(EngineError::Adapter)
     }
 
-    /// Starts a finetuning job on `data` whose adapter is served as `name` (the LoRA weights are
-    /// created on the engine's device). With `checkpoints` (dir, every N steps), each checkpoint
-    /// is written and served as `<name>:ckpt-step-N`.
-    pub async fn start_job(
-        &self,
-        name: String,
-        data: Vec<Example>,
-        cfg: TrainConfig,
-        checkpoints: Option<(PathBuf, usize)>,
-    ) -> Result<(), EngineError> {
+    /// Starts (or, with `resume_from`, continues) a finetuning job; the LoRA weights live on
+    /// the engine's device.
+    pub async fn start_job(&self, spec: JobSpec) -> Result<(), EngineError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Command::StartJob(
-                name,
-                data,
-                Box::new(cfg),
-                checkpoints,
-                reply,
-            ))
+            .send(Command::StartJob(Box::new(spec), reply))
             .map_err(|_| EngineError::Stopped)?;
         answer
             .await
@@ -365,20 +359,8 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
             };
             let _ = reply.send(r);
         }
-        Command::StartJob(name, data, cfg, checkpoints, reply) => {
-            let m = &engine.runner.model;
-            let run = cfg
-                .spec()
-                .and_then(|spec| TrainableLora::new(&m.cfg, spec, m.device(), cfg.seed))
-                .and_then(|lora| TrainingRun::new(data, *cfg, lora))
-                .map_err(|e| e.to_string());
-            let r =
-                run.and_then(|run| engine.start_job(&name, run))
-                    .and_then(|()| match checkpoints {
-                        Some((dir, every)) => engine.set_job_checkpoints(&name, dir, every),
-                        None => Ok(()),
-                    });
-            let _ = reply.send(r);
+        Command::StartJob(spec, reply) => {
+            let _ = reply.send(start_job(engine, *spec));
         }
         Command::Jobs(reply) => {
             let snaps = engine
@@ -436,5 +418,23 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
                 max_loras: reg.config().max_loras,
             });
         }
+    }
+}
+
+fn start_job(engine: &mut LlmEngine, spec: JobSpec) -> Result<(), String> {
+    let m = &engine.runner.model;
+    let run = match &spec.resume_from {
+        Some(dir) => TrainingRun::resume(dir, spec.data, &m.cfg, m.device()).map(|(run, _)| run),
+        None => spec
+            .cfg
+            .spec()
+            .and_then(|lora| TrainableLora::new(&m.cfg, lora, m.device(), spec.cfg.seed))
+            .and_then(|lora| TrainingRun::new(spec.data, spec.cfg, lora)),
+    }
+    .map_err(|e| e.to_string())?;
+    engine.start_job(&spec.name, run)?;
+    match spec.checkpoints {
+        Some((dir, every)) => engine.set_job_checkpoints(&spec.name, dir, every),
+        None => Ok(()),
     }
 }

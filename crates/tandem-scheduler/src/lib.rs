@@ -17,7 +17,7 @@ pub use block_manager::BlockManager;
 pub use coserve::{CoserveConfig, CoserveMode, JobState, TrainingJob};
 pub use engine::{IterationCounters, LlmEngine, RequestOutput};
 pub use engine_loop::{
-    EngineError, EngineHandle, EngineStats, Event, GenerateRequest, JobSnapshot,
+    EngineError, EngineHandle, EngineStats, Event, GenerateRequest, JobSnapshot, JobSpec,
 };
 pub use scheduler::{AdmitError, Scheduler, SchedulerConfig};
 pub use sequence::{FinishReason, Sequence};

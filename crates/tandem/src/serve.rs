@@ -106,6 +106,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // Jobs from before a restart: finished adapters served again, running ones continued.
+        tandem_api::recover_jobs(state.clone()).await;
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await

@@ -20,9 +20,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::llama::Llama;
 use crate::lora::{AdapterRegistry, RegistryConfig};
-use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// Everything that decides a training run.
@@ -242,63 +240,12 @@ impl<'m> Finetuner<'m> {
     /// Writes a checkpoint: the adapter (PEFT), the optimizer state and the position in the
     /// data, so that `resume` continues exactly. Written to a temporary folder and renamed.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let tmp = dir.with_extension("tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-        self.adapter()?.save(&tmp)?;
-        let state: HashMap<String, Tensor> = self.run.opt.state_tensors();
-        let opt_path = tmp.join("optimizer.safetensors");
-        candle_core::safetensors::save(&state, &opt_path)?;
-        let meta = serde_json::json!({
-            "step": self.run.step,
-            "total_steps": self.total_steps(),
-            "config": self.run.cfg,
-            "base_model": self.base_model,
-        });
-        let meta_path = tmp.join("trainer_state.json");
-        std::fs::write(
-            &meta_path,
-            serde_json::to_vec_pretty(&meta).unwrap_or_default(),
-        )
-        .map_err(|e| ModelError::io(&meta_path, e))?;
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
-        Ok(())
+        self.run.save_checkpoint(dir, self.base_model.clone())
     }
 
     /// Continues the run checkpointed in `dir` on the same data.
     pub fn resume(model: &'m Llama, data: Vec<Example>, dir: &Path) -> Result<Self> {
-        let meta_path = dir.join("trainer_state.json");
-        let text =
-            std::fs::read_to_string(&meta_path).map_err(|e| ModelError::io(&meta_path, e))?;
-        let meta: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
-                path: meta_path.clone(),
-                format: "JSON",
-                msg: e.to_string(),
-            })?;
-        let cfg: TrainConfig = serde_json::from_value(meta["config"].clone())
-            .map_err(|e| ModelError::field(&meta_path, "config", e.to_string()))?;
-        let step = meta["step"]
-            .as_u64()
-            .ok_or_else(|| ModelError::field(&meta_path, "step", "missing"))?
-            as usize;
-        let base_model = meta["base_model"].as_str().map(String::from);
-        let adapter = crate::lora::LoraAdapter::load(
-            dir,
-            &model.cfg,
-            model.device(),
-            candle_core::DType::F32,
-        )?;
-        let lora =
-            TrainableLora::from_adapter(&adapter, model.cfg.num_hidden_layers, model.device())?;
-        let mut ft = Self::with_run(model, TrainingRun::new(data, cfg, lora)?, base_model)?;
-        let opt_path = dir.join("optimizer.safetensors");
-        let state = candle_core::safetensors::load(&opt_path, model.device()).map_err(|e| {
-            ModelError::field(&opt_path, "tensors", crate::error::candle_message(&e))
-        })?;
-        ft.run.opt.restore(step, state)?;
-        ft.run.step = step;
-        Ok(ft)
+        let (run, base_model) = TrainingRun::resume(dir, data, &model.cfg, model.device())?;
+        Self::with_run(model, run, base_model)
     }
 }
