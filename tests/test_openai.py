@@ -371,7 +371,14 @@ def wait_for(c, job_id, statuses, timeout=300):
     raise AssertionError(f"job {job_id} stayed {job.status}")
 
 
-def test_fine_tuning_job_runs_to_success_and_its_model_answers(client):
+def metric_in(text, name, **labels):
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_fine_tuning_job_runs_to_success_and_its_model_answers(client, server):
     fid = upload_training_file(client)
     job = client.fine_tuning.jobs.create(model=MODEL, training_file=fid, suffix="bananas", seed=7,
                                          hyperparameters={"n_epochs": 2, "batch_size": 1, "learning_rate_multiplier": 5},
@@ -395,11 +402,21 @@ def test_fine_tuning_job_runs_to_success_and_its_model_answers(client):
     assert ckpts[0].metrics.train_loss > 0
     out = client.chat.completions.create(model=ckpts[0].fine_tuned_model_checkpoint, messages=Q, max_tokens=8, temperature=0)
     assert out.choices[0].message.content
+    m = httpx.get(server + "/metrics").text
+    assert metric_in(m, "tandem:finetune_jobs", status="succeeded") >= 1
+    assert metric_in(m, "tandem:finetune_trained_tokens_total") > 0
+    assert metric_in(m, "tandem:iteration_tokens_total", kind="finetune_forward") > 0
+    assert metric_in(m, "tandem:finetune_backward_steps_total") > 0
 
 
 def test_fine_tuning_job_can_be_cancelled_and_bad_requests_are_rejected(client):
     fid = upload_training_file(client)
+    greedy = lambda: client.chat.completions.create(model=MODEL, messages=Q, max_tokens=16, temperature=0).choices[0].message.content
+    alone = greedy()
     job = client.fine_tuning.jobs.create(model=MODEL, training_file=fid, hyperparameters={"n_epochs": 50, "batch_size": 1})
+    # Inference while the job trains in the same iterations: the same greedy text.
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    assert greedy() == alone
     # While it runs, its latest checkpoint answers by name.
     for _ in range(1200):
         ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data

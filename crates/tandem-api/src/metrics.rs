@@ -24,6 +24,14 @@ pub struct Metrics {
     tpot: Histogram,
     e2e: Histogram,
     lora_info: prometheus::GaugeVec,
+    iteration_tokens: IntCounterVec,
+    iterations: IntCounter,
+    mixed_iterations: IntCounter,
+    backward_steps: IntCounter,
+    trained_tokens: IntCounter,
+    jobs: prometheus::IntGaugeVec,
+    /// Engine totals as of the last scrape (counters advance by the difference).
+    last: Mutex<[u64; 7]>,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -96,6 +104,37 @@ impl Metrics {
                 ),
                 &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
             )?,
+            iteration_tokens: IntCounterVec::new(
+                opts(
+                    "tandem:iteration_tokens_total",
+                    "Tokens run through the model, by kind: decode, prefill, finetune_forward.",
+                ),
+                &["kind"],
+            )?,
+            iterations: IntCounter::with_opts(opts(
+                "tandem:iterations_total",
+                "Engine iterations (one packed forward each).",
+            ))?,
+            mixed_iterations: IntCounter::with_opts(opts(
+                "tandem:coserve_mixed_iterations_total",
+                "Iterations that ran inference and finetuning work together.",
+            ))?,
+            backward_steps: IntCounter::with_opts(opts(
+                "tandem:finetune_backward_steps_total",
+                "Token-level backward (layer, chunk) steps run.",
+            ))?,
+            trained_tokens: IntCounter::with_opts(opts(
+                "tandem:finetune_trained_tokens_total",
+                "Tokens of training sequences whose backward completed, over all jobs.",
+            ))?,
+            jobs: prometheus::IntGaugeVec::new(
+                opts(
+                    "tandem:finetune_jobs",
+                    "Fine-tuning jobs in the engine, by status.",
+                ),
+                &["status"],
+            )?,
+            last: Mutex::new([0; 7]),
             registry,
         };
         m.registry.register(Box::new(m.running.clone()))?;
@@ -109,6 +148,12 @@ impl Metrics {
         m.registry.register(Box::new(m.tpot.clone()))?;
         m.registry.register(Box::new(m.e2e.clone()))?;
         m.registry.register(Box::new(m.lora_info.clone()))?;
+        m.registry.register(Box::new(m.iteration_tokens.clone()))?;
+        m.registry.register(Box::new(m.iterations.clone()))?;
+        m.registry.register(Box::new(m.mixed_iterations.clone()))?;
+        m.registry.register(Box::new(m.backward_steps.clone()))?;
+        m.registry.register(Box::new(m.trained_tokens.clone()))?;
+        m.registry.register(Box::new(m.jobs.clone()))?;
         Ok(m)
     }
 
@@ -125,6 +170,40 @@ impl Metrics {
         if let Ok(mut last) = self.last_preemptions.lock() {
             self.preemptions.inc_by(s.preemptions.saturating_sub(*last));
             *last = s.preemptions.max(*last);
+        }
+        let c = &s.counters;
+        let trained: u64 = s.jobs.iter().map(|j| j.1).sum();
+        let now_totals = [
+            c.decode_tokens,
+            c.prefill_tokens,
+            c.finetune_forward_tokens,
+            c.iterations,
+            c.mixed_iterations,
+            c.finetune_backward_steps,
+            trained,
+        ];
+        if let Ok(mut last) = self.last.lock() {
+            let d = |i: usize, last: &[u64; 7]| now_totals[i].saturating_sub(last[i]);
+            self.iteration_tokens
+                .with_label_values(&["decode"])
+                .inc_by(d(0, &last));
+            self.iteration_tokens
+                .with_label_values(&["prefill"])
+                .inc_by(d(1, &last));
+            self.iteration_tokens
+                .with_label_values(&["finetune_forward"])
+                .inc_by(d(2, &last));
+            self.iterations.inc_by(d(3, &last));
+            self.mixed_iterations.inc_by(d(4, &last));
+            self.backward_steps.inc_by(d(5, &last));
+            self.trained_tokens.inc_by(d(6, &last));
+            for (l, n) in last.iter_mut().zip(now_totals) {
+                *l = (*l).max(n);
+            }
+        }
+        for status in ["running", "paused", "succeeded", "failed", "cancelled"] {
+            let n = s.jobs.iter().filter(|j| j.0 == status).count();
+            self.jobs.with_label_values(&[status]).set(n as i64);
         }
         // One series, labelled with the adapters as of now (as vLLM does).
         self.lora_info.reset();

@@ -4,7 +4,7 @@
 //! receiver is dropped (client gone) is aborted and its KV blocks freed at the next iteration.
 
 use crate::coserve::JobState;
-use crate::engine::LlmEngine;
+use crate::engine::{IterationCounters, LlmEngine};
 use crate::scheduler::AdmitError;
 use crate::sequence::FinishReason;
 use std::collections::HashMap;
@@ -54,6 +54,10 @@ pub struct EngineStats {
     pub running_adapters: Vec<String>,
     pub waiting_adapters: Vec<String>,
     pub max_loras: usize,
+    /// What the iterations held, summed since start.
+    pub counters: IterationCounters,
+    /// Per finetuning job: its state's name and trained tokens.
+    pub jobs: Vec<(&'static str, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -416,6 +420,12 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
                 running_adapters: names(running),
                 waiting_adapters: names(waiting),
                 max_loras: reg.config().max_loras,
+                counters: engine.counters,
+                jobs: engine
+                    .jobs
+                    .iter()
+                    .map(|j| (j.state.name(), j.trained_tokens))
+                    .collect(),
             });
         }
     }
