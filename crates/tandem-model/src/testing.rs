@@ -428,3 +428,26 @@ pub fn tiny_train_config() -> crate::finetune::TrainConfig {
         ..Default::default()
     }
 }
+
+/// The largest absolute difference between two adapters' weights (same modules and shapes).
+pub fn adapter_max_abs_diff(a: &crate::lora::LoraAdapter, b: &crate::lora::LoraAdapter) -> f32 {
+    assert_eq!(
+        a.weights.keys().collect::<Vec<_>>(),
+        b.weights.keys().collect::<Vec<_>>(),
+        "the adapters target different modules"
+    );
+    let diff = |x: &Tensor, y: &Tensor| {
+        (x - y)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("same shapes")
+    };
+    a.weights
+        .iter()
+        .map(|(k, w)| {
+            let v = &b.weights[k];
+            diff(&w.a, &v.a).max(diff(&w.b, &v.b))
+        })
+        .fold(0f32, f32::max)
+}

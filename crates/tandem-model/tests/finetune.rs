@@ -13,7 +13,9 @@ use tandem_model::finetune::{
     TrainableLora,
 };
 use tandem_model::lora::{AdapterRegistry, Proj, RegistryConfig};
-use tandem_model::testing::{random_adapter, tiny_examples, tiny_train_config, Tiny};
+use tandem_model::testing::{
+    adapter_max_abs_diff, random_adapter, tiny_examples, tiny_train_config, Tiny,
+};
 use tandem_model::{load_checkpoint, KvCache, Llama, LogitsWanted, PackedBatch};
 
 fn model(t: &Tiny) -> (tempfile::TempDir, Llama) {
@@ -382,20 +384,8 @@ fn resumed_run_equals_a_straight_run() {
         assert!((a - b).abs() < 1e-9, "loss after resume {a} vs {b}");
     }
     let (a, b) = (straight.adapter().unwrap(), resumed.adapter().unwrap());
-    for (k, w) in &a.weights {
-        let r = &b.weights[k];
-        for (x, y) in [(&w.a, &r.a), (&w.b, &r.b)] {
-            let d = (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(d <= 1e-6, "{k:?}: max abs diff {d}");
-        }
-    }
+    let d = adapter_max_abs_diff(&a, &b);
+    assert!(d <= 1e-6, "resumed vs straight: max abs diff {d}");
     // Training moved the weights (B starts at zero).
     let moved = a.weights.values().any(|w| {
         w.b.abs()

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device};
 use std::time::Duration;
 use tandem_model::finetune::{Finetuner, TrainableLora, TrainingRun};
-use tandem_model::testing::{tiny_examples, tiny_train_config, Tiny};
+use tandem_model::testing::{adapter_max_abs_diff, tiny_examples, tiny_train_config, Tiny};
 use tandem_model::{load_model, ModelRunner, SamplingParams};
 use tandem_scheduler::{CoserveConfig, CoserveMode, JobState, LlmEngine, SchedulerConfig};
 
@@ -141,23 +141,11 @@ fn coserved_job_trains_the_standalone_adapter_and_leaves_inference_unchanged() {
             "{mode:?}: KV blocks leaked"
         );
         let adapter = job.run.lora.to_adapter(None).unwrap();
-        for (k, w) in &want.weights {
-            let g = &adapter.weights[k];
-            for (x, y) in [(&w.a, &g.a), (&w.b, &g.b)] {
-                let d = (x - y)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(
-                    d <= 1e-5,
-                    "{mode:?} {k:?}: max abs diff {d} from the standalone run"
-                );
-            }
-        }
+        let d = adapter_max_abs_diff(&want, &adapter);
+        assert!(
+            d <= 1e-5,
+            "{mode:?}: max abs diff {d} from the standalone run"
+        );
         // Served under its name: requests through it differ from the base model's.
         let through = {
             let id = e
