@@ -1,6 +1,6 @@
 //! tandem-api: the HTTP face of tandem, in OpenAI's shapes: completions, chat completions (with
-//! SSE streaming), models, LoRA adapters loaded at run time (vLLM's routes), files for
-//! fine-tuning (kept in a SQLite store), health.
+//! SSE streaming), models, LoRA adapters loaded at run time (vLLM's routes), files and
+//! fine-tuning jobs (kept in a SQLite store, jobs recovered after a restart), health, metrics.
 //!
 //! Owns: request validation, response shapes, streaming, authentication. Must not touch:
 //! tensors or scheduling policy — requests go to the engine thread through `EngineHandle`.

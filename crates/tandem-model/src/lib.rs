@@ -2,8 +2,9 @@
 //!
 //! Owns: model configs, weight loading (HF safetensors directories, GGUF), tokenizers and chat
 //! templates, the default model's fetch, the Llama-family forward over packed batches, the
-//! paged KV cache's tensors, LoRA adapters (PEFT format, registry, batched application), and
-//! sampling.
+//! paged KV cache's tensors, LoRA adapters (PEFT format, registry, batched application),
+//! token-level LoRA finetuning (data, captured forward, (layer, chunk) backward, AdamW, runs and
+//! checkpoints), and sampling.
 //! Must not touch: scheduling policy (which sequences run, block allocation, preemption) —
 //! that is tandem-scheduler's; this crate executes the `PackedBatch` it is given.
 

@@ -1,6 +1,7 @@
 //! tandem-scheduler: decides what runs in each engine iteration.
 //!
-//! Owns: sequence state, KV block accounting, preemption, the token budget, and the engine
+//! Owns: sequence state, KV block accounting, preemption, the token budget, the co-serving
+//! policy (how much finetuning work each iteration takes, and which job), and the engine
 //! loop (its synchronous core: schedule, execute, post-process; and the thread that runs it,
 //! fed through channels). It hands the engine a plain
 //! `ScheduledBatch` and reads back host data.
