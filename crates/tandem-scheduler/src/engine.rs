@@ -90,6 +90,14 @@ impl LlmEngine {
         if self.jobs.iter().any(|j| j.name == name) || self.runner.adapters.id(name).is_some() {
             return Err(format!("an adapter or job named `{name}` already exists"));
         }
+        // A running job holds one adapter slot; requests keep at least one.
+        let holding = self.jobs.iter().filter(|j| !j.state.is_final()).count();
+        if holding + 1 >= self.runner.adapters.config().max_loras {
+            return Err(format!(
+                "no adapter slot for another job: {holding} job(s) hold slots of --max-loras {}",
+                self.runner.adapters.config().max_loras
+            ));
+        }
         let r = run.lora.spec.r;
         let max = self.runner.adapters.config().max_lora_rank;
         if r > max {
@@ -110,8 +118,10 @@ impl LlmEngine {
             .adapters
             .register_live(name, adapter)
             .map_err(|e| e.to_string())?;
-        // A training adapter stays resident while its job runs.
+        // A training adapter stays resident while its job runs; the scheduler admits requests
+        // through one adapter fewer meanwhile.
         self.runner.adapters.pin(id);
+        self.scheduler.cfg.max_loras = self.scheduler.cfg.max_loras.saturating_sub(1);
         self.jobs.push(TrainingJob {
             name: name.to_string(),
             run,
@@ -199,6 +209,7 @@ impl LlmEngine {
         j.state = state;
         self.scheduler.blocks_mut().free(j.seq_id);
         self.runner.adapters.unpin(j.adapter_id);
+        self.scheduler.cfg.max_loras += 1;
     }
 
     /// Queues a request, through the registered adapter named `adapter` if given; returns its
@@ -356,6 +367,20 @@ impl LlmEngine {
         let (c, start, toks) = j.run.next_forward()?;
         let budget = self.scheduler.cfg.max_batched_tokens.saturating_sub(used);
         if used > 0 && toks.len() > budget && self.coserve.mode == CoserveMode::Coserve {
+            return None;
+        }
+        // The batch's adapters and the job's must be resident together (max_loras slots);
+        // otherwise the chunk waits for an iteration with room.
+        let mut adapters: Vec<u32> = sched
+            .batch
+            .segments
+            .iter()
+            .filter_map(|s| s.adapter)
+            .collect();
+        adapters.push(j.adapter_id);
+        adapters.sort_unstable();
+        adapters.dedup();
+        if self.runner.adapters.ensure_resident(&adapters).is_err() {
             return None;
         }
         // The whole sequence's KV blocks, taken when its first chunk runs.

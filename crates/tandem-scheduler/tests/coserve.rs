@@ -192,7 +192,24 @@ fn jobs_pause_resume_and_cancel() {
     assert!(e.pause_job("a", true).is_err());
     e.pause_job("a", false).unwrap();
     e.step().unwrap();
+    // Each job holds one of the 4 adapter slots; requests always keep one.
+    assert_eq!(e.scheduler.cfg.max_loras, 3);
+    let cfg = e.runner.model.cfg.clone();
+    let run = |seed| {
+        let spec = tiny_train_config().spec().unwrap();
+        let lora = TrainableLora::new(&cfg, spec, &Device::Cpu, seed).unwrap();
+        TrainingRun::new(tiny_examples(t.vocab as u32), tiny_train_config(), lora).unwrap()
+    };
+    e.start_job("b", run(2)).unwrap();
+    assert_eq!(e.scheduler.cfg.max_loras, 2);
+    e.start_job("c", run(3)).unwrap();
+    assert_eq!(e.scheduler.cfg.max_loras, 1);
+    let err = e.start_job("d", run(4)).unwrap_err();
+    assert!(err.contains("no adapter slot"), "{err}");
+    e.cancel_job("c").unwrap();
+    e.cancel_job("b").unwrap();
     e.cancel_job("a").unwrap();
+    assert_eq!(e.scheduler.cfg.max_loras, 4);
     assert_eq!(e.jobs[0].state, JobState::Cancelled);
     assert!(!e.has_work());
     assert_eq!(e.scheduler.blocks().num_free(), 64);
