@@ -99,20 +99,7 @@ impl AdapterRegistry {
             ));
         }
         let adapter = self.read(path)?;
-        let id = self.next_id;
-        self.next_id += 1;
-        self.entries.insert(
-            id,
-            Entry {
-                name: name.into(),
-                path: path.into(),
-                live: None,
-                slot: None,
-                pins: 0,
-                last_used: 0,
-            },
-        );
-        self.by_name.insert(name.into(), id);
+        let id = self.add_entry(name, path);
         if let Some(slot) = self.slots.iter().position(Option::is_none) {
             self.install(id, slot, &adapter)?;
         }
@@ -130,13 +117,24 @@ impl AdapterRegistry {
             ));
         }
         self.check_rank(Path::new(name), &adapter)?;
+        let id = self.add_entry(name, Path::new(""));
+        if let Err(e) = self.replace_live(id, adapter) {
+            self.entries.remove(&id);
+            self.by_name.remove(name);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// A new, not yet resident entry.
+    fn add_entry(&mut self, name: &str, path: &Path) -> u32 {
         let id = self.next_id;
         self.next_id += 1;
         self.entries.insert(
             id,
             Entry {
                 name: name.into(),
-                path: PathBuf::new(),
+                path: path.into(),
                 live: None,
                 slot: None,
                 pins: 0,
@@ -144,8 +142,7 @@ impl AdapterRegistry {
             },
         );
         self.by_name.insert(name.into(), id);
-        self.replace_live(id, adapter)?;
-        Ok(id)
+        id
     }
 
     /// New weights for a live adapter; rewritten into its slot if it is resident.
