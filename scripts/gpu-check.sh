@@ -58,6 +58,9 @@ echo "cpu f32:   $cpu"
 echo "cuda f32:  $cuda32"
 echo "cuda bf16: $cuda16"
 if [ "$cpu" = "$cuda32" ]; then echo "ok   cuda f32 greedy == cpu f32"; else echo "FAIL cuda f32 greedy != cpu f32"; status=1; fi
+
+echo "## token-level finetuning: the same run on CPU and on CUDA (f32): losses and gradient norms per step"
+scripts/gpu-finetune-check.sh "$bin" "$tmp" || status=1
 rm -rf "$tmp"
 echo "gpu-check exit status: $status"
 exit $status

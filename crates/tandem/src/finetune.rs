@@ -102,7 +102,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         tokens += r.tokens;
         writeln!(
             out,
-            "step {}/{} loss {:.4} lr {:.3e} grad_norm {:.3} tokens {} ({:.0} tok/s)",
+            "step {}/{} loss {:.6} lr {:.3e} grad_norm {:.6} tokens {} ({:.0} tok/s)",
             r.step,
             r.total_steps,
             r.loss,
