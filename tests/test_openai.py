@@ -309,10 +309,15 @@ TRAIN_LINES = [
 ]
 
 
-def test_files_upload_list_retrieve_delete_and_bad_jsonl(client):
+def write_training_file(lines=TRAIN_LINES):
     path = os.path.join(tempfile.mkdtemp(), "train.jsonl")
     with open(path, "w") as f:
-        f.write("\n".join(json.dumps(l) for l in TRAIN_LINES) + "\n")
+        f.write("\n".join(json.dumps(l) for l in lines) + "\n")
+    return path
+
+
+def test_files_upload_list_retrieve_delete_and_bad_jsonl(client):
+    path = write_training_file()
     up = client.files.create(file=open(path, "rb"), purpose="fine-tune")
     assert up.id.startswith("file-") and up.purpose == "fine-tune" and up.filename == "train.jsonl"
     assert up.bytes == os.path.getsize(path)
@@ -336,9 +341,7 @@ def test_files_upload_list_retrieve_delete_and_bad_jsonl(client):
 
 def test_uploaded_files_survive_kill_9_with_data_dir():
     data = tempfile.mkdtemp()
-    path = os.path.join(tempfile.mkdtemp(), "train.jsonl")
-    with open(path, "w") as f:
-        f.write("\n".join(json.dumps(l) for l in TRAIN_LINES) + "\n")
+    path = write_training_file()
     proc, url = start("--data-dir", data)
     try:
         up = openai.OpenAI(base_url=url + "/v1", api_key="x").files.create(file=open(path, "rb"), purpose="fine-tune")
@@ -356,10 +359,7 @@ def test_uploaded_files_survive_kill_9_with_data_dir():
 
 
 def upload_training_file(c, lines=TRAIN_LINES):
-    path = os.path.join(tempfile.mkdtemp(), "train.jsonl")
-    with open(path, "w") as f:
-        f.write("\n".join(json.dumps(l) for l in lines) + "\n")
-    return c.files.create(file=open(path, "rb"), purpose="fine-tune").id
+    return c.files.create(file=open(write_training_file(lines), "rb"), purpose="fine-tune").id
 
 
 def wait_for(c, job_id, statuses, timeout=300):

@@ -99,6 +99,31 @@ fn reference(
         .collect()
 }
 
+/// A KV cache of `blocks` blocks of 4 slots and a registry of `max_loras` rank-8 slots for `m`.
+fn cache_and_registry(m: &Llama, blocks: usize, max_loras: usize) -> (KvCache, AdapterRegistry) {
+    let c = &m.cfg;
+    let cache = KvCache::new(
+        c.num_hidden_layers,
+        blocks,
+        4,
+        c.num_key_value_heads,
+        c.head_dim,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let reg = AdapterRegistry::new(
+        RegistryConfig {
+            max_loras,
+            max_lora_rank: 8,
+        },
+        c,
+        &Device::Cpu,
+        DType::F32,
+    );
+    (cache, reg)
+}
+
 /// The token-level path; with `bystanders`, every forward chunk shares its batch with an
 /// inference prefill through another adapter and a base-only decode.
 fn token_level(
@@ -109,25 +134,7 @@ fn token_level(
     bystanders: bool,
 ) -> HashMap<String, Tensor> {
     let c = &m.cfg;
-    let cache = KvCache::new(
-        c.num_hidden_layers,
-        64,
-        4,
-        c.num_key_value_heads,
-        c.head_dim,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let mut reg = AdapterRegistry::new(
-        RegistryConfig {
-            max_loras: 2,
-            max_lora_rank: 8,
-        },
-        c,
-        &Device::Cpu,
-        DType::F32,
-    );
+    let (cache, mut reg) = cache_and_registry(m, 64, 2);
     let train = reg
         .register_live("train", l.to_adapter(None).unwrap())
         .unwrap();
@@ -263,25 +270,7 @@ fn recomputed_layers_equal_the_inference_forward() {
                 .0;
         }
         let c = &m.cfg;
-        let cache = KvCache::new(
-            c.num_hidden_layers,
-            8,
-            4,
-            c.num_key_value_heads,
-            c.head_dim,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
-        let mut reg = AdapterRegistry::new(
-            RegistryConfig {
-                max_loras: 1,
-                max_lora_rank: 8,
-            },
-            c,
-            &Device::Cpu,
-            DType::F32,
-        );
+        let (cache, mut reg) = cache_and_registry(&m, 8, 1);
         let id = reg.register_live("t", l.to_adapter(None).unwrap()).unwrap();
         let mut b = PackedBatch::default();
         b.push_with_adapter(0, &toks, 0, (0..3).collect(), LogitsWanted::All, Some(id));
