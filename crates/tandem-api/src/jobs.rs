@@ -87,8 +87,8 @@ fn max_seq_len(st: &AppState) -> usize {
     st.max_model_len.min(2048)
 }
 
-/// The training file's lines as tokenized examples.
-fn examples(st: &AppState, content: &[u8]) -> Result<Vec<Example>, ApiError> {
+/// A training or validation file's lines as tokenized examples (`field` names it in errors).
+fn examples(st: &AppState, content: &[u8], field: &str) -> Result<Vec<Example>, ApiError> {
     let text = String::from_utf8_lossy(content);
     let mut data = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -98,10 +98,7 @@ fn examples(st: &AppState, content: &[u8]) -> Result<Vec<Example>, ApiError> {
         let ex = parse_record(line)
             .and_then(|r| tokenize(&r, &st.tokenizer, max_seq_len(st)))
             .map_err(|(f, m)| {
-                ApiError::invalid(
-                    format!("training_file line {}: `{f}` {m}", i + 1),
-                    Some("training_file"),
-                )
+                ApiError::invalid(format!("{field} line {}: `{f}` {m}", i + 1), Some(field))
             })?;
         data.push(ex);
     }
@@ -157,16 +154,20 @@ pub async fn create(
             Some("training_file"),
         )
     })?;
-    if let Some(v) = &req.validation_file {
-        if st.store.file(v)?.is_none() {
-            return Err(ApiError::invalid(
-                format!("Invalid validation_file: {v}: no such file"),
-                Some("validation_file"),
-            ));
+    let validation = match &req.validation_file {
+        Some(v) => {
+            let content = st.store.file_content(v)?.ok_or_else(|| {
+                ApiError::invalid(
+                    format!("Invalid validation_file: {v}: no such file"),
+                    Some("validation_file"),
+                )
+            })?;
+            examples(&st, &content, "validation_file")?
         }
-    }
+        None => Vec::new(),
+    };
     let max_len = max_seq_len(&st);
-    let data = examples(&st, &content)?;
+    let data = examples(&st, &content, "training_file")?;
     let n_epochs = int_param(&hyper.n_epochs, "n_epochs", 3, 1, 50)?;
     let batch_size = int_param(
         &hyper.batch_size,
@@ -282,6 +283,7 @@ pub async fn create(
         .start_job(JobSpec {
             name: adapter.clone(),
             data,
+            validation,
             cfg,
             checkpoints: Some((ckpt_dir, every)),
             resume_from: None,
@@ -315,7 +317,10 @@ fn event(st: &AppState, job: &str, level: &str, message: &str, data: Option<Valu
 
 /// Copies the engine's progress on `adapter` into job `id` until the job ends.
 async fn watch(st: Arc<AppState>, id: String, adapter: String) {
-    let mut seen = 0;
+    let (mut seen, mut seen_evals) = (0, 0);
+    // Progress since this watcher started, for estimated_finish.
+    let started = std::time::Instant::now();
+    let mut first_step: Option<usize> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let Ok(jobs) = st.engine.jobs().await else {
@@ -342,6 +347,24 @@ async fn watch(st: Arc<AppState>, id: String, adapter: String) {
             );
         }
         seen = snap.reports.len();
+        for &(step, loss) in &snap.evals[seen_evals..] {
+            event(
+                &st,
+                &id,
+                "info",
+                &format!("Step {step}: validation loss={loss:.4}"),
+                Some(json!({"step": step, "total_steps": snap.total_steps, "valid_loss": loss})),
+            );
+        }
+        seen_evals = snap.evals.len();
+        let step0 = *first_step.get_or_insert(snap.step);
+        if snap.state == JobState::Running && snap.step > step0 && snap.step < snap.total_steps {
+            let per_step = started.elapsed().as_secs_f64() / (snap.step - step0) as f64;
+            let left = per_step * (snap.total_steps - snap.step) as f64;
+            job["estimated_finish"] = json!(now() + left.ceil() as i64);
+        } else if snap.state != JobState::Running {
+            job["estimated_finish"] = Value::Null;
+        }
         let mut ckpts: Vec<Value> = job["tandem_checkpoints"]
             .as_array()
             .cloned()
@@ -350,6 +373,13 @@ async fn watch(st: Arc<AppState>, id: String, adapter: String) {
             .last()
             .and_then(|c| c["step_number"].as_u64())
             .unwrap_or(0) as usize;
+        // Validation losses arrive after their checkpoint: fill them in.
+        for c in ckpts.iter_mut() {
+            let step = c["step_number"].as_u64().unwrap_or(0) as usize;
+            if let Some((_, v)) = snap.evals.iter().find(|e| e.0 == step) {
+                c["metrics"]["valid_loss"] = json!(v);
+            }
+        }
         for (step, name, _) in snap.checkpoints.iter().filter(|c| c.0 > last) {
             let loss = snap
                 .reports
@@ -362,7 +392,8 @@ async fn watch(st: Arc<AppState>, id: String, adapter: String) {
                 "created_at": now(),
                 "fine_tuned_model_checkpoint": name,
                 "fine_tuning_job_id": id,
-                "metrics": {"step": step, "train_loss": loss},
+                "metrics": {"step": step, "train_loss": loss,
+                    "valid_loss": snap.evals.iter().find(|e| e.0 == *step).map(|e| e.1)},
                 "step_number": step,
             }));
             event(
@@ -580,7 +611,14 @@ pub async fn recover(st: Arc<AppState>) {
                     let content = st.store.file_content(file)?.ok_or_else(|| {
                         ApiError::invalid("the training file is gone", Some("training_file"))
                     })?;
-                    let data = examples(&st, &content)?;
+                    let data = examples(&st, &content, "training_file")?;
+                    let validation = match job["validation_file"].as_str() {
+                        Some(v) => match st.store.file_content(v)? {
+                            Some(c) => examples(&st, &c, "validation_file")?,
+                            None => Vec::new(),
+                        },
+                        None => Vec::new(),
+                    };
                     let cfg: TrainConfig = serde_json::from_value(job["tandem_config"].clone())
                         .map_err(|e| ApiError::invalid(format!("stored config: {e}"), None))?;
                     let every = job["tandem_checkpoint_every"].as_u64().unwrap_or(1) as usize;
@@ -588,6 +626,7 @@ pub async fn recover(st: Arc<AppState>) {
                         .start_job(JobSpec {
                             name: adapter.clone(),
                             data,
+                            validation,
                             cfg,
                             checkpoints: Some((checkpoint_dir(&st, &id), every)),
                             resume_from: latest.as_ref().map(|(_, p)| p.clone()),

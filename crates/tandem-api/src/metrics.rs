@@ -1,160 +1,316 @@
-//! Prometheus metrics under vLLM's names with `tandem:` in place of `vllm:` (same labels, units
-//! and meaning), so vLLM dashboards and LoRA-aware routers work by renaming. Engine gauges are
-//! read from the engine at scrape time; request figures are recorded by the handlers.
+//! Prometheus metrics. Where vLLM has a metric of the same meaning, tandem uses its name with
+//! `tandem:` in place of `vllm:` (same labels, units and buckets), so vLLM dashboards and
+//! LoRA-aware routers work by renaming; co-serving adds its own (iteration token mix, finetuning
+//! progress, SLO attainment, predicted vs measured iteration time). docs/metrics.md lists all.
+//!
+//! Request figures are recorded by the handlers (labelled by the model the request named: the
+//! base model or an adapter); per-iteration figures by the engine's iteration observer; engine
+//! gauges and totals are read from the engine at scrape time.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
-use tandem_scheduler::{EngineStats, FinishReason};
+use std::time::{Duration, Instant};
+use tandem_scheduler::{EngineStats, FinishReason, IterationObserver, IterationReport};
 
 pub struct Metrics {
     registry: Registry,
+    base_model: String,
+    ttft_slo: Duration,
+    tpot_slo: Duration,
     running: IntGauge,
     waiting: IntGauge,
-    kv_usage: prometheus::Gauge,
+    kv_usage: Gauge,
     preemptions: IntCounter,
-    last_preemptions: Mutex<u64>,
-    prompt_tokens: IntCounter,
-    generation_tokens: IntCounter,
+    prompt_tokens: IntCounterVec,
+    generation_tokens: IntCounterVec,
     success: IntCounterVec,
-    ttft: Histogram,
-    tpot: Histogram,
-    e2e: Histogram,
-    lora_info: prometheus::GaugeVec,
+    ttft: HistogramVec,
+    tpot: HistogramVec,
+    e2e: HistogramVec,
+    queue: HistogramVec,
+    slo: IntCounterVec,
+    lora_info: GaugeVec,
+    adapters_resident: IntGauge,
+    adapters_registered: IntGauge,
+    adapter_loads: IntCounter,
+    adapter_evictions: IntCounter,
     iteration_tokens: IntCounterVec,
     iterations: IntCounter,
     mixed_iterations: IntCounter,
+    iteration_time: HistogramVec,
     backward_steps: IntCounter,
     trained_tokens: IntCounter,
-    jobs: prometheus::IntGaugeVec,
+    kv_evictions: IntCounter,
+    job_trained_tokens: IntCounterVec,
+    job_loss: GaugeVec,
+    job_progress: GaugeVec,
+    jobs: IntGaugeVec,
     /// Engine totals as of the last scrape (counters advance by the difference).
-    last: Mutex<[u64; 7]>,
+    last: Mutex<Totals>,
 }
 
+#[derive(Default)]
+struct Totals {
+    preemptions: u64,
+    loads: u64,
+    evictions: u64,
+    trained: u64,
+    kv_evictions: u64,
+    backward_steps: u64,
+    mixed: u64,
+    jobs: HashMap<String, u64>,
+}
+
+/// vLLM's request latency buckets.
 const LATENCY_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
 ];
 const TPOT_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
 ];
+const ITERATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0,
+];
 
 impl Metrics {
-    pub fn new(model_name: &str) -> prometheus::Result<Self> {
+    /// Metrics of a server for `model_name`, judging requests against the TTFT and TPOT SLOs.
+    pub fn new(
+        model_name: &str,
+        ttft_slo: Duration,
+        tpot_slo: Duration,
+    ) -> prometheus::Result<Self> {
         let registry = Registry::new();
         let opts =
             |name: &str, help: &str| Opts::new(name, help).const_label("model_name", model_name);
+        // Request series carry the model the request named (base or adapter) as model_name.
+        let per_model = |name: &str, help: &str| Opts::new(name, help);
         let hist = |name: &str, help: &str, b: &[f64]| {
-            HistogramOpts::from(opts(name, help)).buckets(b.to_vec())
+            HistogramOpts::from(per_model(name, help)).buckets(b.to_vec())
         };
+        let reg = &registry;
+        fn add<T: prometheus::core::Collector + Clone + 'static>(
+            reg: &Registry,
+            c: prometheus::Result<T>,
+        ) -> prometheus::Result<T> {
+            let c = c?;
+            reg.register(Box::new(c.clone()))?;
+            Ok(c)
+        }
         let m = Self {
-            running: IntGauge::with_opts(opts(
+            running: add(reg, IntGauge::with_opts(opts(
                 "tandem:num_requests_running",
                 "Number of requests in model execution batches.",
-            ))?,
-            waiting: IntGauge::with_opts(opts(
+            )))?,
+            waiting: add(reg, IntGauge::with_opts(opts(
                 "tandem:num_requests_waiting",
                 "Number of requests waiting to be processed.",
-            ))?,
-            kv_usage: prometheus::Gauge::with_opts(opts(
+            )))?,
+            kv_usage: add(reg, Gauge::with_opts(opts(
                 "tandem:kv_cache_usage_perc",
-                "KV-cache usage. 1 means 100 percent usage.",
-            ))?,
-            preemptions: IntCounter::with_opts(opts(
+                "KV-cache usage. 1 means 100 percent usage (finetuning jobs' blocks included).",
+            )))?,
+            preemptions: add(reg, IntCounter::with_opts(opts(
                 "tandem:num_preemptions_total",
                 "Cumulative number of preemptions from the engine.",
+            )))?,
+            prompt_tokens: add(reg, IntCounterVec::new(
+                per_model("tandem:prompt_tokens_total", "Number of prefill tokens processed."),
+                &["model_name"],
             ))?,
-            last_preemptions: Mutex::new(0),
-            prompt_tokens: IntCounter::with_opts(opts(
-                "tandem:prompt_tokens_total",
-                "Number of prefill tokens processed.",
+            generation_tokens: add(reg, IntCounterVec::new(
+                per_model(
+                    "tandem:generation_tokens_total",
+                    "Number of generation tokens processed.",
+                ),
+                &["model_name"],
             ))?,
-            generation_tokens: IntCounter::with_opts(opts(
-                "tandem:generation_tokens_total",
-                "Number of generation tokens processed.",
-            ))?,
-            success: IntCounterVec::new(
-                opts(
+            success: add(reg, IntCounterVec::new(
+                per_model(
                     "tandem:request_success_total",
                     "Count of successfully processed requests.",
                 ),
-                &["finished_reason"],
-            )?,
-            ttft: Histogram::with_opts(hist(
-                "tandem:time_to_first_token_seconds",
-                "Histogram of time to first token in seconds.",
-                LATENCY_BUCKETS,
+                &["model_name", "finished_reason"],
             ))?,
-            tpot: Histogram::with_opts(hist(
-                "tandem:time_per_output_token_seconds",
-                "Histogram of time per output token in seconds.",
-                TPOT_BUCKETS,
+            ttft: add(reg, HistogramVec::new(
+                hist(
+                    "tandem:time_to_first_token_seconds",
+                    "Histogram of time to first token in seconds.",
+                    LATENCY_BUCKETS,
+                ),
+                &["model_name"],
             ))?,
-            e2e: Histogram::with_opts(hist(
-                "tandem:e2e_request_latency_seconds",
-                "Histogram of end to end request latency in seconds.",
-                LATENCY_BUCKETS,
+            tpot: add(reg, HistogramVec::new(
+                hist(
+                    "tandem:time_per_output_token_seconds",
+                    "Histogram of time per output token in seconds.",
+                    TPOT_BUCKETS,
+                ),
+                &["model_name"],
             ))?,
-            lora_info: prometheus::GaugeVec::new(
+            e2e: add(reg, HistogramVec::new(
+                hist(
+                    "tandem:e2e_request_latency_seconds",
+                    "Histogram of end to end request latency in seconds.",
+                    LATENCY_BUCKETS,
+                ),
+                &["model_name"],
+            ))?,
+            queue: add(reg, HistogramVec::new(
+                hist(
+                    "tandem:request_queue_time_seconds",
+                    "Histogram of time spent in WAITING phase for request.",
+                    LATENCY_BUCKETS,
+                ),
+                &["model_name"],
+            ))?,
+            slo: add(reg, IntCounterVec::new(
+                per_model(
+                    "tandem:request_slo_total",
+                    "Finished requests judged against an SLO (slo: ttft or tpot; outcome: met or missed).",
+                ),
+                &["model_name", "slo", "outcome"],
+            ))?,
+            lora_info: add(reg, GaugeVec::new(
                 opts(
                     "tandem:lora_requests_info",
                     "Running stats on LoRA requests (value: the time of the last update).",
                 ),
                 &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
-            )?,
-            iteration_tokens: IntCounterVec::new(
+            ))?,
+            adapters_resident: add(reg, IntGauge::with_opts(opts(
+                "tandem:lora_adapters_resident",
+                "LoRA adapters in device memory now (at most max_lora).",
+            )))?,
+            adapters_registered: add(reg, IntGauge::with_opts(opts(
+                "tandem:lora_adapters_registered",
+                "LoRA adapters servable by name (resident or on disk), checkpoints included.",
+            )))?,
+            adapter_loads: add(reg, IntCounter::with_opts(opts(
+                "tandem:lora_adapter_loads_total",
+                "LoRA adapters made resident (loaded into a device slot).",
+            )))?,
+            adapter_evictions: add(reg, IntCounter::with_opts(opts(
+                "tandem:lora_adapter_evictions_total",
+                "Idle LoRA adapters evicted from device memory to make room.",
+            )))?,
+            iteration_tokens: add(reg, IntCounterVec::new(
                 opts(
                     "tandem:iteration_tokens_total",
-                    "Tokens run through the model, by kind: decode, prefill, finetune_forward.",
+                    "Tokens of engine iterations by kind: decode, prefill, finetune_forward, finetune_backward (tokens of the chunks backward steps ran on).",
                 ),
                 &["kind"],
-            )?,
-            iterations: IntCounter::with_opts(opts(
+            ))?,
+            iterations: add(reg, IntCounter::with_opts(opts(
                 "tandem:iterations_total",
                 "Engine iterations (one packed forward each).",
-            ))?,
-            mixed_iterations: IntCounter::with_opts(opts(
+            )))?,
+            mixed_iterations: add(reg, IntCounter::with_opts(opts(
                 "tandem:coserve_mixed_iterations_total",
                 "Iterations that ran inference and finetuning work together.",
+            )))?,
+            iteration_time: add(reg, HistogramVec::new(
+                HistogramOpts::from(opts(
+                    "tandem:iteration_time_seconds",
+                    "Engine iteration time in seconds: measured, and as the online cost model predicted it (source).",
+                ))
+                .buckets(ITERATION_BUCKETS.to_vec()),
+                &["source"],
             ))?,
-            backward_steps: IntCounter::with_opts(opts(
+            backward_steps: add(reg, IntCounter::with_opts(opts(
                 "tandem:finetune_backward_steps_total",
                 "Token-level backward (layer, chunk) steps run.",
-            ))?,
-            trained_tokens: IntCounter::with_opts(opts(
+            )))?,
+            trained_tokens: add(reg, IntCounter::with_opts(opts(
                 "tandem:finetune_trained_tokens_total",
                 "Tokens of training sequences whose backward completed, over all jobs.",
+            )))?,
+            kv_evictions: add(reg, IntCounter::with_opts(opts(
+                "tandem:finetune_kv_evictions_total",
+                "Times a finetuning job gave its KV blocks back to inference (its sequence restarts).",
+            )))?,
+            job_trained_tokens: add(reg, IntCounterVec::new(
+                opts(
+                    "tandem:finetune_job_trained_tokens_total",
+                    "Tokens of training sequences whose backward completed, by job.",
+                ),
+                &["job"],
             ))?,
-            jobs: prometheus::IntGaugeVec::new(
+            job_loss: add(reg, GaugeVec::new(
+                opts(
+                    "tandem:finetune_loss",
+                    "Training loss (mean over target tokens) of the job's last optimizer step.",
+                ),
+                &["job"],
+            ))?,
+            job_progress: add(reg, GaugeVec::new(
+                opts(
+                    "tandem:finetune_progress_ratio",
+                    "Optimizer steps done over the job's total (1 = done).",
+                ),
+                &["job"],
+            ))?,
+            jobs: add(reg, IntGaugeVec::new(
                 opts(
                     "tandem:finetune_jobs",
                     "Fine-tuning jobs in the engine, by status.",
                 ),
                 &["status"],
-            )?,
-            last: Mutex::new([0; 7]),
+            ))?,
+            last: Mutex::new(Totals::default()),
+            base_model: model_name.to_string(),
+            ttft_slo,
+            tpot_slo,
             registry,
         };
-        m.registry.register(Box::new(m.running.clone()))?;
-        m.registry.register(Box::new(m.waiting.clone()))?;
-        m.registry.register(Box::new(m.kv_usage.clone()))?;
-        m.registry.register(Box::new(m.preemptions.clone()))?;
-        m.registry.register(Box::new(m.prompt_tokens.clone()))?;
-        m.registry.register(Box::new(m.generation_tokens.clone()))?;
-        m.registry.register(Box::new(m.success.clone()))?;
-        m.registry.register(Box::new(m.ttft.clone()))?;
-        m.registry.register(Box::new(m.tpot.clone()))?;
-        m.registry.register(Box::new(m.e2e.clone()))?;
-        m.registry.register(Box::new(m.lora_info.clone()))?;
-        m.registry.register(Box::new(m.iteration_tokens.clone()))?;
-        m.registry.register(Box::new(m.iterations.clone()))?;
-        m.registry.register(Box::new(m.mixed_iterations.clone()))?;
-        m.registry.register(Box::new(m.backward_steps.clone()))?;
-        m.registry.register(Box::new(m.trained_tokens.clone()))?;
-        m.registry.register(Box::new(m.jobs.clone()))?;
+        let slo_target = add(
+            &m.registry,
+            GaugeVec::new(
+                opts(
+                    "tandem:slo_target_seconds",
+                    "The server's latency targets (--ttft-slo-ms, --tpot-slo-ms).",
+                ),
+                &["slo"],
+            ),
+        )?;
+        slo_target
+            .with_label_values(&["ttft"])
+            .set(ttft_slo.as_secs_f64());
+        slo_target
+            .with_label_values(&["tpot"])
+            .set(tpot_slo.as_secs_f64());
         Ok(m)
+    }
+
+    /// What the engine calls after each iteration.
+    pub fn iteration_observer(&self) -> IterationObserver {
+        let tokens = self.iteration_tokens.clone();
+        let iterations = self.iterations.clone();
+        let time = self.iteration_time.clone();
+        let queue = self.queue.clone();
+        let base = self.base_model.clone();
+        Box::new(move |r: &IterationReport| {
+            iterations.inc();
+            for (kind, n) in [
+                ("decode", r.decode_tokens),
+                ("prefill", r.prefill_tokens),
+                ("finetune_forward", r.finetune_forward_tokens),
+                ("finetune_backward", r.finetune_backward_tokens),
+            ] {
+                tokens.with_label_values(&[kind]).inc_by(n);
+            }
+            time.with_label_values(&["measured"])
+                .observe(r.measured.as_secs_f64());
+            time.with_label_values(&["predicted"])
+                .observe(r.predicted.as_secs_f64());
+            for (adapter, t) in &r.queue_times {
+                let model = adapter.as_deref().unwrap_or(&base);
+                queue.with_label_values(&[model]).observe(t.as_secs_f64());
+            }
+        })
     }
 
     /// Prometheus text, with the engine gauges as of now.
@@ -167,42 +323,49 @@ impl Metrics {
         } else {
             used as f64 / s.num_blocks as f64
         });
-        if let Ok(mut last) = self.last_preemptions.lock() {
-            self.preemptions.inc_by(s.preemptions.saturating_sub(*last));
-            *last = s.preemptions.max(*last);
-        }
+        self.adapters_resident.set(s.adapters_resident as i64);
+        self.adapters_registered.set(s.adapters.len() as i64);
         let c = &s.counters;
-        let trained: u64 = s.jobs.iter().map(|j| j.1).sum();
-        let now_totals = [
-            c.decode_tokens,
-            c.prefill_tokens,
-            c.finetune_forward_tokens,
-            c.iterations,
-            c.mixed_iterations,
-            c.finetune_backward_steps,
-            trained,
-        ];
         if let Ok(mut last) = self.last.lock() {
-            let d = |i: usize, last: &[u64; 7]| now_totals[i].saturating_sub(last[i]);
-            self.iteration_tokens
-                .with_label_values(&["decode"])
-                .inc_by(d(0, &last));
-            self.iteration_tokens
-                .with_label_values(&["prefill"])
-                .inc_by(d(1, &last));
-            self.iteration_tokens
-                .with_label_values(&["finetune_forward"])
-                .inc_by(d(2, &last));
-            self.iterations.inc_by(d(3, &last));
-            self.mixed_iterations.inc_by(d(4, &last));
-            self.backward_steps.inc_by(d(5, &last));
-            self.trained_tokens.inc_by(d(6, &last));
-            for (l, n) in last.iter_mut().zip(now_totals) {
-                *l = (*l).max(n);
+            let adv = |counter: &IntCounter, last: &mut u64, now: u64| {
+                counter.inc_by(now.saturating_sub(*last));
+                *last = now.max(*last);
+            };
+            adv(&self.preemptions, &mut last.preemptions, s.preemptions);
+            adv(&self.adapter_loads, &mut last.loads, s.adapter_loads);
+            adv(
+                &self.adapter_evictions,
+                &mut last.evictions,
+                s.adapter_evictions,
+            );
+            adv(
+                &self.kv_evictions,
+                &mut last.kv_evictions,
+                c.finetune_kv_evictions,
+            );
+            adv(
+                &self.backward_steps,
+                &mut last.backward_steps,
+                c.finetune_backward_steps,
+            );
+            adv(&self.mixed_iterations, &mut last.mixed, c.mixed_iterations);
+            let trained: u64 = s.jobs.iter().map(|j| j.trained_tokens).sum();
+            adv(&self.trained_tokens, &mut last.trained, trained);
+            for j in &s.jobs {
+                let l = last.jobs.entry(j.name.clone()).or_default();
+                let counter = self.job_trained_tokens.with_label_values(&[&j.name]);
+                adv(&counter, l, j.trained_tokens);
             }
         }
+        for j in &s.jobs {
+            if let Some(loss) = j.loss {
+                self.job_loss.with_label_values(&[&j.name]).set(loss);
+            }
+            let p = j.step as f64 / j.total_steps.max(1) as f64;
+            self.job_progress.with_label_values(&[&j.name]).set(p);
+        }
         for status in ["running", "paused", "succeeded", "failed", "cancelled"] {
-            let n = s.jobs.iter().filter(|j| j.0 == status).count();
+            let n = s.jobs.iter().filter(|j| j.status == status).count();
             self.jobs.with_label_values(&[status]).set(n as i64);
         }
         // One series, labelled with the adapters as of now (as vLLM does).
@@ -225,45 +388,67 @@ impl Metrics {
         String::from_utf8_lossy(&out).into_owned()
     }
 
-    pub fn prompt(&self, tokens: usize) {
-        self.prompt_tokens.inc_by(tokens as u64);
+    pub fn prompt(&self, model: &str, tokens: usize) {
+        self.prompt_tokens
+            .with_label_values(&[model])
+            .inc_by(tokens as u64);
     }
 }
 
 /// Timing of one choice, from submission to its last token.
 pub struct RequestTimer {
+    model: String,
     start: Instant,
     first: Option<Instant>,
 }
 
 impl RequestTimer {
-    pub fn start() -> Self {
+    /// Starts timing a request for `model` (the name it asked for).
+    pub fn start(model: &str) -> Self {
         Self {
+            model: model.to_string(),
             start: Instant::now(),
             first: None,
         }
     }
 
     pub fn token(&mut self, m: &Metrics) {
-        m.generation_tokens.inc();
+        m.generation_tokens.with_label_values(&[&self.model]).inc();
         if self.first.is_none() {
             self.first = Some(Instant::now());
-            m.ttft.observe(self.start.elapsed().as_secs_f64());
+            let ttft = self.start.elapsed();
+            m.ttft
+                .with_label_values(&[&self.model])
+                .observe(ttft.as_secs_f64());
         }
     }
 
     pub fn finish(&self, m: &Metrics, reason: FinishReason, completion_tokens: usize) {
-        let e2e = self.start.elapsed().as_secs_f64();
-        m.e2e.observe(e2e);
-        if let (Some(first), true) = (self.first, completion_tokens > 1) {
-            m.tpot
-                .observe(first.elapsed().as_secs_f64() / (completion_tokens - 1) as f64);
+        let model = self.model.as_str();
+        m.e2e
+            .with_label_values(&[model])
+            .observe(self.start.elapsed().as_secs_f64());
+        let outcome = |met: bool| if met { "met" } else { "missed" };
+        if let Some(first) = self.first {
+            let ttft = first - self.start;
+            m.slo
+                .with_label_values(&[model, "ttft", outcome(ttft <= m.ttft_slo)])
+                .inc();
+            if completion_tokens > 1 {
+                let tpot = first.elapsed() / (completion_tokens - 1) as u32;
+                m.tpot
+                    .with_label_values(&[model])
+                    .observe(tpot.as_secs_f64());
+                m.slo
+                    .with_label_values(&[model, "tpot", outcome(tpot <= m.tpot_slo)])
+                    .inc();
+            }
         }
         let label = match reason {
             FinishReason::Length => "length",
             FinishReason::Stop => "stop",
             FinishReason::Abort => "abort",
         };
-        m.success.with_label_values(&[label]).inc();
+        m.success.with_label_values(&[model, label]).inc();
     }
 }

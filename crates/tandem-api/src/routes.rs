@@ -340,7 +340,7 @@ async fn run(
     let mut prompt_tokens = 0;
     for p in prompts {
         prompt_tokens += p.len();
-        st.metrics.prompt(p.len());
+        st.metrics.prompt(&s.model, p.len());
         for i in 0..n {
             // Choices of one request differ: each gets its own seed.
             let params = SamplingParams {
@@ -490,7 +490,7 @@ async fn collect_response(
     for (i, mut rx) in streams.into_iter().enumerate() {
         let mut text = String::new();
         let mut finish = None;
-        let mut timer = RequestTimer::start();
+        let mut timer = RequestTimer::start(&head.model);
         let mut lps = Vec::new();
         while let Some(ev) = rx.recv().await {
             match ev {
@@ -565,7 +565,8 @@ fn stream_response(
         }));
         futures_util::pin_mut!(merged);
         let mut completion_tokens = 0;
-        let mut timers: Vec<RequestTimer> = (0..n).map(|_| RequestTimer::start()).collect();
+        let mut timers: Vec<RequestTimer> =
+            (0..n).map(|_| RequestTimer::start(&head.model)).collect();
         let mut offsets = vec![0usize; n];
         while let Some((i, ev)) = merged.next().await {
             let chunk = match ev {

@@ -4,8 +4,11 @@
 //! its token budget; then a finetuning job's next forward chunk joins the same packed batch if
 //! the leftover token budget and free KV blocks allow; after the forward, backward (layer,
 //! chunk) steps run for as long as the iteration's latency budget (the TPOT SLO minus the
-//! forward's measured time, predicted per step from measured step times) allows. Under heavy
-//! inference load finetuning shrinks toward nothing; with no inference it takes the iteration.
+//! forward's measured time, each step's time predicted by the online cost model in
+//! `cost_model`) allows. Under heavy inference load finetuning shrinks toward nothing; with no
+//! inference it takes the iteration. Requests that have waited for a slot for half the TTFT
+//! SLO stop finetuning until they run, and a shortage of KV blocks takes a job's blocks first
+//! (its sequence restarts later).
 
 use std::time::Duration;
 use tandem_model::finetune::{StepReport, TrainingRun};
@@ -44,6 +47,9 @@ pub struct CoserveConfig {
     pub mode: CoserveMode,
     /// The inference latency target per iteration (time per output token).
     pub tpot_slo: Duration,
+    /// The time-to-first-token target: finetuning yields to requests that have waited for a
+    /// batch slot for half of it.
+    pub ttft_slo: Duration,
     /// Temporal mode: iterations between finetuning turns.
     pub temporal_every: usize,
 }
@@ -53,6 +59,7 @@ impl Default for CoserveConfig {
         Self {
             mode: CoserveMode::Coserve,
             tpot_slo: Duration::from_millis(100),
+            ttft_slo: Duration::from_millis(2000),
             temporal_every: 8,
         }
     }
@@ -108,23 +115,4 @@ pub struct TrainingJob {
     pub checkpoint: Option<(std::path::PathBuf, usize)>,
     /// Checkpoints written: (step, adapter name it is served under, directory).
     pub checkpoints: Vec<(usize, String, std::path::PathBuf)>,
-}
-
-/// An online estimate of one backward step's time (exponential moving average).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StepCost {
-    ema: Option<Duration>,
-}
-
-impl StepCost {
-    pub fn predict(&self) -> Duration {
-        self.ema.unwrap_or(Duration::ZERO)
-    }
-
-    pub fn observe(&mut self, d: Duration) {
-        self.ema = Some(match self.ema {
-            None => d,
-            Some(e) => e.mul_f64(0.8) + d.mul_f64(0.2),
-        });
-    }
 }

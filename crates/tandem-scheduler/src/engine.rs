@@ -2,11 +2,12 @@
 //! Post-processing turns sampled tokens into text, applies stop conditions (EOS and end-of-turn
 //! ids, stop strings, max_tokens, the context window) and frees finished sequences.
 
-use crate::coserve::{CoserveConfig, CoserveMode, JobState, StepCost, TrainingJob};
+use crate::coserve::{CoserveConfig, CoserveMode, JobState, TrainingJob};
+use crate::cost_model::{backward_features, forward_features, CostModel};
 use crate::scheduler::{AdmitError, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, Sequence};
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tandem_model::finetune::{Progress, TrainingRun};
 use tandem_model::{
     IncrementalDecoder, LogitsWanted, ModelRunner, SamplingParams, ScheduledBatch, TextTokenizer,
@@ -50,11 +51,33 @@ pub struct LlmEngine {
     pub coserve: CoserveConfig,
     /// Finetuning jobs, in the order they were started (finished ones stay for their reports).
     pub jobs: Vec<TrainingJob>,
-    backward_cost: StepCost,
+    /// Iteration times predicted from what they hold, fitted online.
+    pub cost: CostModel,
     iterations: u64,
     /// Running totals of what iterations held.
     pub counters: IterationCounters,
+    /// Called after every iteration (metrics).
+    pub on_iteration: Option<IterationObserver>,
 }
+
+/// What one iteration held and how long it took.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IterationReport {
+    /// The cost model's prediction for the work the iteration ran, and the measured time.
+    pub predicted: Duration,
+    pub measured: Duration,
+    pub decode_tokens: u64,
+    pub prefill_tokens: u64,
+    pub finetune_forward_tokens: u64,
+    /// Tokens of the chunks whose (layer, chunk) backward steps ran, summed over steps.
+    pub finetune_backward_tokens: u64,
+    pub finetune_backward_steps: u64,
+    /// How long each request that ran for the first time in this iteration had waited, with
+    /// the adapter it runs through.
+    pub queue_times: Vec<(Option<String>, Duration)>,
+}
+
+pub type IterationObserver = Box<dyn FnMut(&IterationReport) + Send>;
 
 /// Tokens per iteration by kind, summed since start (for metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -64,8 +87,11 @@ pub struct IterationCounters {
     pub prefill_tokens: u64,
     pub finetune_forward_tokens: u64,
     pub finetune_backward_steps: u64,
+    pub finetune_backward_tokens: u64,
     /// Iterations that ran inference and finetuning work together.
     pub mixed_iterations: u64,
+    /// Times a job's KV blocks were taken back for inference (its sequence restarted).
+    pub finetune_kv_evictions: u64,
 }
 
 impl LlmEngine {
@@ -78,9 +104,10 @@ impl LlmEngine {
             next_id: 0,
             coserve: CoserveConfig::default(),
             jobs: Vec::new(),
-            backward_cost: StepCost::default(),
+            cost: CostModel::default(),
             iterations: 0,
             counters: IterationCounters::default(),
+            on_iteration: None,
         }
     }
 
@@ -157,7 +184,7 @@ impl LlmEngine {
         let Some((dir, every)) = &j.checkpoint else {
             return Ok(());
         };
-        if !step.is_multiple_of(*every) || j.run.is_done() {
+        if !step.is_multiple_of(*every) || step >= j.run.total_steps() {
             return Ok(());
         }
         let path = dir.join(format!("step-{step}"));
@@ -272,8 +299,10 @@ impl LlmEngine {
     pub fn step(&mut self) -> tandem_model::Result<Vec<RequestOutput>> {
         let t0 = Instant::now();
         self.iterations += 1;
+        self.relieve_kv_pressure();
         let mut sched = self.scheduler.schedule();
         let inference = !sched.batch.segments.is_empty();
+        let mut report = IterationReport::default();
         for seg in &sched.batch.segments {
             let n = seg.len as u64;
             // A one-token segment past the prompt is a decode step.
@@ -283,18 +312,37 @@ impl LlmEngine {
                     .get(seg.seq_id)
                     .is_some_and(|q| q.num_computed >= q.prompt_len)
             {
-                self.counters.decode_tokens += n;
+                report.decode_tokens += n;
             } else {
-                self.counters.prefill_tokens += n;
+                report.prefill_tokens += n;
             }
         }
-        self.counters.iterations += 1;
+        report.queue_times = sched
+            .new_seqs
+            .iter()
+            .filter_map(|n| self.scheduler.get(n.seq_id))
+            .map(|q| {
+                let adapter = q
+                    .adapter
+                    .and_then(|a| self.runner.adapters.name(a))
+                    .map(str::to_string);
+                (adapter, q.arrival.elapsed())
+            })
+            .collect();
         let backward_before: u64 = self.jobs.iter().map(|j| j.backward_steps).sum();
         let job = self.pick_job(inference);
         let mut forward_chunk = None;
         if let Some(i) = job {
-            forward_chunk = self.place_forward_chunk(i, &mut sched);
+            forward_chunk = self.place_forward_chunk(i, &mut sched, t0);
         }
+        let fwd_x = forward_features(
+            sched
+                .batch
+                .segments
+                .iter()
+                .map(|s| (sched.batch.positions[s.start] as usize, s.len)),
+        );
+        let mut predicted = self.cost.forward.predict(&fwd_x);
         let out = self.runner.execute(&sched)?;
         self.scheduler.update(&out.sampled);
         if let (Some(i), Some(c)) = (job, forward_chunk) {
@@ -305,22 +353,38 @@ impl LlmEngine {
                 .map(|c| c.inputs)
                 .unwrap_or_default();
             let j = &mut self.jobs[i];
-            if let Err(e) = j.run.finish_forward(&self.runner.model, c, inputs) {
-                self.fail_job(i, e.to_string());
+            match j.run.finish_forward(&self.runner.model, c, inputs) {
+                // A validation example ended: its blocks go.
+                Ok(true) => self.scheduler.blocks_mut().free(j.seq_id),
+                Ok(false) => {}
+                Err(e) => self.fail_job(i, e.to_string()),
             }
         }
-        if let Some(i) = job {
-            self.run_backward(i, t0, inference);
+        if !sched.batch.segments.is_empty() {
+            self.cost
+                .forward
+                .observe(&fwd_x, t0.elapsed().as_secs_f64());
         }
-        let backward = self.jobs.iter().map(|j| j.backward_steps).sum::<u64>() - backward_before;
-        let forward = sched
+        if let Some(i) = job {
+            let (p, tokens) = self.run_backward(i, t0, inference);
+            predicted += p;
+            report.finetune_backward_tokens = tokens;
+        }
+        report.finetune_backward_steps =
+            self.jobs.iter().map(|j| j.backward_steps).sum::<u64>() - backward_before;
+        report.finetune_forward_tokens = sched
             .capture
             .first()
             .map_or(0, |&c| sched.batch.segments[c].len as u64);
-        self.counters.finetune_forward_tokens += forward;
-        self.counters.finetune_backward_steps += backward;
-        if inference && (forward > 0 || backward > 0) {
-            self.counters.mixed_iterations += 1;
+        let c = &mut self.counters;
+        c.iterations += 1;
+        c.decode_tokens += report.decode_tokens;
+        c.prefill_tokens += report.prefill_tokens;
+        c.finetune_forward_tokens += report.finetune_forward_tokens;
+        c.finetune_backward_steps += report.finetune_backward_steps;
+        c.finetune_backward_tokens += report.finetune_backward_tokens;
+        if inference && (report.finetune_forward_tokens > 0 || report.finetune_backward_steps > 0) {
+            c.mixed_iterations += 1;
         }
         let mut outputs = Vec::with_capacity(out.sampled.len());
         for (id, tok) in out.sampled {
@@ -329,15 +393,50 @@ impl LlmEngine {
             outputs.push(o);
         }
         self.release_finished()?;
+        report.predicted = Duration::from_secs_f64(predicted);
+        report.measured = t0.elapsed();
+        if let Some(f) = self.on_iteration.as_mut() {
+            f(&report);
+        }
         Ok(outputs)
+    }
+
+    /// When the next iteration's inference wants more KV blocks than are free, jobs give theirs
+    /// back first (their sequences restart from the first chunk later), before the scheduler
+    /// would preempt a request.
+    fn relieve_kv_pressure(&mut self) {
+        if self.jobs.is_empty() || self.scheduler.kv_shortfall() == 0 {
+            return;
+        }
+        for i in 0..self.jobs.len() {
+            let seq_id = self.jobs[i].seq_id;
+            if self.scheduler.blocks().table(seq_id).is_empty() {
+                continue;
+            }
+            self.scheduler.blocks_mut().free(seq_id);
+            let j = &mut self.jobs[i];
+            j.run.restart_sequence();
+            self.counters.finetune_kv_evictions += 1;
+            tracing::info!(job = %j.name, "KV blocks taken back for inference; the training sequence restarts");
+            if self.scheduler.kv_shortfall() == 0 {
+                break;
+            }
+        }
     }
 
     /// The job that gets this iteration's finetuning work, if the mode gives it any.
     fn pick_job(&mut self, inference: bool) -> Option<usize> {
         match self.coserve.mode {
             CoserveMode::InferenceOnly => return None,
-            // Requests waiting for a slot come first: finetuning only uses spare iterations.
-            CoserveMode::Coserve if self.scheduler.num_waiting() > 0 => return None,
+            // Requests that have waited for a slot for half the TTFT SLO come first.
+            CoserveMode::Coserve
+                if self
+                    .scheduler
+                    .longest_wait()
+                    .is_some_and(|w| w * 2 >= self.coserve.ttft_slo) =>
+            {
+                return None
+            }
             CoserveMode::Temporal
                 if inference
                     && !self
@@ -357,7 +456,12 @@ impl LlmEngine {
 
     /// Appends job `i`'s next forward chunk to the batch if tokens and KV blocks allow; returns
     /// the chunk index.
-    fn place_forward_chunk(&mut self, i: usize, sched: &mut ScheduledBatch) -> Option<usize> {
+    fn place_forward_chunk(
+        &mut self,
+        i: usize,
+        sched: &mut ScheduledBatch,
+        t0: Instant,
+    ) -> Option<usize> {
         let used = sched.batch.num_tokens();
         let Some(len) = self.jobs[i].run.current_len() else {
             self.finish_job(i);
@@ -366,8 +470,22 @@ impl LlmEngine {
         let j = &mut self.jobs[i];
         let (c, start, toks) = j.run.next_forward()?;
         let budget = self.scheduler.cfg.max_batched_tokens.saturating_sub(used);
-        if used > 0 && toks.len() > budget && self.coserve.mode == CoserveMode::Coserve {
-            return None;
+        if used > 0 && self.coserve.mode == CoserveMode::Coserve {
+            // With inference in the batch, the chunk must fit the token budget and, by the cost
+            // model, the iteration's latency budget.
+            let x = forward_features(
+                sched
+                    .batch
+                    .segments
+                    .iter()
+                    .map(|s| (sched.batch.positions[s.start] as usize, s.len))
+                    .chain([(start, toks.len())]),
+            );
+            let slo = self.coserve.tpot_slo.mul_f64(SLO_MARGIN).as_secs_f64();
+            let late = t0.elapsed().as_secs_f64() + self.cost.forward.predict(&x) > slo;
+            if toks.len() > budget || late {
+                return None;
+            }
         }
         // The batch's adapters and the job's must be resident together (max_loras slots);
         // otherwise the chunk waits for an iteration with room.
@@ -383,7 +501,14 @@ impl LlmEngine {
         if self.runner.adapters.ensure_resident(&adapters).is_err() {
             return None;
         }
-        // The whole sequence's KV blocks, taken when its first chunk runs.
+        // The whole sequence's KV blocks, taken when its first chunk runs, leaving a block of
+        // headroom per running request.
+        let blocks = self.scheduler.blocks();
+        if blocks.blocks_missing(j.seq_id, len) + self.scheduler.num_running() > blocks.num_free()
+            && self.scheduler.num_running() > 0
+        {
+            return None;
+        }
         if !self.scheduler.blocks_mut().allocate(j.seq_id, len) {
             return None;
         }
@@ -402,8 +527,10 @@ impl LlmEngine {
     }
 
     /// Backward steps of job `i` while the iteration's latency budget allows (at least one when
-    /// no inference is running, every due step in finetune-only and temporal turns).
-    fn run_backward(&mut self, i: usize, t0: Instant, inference: bool) {
+    /// no inference is running, every due step in finetune-only and temporal turns). Returns
+    /// the steps' predicted seconds and their chunks' tokens.
+    fn run_backward(&mut self, i: usize, t0: Instant, inference: bool) -> (f64, u64) {
+        let (mut predicted, mut tokens) = (0.0, 0);
         // Aim under the SLO: step times vary and the iteration has work after the backward.
         let slo = self.coserve.tpot_slo.mul_f64(SLO_MARGIN);
         let unlimited = matches!(
@@ -416,18 +543,24 @@ impl LlmEngine {
             if !j.state.is_active() || !j.run.backward_due() {
                 break;
             }
-            let elapsed = t0.elapsed();
-            let fits = elapsed + self.backward_cost.predict() <= slo;
+            let Some((start, len)) = j.run.next_backward_chunk() else {
+                break;
+            };
+            let x = backward_features(start, len);
+            let p = self.cost.backward.predict(&x);
+            let fits = t0.elapsed().as_secs_f64() + p <= slo.as_secs_f64();
             if !(unlimited || fits || (steps == 0 && !inference)) {
                 break;
             }
+            predicted += p;
+            tokens += len as u64;
             let table = self.scheduler.blocks().table(j.seq_id).to_vec();
             let seq_len = j.run.current_len().unwrap_or(0) as u64;
             let s0 = Instant::now();
             let r = j
                 .run
                 .backward_step(&self.runner.model, &self.runner.cache, &table);
-            self.backward_cost.observe(s0.elapsed());
+            self.cost.backward.observe(&x, s0.elapsed().as_secs_f64());
             steps += 1;
             j.backward_steps += 1;
             match r {
@@ -468,6 +601,7 @@ impl LlmEngine {
                 }
             }
         }
+        (predicted, tokens)
     }
 
     fn finish_job(&mut self, i: usize) {

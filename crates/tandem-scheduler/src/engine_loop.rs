@@ -54,10 +54,26 @@ pub struct EngineStats {
     pub running_adapters: Vec<String>,
     pub waiting_adapters: Vec<String>,
     pub max_loras: usize,
+    /// Adapters in device slots now, and loads into / evictions from slots since start.
+    pub adapters_resident: usize,
+    pub adapter_loads: u64,
+    pub adapter_evictions: u64,
     /// What the iterations held, summed since start.
     pub counters: IterationCounters,
-    /// Per finetuning job: its state's name and trained tokens.
-    pub jobs: Vec<(&'static str, u64)>,
+    pub jobs: Vec<JobStat>,
+}
+
+/// A finetuning job's figures for metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobStat {
+    pub name: String,
+    /// OpenAI's status name.
+    pub status: &'static str,
+    pub trained_tokens: u64,
+    /// The last optimizer step's loss.
+    pub loss: Option<f64>,
+    pub step: usize,
+    pub total_steps: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +113,8 @@ pub struct JobSpec {
     /// The adapter name it trains and serves.
     pub name: String,
     pub data: Vec<Example>,
+    /// Held-out examples whose loss is evaluated after every epoch.
+    pub validation: Vec<Example>,
     pub cfg: TrainConfig,
     /// Write a checkpoint into this directory every N optimizer steps (served as
     /// `<name>:ckpt-step-N`).
@@ -114,6 +132,8 @@ pub struct JobSnapshot {
     pub total_steps: usize,
     pub trained_tokens: u64,
     pub reports: Vec<StepReport>,
+    /// (step, mean validation loss) after each epoch, when the job has validation examples.
+    pub evals: Vec<(usize, f64)>,
     /// (step, served name, directory) of each checkpoint written.
     pub checkpoints: Vec<(usize, String, PathBuf)>,
 }
@@ -377,6 +397,7 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
                     total_steps: j.run.total_steps(),
                     trained_tokens: j.trained_tokens,
                     reports: j.reports.clone(),
+                    evals: j.run.evals.clone(),
                     checkpoints: j.checkpoints.clone(),
                 })
                 .collect();
@@ -420,11 +441,21 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
                 running_adapters: names(running),
                 waiting_adapters: names(waiting),
                 max_loras: reg.config().max_loras,
+                adapters_resident: reg.resident().len(),
+                adapter_loads: reg.loads,
+                adapter_evictions: reg.evictions,
                 counters: engine.counters,
                 jobs: engine
                     .jobs
                     .iter()
-                    .map(|j| (j.state.name(), j.trained_tokens))
+                    .map(|j| JobStat {
+                        name: j.name.clone(),
+                        status: j.state.name(),
+                        trained_tokens: j.trained_tokens,
+                        loss: j.reports.last().map(|r| r.loss),
+                        step: j.run.step,
+                        total_steps: j.run.total_steps(),
+                    })
                     .collect(),
             });
         }
@@ -442,6 +473,8 @@ fn start_job(engine: &mut LlmEngine, spec: JobSpec) -> Result<(), String> {
             .and_then(|lora| TrainingRun::new(spec.data, spec.cfg, lora)),
     }
     .map_err(|e| e.to_string())?;
+    let mut run = run;
+    run.set_validation(spec.validation);
     engine.start_job(&spec.name, run)?;
     match spec.checkpoints {
         Some((dir, every)) => engine.set_job_checkpoints(&spec.name, dir, every),

@@ -9,6 +9,7 @@
 
 pub mod block_manager;
 pub mod coserve;
+pub mod cost_model;
 pub mod engine;
 pub mod engine_loop;
 pub mod scheduler;
@@ -16,9 +17,10 @@ pub mod sequence;
 
 pub use block_manager::BlockManager;
 pub use coserve::{CoserveConfig, CoserveMode, JobState, TrainingJob};
-pub use engine::{IterationCounters, LlmEngine, RequestOutput};
+pub use cost_model::CostModel;
+pub use engine::{IterationCounters, IterationObserver, IterationReport, LlmEngine, RequestOutput};
 pub use engine_loop::{
-    EngineError, EngineHandle, EngineStats, Event, GenerateRequest, JobSnapshot, JobSpec,
+    EngineError, EngineHandle, EngineStats, Event, GenerateRequest, JobSnapshot, JobSpec, JobStat,
 };
 pub use scheduler::{AdmitError, Scheduler, SchedulerConfig};
 pub use sequence::{FinishReason, Sequence};

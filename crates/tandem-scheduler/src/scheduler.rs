@@ -100,6 +100,30 @@ impl Scheduler {
         self.waiting.len()
     }
 
+    /// How long the longest-waiting queued request has waited.
+    pub fn longest_wait(&self) -> Option<std::time::Duration> {
+        self.waiting.iter().map(|s| s.arrival.elapsed()).max()
+    }
+
+    /// KV blocks the next iteration wants beyond the free ones: every running sequence's next
+    /// tokens, and the head of the queue's first chunk with the admission headroom.
+    pub fn kv_shortfall(&self) -> usize {
+        let mut budget = self.cfg.max_batched_tokens;
+        let mut need = 0;
+        for s in &self.running {
+            let n = s.uncomputed().min(budget);
+            budget -= n;
+            need += self.blocks.blocks_missing(s.id, s.num_computed + n);
+        }
+        if budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            if let Some(s) = self.waiting.front() {
+                let n = s.uncomputed().min(budget);
+                need += self.blocks.blocks_missing(s.id, s.num_computed + n) + self.running.len();
+            }
+        }
+        need.saturating_sub(self.blocks.num_free())
+    }
+
     pub fn has_work(&self) -> bool {
         !self.running.is_empty() || !self.waiting.is_empty()
     }

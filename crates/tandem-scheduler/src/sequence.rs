@@ -36,6 +36,8 @@ pub struct Sequence {
     pub num_preemptions: usize,
     /// LoRA adapter (registry id), if any.
     pub adapter: Option<u32>,
+    /// When it was queued.
+    pub arrival: std::time::Instant,
 }
 
 impl Sequence {
@@ -49,6 +51,7 @@ impl Sequence {
             announced: false,
             num_preemptions: 0,
             adapter,
+            arrival: std::time::Instant::now(),
         }
     }
 

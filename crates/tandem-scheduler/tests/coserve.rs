@@ -5,12 +5,16 @@
 
 use candle_core::{DType, Device};
 use std::time::Duration;
-use tandem_model::finetune::{Finetuner, TrainableLora, TrainingRun};
+use tandem_model::finetune::{Example, Finetuner, TrainableLora, TrainingRun};
 use tandem_model::testing::{adapter_max_abs_diff, tiny_examples, tiny_train_config, Tiny};
 use tandem_model::{load_model, ModelRunner, SamplingParams};
 use tandem_scheduler::{CoserveConfig, CoserveMode, JobState, LlmEngine, SchedulerConfig};
 
 fn engine(dir: &std::path::Path, mode: CoserveMode) -> LlmEngine {
+    engine_with_blocks(dir, mode, 64)
+}
+
+fn engine_with_blocks(dir: &std::path::Path, mode: CoserveMode, num_blocks: usize) -> LlmEngine {
     let m = load_model(Some(dir), &Device::Cpu, DType::F32).unwrap();
     let runner = ModelRunner::new(m.model, 64, 4).unwrap();
     let mut e = LlmEngine::new(
@@ -20,7 +24,7 @@ fn engine(dir: &std::path::Path, mode: CoserveMode) -> LlmEngine {
             max_num_seqs: 8,
             max_batched_tokens: 16,
             block_size: 4,
-            num_blocks: 64,
+            num_blocks,
             max_model_len: 512,
             max_loras: 4,
         },
@@ -29,6 +33,7 @@ fn engine(dir: &std::path::Path, mode: CoserveMode) -> LlmEngine {
         mode,
         tpot_slo: Duration::from_millis(5),
         temporal_every: 3,
+        ..Default::default()
     };
     e
 }
@@ -215,4 +220,154 @@ fn jobs_pause_resume_and_cancel() {
     assert_eq!(e.scheduler.blocks().num_free(), 64);
     assert!(e.cancel_job("a").is_err());
     assert!(e.cancel_job("nope").is_err());
+}
+
+fn job_run(e: &LlmEngine, data: Vec<Example>) -> TrainingRun {
+    let spec = tiny_train_config().spec().unwrap();
+    let lora = TrainableLora::new(&e.runner.model.cfg, spec, &Device::Cpu, 5).unwrap();
+    TrainingRun::new(data, tiny_train_config(), lora).unwrap()
+}
+
+/// Training sequences of 20-28 tokens (5-7 KV blocks of 4), held for many iterations.
+fn long_examples(vocab: u32) -> Vec<Example> {
+    (0..5u32)
+        .map(|k| {
+            let n = 20 + 2 * k as usize;
+            Example {
+                tokens: (0..n as u32).map(|i| (i * 5 + k * 3 + 1) % vocab).collect(),
+                target: (0..n).map(|i| i >= 4).collect(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn kv_pressure_takes_the_jobs_blocks_first_and_training_stays_exact() {
+    let t = Tiny::gqa();
+    let dir = tempfile::tempdir().unwrap();
+    t.write_hf_dir(dir.path(), 3);
+    let vocab = t.vocab as u32;
+    let m = load_model(Some(dir.path()), &Device::Cpu, DType::F32).unwrap();
+    let mut alone =
+        Finetuner::new(&m.model, long_examples(vocab), tiny_train_config(), None).unwrap();
+    while !alone.is_done() {
+        alone.train_step().unwrap();
+    }
+    let want = alone.adapter().unwrap();
+    let reqs = requests();
+    // The smallest cache on which inference alone never preempts (the longest request needs
+    // 6 blocks of 4 tokens).
+    let (blocks, base) = (6..64)
+        .find_map(|n| {
+            let mut e = engine_with_blocks(dir.path(), CoserveMode::Coserve, n);
+            let out = run(&mut e, &reqs);
+            (e.scheduler.num_preemptions == 0).then_some((n, out))
+        })
+        .unwrap();
+    let mut e = engine_with_blocks(dir.path(), CoserveMode::Coserve, blocks);
+    let job = job_run(&e, long_examples(vocab));
+    e.start_job("ft", job).unwrap();
+    // The job takes blocks first; then requests arrive and need them.
+    e.step().unwrap();
+    assert!(e.scheduler.blocks().num_free() < blocks);
+    let got = run(&mut e, &reqs);
+    assert_eq!(got, base, "inference changed under KV pressure");
+    assert_eq!(
+        e.scheduler.num_preemptions, 0,
+        "a request was preempted while a job held blocks"
+    );
+    assert!(
+        e.counters.finetune_kv_evictions > 0,
+        "the cache ({blocks} blocks) never ran short: the test shows nothing"
+    );
+    assert_eq!(e.jobs[0].state, JobState::Succeeded);
+    // Restarted sequences leave no trace in the gradients.
+    let d = adapter_max_abs_diff(&want, &e.jobs[0].run.lora.to_adapter(None).unwrap());
+    assert!(d <= 1e-5, "max abs diff {d} from the standalone run");
+    assert_eq!(e.scheduler.blocks().num_free(), blocks, "KV blocks leaked");
+}
+
+#[test]
+fn validation_loss_after_each_epoch_matches_a_full_forward() {
+    use tandem_model::{KvCache, LogitsWanted, PackedBatch};
+    let t = Tiny::gqa();
+    let dir = tempfile::tempdir().unwrap();
+    t.write_hf_dir(dir.path(), 3);
+    let vocab = t.vocab as u32;
+    let mut e = engine(dir.path(), CoserveMode::Coserve);
+    let validation: Vec<_> = tiny_examples(vocab)
+        .into_iter()
+        .map(|mut x| {
+            x.tokens.iter_mut().for_each(|v| *v = (*v * 7 + 3) % vocab);
+            x
+        })
+        .take(3)
+        .collect();
+    let mut job = job_run(&e, tiny_examples(vocab));
+    job.set_validation(validation.clone());
+    let epochs = job.cfg.epochs;
+    let spe = job.steps_per_epoch();
+    e.start_job("ft", job).unwrap();
+    let free = e.scheduler.blocks().num_free();
+    run(&mut e, &requests());
+    let j = &e.jobs[0];
+    assert_eq!(j.state, JobState::Succeeded);
+    let steps: Vec<usize> = j.run.evals.iter().map(|v| v.0).collect();
+    assert_eq!(steps, (1..=epochs).map(|k| k * spe).collect::<Vec<_>>());
+    assert_eq!(e.scheduler.blocks().num_free(), free, "KV blocks leaked");
+    // The last evaluation is the final adapter's mean NLL over the targets, computed here by a
+    // whole-sequence forward with every position's logits.
+    let model = &e.runner.model;
+    let mut reg = tandem_model::lora::AdapterRegistry::new(
+        tandem_model::lora::RegistryConfig::default(),
+        &model.cfg,
+        &Device::Cpu,
+        DType::F32,
+    );
+    let id = reg
+        .register_live("final", j.run.lora.to_adapter(None).unwrap())
+        .unwrap();
+    let (mut sum, mut count) = (0f64, 0usize);
+    for ex in &validation {
+        let n = ex.tokens.len();
+        let cache = KvCache::new(
+            model.cfg.num_hidden_layers,
+            4,
+            4,
+            model.cfg.num_key_value_heads,
+            model.cfg.head_dim,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut b = PackedBatch::default();
+        b.push_with_adapter(
+            0,
+            &ex.tokens,
+            0,
+            vec![0, 1, 2, 3],
+            LogitsWanted::All,
+            Some(id),
+        );
+        let (logits, _) = model.forward_packed(&b, &cache, Some(&reg), &[]).unwrap();
+        let rows = logits
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
+        for i in 0..n - 1 {
+            if ex.target[i + 1] {
+                let max = rows[i].iter().cloned().fold(f64::MIN, f64::max);
+                let lse = max + rows[i].iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+                sum += lse - rows[i][ex.tokens[i + 1] as usize];
+                count += 1;
+            }
+        }
+    }
+    let want = sum / count as f64;
+    let got = j.run.evals.last().unwrap().1;
+    assert!(
+        (got - want).abs() <= 1e-5 * want.abs(),
+        "validation loss {got}, full forward {want}"
+    );
 }

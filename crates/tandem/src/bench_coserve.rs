@@ -173,6 +173,7 @@ pub fn run(args: BenchCoserveArgs) -> Result<()> {
     e.coserve = CoserveConfig {
         mode: CoserveMode::InferenceOnly,
         tpot_slo: slo,
+        ttft_slo: Duration::from_secs_f64(args.ttft_slo_ms / 1e3),
         temporal_every: args.temporal_every,
     };
     let n = args.max_num_seqs;

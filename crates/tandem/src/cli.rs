@@ -134,6 +134,8 @@ pub struct BenchCoserveArgs {
     pub secs: f64,
     #[arg(long, default_value_t = 250.0)]
     pub tpot_slo_ms: f64,
+    #[arg(long, default_value_t = 2000.0)]
+    pub ttft_slo_ms: f64,
     #[arg(long, default_value_t = 32)]
     pub prompt_len: usize,
     #[arg(long, default_value_t = 32)]
@@ -332,4 +334,7 @@ pub struct ServeArgs {
     /// Inference time per output token to hold while finetuning fills the rest (ms).
     #[arg(long, default_value_t = 250.0)]
     pub tpot_slo_ms: f64,
+    /// Time to first token to hold: finetuning yields to requests that have waited half of it (ms).
+    #[arg(long, default_value_t = 2000.0)]
+    pub ttft_slo_ms: f64,
 }

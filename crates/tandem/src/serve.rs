@@ -36,11 +36,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .coserve_mode
             .parse()
             .map_err(|m: String| anyhow::anyhow!("--coserve-mode: {m}"))?,
-        tpot_slo: if args.tpot_slo_ms > 0.0 && args.tpot_slo_ms.is_finite() {
-            std::time::Duration::from_secs_f64(args.tpot_slo_ms / 1e3)
-        } else {
-            bail!("--tpot-slo-ms must be a positive number")
-        },
+        tpot_slo: slo_ms("--tpot-slo-ms", args.tpot_slo_ms)?,
+        ttft_slo: slo_ms("--ttft-slo-ms", args.ttft_slo_ms)?,
         ..Default::default()
     };
     for spec in &args.adapters {
@@ -87,8 +84,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 .display()
         )
     })?;
+    let metrics = tandem_api::metrics::Metrics::new(&name, e.coserve.ttft_slo, e.coserve.tpot_slo)
+        .context("cannot set up metrics")?;
+    e.on_iteration = Some(metrics.iteration_observer());
     let handle = EngineHandle::spawn(e).context("cannot start the engine thread")?;
-    let metrics = tandem_api::metrics::Metrics::new(&name).context("cannot set up metrics")?;
     let state = Arc::new(AppState {
         engine: handle,
         tokenizer,
@@ -142,4 +141,12 @@ async fn shutdown() {
         _ = term => {},
     }
     eprintln!("tandem: shutting down");
+}
+
+fn slo_ms(flag: &str, ms: f64) -> Result<std::time::Duration> {
+    if ms > 0.0 && ms.is_finite() && ms < 1e9 {
+        Ok(std::time::Duration::from_secs_f64(ms / 1e3))
+    } else {
+        bail!("{flag} must be a positive number of milliseconds, got {ms}")
+    }
 }

@@ -219,6 +219,9 @@ impl<'m> Finetuner<'m> {
                 self.run.finish_forward(self.model, c, inputs)?;
             }
             if !self.run.backward_due() {
+                if self.run.current_len().is_some() {
+                    continue; // a validation example ended; the next sequence starts
+                }
                 return Err(ModelError::Batch("the training run is done".into()));
             }
             if let Progress::OptimizerStep(r) =

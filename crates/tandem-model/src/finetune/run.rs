@@ -41,11 +41,22 @@ pub struct TrainingRun {
     started: usize,
     weight: f64,
     seq: Option<SeqTrain>,
+    /// Gradients of the optimizer step so far, and of the sequence in flight (kept apart so
+    /// that the sequence can restart).
     acc: GradAccum,
+    seq_acc: GradAccum,
     loss: f64,
     targets: usize,
     tokens: usize,
     peak: usize,
+    /// Held-out examples, evaluated (forward only) after every epoch's last step.
+    validation: Vec<Example>,
+    /// The evaluation in progress: (after step, next example, Σ loss, targets).
+    eval: Option<(usize, usize, f64, usize)>,
+    /// Whether the sequence in flight is a validation example (index).
+    seq_eval: Option<usize>,
+    /// (step, mean validation loss per target token) of finished evaluations.
+    pub evals: Vec<(usize, f64)>,
 }
 
 impl TrainingRun {
@@ -70,10 +81,15 @@ impl TrainingRun {
             weight: 0.0,
             seq: None,
             acc: GradAccum::default(),
+            seq_acc: GradAccum::default(),
             loss: 0.0,
             targets: 0,
             tokens: 0,
             peak: 0,
+            validation: Vec::new(),
+            eval: None,
+            seq_eval: None,
+            evals: Vec::new(),
         })
     }
 
@@ -85,13 +101,24 @@ impl TrainingRun {
         self.steps_per_epoch() * self.cfg.epochs
     }
 
+    /// Every optimizer step and the last evaluation are done.
     pub fn is_done(&self) -> bool {
-        self.step >= self.total_steps()
+        self.step >= self.total_steps() && self.eval.is_none()
+    }
+
+    /// Evaluates the loss on `examples` (forward only) after the last step of every epoch.
+    pub fn set_validation(&mut self, examples: Vec<Example>) {
+        self.validation = examples;
     }
 
     /// The longest example, in tokens (what one sequence's KV needs at most).
     pub fn max_len(&self) -> usize {
-        self.data.iter().map(|e| e.tokens.len()).max().unwrap_or(0)
+        self.data
+            .iter()
+            .chain(&self.validation)
+            .map(|e| e.tokens.len())
+            .max()
+            .unwrap_or(0)
     }
 
     /// The examples of optimizer step `step` (0-based): each epoch visits every example once,
@@ -111,6 +138,11 @@ impl TrainingRun {
     /// Returns its length in tokens (None when the run is done).
     pub fn current_len(&mut self) -> Option<usize> {
         if self.seq.is_none() {
+            if let Some((_, next, ..)) = self.eval {
+                self.seq_eval = Some(next);
+                self.seq = Some(self.new_seq());
+                return self.seq.as_ref().map(SeqTrain::len);
+            }
             if self.is_done() {
                 return None;
             }
@@ -119,16 +151,38 @@ impl TrainingRun {
                 let total: usize = self.batch.iter().map(|&i| self.data[i].num_targets()).sum();
                 self.weight = 1.0 / total.max(1) as f64;
             }
-            let ex = &self.data[self.batch[self.started]];
             self.started += 1;
-            self.seq = Some(SeqTrain::new(
-                ex.tokens.clone(),
-                &ex.target,
-                self.cfg.chunk_tokens,
-                self.weight,
-            ));
+            self.seq = Some(self.new_seq());
         }
         self.seq.as_ref().map(SeqTrain::len)
+    }
+
+    /// A fresh state for the example `started` points past.
+    fn new_seq(&self) -> SeqTrain {
+        let (ex, weight) = match self.seq_eval {
+            Some(i) => (&self.validation[i], 1.0),
+            None => (&self.data[self.batch[self.started - 1]], self.weight),
+        };
+        SeqTrain::new(ex.tokens.clone(), &ex.target, self.cfg.chunk_tokens, weight)
+    }
+
+    /// Drops the sequence in flight's progress (its activations, gradients and loss) so that
+    /// it starts again from its first forward chunk: for when its KV blocks had to go.
+    /// Returns whether a sequence was in flight.
+    pub fn restart_sequence(&mut self) -> bool {
+        if self.seq.is_none() {
+            return false;
+        }
+        self.seq_acc = GradAccum::default();
+        self.seq = Some(self.new_seq());
+        true
+    }
+
+    /// Whether a sequence is in flight past its first forward chunk (holding KV it needs).
+    pub fn sequence_started(&self) -> bool {
+        self.seq
+            .as_ref()
+            .is_some_and(|s| s.phase != SeqPhase::Forward(0))
     }
 
     /// The next forward chunk of the sequence in flight: (chunk, first position, tokens).
@@ -138,20 +192,35 @@ impl TrainingRun {
         Some((c, s, t.to_vec()))
     }
 
-    /// Hands back the captured activations of forward chunk `c`.
+    /// Hands back the captured activations of forward chunk `c`. Returns true when that ended
+    /// a validation example (its KV blocks may go).
     pub fn finish_forward(
         &mut self,
         model: &Llama,
         c: usize,
         inputs: Vec<candle_core::Tensor>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let seq = self
             .seq
             .as_mut()
             .ok_or_else(|| ModelError::Batch("no training sequence in flight".into()))?;
         seq.finish_forward(model, c, inputs)?;
         self.peak = self.peak.max(seq.held_bytes());
-        Ok(())
+        if self.seq_eval.is_none() || matches!(seq.phase, SeqPhase::Forward(_)) {
+            return Ok(false);
+        }
+        let (loss, targets) = (seq.loss_sum, seq.targets);
+        self.seq = None;
+        self.seq_eval = None;
+        if let Some((step, next, sum, n)) = self.eval.take() {
+            let (sum, n) = (sum + loss, n + targets);
+            if next + 1 < self.validation.len() {
+                self.eval = Some((step, next + 1, sum, n));
+            } else {
+                self.evals.push((step, sum / n.max(1) as f64));
+            }
+        }
+        Ok(true)
     }
 
     /// Whether the sequence in flight is in its backward.
@@ -160,6 +229,15 @@ impl TrainingRun {
             self.seq.as_ref().map(|s| s.phase),
             Some(SeqPhase::Backward(..))
         )
+    }
+
+    /// The chunk the next backward step works on: (first position, tokens).
+    pub fn next_backward_chunk(&self) -> Option<(usize, usize)> {
+        let seq = self.seq.as_ref()?;
+        match seq.phase {
+            SeqPhase::Backward(_, c) => Some(seq.chunks[c]),
+            _ => None,
+        }
     }
 
     /// One backward step of the sequence in flight (its K/V in `cache` through `block_table`);
@@ -174,11 +252,12 @@ impl TrainingRun {
             .seq
             .as_mut()
             .ok_or_else(|| ModelError::Batch("no training sequence in flight".into()))?;
-        seq.backward_step(model, cache, block_table, &self.lora, &mut self.acc)?;
+        seq.backward_step(model, cache, block_table, &self.lora, &mut self.seq_acc)?;
         self.peak = self.peak.max(seq.held_bytes());
         if seq.phase != SeqPhase::Done {
             return Ok(Progress::Stepped);
         }
+        self.acc.merge(std::mem::take(&mut self.seq_acc))?;
         self.loss += seq.loss_sum;
         self.targets += seq.targets;
         self.tokens += seq.len();
@@ -209,6 +288,11 @@ impl TrainingRun {
         };
         self.started = 0;
         (self.loss, self.targets, self.tokens, self.peak) = (0.0, 0, 0, 0);
+        let epoch_end =
+            self.step.is_multiple_of(self.steps_per_epoch()) || self.step >= total_steps;
+        if epoch_end && !self.validation.is_empty() {
+            self.eval = Some((self.step, 0, 0.0, 0));
+        }
         Ok(Progress::OptimizerStep(report))
     }
 

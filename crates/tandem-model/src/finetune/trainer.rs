@@ -155,6 +155,14 @@ pub struct GradAccum {
 }
 
 impl GradAccum {
+    /// Adds every gradient of `other` into this one.
+    pub fn merge(&mut self, other: GradAccum) -> Result<()> {
+        for (name, g) in other.grads {
+            self.add(name, g)?;
+        }
+        Ok(())
+    }
+
     fn add(&mut self, name: String, g: Tensor) -> Result<()> {
         let sum = match self.grads.remove(&name) {
             Some(prev) => (prev + g)?,
