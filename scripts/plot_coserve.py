@@ -10,22 +10,27 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-rows = []
+rows, header = [], None
 for line in open(sys.argv[1]):
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if len(cells) == 9 and cells[0] in ("light", "medium", "heavy"):
-        rows.append({"rate": float(cells[1]), "mode": cells[2], "attain": float(cells[6].rstrip("%")),
-                     "ft": float(cells[7]), "share": float(cells[8].rstrip("%"))})
+    if cells and cells[0] == "load":
+        header = cells
+    elif header and len(cells) == len(header) and cells[0] in ("light", "medium", "heavy"):
+        col = dict(zip(header, cells))
+        rows.append({"rate": float(col["rate req/s"]), "mode": col["mode"],
+                     "attain": float(col["TPOT SLO attainment"].rstrip("%")),
+                     "share": float(col["share of finetune-only"].rstrip("%"))})
 title = next((l[2:].strip() for l in open(sys.argv[1]) if l.startswith("# tandem bench coserve")), "")
 fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-for mode, style in (("Coserve", "o-"), ("Temporal", "s--"), ("InferenceOnly", "^:")):
+styles = ["o-", "s--", "d-.", "v--", "^:"]
+for k, mode in enumerate(dict.fromkeys(r["mode"] for r in rows)):
     pts = sorted((r["rate"], r["share"], r["attain"]) for r in rows if r["mode"] == mode)
-    if not pts:
-        continue
     x = [p[0] for p in pts]
+    style = "^:" if mode == "InferenceOnly" else styles[k % 4]
+    color = f"C{k}"
     if mode != "InferenceOnly":
-        a.plot(x, [p[1] for p in pts], style, label=mode)
-    b.plot(x, [p[2] for p in pts], style, label=mode)
+        a.plot(x, [p[1] for p in pts], style, label=mode, color=color)
+    b.plot(x, [p[2] for p in pts], style, label=mode, color=color)
 a.set(xlabel="inference rate (requests/s)", ylabel="finetuning throughput (% of finetune-only)", ylim=(0, 105))
 b.set(xlabel="inference rate (requests/s)", ylabel="TPOT SLO attainment (%)", ylim=(-5, 105))
 for ax in (a, b):

@@ -125,7 +125,8 @@ fn cache_and_registry(m: &Llama, blocks: usize, max_loras: usize) -> (KvCache, A
 }
 
 /// The token-level path; with `bystanders`, every forward chunk shares its batch with an
-/// inference prefill through another adapter and a base-only decode.
+/// inference prefill through another adapter and a base-only decode. `chunk` 0: chunks of
+/// varying sizes (2, 5, 1, 3, ...), as the co-serving engine cuts them to its latency budget.
 fn token_level(
     m: &Llama,
     l: &TrainableLora,
@@ -151,9 +152,17 @@ fn token_level(
     let mut acc = GradAccum::default();
     for (k, (toks, target)) in seqs.iter().enumerate() {
         let table: Vec<u32> = (k as u32 * 10..k as u32 * 10 + 10).collect();
-        let mut seq = SeqTrain::new(toks.clone(), target, chunk, 1.0 / total as f64);
+        let max = if chunk == 0 { toks.len() } else { chunk };
+        let mut seq = SeqTrain::new(toks.clone(), target, max, 1.0 / total as f64);
         let (mut pa, mut pb) = (0usize, 0usize);
-        while let Some((ci, start, t)) = seq.next_forward() {
+        let sizes = [2, 5, 1, 3];
+        let mut n = 0;
+        while let Some((ci, start, t)) = seq.next_forward_max(if chunk == 0 {
+            sizes[n % sizes.len()]
+        } else {
+            usize::MAX
+        }) {
+            n += 1;
             let mut batch = PackedBatch::default();
             let mut at = 0;
             if bystanders {
@@ -208,7 +217,7 @@ fn check_model(t: Tiny) {
     // One sequence with prompt masking, every chunk size; then the batch.
     let one = &all[..1];
     let want = reference(&m, &l, one);
-    for chunk in [1, 3, 7, one[0].0.len()] {
+    for chunk in [1, 3, 7, one[0].0.len(), 0] {
         let err = max_rel_err(&token_level(&m, &l, one, chunk, false), &want);
         assert!(err <= 1e-4, "chunk {chunk}: max rel err {err}");
     }

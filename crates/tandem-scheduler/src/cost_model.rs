@@ -3,56 +3,73 @@
 //! times (exponentially weighted least squares, so the fit follows the machine as load, threads
 //! and clocks change).
 //!
-//! Forward: `a0 + a1·tokens + a2·Σ len·(start + len)` — a fixed part (reading the weights), a
-//! per-token part (the matmuls) and attention over each segment's context. A backward (layer,
-//! chunk) step: `b0 + b1·len + b2·len·(start + len)`, on the same features of its chunk.
+//! A forward's inference part: `a0 + a1·tokens + a2·logit rows + a3·Σ len·(start + len)` — a
+//! fixed part (reading the weights), a per-token part (the layers' matmuls), the LM head for
+//! each row whose logits are wanted, and attention over each segment's context; fitted on
+//! iterations without finetuning. A finetuning forward chunk of n tokens adds `c0 + c1·n` (its
+//! layers, loss and gradient at the head), fitted on what iterations with a chunk took beyond
+//! their inference part's prediction. Fitting the two apart keeps each well determined: mixed
+//! iterations alone cannot tell a training token from an inference one. A backward (layer,
+//! chunk) step: `b0 + b1·len + b2·len·(start + len)`.
 
-/// Features of some work (what the linear model multiplies).
-pub type Features = [f64; 3];
+/// What an inference segment of a forward holds, for the cost model.
+#[derive(Debug, Clone, Copy)]
+pub struct SegmentCost {
+    /// First position and tokens.
+    pub start: usize,
+    pub len: usize,
+    /// Rows of logits computed (0, 1 for the last token, or len).
+    pub logits: usize,
+}
 
 /// Scales keep the normal equations well conditioned.
 const TOKENS_UNIT: f64 = 100.0;
 const ATTN_UNIT: f64 = 1e4;
 
-/// Features of a forward over segments given as (first position, tokens).
-pub fn forward_features(segments: impl IntoIterator<Item = (usize, usize)>) -> Features {
-    let (mut tokens, mut attn) = (0.0, 0.0);
-    for (start, len) in segments {
-        tokens += len as f64;
-        attn += (len * (start + len)) as f64;
+/// Features of a forward's inference segments.
+pub fn forward_features(segments: impl IntoIterator<Item = SegmentCost>) -> [f64; 4] {
+    let mut x = [1.0, 0.0, 0.0, 0.0];
+    for s in segments {
+        x[1] += s.len as f64 / TOKENS_UNIT;
+        x[2] += s.logits as f64 / TOKENS_UNIT;
+        x[3] += (s.len * (s.start + s.len)) as f64 / ATTN_UNIT;
     }
-    [1.0, tokens / TOKENS_UNIT, attn / ATTN_UNIT]
+    x
 }
 
 /// Features of one backward step over the chunk at `start` of `len` tokens.
-pub fn backward_features(start: usize, len: usize) -> Features {
-    forward_features([(start, len)])
+pub fn backward_features(start: usize, len: usize) -> [f64; 3] {
+    [
+        1.0,
+        len as f64 / TOKENS_UNIT,
+        (len * (start + len)) as f64 / ATTN_UNIT,
+    ]
 }
 
 /// Exponentially weighted least squares for `y ≈ θ·x`, with a small ridge so that directions
 /// the data never varied stay at zero instead of blowing up.
 #[derive(Debug, Clone)]
-pub struct LinearFit {
-    a: [[f64; 3]; 3],
-    b: Features,
-    theta: Features,
+pub struct LinearFit<const N: usize> {
+    a: [[f64; N]; N],
+    b: [f64; N],
+    theta: [f64; N],
     observations: u64,
     forget: f64,
 }
 
-impl Default for LinearFit {
+impl<const N: usize> Default for LinearFit<N> {
     fn default() -> Self {
         Self::new(0.98)
     }
 }
 
-impl LinearFit {
+impl<const N: usize> LinearFit<N> {
     /// `forget`: the weight of the past per observation (0.98 remembers ~50 observations).
     pub fn new(forget: f64) -> Self {
         Self {
-            a: [[0.0; 3]; 3],
-            b: [0.0; 3],
-            theta: [0.0; 3],
+            a: [[0.0; N]; N],
+            b: [0.0; N],
+            theta: [0.0; N],
             observations: 0,
             forget,
         }
@@ -62,45 +79,45 @@ impl LinearFit {
         self.observations
     }
 
-    pub fn coefficients(&self) -> Features {
+    pub fn coefficients(&self) -> [f64; N] {
         self.theta
     }
 
     /// Predicted seconds (never negative; zero before any observation).
-    pub fn predict(&self, x: &Features) -> f64 {
+    pub fn predict(&self, x: &[f64; N]) -> f64 {
         dot(&self.theta, x).max(0.0)
     }
 
-    pub fn observe(&mut self, x: &Features, seconds: f64) {
+    pub fn observe(&mut self, x: &[f64; N], seconds: f64) {
         if !seconds.is_finite() {
             return;
         }
-        for i in 0..3 {
-            for j in 0..3 {
+        for i in 0..N {
+            for j in 0..N {
                 self.a[i][j] = self.forget * self.a[i][j] + x[i] * x[j];
             }
             self.b[i] = self.forget * self.b[i] + x[i] * seconds;
         }
         self.observations += 1;
-        let trace = self.a[0][0] + self.a[1][1] + self.a[2][2];
+        let trace: f64 = (0..N).map(|i| self.a[i][i]).sum();
         let mut m = self.a;
         for (i, row) in m.iter_mut().enumerate() {
             row[i] += 1e-8 * trace.max(1e-12);
         }
-        if let Some(theta) = solve3(m, self.b) {
+        if let Some(theta) = solve(m, self.b) {
             self.theta = theta;
         }
     }
 }
 
-fn dot(a: &Features, b: &Features) -> f64 {
+fn dot<const N: usize>(a: &[f64; N], b: &[f64; N]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// Solves `m·x = b` by Gaussian elimination with partial pivoting.
-fn solve3(mut m: [[f64; 3]; 3], mut b: Features) -> Option<Features> {
-    for col in 0..3 {
-        let pivot = (col..3).max_by(|&i, &j| m[i][col].abs().total_cmp(&m[j][col].abs()))?;
+fn solve<const N: usize>(mut m: [[f64; N]; N], mut b: [f64; N]) -> Option<[f64; N]> {
+    for col in 0..N {
+        let pivot = (col..N).max_by(|&i, &j| m[i][col].abs().total_cmp(&m[j][col].abs()))?;
         if m[pivot][col].abs() < 1e-300 {
             return None;
         }
@@ -115,44 +132,98 @@ fn solve3(mut m: [[f64; 3]; 3], mut b: Features) -> Option<Features> {
             *br -= f * bp;
         }
     }
-    let mut x = [0.0; 3];
-    for r in (0..3).rev() {
-        let s: f64 = (r + 1..3).map(|c| m[r][c] * x[c]).sum();
+    let mut x = [0.0; N];
+    for r in (0..N).rev() {
+        let s: f64 = (r + 1..N).map(|c| m[r][c] * x[c]).sum();
         x[r] = (b[r] - s) / m[r][r];
     }
     x.iter().all(|v| v.is_finite()).then_some(x)
 }
 
-/// The engine's two fits.
+/// The engine's fits.
 #[derive(Debug, Clone, Default)]
 pub struct CostModel {
-    pub forward: LinearFit,
-    pub backward: LinearFit,
+    pub forward: LinearFit<4>,
+    pub chunk: LinearFit<2>,
+    pub backward: LinearFit<3>,
+}
+
+impl CostModel {
+    /// Seconds for a forward of inference segments with features `x` and, if given, a
+    /// finetuning chunk of that many tokens.
+    pub fn predict_forward(&self, x: &[f64; 4], chunk: Option<usize>) -> f64 {
+        self.forward.predict(x) + chunk.map_or(0.0, |n| self.chunk.predict(&chunk_features(n)))
+    }
+
+    pub fn observe_forward(&mut self, x: &[f64; 4], chunk: Option<usize>, seconds: f64) {
+        match chunk {
+            None => self.forward.observe(x, seconds),
+            Some(n) => {
+                let extra = seconds - self.forward.predict(x);
+                self.chunk.observe(&chunk_features(n), extra);
+            }
+        }
+    }
+}
+
+fn chunk_features(n: usize) -> [f64; 2] {
+    [1.0, n as f64 / TOKENS_UNIT]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn seg(start: usize, len: usize, logits: usize) -> SegmentCost {
+        SegmentCost { start, len, logits }
+    }
+
     #[test]
     fn recovers_a_linear_cost_exactly() {
-        // 2 ms fixed + 0.5 ms per 100 tokens + 0.3 ms per 1e4 attention units.
-        let truth = |x: &Features| 2e-3 * x[0] + 0.5e-3 * x[1] + 0.3e-3 * x[2];
-        let mut fit = LinearFit::default();
-        for k in 0..200usize {
-            let segs = [(k % 97, 1 + k % 13), (0, 1 + (k * 7) % 250)];
-            let x = forward_features(segs);
+        let coef = [2e-3, 0.5e-3, 3e-3, 0.3e-3];
+        let truth = |x: &[f64; 4]| dot(&coef, x);
+        let mut fit = LinearFit::<4>::default();
+        for k in 0..300usize {
+            let x = forward_features([
+                seg(k % 97, 1, 1),
+                seg(k % 31, 1 + k % 13, (k % 3 == 0) as usize),
+                seg((k * 5) % 64, 1 + (k * 7) % 120, 0),
+            ]);
             fit.observe(&x, truth(&x));
         }
-        let x = forward_features([(300, 64), (10, 1)]);
+        let x = forward_features([seg(300, 64, 0), seg(10, 1, 1)]);
         let rel = (fit.predict(&x) - truth(&x)).abs() / truth(&x);
         assert!(rel < 1e-5, "relative error {rel}");
     }
 
     #[test]
+    fn a_chunk_is_priced_apart_from_the_inference_beside_it() {
+        // Inference: 5 ms + 1 ms per decode row; a chunk of n tokens adds 2 ms + 0.3 ms/token.
+        let inference = |d: usize| 5e-3 + 1e-3 * d as f64;
+        let chunk = |n: usize| 2e-3 + 0.3e-3 * n as f64;
+        let decodes = |d: usize| forward_features((0..d).map(|i| seg(10 + i, 1, 1)));
+        let mut m = CostModel::default();
+        for k in 0..200usize {
+            let d = 1 + k % 16;
+            let x = decodes(d);
+            if k % 4 == 0 {
+                let n = 16 + (k * 7) % 112;
+                m.observe_forward(&x, Some(n), inference(d) + chunk(n));
+            } else {
+                m.observe_forward(&x, None, inference(d));
+            }
+        }
+        let (d, n) = (9, 100);
+        let want = inference(d) + chunk(n);
+        let got = m.predict_forward(&decodes(d), Some(n));
+        // Early chunk observations were measured against a still-converging inference fit.
+        assert!((got - want).abs() / want < 1e-2, "{got} vs {want}");
+    }
+
+    #[test]
     fn an_unvaried_feature_stays_harmless() {
         // Every observation has the same shape: the fit must still predict it.
-        let mut fit = LinearFit::default();
+        let mut fit = LinearFit::<3>::default();
         let x = backward_features(0, 128);
         for _ in 0..50 {
             fit.observe(&x, 0.010);
@@ -163,8 +234,8 @@ mod tests {
 
     #[test]
     fn follows_a_machine_that_slows_down() {
-        let mut fit = LinearFit::default();
-        let xs: Vec<Features> = (1..40).map(|n| forward_features([(0, n * 5)])).collect();
+        let mut fit = LinearFit::<3>::default();
+        let xs: Vec<[f64; 3]> = (1..40).map(|n| backward_features(n, n * 5)).collect();
         for x in xs.iter().cycle().take(200) {
             fit.observe(x, 1e-3 + 1e-3 * x[1]);
         }

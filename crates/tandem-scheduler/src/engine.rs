@@ -3,7 +3,7 @@
 //! ids, stop strings, max_tokens, the context window) and frees finished sequences.
 
 use crate::coserve::{CoserveConfig, CoserveMode, JobState, TrainingJob};
-use crate::cost_model::{backward_features, forward_features, CostModel};
+use crate::cost_model::{backward_features, forward_features, CostModel, SegmentCost};
 use crate::scheduler::{AdmitError, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, Sequence};
 use std::collections::HashMap;
@@ -14,8 +14,16 @@ use tandem_model::{
     TokenLogprobs,
 };
 
-/// The share of the TPOT SLO an iteration may fill with finetuning work.
+/// The share of the TPOT SLO that co-serving plans to (room for misprediction).
 pub const SLO_MARGIN: f64 = 0.85;
+
+/// The longest iteration, in TPOT SLOs, however much slack the running requests have (bounds
+/// the gap between two tokens of a request).
+pub const MAX_ITERATION_SLOS: f64 = 4.0;
+
+/// The shortest forward chunk a job runs beside inference (unless its sequence has fewer
+/// tokens left).
+pub const MIN_CHUNK: usize = 16;
 
 /// Sequence ids from here down hold finetuning jobs' KV blocks (one per job).
 pub const JOB_SEQ_BASE: u64 = u64::MAX - 1;
@@ -331,18 +339,14 @@ impl LlmEngine {
             .collect();
         let backward_before: u64 = self.jobs.iter().map(|j| j.backward_steps).sum();
         let job = self.pick_job(inference);
+        let budget = self.iteration_budget(t0);
         let mut forward_chunk = None;
         if let Some(i) = job {
-            forward_chunk = self.place_forward_chunk(i, &mut sched, t0);
+            forward_chunk = self.place_forward_chunk(i, &mut sched, budget);
         }
-        let fwd_x = forward_features(
-            sched
-                .batch
-                .segments
-                .iter()
-                .map(|s| (sched.batch.positions[s.start] as usize, s.len)),
-        );
-        let mut predicted = self.cost.forward.predict(&fwd_x);
+        let fwd_x = forward_features(segment_costs(&sched));
+        let chunk_len = sched.capture.first().map(|&c| sched.batch.segments[c].len);
+        let mut predicted = self.cost.predict_forward(&fwd_x, chunk_len);
         let out = self.runner.execute(&sched)?;
         self.scheduler.update(&out.sampled);
         if let (Some(i), Some(c)) = (job, forward_chunk) {
@@ -362,11 +366,10 @@ impl LlmEngine {
         }
         if !sched.batch.segments.is_empty() {
             self.cost
-                .forward
-                .observe(&fwd_x, t0.elapsed().as_secs_f64());
+                .observe_forward(&fwd_x, chunk_len, t0.elapsed().as_secs_f64());
         }
         if let Some(i) = job {
-            let (p, tokens) = self.run_backward(i, t0, inference);
+            let (p, tokens) = self.run_backward(i, budget, inference);
             predicted += p;
             report.finetune_backward_tokens = tokens;
         }
@@ -399,6 +402,20 @@ impl LlmEngine {
             f(&report);
         }
         Ok(outputs)
+    }
+
+    /// When this iteration must end (its latency budget): as long as every running request's
+    /// time per output token, averaged over its output so far, stays within the TPOT SLO (with
+    /// SLO_MARGIN), and at most MAX_ITERATION_SLOS SLOs; one SLO (with the margin) while no
+    /// request has a token yet.
+    fn iteration_budget(&self, t0: Instant) -> Instant {
+        let slo = self.coserve.tpot_slo.mul_f64(SLO_MARGIN);
+        let cap = self.coserve.tpot_slo.mul_f64(MAX_ITERATION_SLOS);
+        let room = self
+            .scheduler
+            .latency_budget(slo)
+            .map_or(slo, |b| b.min(cap));
+        t0 + room
     }
 
     /// When the next iteration's inference wants more KV blocks than are free, jobs give theirs
@@ -460,33 +477,47 @@ impl LlmEngine {
         &mut self,
         i: usize,
         sched: &mut ScheduledBatch,
-        t0: Instant,
+        deadline: Instant,
     ) -> Option<usize> {
         let used = sched.batch.num_tokens();
         let Some(len) = self.jobs[i].run.current_len() else {
             self.finish_job(i);
             return None;
         };
-        let j = &mut self.jobs[i];
-        let (c, start, toks) = j.run.next_forward()?;
-        let budget = self.scheduler.cfg.max_batched_tokens.saturating_sub(used);
+        let mut limit = usize::MAX;
         if used > 0 && self.coserve.mode == CoserveMode::Coserve {
-            // With inference in the batch, the chunk must fit the token budget and, by the cost
-            // model, the iteration's latency budget.
-            let x = forward_features(
-                sched
-                    .batch
-                    .segments
-                    .iter()
-                    .map(|s| (sched.batch.positions[s.start] as usize, s.len))
-                    .chain([(start, toks.len())]),
-            );
-            let slo = self.coserve.tpot_slo.mul_f64(SLO_MARGIN).as_secs_f64();
-            let late = t0.elapsed().as_secs_f64() + self.cost.forward.predict(&x) > slo;
-            if toks.len() > budget || late {
+            // With inference in the batch, the chunk is cut to the token budget and to what the
+            // cost model says fits the iteration's latency budget.
+            let (_, _, toks) = self.jobs[i].run.next_forward()?;
+            let budget = self.scheduler.cfg.max_batched_tokens.saturating_sub(used);
+            let inference = segment_costs(sched);
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64();
+            let x = forward_features(inference);
+            let fits = |n: usize| self.cost.predict_forward(&x, Some(n)) <= left;
+            let most = toks.len().min(budget);
+            // Each backward (layer, chunk) step has a fixed cost, so short chunks make the
+            // backward dearer: a chunk is at least half the configured size (or MIN_CHUNK).
+            let least = toks
+                .len()
+                .min(MIN_CHUNK.max(self.jobs[i].run.cfg.chunk_tokens / 2));
+            if most < least || !fits(least) {
                 return None;
             }
+            let (mut lo, mut hi) = (least, most);
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                if fits(mid) {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            limit = lo;
         }
+        let j = &mut self.jobs[i];
+        let (c, start, toks) = j.run.next_forward_max(limit)?;
         // The batch's adapters and the job's must be resident together (max_loras slots);
         // otherwise the chunk waits for an iteration with room.
         let mut adapters: Vec<u32> = sched
@@ -529,10 +560,9 @@ impl LlmEngine {
     /// Backward steps of job `i` while the iteration's latency budget allows (at least one when
     /// no inference is running, every due step in finetune-only and temporal turns). Returns
     /// the steps' predicted seconds and their chunks' tokens.
-    fn run_backward(&mut self, i: usize, t0: Instant, inference: bool) -> (f64, u64) {
+    fn run_backward(&mut self, i: usize, deadline: Instant, inference: bool) -> (f64, u64) {
         let (mut predicted, mut tokens) = (0.0, 0);
-        // Aim under the SLO: step times vary and the iteration has work after the backward.
-        let slo = self.coserve.tpot_slo.mul_f64(SLO_MARGIN);
+        // Aim under the budget: step times vary and the iteration has work after the backward.
         let unlimited = matches!(
             self.coserve.mode,
             CoserveMode::FinetuneOnly | CoserveMode::Temporal
@@ -548,7 +578,7 @@ impl LlmEngine {
             };
             let x = backward_features(start, len);
             let p = self.cost.backward.predict(&x);
-            let fits = t0.elapsed().as_secs_f64() + p <= slo.as_secs_f64();
+            let fits = Instant::now() + Duration::from_secs_f64(p) <= deadline;
             if !(unlimited || fits || (steps == 0 && !inference)) {
                 break;
             }
@@ -692,4 +722,23 @@ fn floor_boundary(s: &str, mut i: usize) -> usize {
         i -= 1;
     }
     i
+}
+
+/// What the cost model needs of each inference segment of a scheduled batch.
+fn segment_costs(sched: &ScheduledBatch) -> Vec<SegmentCost> {
+    let b = &sched.batch;
+    b.segments
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| !sched.capture.contains(k))
+        .map(|(_, s)| SegmentCost {
+            start: b.positions[s.start] as usize,
+            len: s.len,
+            logits: match s.logits {
+                LogitsWanted::None => 0,
+                LogitsWanted::Last => 1,
+                LogitsWanted::All => s.len,
+            },
+        })
+        .collect()
 }

@@ -38,6 +38,8 @@ pub struct GenerateRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub adapter: Option<String>,
+    /// The request's span (its request id): the engine thread logs what concerns the request in it.
+    pub span: tracing::Span,
 }
 
 /// A snapshot of the engine for health checks and metrics.
@@ -257,6 +259,7 @@ struct Live {
     events: mpsc::UnboundedSender<Event>,
     prompt_tokens: usize,
     completion_tokens: usize,
+    span: tracing::Span,
 }
 
 fn run(mut engine: LlmEngine, rx: Receiver<Command>) {
@@ -288,12 +291,17 @@ fn run(mut engine: LlmEngine, rx: Receiver<Command>) {
             .collect();
         for id in gone {
             engine.abort(id);
-            live.remove(&id);
+            if let Some(l) = live.remove(&id) {
+                l.span
+                    .in_scope(|| tracing::info!(seq = id, "client went away; request aborted"));
+            }
         }
         if !engine.has_work() {
             continue;
         }
-        match engine.step() {
+        let span = tracing::debug_span!("iteration", n = engine.counters.iterations + 1);
+        let result = span.in_scope(|| engine.step());
+        match result {
             Ok(outputs) => {
                 for o in outputs {
                     let Some(l) = live.get_mut(&o.seq_id) else {
@@ -309,6 +317,15 @@ fn run(mut engine: LlmEngine, rx: Receiver<Command>) {
                     }
                     if let Some(reason) = o.finished {
                         if let Some(l) = live.remove(&o.seq_id) {
+                            l.span.in_scope(|| {
+                                tracing::info!(
+                                    seq = o.seq_id,
+                                    finish_reason = reason.as_str(),
+                                    prompt_tokens = l.prompt_tokens,
+                                    completion_tokens = l.completion_tokens,
+                                    "request finished"
+                                )
+                            });
                             let _ = l.events.send(Event::Finished {
                                 reason,
                                 prompt_tokens: l.prompt_tokens,
@@ -323,6 +340,8 @@ fn run(mut engine: LlmEngine, rx: Receiver<Command>) {
                 tracing::error!(error = %e, "engine iteration failed");
                 for (id, l) in live.drain() {
                     engine.abort(id);
+                    l.span
+                        .in_scope(|| tracing::error!(seq = id, error = %e, "request failed"));
                     let _ = l.events.send(Event::Failed(e.to_string()));
                 }
             }
@@ -334,14 +353,19 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
     match cmd {
         Command::Generate(req, events, reply) => {
             let prompt_tokens = req.prompt.len();
+            let span = req.span;
             match engine.add_request(req.prompt, req.params, req.adapter.as_deref()) {
                 Ok(id) => {
+                    span.in_scope(|| {
+                        tracing::info!(seq = id, prompt_tokens, adapter = ?req.adapter, "request queued")
+                    });
                     live.insert(
                         id,
                         Live {
                             events,
                             prompt_tokens,
                             completion_tokens: 0,
+                            span,
                         },
                     );
                     let _ = reply.send(Ok(id));

@@ -297,11 +297,28 @@ impl Scheduler {
                 seq.num_computed += n;
             }
         }
+        let now = std::time::Instant::now();
         for &(id, tok) in sampled {
             if let Some(seq) = self.running.iter_mut().find(|s| s.id == id) {
                 seq.tokens.push(tok);
+                seq.first_token.get_or_insert(now);
             }
         }
+    }
+
+    /// How long the next iteration may take with every running request still at or under
+    /// `tpot` on average over its output so far (its time per output token counted from its
+    /// first token): the least slack among them. None when no running request has a token yet.
+    pub fn latency_budget(&self, tpot: std::time::Duration) -> Option<std::time::Duration> {
+        self.running
+            .iter()
+            .filter_map(|s| {
+                let first = s.first_token?;
+                // After the next token, the request has this many gaps since its first.
+                let gaps = (s.tokens.len() - s.prompt_len) as u32;
+                Some((tpot * gaps).saturating_sub(first.elapsed()))
+            })
+            .min()
     }
 
     /// Removes a sequence (finished or aborted) and frees its blocks.

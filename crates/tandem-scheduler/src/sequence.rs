@@ -36,8 +36,9 @@ pub struct Sequence {
     pub num_preemptions: usize,
     /// LoRA adapter (registry id), if any.
     pub adapter: Option<u32>,
-    /// When it was queued.
+    /// When it was queued, and when its first output token came.
     pub arrival: std::time::Instant,
+    pub first_token: Option<std::time::Instant>,
 }
 
 impl Sequence {
@@ -52,6 +53,7 @@ impl Sequence {
             num_preemptions: 0,
             adapter,
             arrival: std::time::Instant::now(),
+            first_token: None,
         }
     }
 

@@ -44,6 +44,7 @@ fn req(prompt: Vec<u32>, max_tokens: usize, adapter: Option<&str>) -> GenerateRe
             ..Default::default()
         },
         adapter: adapter.map(str::to_string),
+        span: tracing::Span::none(),
     }
 }
 

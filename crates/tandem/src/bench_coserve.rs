@@ -17,10 +17,14 @@ use tandem_scheduler::{CoserveConfig, CoserveMode, LlmEngine};
 struct Outcome {
     ttft: Vec<f64>,
     tpot: Vec<f64>,
+    /// Every gap between consecutive tokens of a request (ms).
+    gaps: Vec<f64>,
     finished: usize,
     submitted: usize,
     trained_tokens: u64,
     secs: f64,
+    /// Per iteration: (predicted, measured) seconds.
+    iterations: Vec<(f64, f64)>,
 }
 
 fn pct(v: &[f64], p: f64) -> f64 {
@@ -86,11 +90,20 @@ fn run_once(
     let mut out = Outcome {
         ttft: vec![],
         tpot: vec![],
+        gaps: vec![],
         finished: 0,
         submitted: 0,
         trained_tokens: 0,
         secs: 0.0,
+        iterations: Vec::new(),
     };
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    e.on_iteration = Some(Box::new(move |r| {
+        if let Ok(mut v) = sink.lock() {
+            v.push((r.predicted.as_secs_f64(), r.measured.as_secs_f64()));
+        }
+    }));
     while start.elapsed() < horizon {
         let now = start.elapsed();
         while next < arrivals.len() && arrivals[next] <= now {
@@ -118,12 +131,16 @@ fn run_once(
                     if times.len() > 1 {
                         let span = (times[times.len() - 1] - times[0]).as_secs_f64() * 1e3;
                         out.tpot.push(span / (times.len() - 1) as f64);
+                        out.gaps
+                            .extend(times.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3));
                     }
                 }
             }
         }
     }
     out.secs = start.elapsed().as_secs_f64();
+    e.on_iteration = None;
+    out.iterations = seen.lock().map(|v| v.clone()).unwrap_or_default();
     for id in live.keys() {
         e.abort(*id);
     }
@@ -174,7 +191,7 @@ pub fn run(args: BenchCoserveArgs) -> Result<()> {
         mode: CoserveMode::InferenceOnly,
         tpot_slo: slo,
         ttft_slo: Duration::from_secs_f64(args.ttft_slo_ms / 1e3),
-        temporal_every: args.temporal_every,
+        temporal_every: 8,
     };
     let n = args.max_num_seqs;
     let params = SamplingParams {
@@ -196,11 +213,12 @@ pub fn run(args: BenchCoserveArgs) -> Result<()> {
     }
     let capacity = n as f64 / t0.elapsed().as_secs_f64();
     println!(
-        "# tandem bench coserve: {name}, prompt {} + output {} tokens per request, Poisson arrivals, {} s per run, TPOT SLO {} ms, job: LoRA r16 q/v, sequences of {} tokens in chunks of {}, threads {}",
+        "# tandem bench coserve: {name}, prompt {} + output {} tokens per request, Poisson arrivals, {} s per run, TPOT SLO {} ms, TTFT SLO {} ms, job: LoRA r16 q/v, sequences of {} tokens in chunks of {}, threads {}",
         args.prompt_len,
         args.output_len,
         args.secs,
         args.tpot_slo_ms,
+        args.ttft_slo_ms,
         args.train_len,
         args.chunk_tokens,
         candle_core::utils::get_num_threads()
@@ -212,34 +230,61 @@ pub fn run(args: BenchCoserveArgs) -> Result<()> {
     let alone = run_once(&mut e, &args, 0.0, Some(job), 0)?;
     let alone_tps = alone.trained_tokens as f64 / alone.secs;
     println!("# finetune-only throughput: {alone_tps:.1} trained tokens/s");
-    println!("\n| load | rate req/s | mode | requests done | TTFT p50 / p99 ms | TPOT p50 / p99 ms | TPOT SLO attainment | finetune tok/s | share of finetune-only |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("\n| load | rate req/s | mode | requests done | TTFT p50 / p99 ms | TPOT p50 / p99 ms | token gap p99 ms | TPOT SLO attainment | TTFT SLO attainment | finetune tok/s | share of finetune-only | iteration time: predicted / measured, median abs error |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (label, frac) in [("light", 0.25), ("medium", 0.5), ("heavy", 0.9)] {
         let rate = capacity * frac;
-        for mode in [
-            CoserveMode::InferenceOnly,
-            CoserveMode::Coserve,
-            CoserveMode::Temporal,
-        ] {
+        let modes = [(CoserveMode::InferenceOnly, 0), (CoserveMode::Coserve, 0)]
+            .into_iter()
+            .chain(
+                args.temporal_every
+                    .iter()
+                    .map(|&n| (CoserveMode::Temporal, n)),
+            );
+        for (mode, every) in modes {
             e.coserve.mode = mode;
+            e.coserve.temporal_every = every;
+            let name = match mode {
+                CoserveMode::Temporal => format!("Temporal (every {every})"),
+                m => format!("{m:?}"),
+            };
             let job = (mode != CoserveMode::InferenceOnly)
                 .then(|| new_job(&e))
                 .transpose()?;
             let o = run_once(&mut e, &args, rate, job, 1)?;
             let attain = o.tpot.iter().filter(|&&t| t <= args.tpot_slo_ms).count() as f64
                 / o.tpot.len().max(1) as f64;
+            let ttft_attain = o.ttft.iter().filter(|&&t| t <= args.ttft_slo_ms).count() as f64
+                / o.ttft.len().max(1) as f64;
             let tps = o.trained_tokens as f64 / o.secs;
+            // Skip the first iterations (the fit starts from nothing).
+            let fit: Vec<_> = o.iterations.iter().skip(20).collect();
+            let ratio = fit.iter().map(|p| p.0).sum::<f64>() / fit.iter().map(|p| p.1).sum::<f64>();
+            let err: Vec<f64> = fit.iter().map(|p| (p.0 - p.1).abs() * 1e3).collect();
             println!(
-                "| {label} | {rate:.2} | {mode:?} | {}/{} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1}% | {tps:.1} | {:.0}% |",
+                "| {label} | {rate:.2} | {name} | {}/{} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} | {:.1}% | {:.1}% | {tps:.1} | {:.0}% | {ratio:.2}, {:.1} ms |",
                 o.finished,
                 o.submitted,
                 pct(&o.ttft, 0.5),
                 pct(&o.ttft, 0.99),
                 pct(&o.tpot, 0.5),
                 pct(&o.tpot, 0.99),
+                pct(&o.gaps, 0.99),
                 attain * 100.0,
+                ttft_attain * 100.0,
                 100.0 * tps / alone_tps.max(1e-9),
+                pct(&err, 0.5),
             );
+            if std::env::var_os("TANDEM_BENCH_VERBOSE").is_some() {
+                let c = &e.cost;
+                let (f, k, b) = (
+                    c.forward.coefficients(),
+                    c.chunk.coefficients(),
+                    c.backward.coefficients(),
+                );
+                eprintln!("{label} {name}: inference forward ms = {:.2} + {:.3}/token + {:.3}/logit row + {:.5}/(token x context); a training chunk adds {:.2} + {:.3}/token; backward step ms = {:.2} + {:.3}/token + {:.5}/(token x context)",
+                    f[0] * 1e3, f[1] * 10.0, f[2] * 10.0, f[3] * 0.1, k[0] * 1e3, k[1] * 10.0, b[0] * 1e3, b[1] * 10.0, b[2] * 0.1);
+            }
         }
     }
     Ok(())

@@ -187,8 +187,14 @@ impl TrainingRun {
 
     /// The next forward chunk of the sequence in flight: (chunk, first position, tokens).
     pub fn next_forward(&mut self) -> Option<(usize, usize, Vec<u32>)> {
+        self.next_forward_max(usize::MAX)
+    }
+
+    /// The next forward chunk, at most `max` tokens (at least one; the configured chunk size
+    /// is the most).
+    pub fn next_forward_max(&mut self, max: usize) -> Option<(usize, usize, Vec<u32>)> {
         self.current_len()?;
-        let (c, s, t) = self.seq.as_ref()?.next_forward()?;
+        let (c, s, t) = self.seq.as_ref()?.next_forward_max(max)?;
         Some((c, s, t.to_vec()))
     }
 

@@ -11,8 +11,56 @@
 use crate::error::Result;
 use crate::llama::Llama;
 use crate::lora::Proj;
-use candle_core::{DType, Module, Tensor, Var, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Storage, Tensor, Var, D};
 use std::collections::HashMap;
+
+/// `x · Wᵀ` with a frozen weight W [out, in] (base projections, the LM head). In a backward it
+/// forms only the input's gradient `dy · W`: candle's matmul backward would also form the
+/// weight's, a weight-sized product (and a weight-sized zero buffer) per step that LoRA training
+/// throws away. The forward is the same matmul `candle_nn::Linear` runs, so results are equal.
+struct FrozenLinear(Tensor);
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("frozen-linear: the input must be contiguous")
+        };
+        let dev = candle_core::Device::Cpu;
+        let x = match s {
+            CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev)?,
+            CpuStorage::F64(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev)?,
+            CpuStorage::BF16(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev)?,
+            CpuStorage::F16(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev)?,
+            _ => candle_core::bail!("frozen-linear: unsupported dtype"),
+        };
+        let y = x.matmul(&self.0.t()?)?;
+        let (st, yl) = y.storage_and_layout();
+        match &*st {
+            Storage::Cpu(c) if yl.is_contiguous() && yl.start_offset() == 0 => {
+                Ok((c.clone(), y.shape().clone()))
+            }
+            _ => candle_core::bail!("frozen-linear: unexpected result layout"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(dy.matmul(&self.0)?))
+    }
+}
+
+/// `x · Wᵀ` for a frozen weight, as `FrozenLinear` on the CPU (on other devices candle's
+/// matmul, whose extra weight gradient costs less there than a custom op's copies).
+fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(FrozenLinear(w.clone()))?
+    } else {
+        x.matmul(&w.t()?)?
+    })
+}
 
 /// A layer's trainable LoRA weights: per targeted projection, A [r, in], B [out, r] (f32 master
 /// weights) and the scale.
@@ -68,7 +116,10 @@ impl Llama {
         );
         let eps = self.cfg.rms_norm_eps as f32;
         let lin = |p: Proj, linear: &candle_nn::Linear, h: &Tensor| -> Result<Tensor> {
-            let y = linear.forward(h)?;
+            let y = match linear.bias() {
+                None if h.rank() == 2 => frozen_linear(h, linear.weight())?,
+                _ => linear.forward(h)?,
+            };
             match lora.modules.get(&p) {
                 Some((a, b, s)) => {
                     let a = a.as_tensor().to_dtype(h.dtype())?;
@@ -228,7 +279,7 @@ impl Llama {
         let dev = x.device();
         let sel = x.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
         let h = candle_nn::ops::rms_norm_slow(&sel, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        let logits = h.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?;
+        let logits = frozen_linear(&h, &self.lm_head)?.to_dtype(DType::F32)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let picked = logp.gather(&Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?, 1)?;
         Ok(Some((picked.neg()?.sum_all()?, rows.len())))

@@ -188,8 +188,11 @@ pub struct SeqTrain {
     pub tokens: Vec<u32>,
     /// labels[i]: the token position i predicts, if it is a target.
     labels: Vec<Option<u32>>,
-    /// (first position, tokens) per chunk.
+    /// (first position, tokens) per chunk run forward so far (all of them once the forward
+    /// is done). Chunks may differ in size: the caller picks each one's length.
     pub chunks: Vec<(usize, usize)>,
+    /// The default (and largest) chunk length.
+    chunk_tokens: usize,
     /// Per chunk, per layer: the chunk's input to that layer (freed when the layer is done).
     saved: Vec<Vec<Option<Tensor>>>,
     /// Per chunk: gradient w.r.t. the output of the layer being stepped.
@@ -212,18 +215,13 @@ impl SeqTrain {
         let labels = (0..n)
             .map(|i| (i + 1 < n && target[i + 1]).then(|| tokens[i + 1]))
             .collect();
-        let chunk = chunk_tokens.max(1);
-        let chunks: Vec<_> = (0..n)
-            .step_by(chunk)
-            .map(|s| (s, chunk.min(n - s)))
-            .collect();
-        let nc = chunks.len();
         Self {
             tokens,
             labels,
-            chunks,
-            saved: vec![Vec::new(); nc],
-            d_out: vec![None; nc],
+            chunks: Vec::new(),
+            chunk_tokens: chunk_tokens.max(1),
+            saved: Vec::new(),
+            d_out: Vec::new(),
             d_kv: None,
             phase: if n == 0 {
                 SeqPhase::Done
@@ -246,9 +244,15 @@ impl SeqTrain {
 
     /// The next forward chunk: (chunk index, first position, tokens), if forward is not done.
     pub fn next_forward(&self) -> Option<(usize, usize, &[u32])> {
+        self.next_forward_max(usize::MAX)
+    }
+
+    /// The next forward chunk, at most `max` tokens long (at least one).
+    pub fn next_forward_max(&self, max: usize) -> Option<(usize, usize, &[u32])> {
         match self.phase {
             SeqPhase::Forward(c) => {
-                let (s, n) = self.chunks[c];
+                let s = self.chunks.last().map_or(0, |&(s, n)| s + n);
+                let n = self.chunk_tokens.min(max).max(1).min(self.len() - s);
                 Some((c, s, &self.tokens[s..s + n]))
             }
             _ => None,
@@ -271,13 +275,22 @@ impl SeqTrain {
         let top = inputs
             .pop()
             .ok_or_else(|| ModelError::Batch("no captured activations".into()))?;
-        let (s, n) = self.chunks[c];
+        // The chunk is as long as what was run (see `next_forward_max`).
+        let s = self.chunks.last().map_or(0, |&(s, n)| s + n);
+        let n = top.dim(0)?;
+        if n == 0 || s + n > self.len() {
+            return Err(ModelError::Batch(format!(
+                "training chunk {c} of {n} tokens at {s} does not fit the sequence of {}",
+                self.len()
+            )));
+        }
         let (loss, count, d) = model.head_backward(&top, &self.labels[s..s + n], self.weight)?;
         self.loss_sum += loss;
         self.targets += count;
-        self.d_out[c] = Some(d);
-        self.saved[c] = inputs.into_iter().map(Some).collect();
-        self.phase = if c + 1 < self.chunks.len() {
+        self.chunks.push((s, n));
+        self.d_out.push(Some(d));
+        self.saved.push(inputs.into_iter().map(Some).collect());
+        self.phase = if s + n < self.len() {
             SeqPhase::Forward(c + 1)
         } else {
             SeqPhase::Backward(model.cfg.num_hidden_layers - 1, self.chunks.len() - 1)
