@@ -62,5 +62,25 @@ if [ "$cpu" = "$cuda32" ]; then echo "ok   cuda f32 greedy == cpu f32"; else ech
 echo "## token-level finetuning: the same run on CPU and on CUDA (f32): losses and gradient norms per step"
 scripts/gpu-finetune-check.sh "$bin" "$tmp" || status=1
 rm -rf "$tmp"
+
+echo "## co-serving on the GPU: a random-weight model of SmolLM2-135M's shape, bf16 (tandem bench coserve)"
+smol="$(mktemp -d)"
+python3 - "$smol" <<'PY' || status=1
+import json, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+d = sys.argv[1]
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                  rope_theta=100000.0, tie_word_embeddings=True, torch_dtype="bfloat16")
+LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d, safe_serialization=True)
+vocab = {f"w{i}": i for i in range(49152)}
+json.dump({"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+           "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+           "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}}, open(f"{d}/tokenizer.json", "w"))
+PY
+timeout 300 "$bin" bench coserve --model "$smol" --device cuda --secs 6 --tpot-slo-ms 50 --ttft-slo-ms 1000 \
+  --max-num-seqs 32 --chunk-tokens 128 || status=1
+rm -rf "$smol"
 echo "gpu-check exit status: $status"
 exit $status

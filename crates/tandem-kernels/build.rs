@@ -13,6 +13,8 @@ fn main() {
     }
     let out = PathBuf::from(env("OUT_DIR"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    // The host picks kernels that exist only for some architectures (clusters: sm_90+).
+    println!("cargo:rustc-env=TANDEM_CUDA_CAP={cap}");
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
     let entries =
         std::fs::read_dir(&kernels).unwrap_or_else(|e| panic!("{}: {e}", kernels.display()));

@@ -22,6 +22,19 @@ const MMA_MAX_RANK: usize = 64;
 /// Route bf16 through the CUDA-core kernels even where the tensor-core ones apply (benchmarks).
 pub static FORCE_CUDA_CORES: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
+/// Route bf16 through the fused cluster kernel (shrink and expand in one launch, sm_90) where it
+/// applies. Off by default: on an H100 it measured slower than the two tensor-core kernels
+/// (docs/benchmarks.md); kept for benchmarks and further work.
+pub static USE_FUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The fused kernel's cluster size (FUSED_SPLITS in kernels/lora_sgmv.cu).
+const FUSED_SPLITS: u32 = 8;
+
+/// Whether the PTX has the sm_90 cluster kernel (built for compute capability 9.0 or later).
+fn has_clusters() -> bool {
+    env!("TANDEM_CUDA_CAP")
+        .parse::<u32>()
+        .is_ok_and(|cap| cap >= 90)
+}
 
 /// A segment list on the device: the kernels' work list (see `work_list`).
 pub struct SgmvPlan {
@@ -84,7 +97,7 @@ fn run<T: DeviceRepr + ValidAsZeroBits>(
     if plan.n_tiles == 0 {
         return Ok(y);
     }
-    let aligned = |l: &Layout| l.start_offset() % 8 == 0;
+    let aligned = |l: &Layout| l.start_offset().is_multiple_of(8);
     let mma = suffix == "bf16"
         && !FORCE_CUDA_CORES.load(std::sync::atomic::Ordering::Relaxed)
         && plan.max_rank <= MMA_MAX_RANK
@@ -93,6 +106,31 @@ fn run<T: DeviceRepr + ValidAsZeroBits>(
         && aligned(xl)
         && aligned(al)
         && aligned(bl);
+    if mma
+        && has_clusters()
+        && plan.n_tiles <= 65_535
+        && USE_FUSED.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        let f = dev.get_or_load_custom_func("lora_sgmv_fused_bf16", MODULE, LORA_SGMV_PTX)?;
+        let (n_in_i, n_out_i) = (n_in as i32, n_out as i32);
+        let mut b = f.builder();
+        b.arg(&x)
+            .arg(&a)
+            .arg(&bt)
+            .arg(&y)
+            .arg(&plan.meta)
+            .arg(&n_in_i)
+            .arg(&n_out_i);
+        let cfg = LaunchConfig {
+            grid_dim: (FUSED_SPLITS, plan.n_tiles as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x [t, n_in], the pools' rows checked against the segments (check_shapes), y
+        // [t, n_out], meta as built by work_list; the kernel's cluster size divides the grid.
+        unsafe { b.launch(cfg) }.w()?;
+        return Ok(y);
+    }
     let (kind, k_block) = if mma {
         ("mma_bf16", K_BLOCK_MMA)
     } else {

@@ -227,25 +227,41 @@ fn copy_bandwidth(_: &Device) -> Result<Option<f64>> {
     Ok(None)
 }
 
-/// Routes bf16 through the CUDA-core kernels instead of the tensor-core ones (CUDA builds).
-fn force_cuda_cores(on: bool) {
+/// Which CUDA kernels bf16 runs through.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    /// What the engine uses: the two tensor-core kernels (shrink, then expand) where they apply,
+    /// else the CUDA-core ones.
+    Auto,
+    /// The fused cluster kernel (sm_90): shrink and expand in one launch.
+    Fused,
+    /// The CUDA-core kernels.
+    CudaCores,
+}
+
+fn force_path(p: Path) {
     #[cfg(feature = "cuda")]
-    tandem_kernels::cuda::FORCE_CUDA_CORES.store(on, std::sync::atomic::Ordering::Relaxed);
-    let _ = on;
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        tandem_kernels::cuda::FORCE_CUDA_CORES.store(p == Path::CudaCores, Relaxed);
+        tandem_kernels::cuda::USE_FUSED.store(p == Path::Fused, Relaxed);
+    }
+    let _ = p;
 }
 
 pub fn kernels(args: BenchKernelsArgs) -> Result<()> {
     let dev = device(args.device)?;
     let div = if args.quick { 16 } else { 1 };
     let mut rng = StdRng::seed_from_u64(0);
-    // (dtype, through the CUDA-core kernels): bf16 runs on tensor cores where it can.
-    let dtypes: &[(DType, bool)] = if dev.is_cpu() {
-        &[(DType::F32, false)]
+    // (dtype, kernels): bf16 through each of its paths.
+    let dtypes: &[(DType, Path)] = if dev.is_cpu() {
+        &[(DType::F32, Path::Auto)]
     } else {
         &[
-            (DType::F32, false),
-            (DType::BF16, false),
-            (DType::BF16, true),
+            (DType::F32, Path::Auto),
+            (DType::BF16, Path::Auto),
+            (DType::BF16, Path::Fused),
+            (DType::BF16, Path::CudaCores),
         ]
     };
     // Correctness on fresh random inputs: ranks 8-64 mixed in one launch, 1-64 segments (some
@@ -280,11 +296,11 @@ pub fn kernels(args: BenchKernelsArgs) -> Result<()> {
         let host = inputs(&c, &mut rng);
         let want = reference(&c, &host);
         let max = want.iter().fold(0f64, |m, v| m.max(v.abs()));
-        for &(dtype, cores) in dtypes {
+        for &(dtype, path) in dtypes {
             let (xt, at, btt) = upload(&dev, dtype, &c, &host)?;
-            force_cuda_cores(cores);
+            force_path(path);
             let got = lora_sgmv(&xt, &at, &btt, Arc::from(c.segs.clone()));
-            force_cuda_cores(false);
+            force_path(Path::Auto);
             let got = got?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let err = got
                 .iter()
@@ -298,7 +314,11 @@ pub fn kernels(args: BenchKernelsArgs) -> Result<()> {
             println!(
                 "| {} | {dtype:?}{} | {} | {} -> {} | {} | {} ({ranks:?}) | {err:.2e} | {limit:.0e} |",
                 if ok { "ok" } else { "FAIL" },
-                if cores { " (CUDA cores)" } else { "" },
+                match path {
+                    Path::Auto => "",
+                    Path::Fused => " (fused)",
+                    Path::CudaCores => " (CUDA cores)",
+                },
                 c.tokens,
                 c.n_in,
                 c.n_out,
@@ -321,9 +341,9 @@ pub fn kernels(args: BenchKernelsArgs) -> Result<()> {
         );
     }
     println!(
-        "\n| timing ({dtype:?}) | base GEMM us | lora_sgmv us | with upload us | lora/base | LoRA bytes MB | % of copy bw | CUDA-core path us |"
+        "\n| timing ({dtype:?}) | base GEMM us | lora_sgmv us | with upload us | lora/base | LoRA bytes MB | % of copy bw | fused kernel us | CUDA-core path us |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let reps = if args.quick { 5 } else { 100 };
     for (tokens, n_in, n_out, adapters, rank) in [
         (256, 4096, 4096, 32, 16),
@@ -357,25 +377,28 @@ pub fn kernels(args: BenchKernelsArgs) -> Result<()> {
             lora_sgmv(&xt, &at, &btt, segs.clone())?;
             Ok(())
         })?;
-        let cores = if dtype == DType::BF16 {
-            force_cuda_cores(true);
+        let timed_path = |path: Path| -> Result<String> {
+            if dtype != DType::BF16 {
+                return Ok("-".to_string());
+            }
+            force_path(path);
             let op = lora_sgmv_op(segs.clone());
             let t = device_median_us(&dev, reps, || {
                 xt.apply_op3_arc(&at, &btt, op.clone())?;
                 Ok(())
             });
-            force_cuda_cores(false);
-            format!("{:.1}", t?)
-        } else {
-            "-".to_string()
+            force_path(Path::Auto);
+            Ok(format!("{:.1}", t?))
         };
+        let fused = timed_path(Path::Fused)?;
+        let cores = timed_path(Path::CudaCores)?;
         let elem = dtype.size_in_bytes() as f64;
         let bytes = (c.tokens * (c.n_in + c.n_out) + c.rows * (c.n_in + c.n_out)) as f64 * elem;
         let share = bw.map_or("-".to_string(), |bw| {
             format!("{:.0}%", bytes / (lora * 1e-6) / bw * 100.0)
         });
         println!(
-            "| T{} H{} O{} A{} r{} | {base:.1} | {lora:.1} | {with_upload:.1} | {:.2} | {:.1} | {share} | {cores} |",
+            "| T{} H{} O{} A{} r{} | {base:.1} | {lora:.1} | {with_upload:.1} | {:.2} | {:.1} | {share} | {fused} | {cores} |",
             c.tokens,
             c.n_in,
             c.n_out,
