@@ -26,13 +26,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(*extra):
+def start(*extra, env=None):
     port = free_port()
-    proc = subprocess.Popen([BIN, "serve", "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The server's log goes to a file (a pipe nobody reads would fill up and block it).
+    log = tempfile.NamedTemporaryFile("w+", prefix="tandem-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen([BIN, "serve", "--port", str(port), *extra], stdout=log, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    proc.log_path = log.name
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read())
+            raise RuntimeError(open(log.name).read())
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
@@ -380,18 +384,36 @@ def metric_in(text, name, **labels):
 
 def test_fine_tuning_job_runs_to_success_and_its_model_answers(client, server):
     fid = upload_training_file(client)
-    job = client.fine_tuning.jobs.create(model=MODEL, training_file=fid, suffix="bananas", seed=7,
+    vid = upload_training_file(client, [{"prompt": "Say hi.", "completion": " BANANA! hi"},
+                                        {"messages": [{"role": "user", "content": "Name a fruit."},
+                                                      {"role": "assistant", "content": "BANANA! A banana."}]}])
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=fid, validation_file=vid, suffix="bananas", seed=7,
                                          hyperparameters={"n_epochs": 2, "batch_size": 1, "learning_rate_multiplier": 5},
                                          extra_body={"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}})
     assert job.id.startswith("ftjob-") and job.status in ("queued", "running") and job.training_file == fid
+    assert job.validation_file == vid
     assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=50).data]
-    done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
+    estimates = []
+    for _ in range(1200):
+        done = client.fine_tuning.jobs.retrieve(job.id)
+        if done.status == "running" and done.estimated_finish:
+            estimates.append(done.estimated_finish)
+        if done.status in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.25)
     assert done.status == "succeeded", done.error
+    # While it ran, the job said when it would finish (a time after it was created).
+    assert estimates and all(e >= job.created_at for e in estimates)
+    assert done.estimated_finish is None
     assert done.fine_tuned_model.startswith(f"ft:{MODEL}:bananas:") and done.trained_tokens > 0 and done.finished_at
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
     metrics = [e for e in events if e.type == "metrics"]
-    assert [e.data["step"] for e in reversed(metrics)] == [1, 2, 3, 4, 5, 6]
-    assert all(e.data["train_loss"] > 0 for e in metrics)
+    train = [e for e in metrics if "train_loss" in e.data]
+    assert [e.data["step"] for e in reversed(train)] == [1, 2, 3, 4, 5, 6]
+    assert all(e.data["train_loss"] > 0 for e in train)
+    # The validation file's loss after each epoch.
+    valid = [e for e in metrics if "valid_loss" in e.data]
+    assert sorted(e.data["step"] for e in valid) == [3, 6] and all(e.data["valid_loss"] > 0 for e in valid)
     assert any("successfully completed" in e.message for e in events)
     assert done.fine_tuned_model in [m.id for m in client.models.list().data]
     out = client.chat.completions.create(model=done.fine_tuned_model, messages=Q, max_tokens=8, temperature=0)
@@ -400,6 +422,7 @@ def test_fine_tuning_job_runs_to_success_and_its_model_answers(client, server):
     assert [c.step_number for c in ckpts] == [3]  # the end of epoch 1 (epoch 2 ends the job)
     assert ckpts[0].fine_tuned_model_checkpoint == done.fine_tuned_model + ":ckpt-step-3"
     assert ckpts[0].metrics.train_loss > 0
+    assert ckpts[0].metrics.valid_loss == next(e.data["valid_loss"] for e in valid if e.data["step"] == 3)
     out = client.chat.completions.create(model=ckpts[0].fine_tuned_model_checkpoint, messages=Q, max_tokens=8, temperature=0)
     assert out.choices[0].message.content
     m = httpx.get(server + "/metrics").text
@@ -488,6 +511,33 @@ def test_kill_9_during_a_job_then_restart_resumes_it_from_its_checkpoint():
         again = c.chat.completions.create(model=done.fine_tuned_model, messages=Q, max_tokens=8, temperature=0)
         assert again.choices[0].message.content == before
         assert c.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_request_ids_come_back_and_every_log_line_about_a_request_carries_it():
+    proc, url = start("--log-format", "json", env=dict(os.environ, RUST_LOG="info"))
+    try:
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+        r = httpx.post(url + "/v1/completions", json=body, headers={"x-request-id": "trace-me-42"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "trace-me-42"
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True},
+                          headers={"x-request-id": "stream-7"}) as s:
+            assert s.headers["x-request-id"] == "stream-7"
+            assert any(l == "data: [DONE]" for l in s.iter_lines())
+        generated = httpx.get(url + "/v1/models").headers["x-request-id"]
+        assert generated.startswith("req-")
+        bad = httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "x"}, headers={"x-request-id": "bad-1"})
+        assert bad.status_code == 404 and bad.headers["x-request-id"] == "bad-1"
+        time.sleep(0.5)
+        lines = [json.loads(l) for l in open(proc.log_path) if l.startswith("{")]
+        assert lines, "no JSON log lines"
+        assert all({"timestamp", "level", "message"} <= l.keys() for l in lines)
+        for rid in ["trace-me-42", "stream-7"]:
+            mine = {l["message"] for l in lines if l.get("span", {}).get("request_id") == rid}
+            # The HTTP layer's line, and the engine thread's lines about the same request.
+            assert {"http", "request queued", "request finished"} <= mine, (rid, mine)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

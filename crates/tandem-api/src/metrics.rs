@@ -282,6 +282,18 @@ impl Metrics {
         slo_target
             .with_label_values(&["tpot"])
             .set(tpot_slo.as_secs_f64());
+        // Known label sets start at zero, so that ratios and rates have series from the start.
+        for slo in ["ttft", "tpot"] {
+            for outcome in ["met", "missed"] {
+                m.slo.with_label_values(&[model_name, slo, outcome]);
+            }
+        }
+        for reason in ["stop", "length", "abort"] {
+            m.success.with_label_values(&[model_name, reason]);
+        }
+        for kind in ["decode", "prefill", "finetune_forward", "finetune_backward"] {
+            m.iteration_tokens.with_label_values(&[kind]);
+        }
         Ok(m)
     }
 

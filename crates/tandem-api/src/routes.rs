@@ -70,7 +70,42 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(request_id))
         .with_state(state)
+}
+
+/// Every request gets an id (the client's `x-request-id` if it sent a usable one), returned in
+/// the `x-request-id` response header; everything logged about the request, here and in the
+/// engine thread, is logged in a span that carries it.
+async fn request_id(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("req-{}", uuid::Uuid::new_v4().simple()));
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let span = tracing::info_span!("request", request_id = %id);
+    let start = std::time::Instant::now();
+    let mut resp = {
+        use tracing::Instrument;
+        next.run(req).instrument(span.clone()).await
+    };
+    span.in_scope(|| {
+        // Health checks and scrapes are frequent: log them only at debug.
+        let status = resp.status().as_u16();
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        if path == "/health" || path == "/metrics" {
+            tracing::debug!(%method, %path, status, ms, "http");
+        } else {
+            tracing::info!(%method, %path, status, ms, "http");
+        }
+    });
+    if let Ok(v) = header::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
 }
 
 async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -351,6 +386,7 @@ async fn run(
                 prompt: p.clone(),
                 params,
                 adapter: adapter.clone(),
+                span: tracing::Span::current(),
             };
             let (_, rx) = st.engine.generate(req).await.map_err(|e| match e {
                 EngineError::Admit(a) => ApiError::context_length(a.to_string()),
@@ -543,75 +579,79 @@ fn stream_response(
 ) -> Response {
     let (tx, rx) = mpsc::channel::<SseEvent>(64);
     let n = streams.len();
-    tokio::spawn(async move {
-        let _permit = permit;
-        let send = |v: Value| SseEvent::default().data(v.to_string());
-        if head.kind == Kind::Chat {
-            for i in 0..n {
-                let first = json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
-                if tx
-                    .send(send(head.object(true, vec![first], None)))
-                    .await
-                    .is_err()
-                {
+    let span = tracing::Span::current();
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let _permit = permit;
+            let send = |v: Value| SseEvent::default().data(v.to_string());
+            if head.kind == Kind::Chat {
+                for i in 0..n {
+                    let first = json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+                    if tx
+                        .send(send(head.object(true, vec![first], None)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            let merged = stream::select_all(streams.into_iter().enumerate().map(|(i, rx)| {
+                stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
+                    .map(move |e| (i, e))
+                    .boxed()
+            }));
+            futures_util::pin_mut!(merged);
+            let mut completion_tokens = 0;
+            let mut timers: Vec<RequestTimer> =
+                (0..n).map(|_| RequestTimer::start(&head.model)).collect();
+            let mut offsets = vec![0usize; n];
+            while let Some((i, ev)) = merged.next().await {
+                let chunk = match ev {
+                    Event::Token { text, logprobs, .. } => {
+                        timers[i].token(&st.metrics);
+                        if text.is_empty() && logprobs.is_none() {
+                            continue;
+                        }
+                        let lp = head.logprobs(&st.tokenizer, logprobs.as_slice(), offsets[i]);
+                        offsets[i] += text.len();
+                        head.object(true, vec![head.choice(i, &text, None, true, lp)], None)
+                    }
+                    Event::Finished {
+                        reason,
+                        completion_tokens: c,
+                        ..
+                    } => {
+                        timers[i].finish(&st.metrics, reason, c);
+                        completion_tokens += c;
+                        head.object(
+                            true,
+                            vec![head.choice(i, "", Some(finish_str(reason)), true, Value::Null)],
+                            None,
+                        )
+                    }
+                    Event::Failed(e) => {
+                        tracing::error!(error = %e, "request failed mid-stream");
+                        json!({"error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": null, "code": null}})
+                    }
+                };
+                if tx.send(send(chunk)).await.is_err() {
                     return;
                 }
             }
-        }
-        let merged = stream::select_all(streams.into_iter().enumerate().map(|(i, rx)| {
-            stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
-                .map(move |e| (i, e))
-                .boxed()
-        }));
-        futures_util::pin_mut!(merged);
-        let mut completion_tokens = 0;
-        let mut timers: Vec<RequestTimer> =
-            (0..n).map(|_| RequestTimer::start(&head.model)).collect();
-        let mut offsets = vec![0usize; n];
-        while let Some((i, ev)) = merged.next().await {
-            let chunk = match ev {
-                Event::Token { text, logprobs, .. } => {
-                    timers[i].token(&st.metrics);
-                    if text.is_empty() && logprobs.is_none() {
-                        continue;
-                    }
-                    let lp = head.logprobs(&st.tokenizer, logprobs.as_slice(), offsets[i]);
-                    offsets[i] += text.len();
-                    head.object(true, vec![head.choice(i, &text, None, true, lp)], None)
-                }
-                Event::Finished {
-                    reason,
-                    completion_tokens: c,
-                    ..
-                } => {
-                    timers[i].finish(&st.metrics, reason, c);
-                    completion_tokens += c;
-                    head.object(
+            if include_usage {
+                let _ = tx
+                    .send(send(head.object(
                         true,
-                        vec![head.choice(i, "", Some(finish_str(reason)), true, Value::Null)],
-                        None,
-                    )
-                }
-                Event::Failed(e) => {
-                    tracing::error!(error = %e, "request failed mid-stream");
-                    json!({"error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": null, "code": null}})
-                }
-            };
-            if tx.send(send(chunk)).await.is_err() {
-                return;
+                        vec![],
+                        Some(usage(prompt_tokens, completion_tokens)),
+                    )))
+                    .await;
             }
-        }
-        if include_usage {
-            let _ = tx
-                .send(send(head.object(
-                    true,
-                    vec![],
-                    Some(usage(prompt_tokens, completion_tokens)),
-                )))
-                .await;
-        }
-        let _ = tx.send(SseEvent::default().data("[DONE]")).await;
-    });
+            let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+        },
+        span,
+    ));
     let events = stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
     });

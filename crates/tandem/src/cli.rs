@@ -12,6 +12,16 @@ use std::path::PathBuf;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as text or as JSON objects (one per line). The level comes from RUST_LOG
+    /// (default: info for serve, warn otherwise).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -149,9 +159,9 @@ pub struct BenchCoserveArgs {
     pub train_len: usize,
     #[arg(long, default_value_t = 32)]
     pub chunk_tokens: usize,
-    /// Temporal mode: iterations between finetuning turns.
-    #[arg(long, default_value_t = 8)]
-    pub temporal_every: usize,
+    /// Temporal mode: iterations between finetuning turns (one row per value).
+    #[arg(long, value_delimiter = ',', default_values_t = [8, 32])]
+    pub temporal_every: Vec<usize>,
 }
 
 #[derive(Args, Debug)]
