@@ -302,37 +302,26 @@ __device__ __forceinline__ uint32_t pack_raw(__nv_bfloat16 lo, __nv_bfloat16 hi)
     return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
 }
 
-// grid (n_tiles, ceil(in / K_BLOCK_MMA)), block 256: warp w takes inputs [w * 32, w * 32 + 32)
-// of the block's range in steps of 16, all its fragments loaded before the mmas; M = the tile's tokens, N = rank rows (8 per mma), K = in.
-extern "C" __global__ void __launch_bounds__(THREADS)
-    lora_shrink_mma_bf16(const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ a,
-                         float *__restrict__ v, const int32_t *__restrict__ meta, int n_in, int n_tokens,
-                         int v_stride) {
-    __shared__ float red[8][TILE_T][MMA_MAX_RANK];
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, tig = lane & 3;
-    const Tile tile = read_tile(meta, blockIdx.x);
+// Shrink on tensor cores, STEPS steps of 16 inputs from k (inputs at or past k_end count as
+// zero): every fragment is loaded first (one memory latency), then acc += x·Aᵀ with M = the
+// tile's tokens (row g of the mma, rows 8-15 zero), N = rank rows (8 per mma), K = inputs.
+template <int STEPS>
+__device__ __forceinline__ void shrink_steps(const __nv_bfloat16 *__restrict__ xr, bool row_ok,
+                                             const __nv_bfloat16 *__restrict__ a, const Tile &tile, int n_in,
+                                             int k, int k_end, int g, int tig, float acc[MMA_MAX_RANK / 8][4]) {
     const int n_tiles8 = (tile.rank + 7) / 8;
-    const bool row_ok = g < tile.nt;
-    const __nv_bfloat16 *xr = x + (size_t)(tile.t0 + (row_ok ? g : 0)) * n_in;
-    float acc[MMA_MAX_RANK / 8][4];
-#pragma unroll
-    for (int n = 0; n < MMA_MAX_RANK / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    const int kw = blockIdx.y * K_BLOCK_MMA + warp * (K_BLOCK_MMA / 8);
-    // Every fragment of the warp's range is loaded first (one memory latency), then the mmas.
-    constexpr int STEPS = K_BLOCK_MMA / 8 / 16;
     uint32_t xa[STEPS][2], ab[STEPS][MMA_MAX_RANK / 8][2];
 #pragma unroll
     for (int step = 0; step < STEPS; ++step) {
-        const int k = kw + step * 16;
-        const bool k_ok = k < n_in;
-        xa[step][0] = row_ok && k_ok ? ld_pair(xr + k + tig * 2) : 0u;
-        xa[step][1] = row_ok && k_ok ? ld_pair(xr + k + tig * 2 + 8) : 0u;
+        const int kk = k + step * 16;
+        const bool k_ok = kk < k_end;
+        xa[step][0] = row_ok && k_ok ? ld_pair(xr + kk + tig * 2) : 0u;
+        xa[step][1] = row_ok && k_ok ? ld_pair(xr + kk + tig * 2 + 8) : 0u;
 #pragma unroll
         for (int n = 0; n < MMA_MAX_RANK / 8; ++n) {
             const int r = n * 8 + g;
             const bool ok = k_ok && n < n_tiles8 && r < tile.rank;
-            const __nv_bfloat16 *ar = a + (size_t)(tile.row0 + (ok ? r : 0)) * n_in + k + tig * 2;
+            const __nv_bfloat16 *ar = a + (size_t)(tile.row0 + (ok ? r : 0)) * n_in + kk + tig * 2;
             ab[step][n][0] = ok ? ld_pair(ar) : 0u;
             ab[step][n][1] = ok ? ld_pair(ar + 8) : 0u;
         }
@@ -344,13 +333,55 @@ extern "C" __global__ void __launch_bounds__(THREADS)
             if (n < n_tiles8) mma_bf16(acc[n], xa[step][0], 0u, xa[step][1], 0u, ab[step][n][0], ab[step][n][1]);
         }
     }
-    // Rows g (tokens) of the accumulators: columns n * 8 + tig * 2 + {0, 1} (rank rows).
+}
+
+// Row g (a token) of a warp's shrink accumulators into red[g][rank row].
+__device__ __forceinline__ void store_acc(float red[TILE_T][MMA_MAX_RANK], const float acc[MMA_MAX_RANK / 8][4],
+                                         int rank, int g, int tig) {
+    const int n_tiles8 = (rank + 7) / 8;
 #pragma unroll
     for (int n = 0; n < MMA_MAX_RANK / 8; ++n) {
         if (n >= n_tiles8) break;
-        red[warp][g][n * 8 + tig * 2] = acc[n][0];
-        red[warp][g][n * 8 + tig * 2 + 1] = acc[n][1];
+        red[g][n * 8 + tig * 2] = acc[n][0];
+        red[g][n * 8 + tig * 2 + 1] = acc[n][1];
     }
+}
+
+// The mma B fragments of Bt rank rows k .. k + 15 for four 8-column tiles from colbase (columns
+// at or past col_end, and rows past the rank, read as zero).
+__device__ __forceinline__ void load_b_frags(const __nv_bfloat16 *__restrict__ bt, const Tile &tile, int n_out,
+                                             int col_end, int colbase, int k, int g, int tig, uint32_t b[4][2]) {
+    const int r0 = k + tig * 2;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int col = colbase + q * 8 + g;
+        const bool col_ok = col < col_end;
+        const __nv_bfloat16 *b_col = bt + (size_t)tile.row0 * n_out + (col_ok ? col : 0);
+        const __nv_bfloat16 z = __float2bfloat16(0.f);
+        auto at = [&](int r) { return col_ok && r < tile.rank ? b_col[(size_t)r * n_out] : z; };
+        b[q][0] = pack_raw(at(r0), at(r0 + 1));
+        b[q][1] = pack_raw(at(r0 + 8), at(r0 + 9));
+    }
+}
+
+// grid (n_tiles, ceil(in / K_BLOCK_MMA)), block 256: warp w takes inputs [w * 32, w * 32 + 32)
+// of the block's range in steps of 16, all its fragments loaded before the mmas; M = the tile's tokens, N = rank rows (8 per mma), K = in.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    lora_shrink_mma_bf16(const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ a,
+                         float *__restrict__ v, const int32_t *__restrict__ meta, int n_in, int n_tokens,
+                         int v_stride) {
+    __shared__ float red[8][TILE_T][MMA_MAX_RANK];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tig = lane & 3;
+    const Tile tile = read_tile(meta, blockIdx.x);
+    const bool row_ok = g < tile.nt;
+    const __nv_bfloat16 *xr = x + (size_t)(tile.t0 + (row_ok ? g : 0)) * n_in;
+    float acc[MMA_MAX_RANK / 8][4];
+#pragma unroll
+    for (int n = 0; n < MMA_MAX_RANK / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    const int kw = blockIdx.y * K_BLOCK_MMA + warp * (K_BLOCK_MMA / 8);
+    shrink_steps<K_BLOCK_MMA / 8 / 16>(xr, row_ok, a, tile, n_in, kw, n_in, g, tig, acc);
+    store_acc(red[warp], acc, tile.rank, g, tig);
     __syncthreads();
     for (int i = tid; i < TILE_T * tile.rank; i += THREADS) {
         const int j = i / tile.rank, r = i % tile.rank;
@@ -375,19 +406,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     const int kpad = (tile.rank + 15) / 16 * 16;
     const int ow = blockIdx.y * THREADS + warp * 32;
     // B fragments for rank rows k .. k + 15 of the warp's four column tiles.
-    auto load_b = [&](int k, uint32_t b[4][2]) {
-        const int r0 = k + tig * 2;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int col = ow + q * 8 + g;
-            const bool col_ok = col < n_out;
-            const __nv_bfloat16 *b_col = bt + (size_t)tile.row0 * n_out + (col_ok ? col : 0);
-            const __nv_bfloat16 z = __float2bfloat16(0.f);
-            auto at = [&](int r) { return col_ok && r < tile.rank ? b_col[(size_t)r * n_out] : z; };
-            b[q][0] = pack_raw(at(r0), at(r0 + 1));
-            b[q][1] = pack_raw(at(r0 + 8), at(r0 + 9));
-        }
-    };
+    auto load_b = [&](int k, uint32_t b[4][2]) { load_b_frags(bt, tile, n_out, n_out, ow, k, g, tig, b); };
     // The first rows' loads go out before the block gathers v.
     uint32_t bfrag[4][2];
     load_b(0, bfrag);
@@ -453,24 +472,13 @@ extern "C" __global__ void __cluster_dims__(FUSED_SPLITS, 1, 1) __launch_bounds_
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tig = lane & 3;
     const Tile tile = read_tile(meta, blockIdx.y);
-    const int n_tiles8 = (tile.rank + 7) / 8;
     const int kpad = (tile.rank + 15) / 16 * 16;
 
     // Expand's share: output columns [c0, c1), in groups of 32 per warp (four 8-column mma tiles).
     const int os = (n_out + FUSED_SPLITS * 8 - 1) / (FUSED_SPLITS * 8) * 8;
     const int c0 = split * os, c1 = min(n_out, c0 + os);
     auto load_b = [&](int colbase, int k, uint32_t b[4][2]) {
-        const int r0 = k + tig * 2;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int col = colbase + q * 8 + g;
-            const bool col_ok = col < c1;
-            const __nv_bfloat16 *b_col = bt + (size_t)tile.row0 * n_out + (col_ok ? col : 0);
-            const __nv_bfloat16 z = __float2bfloat16(0.f);
-            auto at = [&](int r) { return col_ok && r < tile.rank ? b_col[(size_t)r * n_out] : z; };
-            b[q][0] = pack_raw(at(r0), at(r0 + 1));
-            b[q][1] = pack_raw(at(r0 + 8), at(r0 + 9));
-        }
+        load_b_frags(bt, tile, n_out, c1, colbase, k, g, tig, b);
     };
     // The expand fragments of the warp's first two column groups (rank rows 0-15) do not
     // depend on v: their loads go out now.
@@ -488,37 +496,9 @@ extern "C" __global__ void __cluster_dims__(FUSED_SPLITS, 1, 1) __launch_bounds_
     float acc[MMA_MAX_RANK / 8][4];
 #pragma unroll
     for (int n = 0; n < MMA_MAX_RANK / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    for (int kb = kw0; kb < kw1; kb += 16 * FUSED_BATCH) {
-        uint32_t xa[FUSED_BATCH][2], ab[FUSED_BATCH][MMA_MAX_RANK / 8][2];
-#pragma unroll
-        for (int step = 0; step < FUSED_BATCH; ++step) {
-            const int k = kb + step * 16;
-            const bool k_ok = k < kw1;
-            xa[step][0] = row_ok && k_ok ? ld_pair(xr + k + tig * 2) : 0u;
-            xa[step][1] = row_ok && k_ok ? ld_pair(xr + k + tig * 2 + 8) : 0u;
-#pragma unroll
-            for (int n = 0; n < MMA_MAX_RANK / 8; ++n) {
-                const int r = n * 8 + g;
-                const bool ok = k_ok && n < n_tiles8 && r < tile.rank;
-                const __nv_bfloat16 *ar = a + (size_t)(tile.row0 + (ok ? r : 0)) * n_in + (k_ok ? k : 0) + tig * 2;
-                ab[step][n][0] = ok ? ld_pair(ar) : 0u;
-                ab[step][n][1] = ok ? ld_pair(ar + 8) : 0u;
-            }
-        }
-#pragma unroll
-        for (int step = 0; step < FUSED_BATCH; ++step) {
-#pragma unroll
-            for (int n = 0; n < MMA_MAX_RANK / 8; ++n) {
-                if (n < n_tiles8) mma_bf16(acc[n], xa[step][0], 0u, xa[step][1], 0u, ab[step][n][0], ab[step][n][1]);
-            }
-        }
-    }
-#pragma unroll
-    for (int n = 0; n < MMA_MAX_RANK / 8; ++n) {
-        if (n >= n_tiles8) break;
-        red[warp][g][n * 8 + tig * 2] = acc[n][0];
-        red[warp][g][n * 8 + tig * 2 + 1] = acc[n][1];
-    }
+    for (int kb = kw0; kb < kw1; kb += 16 * FUSED_BATCH)
+        shrink_steps<FUSED_BATCH>(xr, row_ok, a, tile, n_in, kb, kw1, g, tig, acc);
+    store_acc(red[warp], acc, tile.rank, g, tig);
     __syncthreads();
     for (int i = tid; i < TILE_T * tile.rank; i += THREADS) {
         const int j = i / tile.rank, r = i % tile.rank;

@@ -35,21 +35,29 @@ fi
 echo "## HF transformers + PEFT vs tandem on CUDA (f32): greedy tokens, base and adapters"
 python3 scripts/peft-interop.py "$bin" --device cuda --dtype f32 || status=1
 
-echo "## the engine on CUDA: a random-weight Llama (transformers), greedy, CPU vs CUDA"
-tmp="$(mktemp -d)"
-python3 - "$tmp" <<'PY' || status=1
+# random_llama DIR '{LlamaConfig kwargs as JSON}' [bf16]: a random-weight Llama (transformers) with a
+# word-level tokenizer ("w0" ... "wN") covering its vocabulary, as an HF directory.
+random_llama() {
+  python3 - "$@" <<'PY'
 import json, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-d = sys.argv[1]
+d, kw = sys.argv[1], json.loads(sys.argv[2])
 torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
-LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
-vocab = {f"w{i}": i for i in range(512)}
+model = LlamaForCausalLM(LlamaConfig(**kw))
+if len(sys.argv) > 3 and sys.argv[3] == "bf16":
+    model = model.to(torch.bfloat16)
+model.save_pretrained(d, safe_serialization=True)
+vocab = {f"w{i}": i for i in range(kw["vocab_size"])}
 json.dump({"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}}, open(f"{d}/tokenizer.json", "w"))
 PY
+}
+
+echo "## the engine on CUDA: a random-weight Llama (transformers), greedy, CPU vs CUDA"
+tmp="$(mktemp -d)"
+random_llama "$tmp" '{"vocab_size": 512, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+  "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 1024}' || status=1
 run() { "$bin" generate --model "$tmp" --no-chat --prompt "w1 w2 w3 w4" --max-tokens 24 "$@"; }
 cpu="$(run --device cpu)" || status=1
 cuda32="$(run --device cuda --dtype f32)" || status=1
@@ -65,20 +73,9 @@ rm -rf "$tmp"
 
 echo "## co-serving on the GPU: a random-weight model of SmolLM2-135M's shape, bf16 (tandem bench coserve)"
 smol="$(mktemp -d)"
-python3 - "$smol" <<'PY' || status=1
-import json, sys, torch
-from transformers import LlamaConfig, LlamaForCausalLM
-d = sys.argv[1]
-torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                  rope_theta=100000.0, tie_word_embeddings=True, torch_dtype="bfloat16")
-LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d, safe_serialization=True)
-vocab = {f"w{i}": i for i in range(49152)}
-json.dump({"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-           "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
-           "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}}, open(f"{d}/tokenizer.json", "w"))
-PY
+random_llama "$smol" '{"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+  "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048, "rope_theta": 100000.0,
+  "tie_word_embeddings": true}' bf16 || status=1
 timeout 300 "$bin" bench coserve --model "$smol" --device cuda --secs 6 --tpot-slo-ms 50 --ttft-slo-ms 1000 \
   --max-num-seqs 32 --chunk-tokens 128 || status=1
 rm -rf "$smol"

@@ -54,6 +54,25 @@ fn requests() -> Vec<(Vec<u32>, SamplingParams)> {
         .collect()
 }
 
+/// A tiny GQA model written as an HF directory, with its vocabulary size.
+fn gqa_model() -> (Tiny, tempfile::TempDir, u32) {
+    let t = Tiny::gqa();
+    let dir = tempfile::tempdir().unwrap();
+    t.write_hf_dir(dir.path(), 3);
+    let vocab = t.vocab as u32;
+    (t, dir, vocab)
+}
+
+/// The adapter `Finetuner` trains alone on `data` (the reference for co-served jobs).
+fn standalone(dir: &std::path::Path, data: Vec<Example>) -> tandem_model::lora::LoraAdapter {
+    let m = load_model(Some(dir), &Device::Cpu, DType::F32).unwrap();
+    let mut alone = Finetuner::new(&m.model, data, tiny_train_config(), None).unwrap();
+    while !alone.is_done() {
+        alone.train_step().unwrap();
+    }
+    alone.adapter().unwrap()
+}
+
 /// Runs the engine until it is idle; returns each request's tokens.
 fn run(e: &mut LlmEngine, reqs: &[(Vec<u32>, SamplingParams)]) -> Vec<Vec<u32>> {
     let ids: Vec<u64> = reqs
@@ -75,18 +94,9 @@ fn run(e: &mut LlmEngine, reqs: &[(Vec<u32>, SamplingParams)]) -> Vec<Vec<u32>> 
 
 #[test]
 fn coserved_job_trains_the_standalone_adapter_and_leaves_inference_unchanged() {
-    let t = Tiny::gqa();
-    let dir = tempfile::tempdir().unwrap();
-    t.write_hf_dir(dir.path(), 3);
-    let vocab = t.vocab as u32;
+    let (_t, dir, vocab) = gqa_model();
     // The reference: the same run alone.
-    let m = load_model(Some(dir.path()), &Device::Cpu, DType::F32).unwrap();
-    let mut alone =
-        Finetuner::new(&m.model, tiny_examples(vocab), tiny_train_config(), None).unwrap();
-    while !alone.is_done() {
-        alone.train_step().unwrap();
-    }
-    let want = alone.adapter().unwrap();
+    let want = standalone(dir.path(), tiny_examples(vocab));
     let reqs = requests();
     let base = run(&mut engine(dir.path(), CoserveMode::Coserve), &reqs);
 
@@ -243,17 +253,8 @@ fn long_examples(vocab: u32) -> Vec<Example> {
 
 #[test]
 fn kv_pressure_takes_the_jobs_blocks_first_and_training_stays_exact() {
-    let t = Tiny::gqa();
-    let dir = tempfile::tempdir().unwrap();
-    t.write_hf_dir(dir.path(), 3);
-    let vocab = t.vocab as u32;
-    let m = load_model(Some(dir.path()), &Device::Cpu, DType::F32).unwrap();
-    let mut alone =
-        Finetuner::new(&m.model, long_examples(vocab), tiny_train_config(), None).unwrap();
-    while !alone.is_done() {
-        alone.train_step().unwrap();
-    }
-    let want = alone.adapter().unwrap();
+    let (_t, dir, vocab) = gqa_model();
+    let want = standalone(dir.path(), long_examples(vocab));
     let reqs = requests();
     // The smallest cache on which inference alone never preempts (the longest request needs
     // 6 blocks of 4 tokens).
