@@ -369,7 +369,8 @@ impl LlmEngine {
                 .observe_forward(&fwd_x, chunk_len, t0.elapsed().as_secs_f64());
         }
         if let Some(i) = job {
-            let (p, tokens) = self.run_backward(i, budget, inference);
+            let span = tracing::debug_span!("finetune_backward", job = %self.jobs[i].name);
+            let (p, tokens) = span.in_scope(|| self.run_backward(i, budget, inference));
             predicted += p;
             report.finetune_backward_tokens = tokens;
         }
