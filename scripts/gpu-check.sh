@@ -35,24 +35,7 @@ fi
 echo "## HF transformers + PEFT vs tandem on CUDA (f32): greedy tokens, base and adapters"
 python3 scripts/peft-interop.py "$bin" --device cuda --dtype f32 || status=1
 
-# random_llama DIR '{LlamaConfig kwargs as JSON}' [bf16]: a random-weight Llama (transformers) with a
-# word-level tokenizer ("w0" ... "wN") covering its vocabulary, as an HF directory.
-random_llama() {
-  python3 - "$@" <<'PY'
-import json, sys, torch
-from transformers import LlamaConfig, LlamaForCausalLM
-d, kw = sys.argv[1], json.loads(sys.argv[2])
-torch.manual_seed(0)
-model = LlamaForCausalLM(LlamaConfig(**kw))
-if len(sys.argv) > 3 and sys.argv[3] == "bf16":
-    model = model.to(torch.bfloat16)
-model.save_pretrained(d, safe_serialization=True)
-vocab = {f"w{i}": i for i in range(kw["vocab_size"])}
-json.dump({"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-           "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
-           "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}}, open(f"{d}/tokenizer.json", "w"))
-PY
-}
+random_llama() { python3 scripts/random_llama.py "$@"; }
 
 echo "## the engine on CUDA: a random-weight Llama (transformers), greedy, CPU vs CUDA"
 tmp="$(mktemp -d)"
