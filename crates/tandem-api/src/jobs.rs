@@ -105,6 +105,14 @@ fn examples(st: &AppState, content: &[u8], field: &str) -> Result<Vec<Example>, 
     Ok(data)
 }
 
+/// The examples of stored file `id` (None if there is no such file); `field` names it in errors.
+fn file_examples(st: &AppState, id: &str, field: &str) -> Result<Option<Vec<Example>>, ApiError> {
+    match st.store.file_content(id)? {
+        Some(content) => examples(st, &content, field).map(Some),
+        None => Ok(None),
+    }
+}
+
 fn checkpoint_dir(st: &AppState, id: &str) -> std::path::PathBuf {
     match &st.data_dir {
         Some(d) => d.join("checkpoints").join(id),
@@ -155,15 +163,12 @@ pub async fn create(
         )
     })?;
     let validation = match &req.validation_file {
-        Some(v) => {
-            let content = st.store.file_content(v)?.ok_or_else(|| {
-                ApiError::invalid(
-                    format!("Invalid validation_file: {v}: no such file"),
-                    Some("validation_file"),
-                )
-            })?;
-            examples(&st, &content, "validation_file")?
-        }
+        Some(v) => file_examples(&st, v, "validation_file")?.ok_or_else(|| {
+            ApiError::invalid(
+                format!("Invalid validation_file: {v}: no such file"),
+                Some("validation_file"),
+            )
+        })?,
         None => Vec::new(),
     };
     let max_len = max_seq_len(&st);
@@ -613,10 +618,10 @@ pub async fn recover(st: Arc<AppState>) {
                     })?;
                     let data = examples(&st, &content, "training_file")?;
                     let validation = match job["validation_file"].as_str() {
-                        Some(v) => match st.store.file_content(v)? {
-                            Some(c) => examples(&st, &c, "validation_file")?,
-                            None => Vec::new(),
-                        },
+                        Some(v) => file_examples(&st, v, "validation_file")?.unwrap_or_else(|| {
+                            tracing::warn!(job = %id, file = v, "the validation file is gone; the job resumes without evaluation");
+                            Vec::new()
+                        }),
                         None => Vec::new(),
                     };
                     let cfg: TrainConfig = serde_json::from_value(job["tandem_config"].clone())
