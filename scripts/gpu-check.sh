@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU host check (no compiler needed there): kernel checks against the float64 CPU reference,
+# GPU host check (no compiler needed there): kernel checks (multi-LoRA SGMV, paged attention)
+# against the float64 CPU reference,
 # kernel timings (CUDA events) beside the base GEMM, PyTorch baselines in the same run, HF PEFT
 # interop through the CUDA engine, and the whole engine on CUDA vs CPU on a random-weight model.
 # Prints tables to stdout (and to $OUT/gpu-check.txt when OUT is set); record them in
@@ -19,6 +20,9 @@ status=0
 
 echo "## lora_sgmv: checks and timings (tandem bench kernels --device cuda)"
 "$bin" bench kernels --device cuda || status=1
+
+echo "## paged_attention / write_kv: checks vs float64 and 8B-shape timings (tandem bench attention --device cuda)"
+"$bin" bench attention --device cuda || status=1
 
 # ../shared/bench/lora_baseline.py, or a copy next to the binary (when only the repo travels).
 baseline=""

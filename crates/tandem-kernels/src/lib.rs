@@ -10,4 +10,6 @@ pub mod lora_sgmv;
 pub mod paged_attention;
 
 pub use lora_sgmv::{lora_sgmv, lora_sgmv_backward, lora_sgmv_op, LoraSegment};
-pub use paged_attention::{paged_attention, PagedAttentionMeta};
+pub use paged_attention::{
+    paged_attention, paged_attention_supported, work_list, write_kv, PagedAttentionMeta, WorkItem,
+};

@@ -4,6 +4,7 @@
 
 use crate::error::Result;
 use candle_core::{DType, Device, Tensor};
+use tandem_kernels::PagedAttentionMeta;
 
 pub struct KvCache {
     pub block_size: usize,
@@ -49,17 +50,16 @@ impl KvCache {
         2 * num_layers * block_size * num_kv_heads * head_dim * dtype.size_in_bytes()
     }
 
-    /// Writes `k`, `v` [T, num_kv_heads, head_dim] of `layer` into the slots `slots` [T] (u32).
-    pub fn write(&self, layer: usize, k: &Tensor, v: &Tensor, slots: &Tensor) -> Result<()> {
-        let (t, h, d) = k.dims3()?;
-        let idx = slots
-            .reshape((t, 1))?
-            .broadcast_as((t, h * d))?
-            .contiguous()?;
-        let cache_k = self.k[layer].reshape((self.num_blocks * self.block_size, h * d))?;
-        let cache_v = self.v[layer].reshape((self.num_blocks * self.block_size, h * d))?;
-        cache_k.scatter_set(&idx, &k.reshape((t, h * d))?, 0)?;
-        cache_v.scatter_set(&idx, &v.reshape((t, h * d))?, 0)?;
+    /// Writes `k`, `v` [T, num_kv_heads, head_dim] of `layer` into each token's slot (`meta`).
+    pub fn write(
+        &self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        meta: &PagedAttentionMeta,
+    ) -> Result<()> {
+        tandem_kernels::write_kv(&self.k[layer], k, meta)?;
+        tandem_kernels::write_kv(&self.v[layer], v, meta)?;
         Ok(())
     }
 }

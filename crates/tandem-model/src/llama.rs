@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
 use std::collections::HashMap;
 use std::path::Path;
-use tandem_kernels::{paged_attention, PagedAttentionMeta};
+use tandem_kernels::{paged_attention, paged_attention_supported, PagedAttentionMeta};
 
 pub(crate) struct Layer {
     pub(crate) input_norm: Tensor,
@@ -266,29 +266,20 @@ impl Llama {
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
         let mut token_segment = Vec::with_capacity(t);
-        let mut slots = Vec::with_capacity(t);
         for (i, s) in batch.segments.iter().enumerate() {
-            for tok in s.start..s.start + s.len {
-                token_segment.push(i as u32);
-                slots.push(slot_of(
-                    &s.block_table,
-                    cache.block_size,
-                    batch.positions[tok] as usize,
-                ));
-            }
+            token_segment.extend(std::iter::repeat_n(i as u32, s.len));
         }
-        let slots = Tensor::new(slots.as_slice(), dev)?;
-        let meta = PagedAttentionMeta {
-            block_size: cache.block_size,
+        let meta = PagedAttentionMeta::new(
+            cache.block_size,
             token_segment,
-            positions: batch.positions.clone(),
-            block_tables: batch
+            batch.positions.clone(),
+            batch
                 .segments
                 .iter()
                 .map(|s| s.block_table.clone())
                 .collect(),
-            sliding_window: self.cfg.sliding_window,
-        };
+            self.cfg.sliding_window,
+        );
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = self.cfg.rms_norm_eps as f32;
 
@@ -303,7 +294,7 @@ impl Llama {
                 .reshape((t, nh, hd))?;
             let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?
                 .reshape((t, nkv, hd))?;
-            cache.write(l, &k, &v.contiguous()?, &slots)?;
+            cache.write(l, &k, &v.contiguous()?, &meta)?;
             let attn = self.attention(&q, &cache.k[l], &cache.v[l], &meta, batch, scale)?;
             x = (x + lin(l, Proj::O, &layer.o, &attn.reshape((t, nh * hd))?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
@@ -344,7 +335,9 @@ impl Llama {
         batch: &PackedBatch,
         scale: f32,
     ) -> Result<Tensor> {
-        if self.device.is_cpu() && self.dtype == DType::F32 && !self.force_gathered_attention {
+        if paged_attention_supported(&self.device, self.dtype, self.cfg.head_dim)
+            && !self.force_gathered_attention
+        {
             return Ok(paged_attention(q, k, v, meta, scale)?);
         }
         attention_gathered(q, k, v, meta, batch, scale)

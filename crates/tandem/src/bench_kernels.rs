@@ -171,7 +171,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// flushed (a 256 MiB memset) and a spin kernel holds the GPU while the host queues the run
 /// between two events, so that launch latency is not counted. Wall time on CPU.
 #[cfg(feature = "cuda")]
-fn device_median_us(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(crate) fn device_median_us(
+    dev: &Device,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
     let Device::Cuda(cd) = dev else {
         return wall_median_us(dev, reps, f);
@@ -201,13 +205,17 @@ fn device_median_us(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>
 }
 
 #[cfg(not(feature = "cuda"))]
-fn device_median_us(dev: &Device, reps: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(crate) fn device_median_us(
+    dev: &Device,
+    reps: usize,
+    f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     wall_median_us(dev, reps, f)
 }
 
 /// Device-to-device copy bandwidth in bytes/s (read + write of a 1 GiB buffer), if on CUDA.
 #[cfg(feature = "cuda")]
-fn copy_bandwidth(dev: &Device) -> Result<Option<f64>> {
+pub(crate) fn copy_bandwidth(dev: &Device) -> Result<Option<f64>> {
     let Device::Cuda(cd) = dev else {
         return Ok(None);
     };
@@ -223,7 +231,7 @@ fn copy_bandwidth(dev: &Device) -> Result<Option<f64>> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn copy_bandwidth(_: &Device) -> Result<Option<f64>> {
+pub(crate) fn copy_bandwidth(_: &Device) -> Result<Option<f64>> {
     Ok(None)
 }
 

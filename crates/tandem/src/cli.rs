@@ -129,6 +129,9 @@ pub enum BenchCommand {
     Lora(BenchLoraArgs),
     /// Kernel checks against a float64 reference, and timings beside the base GEMM.
     Kernels(BenchKernelsArgs),
+    /// Paged attention and the KV cache write: checks against a float64 reference, then timings
+    /// of Llama-3.1-8B-shape decode and prefill beside the gathered candle-op path.
+    Attention(BenchKernelsArgs),
     /// Token-level finetuning vs candle autograd: activation memory and tokens/s.
     Finetune(BenchFinetuneArgs),
     /// Inference under Poisson load with a finetuning job, per co-serving mode.

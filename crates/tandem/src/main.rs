@@ -3,6 +3,7 @@
 
 mod adapter;
 mod bench;
+mod bench_attention;
 mod bench_coserve;
 mod bench_finetune;
 mod bench_kernels;
@@ -52,6 +53,7 @@ fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Bench(cli::BenchCommand::Decode(args)) => bench::decode(args),
         cli::Command::Bench(cli::BenchCommand::Lora(args)) => bench::lora(args),
         cli::Command::Bench(cli::BenchCommand::Kernels(args)) => bench_kernels::kernels(args),
+        cli::Command::Bench(cli::BenchCommand::Attention(args)) => bench_attention::run(args),
         cli::Command::Bench(cli::BenchCommand::Finetune(args)) => bench_finetune::run(args),
         cli::Command::Bench(cli::BenchCommand::Coserve(args)) => bench_coserve::run(args),
         cli::Command::Adapter(cli::AdapterCommand::Check(args)) => adapter::check(args),

@@ -1,4 +1,4 @@
-//! CUDA launches of tandem's kernels (PTX built from kernels/*.cu by build.rs).
+//! CUDA launches of the `lora_sgmv` kernels (kernels/lora_sgmv.cu).
 
 use crate::lora_sgmv::{work_list, LoraSgmv};
 use candle_core::backend::{BackendDevice, BackendStorage};
@@ -65,10 +65,7 @@ impl SgmvPlan {
 }
 
 fn contiguous<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.slice(a..b)),
-        None => candle_core::bail!("lora_sgmv: {what} must be contiguous"),
-    }
+    super::contiguous(s, l, "lora_sgmv", what)
 }
 
 #[allow(clippy::too_many_arguments)]

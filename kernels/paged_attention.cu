@@ -1,0 +1,170 @@
+// Paged attention and the KV cache write for tandem-kernels' `paged_attention` / `write_kv` ops.
+//
+// Attention: query token t (row of q [T, nh, HD]) at position pos[t] of its sequence attends to
+// keys first(pos)..=pos of that sequence, where first = max(0, pos + 1 - window) with a sliding
+// window and 0 without; key j of a sequence lives in cache slot table[j / bs] * bs + j % bs, and
+// the caches are [slots, nkv, HD]. One kernel serves decode (one token per sequence), prefill
+// chunks continuing a cached prefix, and mixed batches.
+//
+// Work list (host-built, one int4 per item): (sequence, first token, tokens, h0 | hn << 16): up to
+// MAX_ROWS (token, query head) rows of one sequence that share one KV head — `tokens`
+// consecutive query tokens times the `hn` query heads h0..h0+hn of the KV head's group.
+// Grid (items, nkv); blockDim 32 * rows of the largest item; warp w owns row w (token w / hn,
+// head w % hn) and keeps its softmax state (running max, sum, HD/32 output values per lane) in
+// registers. The block walks the keys of its rows in tiles of TILE: all threads stage the tile's
+// keys and values of its KV head in shared memory as f32 (each K and V element is read from the
+// cache once per block, whatever the GQA group), then each warp scores the tile with one key per
+// lane (dot with the row's scaled query, staged in shared memory), updates its online softmax, and
+// accumulates the tile's values, each lane owning output dims lane, lane + 32, ... Accumulation
+// is f32 for f32 and bf16 inputs; the output is written once, in the input dtype.
+//
+// Write: slot[t] < 0 skips token t; else cache[slot[t], :] = src[t, :] (rows of nkv * HD).
+
+#include <cuda_bf16.h>
+#include <math.h>
+#include <stdint.h>
+
+#define TILE 32
+#define MAX_ROWS 16
+
+__device__ __forceinline__ float pa_f32(float v) { return v; }
+__device__ __forceinline__ float pa_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void pa_store(float v, float *out) { *out = v; }
+__device__ __forceinline__ void pa_store(float v, __nv_bfloat16 *out) { *out = __float2bfloat16(v); }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ int first_key(int pos, int window) {
+    return window > 0 ? max(0, pos + 1 - window) : 0;
+}
+
+template <typename T, int VEC>
+__device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ kc, const T *__restrict__ vc,
+                                T *__restrict__ out, const int4 *__restrict__ work, const int *__restrict__ positions,
+                                const int *__restrict__ table_off, const int *__restrict__ tables, int nh, int nkv,
+                                int bs, int window, float scale) {
+    constexpr int HD = 32 * VEC;
+    __shared__ float ks[TILE][HD + 1];  // +1: lane j reads row j, conflict-free
+    __shared__ float vs[TILE][HD];
+    __shared__ float qs[MAX_ROWS][HD];
+
+    const int4 item = work[blockIdx.x];
+    const int g = blockIdx.y;
+    const int seq = item.x, tok0 = item.y, nt = item.z;
+    const int h0 = item.w & 0xffff, hn = item.w >> 16;
+    const int group = nh / nkv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int rows = nt * hn;
+    const bool active = warp < rows;
+    const int tok = tok0 + (active ? warp / hn : 0);
+    const int head = g * group + h0 + (active ? warp % hn : 0);
+    const int pos = active ? positions[tok] : -1;
+    const int first = first_key(max(pos, 0), window);
+
+    // The block's key range: from the lowest first key to the highest position of its tokens.
+    int lo = 0x7fffffff, hi = -1;
+    for (int i = 0; i < nt; ++i) {
+        const int p = positions[tok0 + i];
+        lo = min(lo, first_key(p, window));
+        hi = max(hi, p);
+    }
+    const int *table = tables + table_off[seq];
+
+    if (active) {
+        const T *qr = q + ((size_t)tok * nh + head) * HD;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) qs[warp][lane + 32 * v] = pa_f32(qr[lane + 32 * v]) * scale;
+    }
+    float m = -INFINITY, l = 0.f, acc[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+
+    for (int ts = lo - lo % TILE; ts <= hi; ts += TILE) {
+        __syncthreads();  // the previous tile is consumed (and qs is staged, on the first pass)
+        for (int e = threadIdx.x; e < TILE * HD; e += blockDim.x) {
+            const int j = e / HD, d = e % HD, kj = ts + j;
+            float kv = 0.f, vv = 0.f;
+            if (kj >= lo && kj <= hi) {
+                const size_t slot = (size_t)table[kj / bs] * bs + kj % bs;
+                const size_t at = (slot * nkv + g) * HD + d;
+                kv = pa_f32(kc[at]);
+                vv = pa_f32(vc[at]);
+            }
+            ks[j][d] = kv;
+            vs[j][d] = vv;
+        }
+        __syncthreads();
+        // Warps whose keys miss this tile skip it (their state is unchanged); the overlap of
+        // [first, pos] with the tile is non-empty otherwise, so the tile's max is finite.
+        if (!active || ts > pos || ts + TILE <= first) continue;
+        const int kj = ts + lane;
+        float s = -INFINITY;
+        if (kj >= first && kj <= pos) {
+            float dot = 0.f;
+#pragma unroll 8
+            for (int d = 0; d < HD; ++d) dot = fmaf(qs[warp][d], ks[lane][d], dot);
+            s = dot;
+        }
+        const float m_new = fmaxf(m, warp_max(s));
+        const float p = kj >= first && kj <= pos ? __expf(s - m_new) : 0.f;
+        const float corr = __expf(m - m_new);  // 0 on the first tile (m = -inf)
+        l = l * corr + warp_sum(p);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[v] *= corr;
+#pragma unroll 4
+        for (int j = 0; j < TILE; ++j) {
+            const float pj = __shfl_sync(0xffffffffu, p, j);
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) acc[v] = fmaf(pj, vs[j][lane + 32 * v], acc[v]);
+        }
+        m = m_new;
+    }
+    if (active) {
+        T *o = out + ((size_t)tok * nh + head) * HD;
+        const float inv = 1.f / l;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) pa_store(acc[v] * inv, o + lane + 32 * v);
+    }
+}
+
+#define PAGED_ATTENTION(NAME, T, VEC)                                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * MAX_ROWS)                                                 \
+        NAME(const T *q, const T *kc, const T *vc, T *out, const int4 *work, const int *positions,            \
+             const int *table_off, const int *tables, int nh, int nkv, int bs, int window, float scale) {     \
+        paged_attention<T, VEC>(q, kc, vc, out, work, positions, table_off, tables, nh, nkv, bs, window, scale); \
+    }
+
+PAGED_ATTENTION(paged_attention_f32_d32, float, 1)
+PAGED_ATTENTION(paged_attention_f32_d64, float, 2)
+PAGED_ATTENTION(paged_attention_f32_d96, float, 3)
+PAGED_ATTENTION(paged_attention_f32_d128, float, 4)
+PAGED_ATTENTION(paged_attention_bf16_d32, __nv_bfloat16, 1)
+PAGED_ATTENTION(paged_attention_bf16_d64, __nv_bfloat16, 2)
+PAGED_ATTENTION(paged_attention_bf16_d96, __nv_bfloat16, 3)
+PAGED_ATTENTION(paged_attention_bf16_d128, __nv_bfloat16, 4)
+
+// One block of 256 threads per token; row = nkv * HD elements.
+template <typename T>
+__device__ void write_kv(T *__restrict__ cache, const T *__restrict__ src, const int *__restrict__ slots, int row) {
+    const int slot = slots[blockIdx.x];
+    if (slot < 0) return;
+    const T *s = src + (size_t)blockIdx.x * row;
+    T *c = cache + (size_t)slot * row;
+    for (int i = threadIdx.x; i < row; i += blockDim.x) c[i] = s[i];
+}
+
+extern "C" __global__ void write_kv_f32(float *cache, const float *src, const int *slots, int row) {
+    write_kv(cache, src, slots, row);
+}
+extern "C" __global__ void write_kv_bf16(__nv_bfloat16 *cache, const __nv_bfloat16 *src, const int *slots, int row) {
+    write_kv(cache, src, slots, row);
+}
