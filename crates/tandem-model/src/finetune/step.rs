@@ -252,18 +252,51 @@ impl Llama {
         labels: &[Option<u32>],
         weight: f64,
     ) -> Result<(f64, usize, Tensor)> {
-        let xv = Var::from_tensor(x)?;
-        let Some((nll, n)) = self.head_nll(xv.as_tensor(), labels)? else {
+        let rows: Vec<u32> = (0..labels.len() as u32)
+            .filter(|&i| labels[i as usize].is_some())
+            .collect();
+        if rows.is_empty() {
             return Ok((0.0, 0, x.zeros_like()?));
-        };
-        let rows = n;
-        let loss_sum = nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let grads = (nll * weight)?.backward()?;
-        let d_x = match grads.get(xv.as_tensor()) {
+        }
+        let targets: Vec<u32> = labels.iter().filter_map(|l| *l).collect();
+        let dev = x.device();
+        let rows_t = Tensor::new(rows.as_slice(), dev)?;
+        let targets_t = Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?;
+        let sel = Var::from_tensor(&x.index_select(&rows_t, 0)?)?;
+        let h = candle_nn::ops::rms_norm_slow(
+            sel.as_tensor(),
+            &self.norm,
+            self.cfg.rms_norm_eps as f32,
+        )?;
+        // Cross-entropy and its gradient in closed form, without a graph over the [rows, vocab]
+        // logits: loss = logsumexp(z) - z[label], d loss / dz = softmax(z) - onehot(label).
+        let z = h
+            .detach()
+            .matmul(&self.lm_head.t()?)?
+            .to_dtype(DType::F32)?;
+        let max = z.max_keepdim(D::Minus1)?;
+        let lse = (z
+            .broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?
+            + &max)?;
+        let picked = z.gather(&targets_t, 1)?;
+        let loss_sum = (lse - picked)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        let minus_one = Tensor::full(-1f32, (rows.len(), 1), dev)?;
+        let dz = candle_nn::ops::softmax_last_dim(&z)?.scatter_add(&targets_t, &minus_one, 1)?;
+        let dh = (dz * weight)?.to_dtype(h.dtype())?.matmul(&self.lm_head)?;
+        // Through the final norm by autograd on the (small) [rows, hidden] part only.
+        let grads = (h * dh.detach())?.sum_all()?.backward()?;
+        let d_sel = match grads.get(sel.as_tensor()) {
             Some(g) => g.to_dtype(x.dtype())?,
-            None => x.zeros_like()?,
+            None => sel.as_tensor().zeros_like()?,
         };
-        Ok((loss_sum, rows, d_x))
+        let d_x = x.zeros_like()?.index_add(&rows_t, &d_sel, 0)?;
+        Ok((loss_sum, rows.len(), d_x))
     }
 
     /// Σ -log p(label) over the rows of `x` [len, hidden] (last layer's output) that have a
