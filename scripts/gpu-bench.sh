@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Issue 7's GPU benchmark (first version): random-weight models of real shapes made with the
-# PyTorch installed on the GPU host (SmolLM2-135M and Llama-3.1-8B, bf16), tandem's decode
-# benchmark on them, and HF transformers + PEFT (../shared/bench/hf_peft_baseline.py: generate at
-# batch 32, LoRA r16 all-linear training at seq 1024, batch 4) on the same shapes in the same run.
-# Still to come (issue 7): finetuning and co-serving on the 8B shape, one summary table.
+# Issue 7's GPU benchmark: a random-weight model of Llama-3.1-8B's shape (bf16) made with the
+# PyTorch installed on the GPU host, tandem's benchmarks on it, and HF transformers + PEFT
+# (../shared/bench/hf_peft_baseline.py: generate at batch 32, LoRA r16 all-linear training at seq
+# 1024, batch 4) on the same shape in the same run:
+#   decode at batch 1, 32, 128 with the fraction of the HBM roofline (weights + KV read per step
+#     over the measured copy bandwidth);
+#   token-level LoRA finetuning alone (r16 all-linear, seq 1024, batch 4): tokens/s and TFLOP/s;
+#   multi-LoRA decode at batch 64: no adapter, one adapter, 64 distinct rank-16 adapters;
+#   co-serving at TPOT SLO 45 ms under Poisson load at 3 rates: SLO attainment, share kept.
+# Each step has its own time limit so the whole script stays within 8 minutes.
 #
 # Build here:   eval "$(scripts/cuda-toolchain.sh)"
 #               cargo build --release --features cuda --target-dir target/cuda
@@ -15,12 +20,19 @@ export LD_LIBRARY_PATH="/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PAT
 if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu-bench.txt") 2>&1; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 status=0
+start=$(date +%s)
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+step() { # step NAME LIMIT_S CMD...: runs CMD under a time limit, prints how long it took
+  local name="$1" limit="$2"; shift 2
+  echo "## $name"
+  local t0; t0=$(date +%s)
+  timeout "$limit" "$@"; local rc=$?
+  [ $rc -eq 124 ] && echo "(stopped after ${limit} s)"
+  [ $rc -ne 0 ] && status=1
+  echo "(${name}: $(( $(date +%s) - t0 )) s, rc $rc)"
+}
 
-smollm2='{"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-  "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192, "rope_theta": 100000.0,
-  "tie_word_embeddings": true}'
 llama8b='{"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
   "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192, "rope_theta": 500000.0,
   "tie_word_embeddings": false}'
@@ -30,23 +42,23 @@ for f in ../shared/bench/hf_peft_baseline.py "$(dirname "$bin")/hf_peft_baseline
   [ -f "$f" ] && baseline="$f" && break
 done
 if [ -n "$baseline" ]; then
-  echo "## HF transformers + PEFT, same machine, same run ($baseline)"
-  python3 "$baseline" smollm2 llama8b || status=1
+  step "HF transformers + PEFT, same machine, same run ($baseline)" 110 python3 "$baseline" llama8b
 else
   echo "hf_peft_baseline.py not found: HF baselines skipped"
 fi
 
-for shape in smollm2 llama8b; do
-  echo "## tandem bench decode, $shape shape, random bf16 weights"
-  dir="$work/$shape"
-  t0=$(date +%s)
-  python3 scripts/random_llama.py "$dir" "${!shape}" bf16 || { status=1; continue; }
-  echo "(weights written in $(( $(date +%s) - t0 )) s)"
-  sizes=1,32,128
-  [ "$shape" = llama8b ] && sizes=1,32
-  "$bin" bench decode --model "$dir" --device cuda --batch-sizes "$sizes" --prompt-len 128 --steps 16 \
-    --no-reference || status=1
-  rm -rf "$dir"
-done
-echo "gpu-bench exit status: $status"
+model="$work/llama8b"
+step "random Llama-3.1-8B-shape weights (bf16)" 60 python3 scripts/random_llama.py "$model" "$llama8b" bf16
+m=(--model "$model" --device cuda)
+step "decode at batch 1, 32, 128 (prompt 512)" 60 \
+  "$bin" bench decode "${m[@]}" --batch-sizes 1,32,128 --prompt-len 512 --steps 16 --no-reference
+step "token-level LoRA finetuning alone (r16 all-linear, seq 1024, batch 4)" 60 \
+  "$bin" bench finetune "${m[@]}" --seq-len 1024 --batch-size 4 --steps 1 --chunk-tokens 256 --no-reference
+step "multi-LoRA decode at batch 64: no adapter, one, 64 distinct (r16 all-linear)" 50 \
+  "$bin" bench lora "${m[@]}" --batch 64 --adapters 0,1,64 --rank 16 --prompt-len 128 --steps 16
+step "co-serving at TPOT SLO 45 ms (job: LoRA r16 q/v, 1024-token sequences)" 130 \
+  "$bin" bench coserve "${m[@]}" --secs 8 --tpot-slo-ms 45 --ttft-slo-ms 2000 --max-num-seqs 64 \
+  --max-batched-tokens 2048 --prompt-len 128 --output-len 128 --train-len 1024 --chunk-tokens 256 \
+  --temporal-every 8
+echo "gpu-bench: $(( $(date +%s) - start )) s, exit status $status"
 exit $status

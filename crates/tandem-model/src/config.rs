@@ -54,6 +54,19 @@ impl ModelConfig {
         self.num_key_value_heads * self.head_dim
     }
 
+    /// Weights every token is multiplied by: the decoder layers' projections and the LM head
+    /// (the tied embedding counts once, as the head). What a decode step reads, and the N of
+    /// the usual 2N forward FLOPs per token.
+    pub fn matmul_params(&self) -> usize {
+        let (h, q, kv, i) = (
+            self.hidden_size,
+            self.q_dim(),
+            self.kv_dim(),
+            self.intermediate_size,
+        );
+        self.num_hidden_layers * (h * q + 2 * h * kv + q * h + 3 * h * i) + self.vocab_size * h
+    }
+
     /// Checks the relations between sizes that the engine relies on.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let positive = [

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use tandem_kernels::{paged_attention, paged_attention_supported, PagedAttentionMeta};
 
+#[derive(Clone)]
 pub(crate) struct Layer {
     pub(crate) input_norm: Tensor,
     pub(crate) post_norm: Tensor,
@@ -35,6 +36,8 @@ pub struct Captured {
     pub inputs: Vec<Tensor>,
 }
 
+/// Clones share the weights' storage (candle tensors are reference-counted).
+#[derive(Clone)]
 pub struct Llama {
     pub cfg: ModelConfig,
     embed: Tensor,

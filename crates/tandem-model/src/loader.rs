@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+#[derive(Clone)]
 pub struct LoadedModel {
     pub model: Llama,
     pub tokenizer: TextTokenizer,

@@ -26,8 +26,21 @@ pub fn decode(args: BenchDecodeArgs) -> Result<()> {
         candle_core::utils::get_num_threads()
     );
     let mut tandem_b1 = None;
+    let loaded = load(&args.model)?;
+    // On CUDA: what one decode step must read (every weight once, each sequence's K/V) against
+    // the measured copy bandwidth.
+    let bw = crate::bench_kernels::copy_bandwidth(&dev)?;
+    let cfg = loaded.model.cfg.clone();
+    let elem = loaded.model.dtype().size_in_bytes();
+    if let Some(bw) = bw {
+        println!(
+            "# weights read per step: {:.2} GB; copy bandwidth (1 GiB device-to-device): {:.2} TB/s",
+            (cfg.matmul_params() * elem) as f64 / 1e9,
+            bw / 1e12
+        );
+    }
     for &b in &args.batch_sizes {
-        let m = load(&args.model)?;
+        let m = loaded.clone();
         let vocab = m.model.cfg.vocab_size;
         let per_seq = (args.prompt_len + args.steps + 2).div_ceil(BLOCK_SIZE);
         let mut e = engine(
@@ -61,9 +74,22 @@ pub fn decode(args: BenchDecodeArgs) -> Result<()> {
             tandem_b1 = Some(tps);
         }
         let vs_b1 = tandem_b1.map_or(String::new(), |x| format!("{:.2}x", tps / x));
+        let step = secs / args.steps as f64;
+        // Mean context over the timed steps.
+        let ctx = args.prompt_len + 1 + args.steps / 2;
+        let roofline = bw.map_or(String::new(), |bw| {
+            let kv = b * ctx * 2 * cfg.num_hidden_layers * cfg.kv_dim() * elem;
+            let bytes = (cfg.matmul_params() * elem + kv) as f64;
+            format!(
+                "  roofline {:.2} ms ({:.2} GB weights + KV): {:.0}%",
+                bytes / bw * 1e3,
+                bytes / 1e9,
+                100.0 * bytes / bw / step
+            )
+        });
         println!(
-            "tandem packed decode  batch {b:>3}: {tps:8.1} tok/s  ({:.1} ms/step, prefill {:.0} ms)  vs tandem batch 1: {vs_b1}",
-            secs * 1e3 / args.steps as f64,
+            "tandem packed decode  batch {b:>3}: {tps:8.1} tok/s  ({:.1} ms/step, prefill {:.0} ms)  vs tandem batch 1: {vs_b1}{roofline}",
+            step * 1e3,
             prefill * 1e3
         );
     }

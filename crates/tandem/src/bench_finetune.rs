@@ -70,7 +70,7 @@ pub fn run(args: BenchFinetuneArgs) -> Result<()> {
             .iter()
             .map(|p| p.name().to_string())
             .collect(),
-        batch_size: 1,
+        batch_size: args.batch_size.max(1),
         chunk_tokens: args.chunk_tokens,
         max_seq_len: usize::MAX,
         ..Default::default()
@@ -85,9 +85,16 @@ pub fn run(args: BenchFinetuneArgs) -> Result<()> {
         args.model.device,
         candle_core::utils::get_num_threads()
     );
-    println!("\n| seq len | token-level bytes/token | autograd bytes/token | token-level / autograd | KV cache bytes/token (both keep it) |");
-    println!("| --- | --- | --- | --- | --- |");
-    for &len in &args.mem_lens {
+    let mem_lens: &[usize] = if args.no_reference {
+        &[]
+    } else {
+        &args.mem_lens
+    };
+    if !mem_lens.is_empty() {
+        println!("\n| seq len | token-level bytes/token | autograd bytes/token | token-level / autograd | KV cache bytes/token (both keep it) |");
+        println!("| --- | --- | --- | --- | --- |");
+    }
+    for &len in mem_lens {
         let ex = synthetic(len, c.vocab_size, 0);
         let mut ft = Finetuner::new(model, vec![ex.clone()], cfg.clone(), None)?;
         let r = ft.train_step()?;
@@ -121,7 +128,7 @@ pub fn run(args: BenchFinetuneArgs) -> Result<()> {
         );
     }
     // Throughput: the same steps both ways.
-    let data: Vec<Example> = (0..args.steps)
+    let data: Vec<Example> = (0..args.steps * cfg.batch_size)
         .map(|k| synthetic(args.seq_len, c.vocab_size, k + 1))
         .collect();
     let mut ft = Finetuner::new(
@@ -139,6 +146,19 @@ pub fn run(args: BenchFinetuneArgs) -> Result<()> {
         tokens += ft.train_step()?.tokens;
     }
     let ours = tokens as f64 / t0.elapsed().as_secs_f64();
+    // Model FLOPs per trained token, LoRA's usual count: forward 2N, input gradients 2N (no
+    // weight gradients), and the forward recomputed in the backward 2N.
+    println!(
+        "\n# token-level training: {} optimizer steps of {} x {} tokens: {ours:.1} tokens/s, {:.2} TFLOP/s at 6N FLOPs/token (N = {:.2}e9 weights multiplied per token)",
+        args.steps,
+        cfg.batch_size,
+        args.seq_len,
+        6.0 * c.matmul_params() as f64 * ours / 1e12,
+        c.matmul_params() as f64 / 1e9
+    );
+    if args.no_reference {
+        return Ok(());
+    }
     let lora = TrainableLora::new(c, cfg.spec()?, model.device(), cfg.seed)?;
     let mut opt = AdamW::new(AdamWConfig {
         lr: cfg.lr,
@@ -159,8 +179,9 @@ pub fn run(args: BenchFinetuneArgs) -> Result<()> {
     }
     let theirs = tokens as f64 / t0.elapsed().as_secs_f64();
     println!(
-        "\n| training, {} steps of 1 x {} tokens | tokens/s |\n| --- | --- |\n| tandem token-level (chunks of {}) | {ours:.1} |\n| candle autograd, whole sequence | {theirs:.1} |\n| ratio | {:.2}x |",
+        "\n| training, {} steps of {} x {} tokens | tokens/s |\n| --- | --- |\n| tandem token-level (chunks of {}) | {ours:.1} |\n| candle autograd, whole sequence | {theirs:.1} |\n| ratio | {:.2}x |",
         args.steps,
+        cfg.batch_size,
         args.seq_len,
         args.chunk_tokens,
         ours / theirs

@@ -181,11 +181,18 @@ pub struct BenchFinetuneArgs {
     /// Tokens per training sequence for the throughput comparison.
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
-    /// Optimizer steps (one sequence each) timed each way.
+    /// Optimizer steps timed each way.
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
+    /// Sequences per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
     #[arg(long, default_value_t = 128)]
     pub chunk_tokens: usize,
+    /// Token-level throughput only: skip the autograd comparisons (memory table and throughput),
+    /// which need the whole sequence's graph in memory.
+    #[arg(long)]
+    pub no_reference: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
