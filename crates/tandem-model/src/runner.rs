@@ -85,16 +85,32 @@ impl ModelRunner {
             self.model
                 .forward_packed(batch, &self.cache, Some(&self.adapters), &sched.capture)?;
         self.captured = captured;
+        let wanted = batch.logit_rows();
+        let mut samplers = Vec::with_capacity(wanted.len());
+        for &(seg, _) in &wanted {
+            let id = batch.segments[seg].seq_id;
+            if !self.samplers.contains_key(&id) {
+                return Err(ModelError::Batch(format!(
+                    "sequence {id} was never announced with its sampling parameters"
+                )));
+            }
+            samplers.push(id);
+        }
+        // Off the CPU, a batch that only decodes greedily takes its argmax on the device and
+        // copies one id per row instead of the [rows, vocab] logits.
+        if !logits.device().is_cpu() && samplers.iter().all(|id| self.samplers[id].greedy_only()) {
+            let ids = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+            let sampled = samplers.into_iter().zip(ids).collect();
+            return Ok(StepOutput {
+                sampled,
+                logprobs: HashMap::new(),
+            });
+        }
         let rows = crate::llama::logits_to_rows(&logits)?;
         let mut sampled = Vec::with_capacity(rows.len());
         let mut logprobs = HashMap::new();
-        for ((seg, _), row) in batch.logit_rows().into_iter().zip(rows) {
-            let id = batch.segments[seg].seq_id;
-            let sampler = self.samplers.get_mut(&id).ok_or_else(|| {
-                ModelError::Batch(format!(
-                    "sequence {id} was never announced with its sampling parameters"
-                ))
-            })?;
+        for (id, row) in samplers.into_iter().zip(rows) {
+            let sampler = self.samplers.get_mut(&id).expect("checked above");
             let tok = sampler.sample(&row);
             if let Some(k) = sampler.params().logprobs {
                 logprobs.insert(id, crate::sampling::TokenLogprobs::of(&row, tok, k));

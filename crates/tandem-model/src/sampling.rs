@@ -119,6 +119,11 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether `sample` is an argmax and nothing else of the row is wanted (no logprobs).
+    pub fn greedy_only(&self) -> bool {
+        (self.params.temperature < 1e-5 || self.params.top_k == 1) && self.params.logprobs.is_none()
+    }
+
     /// Draws the next token from `logits` (one row). Without top-k/top-p the whole vocabulary is
     /// drawn from in token order (no sort); with them only the candidates are ordered: the
     /// top-k by selection, the top-p nucleus by sorting ever larger heads of the ranking until
@@ -139,7 +144,11 @@ impl Sampler {
                 .total_cmp(&logits[*a as usize])
                 .then(a.cmp(b))
         };
-        let k = if p.top_k > 0 && p.top_k < n { p.top_k } else { n };
+        let k = if p.top_k > 0 && p.top_k < n {
+            p.top_k
+        } else {
+            n
+        };
         let top_p = p.top_p as f64;
         if k == n && top_p >= 1.0 {
             let total: f64 = (0..n as u32).map(weight).sum();
@@ -279,7 +288,10 @@ mod tests {
             let mut seen = std::collections::HashSet::new();
             for _ in 0..8 * want.len() {
                 let tok = s.sample(&logits);
-                assert!(inside.contains(&tok), "top_p {top_p} top_k {top_k}: {tok} is outside");
+                assert!(
+                    inside.contains(&tok),
+                    "top_p {top_p} top_k {top_k}: {tok} is outside"
+                );
                 seen.insert(tok);
             }
             assert!(
