@@ -125,8 +125,9 @@ fn cache_and_registry(m: &Llama, blocks: usize, max_loras: usize) -> (KvCache, A
 }
 
 /// The token-level path; with `bystanders`, every forward chunk shares its batch with an
-/// inference prefill through another adapter and a base-only decode. `chunk` 0: chunks of
-/// varying sizes (2, 5, 1, 3, ...), as the co-serving engine cuts them to its latency budget.
+/// inference prefill through another adapter and a base-only decode. `chunk` 0: forward chunks
+/// of varying sizes (2, 5, 1, 3, ...), as the co-serving engine cuts them to its latency budget,
+/// joined into backward chunks of up to 6 tokens.
 fn token_level(
     m: &Llama,
     l: &TrainableLora,
@@ -152,7 +153,8 @@ fn token_level(
     let mut acc = GradAccum::default();
     for (k, (toks, target)) in seqs.iter().enumerate() {
         let table: Vec<u32> = (k as u32 * 10..k as u32 * 10 + 10).collect();
-        let max = if chunk == 0 { toks.len() } else { chunk };
+        // chunk 0: forward pieces of 1-5 tokens, joined into backward chunks of up to 6.
+        let max = if chunk == 0 { 6 } else { chunk };
         let mut seq = SeqTrain::new(toks.clone(), target, max, 1.0 / total as f64);
         let (mut pa, mut pb) = (0usize, 0usize);
         let sizes = [2, 5, 1, 3];
@@ -179,6 +181,13 @@ fn token_level(
             let (_, mut caps) = m.forward_packed(&batch, &cache, Some(&reg), &[at]).unwrap();
             seq.finish_forward(m, ci, caps.pop().unwrap().inputs)
                 .unwrap();
+        }
+        if chunk == 0 {
+            assert!(
+                seq.chunks.len() < n && seq.chunks.iter().any(|&(_, len)| len > 5),
+                "forward pieces {n} were not joined for the backward: {:?}",
+                seq.chunks
+            );
         }
         while seq.phase != SeqPhase::Done {
             seq.backward_step(m, &cache, &table, l, &mut acc).unwrap();

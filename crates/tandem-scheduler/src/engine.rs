@@ -80,6 +80,8 @@ pub struct IterationReport {
     /// Tokens of the chunks whose (layer, chunk) backward steps ran, summed over steps.
     pub finetune_backward_tokens: u64,
     pub finetune_backward_steps: u64,
+    /// The latency budget the iteration was given (co-serving sizes finetuning work to it).
+    pub budget: Duration,
     /// How long each request that ran for the first time in this iteration had waited, with
     /// the adapter it runs through.
     pub queue_times: Vec<(Option<String>, Duration)>,
@@ -398,6 +400,7 @@ impl LlmEngine {
         }
         self.release_finished()?;
         report.predicted = Duration::from_secs_f64(predicted);
+        report.budget = budget.saturating_duration_since(t0);
         report.measured = t0.elapsed();
         if let Some(f) = self.on_iteration.as_mut() {
             f(&report);
@@ -498,11 +501,9 @@ impl LlmEngine {
             let x = forward_features(inference);
             let fits = |n: usize| self.cost.predict_forward(&x, Some(n)) <= left;
             let most = toks.len().min(budget);
-            // Each backward (layer, chunk) step has a fixed cost, so short chunks make the
-            // backward dearer: a chunk is at least half the configured size (or MIN_CHUNK).
-            let least = toks
-                .len()
-                .min(MIN_CHUNK.max(self.jobs[i].run.cfg.chunk_tokens / 2));
+            // Short chunks cost the backward nothing (it joins them back into chunks of the
+            // configured size); each still pays the LM head's fixed cost, hence MIN_CHUNK.
+            let least = toks.len().min(MIN_CHUNK);
             if most < least || !fits(least) {
                 return None;
             }

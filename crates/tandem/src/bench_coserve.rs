@@ -23,8 +23,53 @@ struct Outcome {
     submitted: usize,
     trained_tokens: u64,
     secs: f64,
-    /// Per iteration: (predicted, measured) seconds.
-    iterations: Vec<(f64, f64)>,
+    iterations: Vec<Iteration>,
+}
+
+/// What the bench keeps of each iteration's report.
+#[derive(Clone, Copy)]
+struct Iteration {
+    /// Seconds.
+    predicted: f64,
+    measured: f64,
+    budget: f64,
+    inference_tokens: u64,
+    finetune_forward_tokens: u64,
+    finetune_backward_steps: u64,
+}
+
+/// Where the time of a run went (TANDEM_BENCH_VERBOSE): busy vs idle, iterations with and
+/// without finetuning work, and how much of the latency budget iterations with both used.
+fn breakdown(o: &Outcome) -> String {
+    let sum = |f: &dyn Fn(&Iteration) -> bool| -> (usize, f64) {
+        let v: Vec<_> = o.iterations.iter().filter(|i| f(i)).collect();
+        (v.len(), v.iter().map(|i| i.measured).sum())
+    };
+    let training = |i: &Iteration| i.finetune_forward_tokens > 0 || i.finetune_backward_steps > 0;
+    let (n_inf, t_inf) = sum(&|i| i.inference_tokens > 0 && !training(i));
+    let (n_mix, t_mix) = sum(&|i| i.inference_tokens > 0 && training(i));
+    let (n_ft, t_ft) = sum(&|i| i.inference_tokens == 0 && training(i));
+    let mixed: Vec<_> = o
+        .iterations
+        .iter()
+        .filter(|i| i.inference_tokens > 0 && training(i))
+        .collect();
+    let used = mixed.iter().map(|i| i.measured).sum::<f64>()
+        / mixed.iter().map(|i| i.budget).sum::<f64>().max(1e-9);
+    let over = mixed.iter().filter(|i| i.measured > i.budget).count();
+    let fwd: u64 = mixed.iter().map(|i| i.finetune_forward_tokens).sum();
+    let chunks = mixed
+        .iter()
+        .filter(|i| i.finetune_forward_tokens > 0)
+        .count();
+    format!(
+        "wall {:.1} s, idle {:.1} s; inference only: {n_inf} iterations {t_inf:.1} s; inference + finetuning: {n_mix} iterations {t_mix:.1} s, {:.0}% of their budgets used, {over} over budget, {chunks} forward chunks of {:.0} tokens on average, {} backward steps; finetuning only: {n_ft} iterations {t_ft:.1} s",
+        o.secs,
+        o.secs - t_inf - t_mix - t_ft,
+        100.0 * used,
+        fwd as f64 / chunks.max(1) as f64,
+        mixed.iter().map(|i| i.finetune_backward_steps).sum::<u64>(),
+    )
 }
 
 fn pct(v: &[f64], p: f64) -> f64 {
@@ -101,7 +146,14 @@ fn run_once(
     let sink = seen.clone();
     e.on_iteration = Some(Box::new(move |r| {
         if let Ok(mut v) = sink.lock() {
-            v.push((r.predicted.as_secs_f64(), r.measured.as_secs_f64()));
+            v.push(Iteration {
+                predicted: r.predicted.as_secs_f64(),
+                measured: r.measured.as_secs_f64(),
+                budget: r.budget.as_secs_f64(),
+                inference_tokens: r.decode_tokens + r.prefill_tokens,
+                finetune_forward_tokens: r.finetune_forward_tokens,
+                finetune_backward_steps: r.finetune_backward_steps,
+            });
         }
     }));
     while start.elapsed() < horizon {
@@ -232,7 +284,7 @@ pub fn run(args: BenchCoserveArgs) -> Result<()> {
     println!("# finetune-only throughput: {alone_tps:.1} trained tokens/s");
     println!("\n| load | rate req/s | mode | requests done | TTFT p50 / p99 ms | TPOT p50 / p99 ms | token gap p99 ms | TPOT SLO attainment | TTFT SLO attainment | finetune tok/s | share of finetune-only | iteration time: predicted / measured, median abs error |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    for (label, frac) in [("light", 0.25), ("medium", 0.5), ("heavy", 0.9)] {
+    for (label, frac) in args.loads.iter().map(|l| l.rate()) {
         let rate = capacity * frac;
         let modes = [(CoserveMode::InferenceOnly, 0), (CoserveMode::Coserve, 0)]
             .into_iter()
@@ -259,8 +311,12 @@ pub fn run(args: BenchCoserveArgs) -> Result<()> {
             let tps = o.trained_tokens as f64 / o.secs;
             // Skip the first iterations (the fit starts from nothing).
             let fit: Vec<_> = o.iterations.iter().skip(20).collect();
-            let ratio = fit.iter().map(|p| p.0).sum::<f64>() / fit.iter().map(|p| p.1).sum::<f64>();
-            let err: Vec<f64> = fit.iter().map(|p| (p.0 - p.1).abs() * 1e3).collect();
+            let ratio = fit.iter().map(|p| p.predicted).sum::<f64>()
+                / fit.iter().map(|p| p.measured).sum::<f64>();
+            let err: Vec<f64> = fit
+                .iter()
+                .map(|p| (p.predicted - p.measured).abs() * 1e3)
+                .collect();
             println!(
                 "| {label} | {rate:.2} | {name} | {}/{} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} | {:.1}% | {:.1}% | {tps:.1} | {:.0}% | {ratio:.2}, {:.1} ms |",
                 o.finished,
@@ -276,6 +332,7 @@ pub fn run(args: BenchCoserveArgs) -> Result<()> {
                 pct(&err, 0.5),
             );
             if std::env::var_os("TANDEM_BENCH_VERBOSE").is_some() {
+                eprintln!("{label} {name}: {}", breakdown(&o));
                 let c = &e.cost;
                 let (f, k, b) = (
                     c.forward.coefficients(),

@@ -165,6 +165,10 @@ pub struct BenchCoserveArgs {
     /// Temporal mode: iterations between finetuning turns (one row per value).
     #[arg(long, value_delimiter = ',', default_values_t = [8, 32])]
     pub temporal_every: Vec<usize>,
+    /// Inference loads to run, comma-separated: light (25% of the measured capacity), medium
+    /// (50%), heavy (90%).
+    #[arg(long, value_delimiter = ',', default_values_t = [Load::Light, Load::Medium, Load::Heavy])]
+    pub loads: Vec<Load>,
 }
 
 #[derive(Args, Debug)]
@@ -193,6 +197,30 @@ pub struct BenchFinetuneArgs {
     /// which need the whole sequence's graph in memory.
     #[arg(long)]
     pub no_reference: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Load {
+    Light,
+    Medium,
+    Heavy,
+}
+
+impl Load {
+    /// The label and the fraction of measured capacity.
+    pub fn rate(self) -> (&'static str, f64) {
+        match self {
+            Load::Light => ("light", 0.25),
+            Load::Medium => ("medium", 0.5),
+            Load::Heavy => ("heavy", 0.9),
+        }
+    }
+}
+
+impl std::fmt::Display for Load {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.rate().0)
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

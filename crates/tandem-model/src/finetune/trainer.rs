@@ -293,8 +293,76 @@ impl SeqTrain {
         self.phase = if s + n < self.len() {
             SeqPhase::Forward(c + 1)
         } else {
+            self.merge_chunks()?;
             SeqPhase::Backward(model.cfg.num_hidden_layers - 1, self.chunks.len() - 1)
         };
+        Ok(())
+    }
+
+    /// Joins consecutive forward chunks into backward chunks of up to `chunk_tokens` tokens
+    /// (a co-serving scheduler may have run the forward in short pieces to fit its latency
+    /// budget; the backward need not pay a step's fixed cost per piece). The gradients are the
+    /// same: a (layer, chunk) step over the joined tokens is the steps over its pieces.
+    fn merge_chunks(&mut self) -> Result<()> {
+        let mut groups: Vec<(usize, usize)> = Vec::new(); // (first chunk, chunks)
+        let mut tokens = 0;
+        for (c, &(_, n)) in self.chunks.iter().enumerate() {
+            match groups.last_mut() {
+                Some((_, k)) if tokens + n <= self.chunk_tokens => {
+                    *k += 1;
+                    tokens += n;
+                }
+                _ => {
+                    groups.push((c, 1));
+                    tokens = n;
+                }
+            }
+        }
+        if groups.len() == self.chunks.len() {
+            return Ok(());
+        }
+        let cat = |ts: Vec<Tensor>| -> Result<Tensor> {
+            Ok(if ts.len() == 1 {
+                ts.into_iter().next().expect("one")
+            } else {
+                Tensor::cat(&ts, 0)?
+            })
+        };
+        let mut chunks = Vec::with_capacity(groups.len());
+        let mut saved = Vec::with_capacity(groups.len());
+        let mut d_out = Vec::with_capacity(groups.len());
+        let layers = self.saved.first().map_or(0, Vec::len);
+        for &(first, k) in &groups {
+            let range = first..first + k;
+            let (start, _) = self.chunks[first];
+            let len = self.chunks[range.clone()].iter().map(|&(_, n)| n).sum();
+            chunks.push((start, len));
+            let mut per_layer = Vec::with_capacity(layers);
+            for l in 0..layers {
+                let parts = range
+                    .clone()
+                    .map(|c| {
+                        self.saved[c][l].take().ok_or_else(|| {
+                            ModelError::Batch(format!("no saved input for layer {l}, chunk {c}"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                per_layer.push(Some(cat(parts)?));
+            }
+            saved.push(per_layer);
+            let parts = range
+                .clone()
+                .map(|c| {
+                    self.d_out[c].take().ok_or_else(|| {
+                        ModelError::Batch(format!("no output gradient for chunk {c}"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            d_out.push(Some(cat(parts)?));
+        }
+        self.chunks = chunks;
+        self.saved = saved;
+        self.d_out = d_out;
         Ok(())
     }
 
