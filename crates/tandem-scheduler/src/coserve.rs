@@ -6,8 +6,8 @@
 //! chunk) steps run for as long as the iteration's latency budget (the TPOT SLO minus the
 //! forward's measured time, each step's time predicted by the online cost model in
 //! `cost_model`) allows. Under heavy inference load finetuning shrinks toward nothing; with no
-//! inference it takes the iteration. Requests that have waited for a slot for half the TTFT
-//! SLO stop finetuning until they run, and a shortage of KV blocks takes a job's blocks first
+//! inference it takes the iteration. Requests that have waited for a slot for a quarter of the
+//! TTFT SLO stop finetuning until they run, and a shortage of KV blocks takes a job's blocks first
 //! (its sequence restarts later).
 
 use std::time::Duration;
@@ -48,7 +48,7 @@ pub struct CoserveConfig {
     /// The inference latency target per iteration (time per output token).
     pub tpot_slo: Duration,
     /// The time-to-first-token target: finetuning yields to requests that have waited for a
-    /// batch slot for half of it.
+    /// batch slot for a quarter of it.
     pub ttft_slo: Duration,
     /// Temporal mode: iterations between finetuning turns.
     pub temporal_every: usize,

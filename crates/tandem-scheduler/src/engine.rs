@@ -449,12 +449,12 @@ impl LlmEngine {
     fn pick_job(&mut self, inference: bool) -> Option<usize> {
         match self.coserve.mode {
             CoserveMode::InferenceOnly => return None,
-            // Requests that have waited for a slot for half the TTFT SLO come first.
+            // Requests that have waited for a slot for a quarter of the TTFT SLO come first.
             CoserveMode::Coserve
                 if self
                     .scheduler
                     .longest_wait()
-                    .is_some_and(|w| w * 2 >= self.coserve.ttft_slo) =>
+                    .is_some_and(|w| w * 4 >= self.coserve.ttft_slo) =>
             {
                 return None
             }

@@ -382,7 +382,7 @@ pub struct ServeArgs {
     /// Inference time per output token to hold while finetuning fills the rest (ms).
     #[arg(long, default_value_t = 250.0)]
     pub tpot_slo_ms: f64,
-    /// Time to first token to hold: finetuning yields to requests that have waited half of it (ms).
+    /// Time to first token to hold: finetuning yields to requests that have waited a quarter of it (ms).
     #[arg(long, default_value_t = 2000.0)]
     pub ttft_slo_ms: f64,
 }
