@@ -47,19 +47,48 @@ impl CustomOp1 for FrozenLinear {
         }
     }
 
+    /// The same product on the GPU: cuBLAS through the storage's matmul, W read transposed in
+    /// place.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (m, k) = l.shape().dims2()?;
+        let (n, wk) = self.0.dims2()?;
+        if wk != k {
+            candle_core::bail!("frozen-linear: input [{m}, {k}] against a weight [{n}, {wk}]")
+        }
+        let (ws, wl) = self.0.storage_and_layout();
+        let Storage::Cuda(w) = &*ws else {
+            candle_core::bail!("frozen-linear: the weight is not on the GPU")
+        };
+        let out = s.matmul(w, (1, m, n, k), l, &wl.transpose(0, 1)?)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(dy.matmul(&self.0)?))
     }
 }
 
-/// `x · Wᵀ` for a frozen weight, as `FrozenLinear` on the CPU (on other devices candle's
-/// matmul, whose extra weight gradient costs less there than a custom op's copies).
+/// `x · Wᵀ` for a frozen weight through `FrozenLinear` (CPU, and CUDA builds); elsewhere, or
+/// if the op cannot take these operands, candle's matmul (same values, plus a weight gradient
+/// that is thrown away).
 fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(if x.device().is_cpu() {
-        x.contiguous()?.apply_op1(FrozenLinear(w.clone()))?
-    } else {
-        x.matmul(&w.t()?)?
-    })
+    let on_op = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
+    if on_op {
+        match x.contiguous()?.apply_op1(FrozenLinear(w.clone())) {
+            Ok(y) => return Ok(y),
+            Err(e) if !x.device().is_cpu() => {
+                tracing::debug!(error = %e, "frozen-linear: falling back to matmul");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(x.matmul(&w.t()?)?)
 }
 
 /// A layer's trainable LoRA weights: per targeted projection, A [r, in], B [out, r] (f32 master
