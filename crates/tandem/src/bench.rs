@@ -187,8 +187,9 @@ pub fn lora(args: BenchLoraArgs) -> Result<()> {
         args.targets.join("-")
     ));
     let mut base_tps = None;
+    let loaded = load(&args.model)?;
     for &n in &args.adapters {
-        let m = load(&args.model)?;
+        let m = loaded.clone();
         let cfg = m.model.cfg.clone();
         let vocab = cfg.vocab_size;
         let per_seq = (args.prompt_len + args.steps + 2).div_ceil(BLOCK_SIZE);
