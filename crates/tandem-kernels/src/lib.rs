@@ -4,6 +4,7 @@
 //! a CUDA path (kernels/*.cu compiled to PTX by build.rs). Ops take varlen metadata as
 //! explicit host data. Must not touch: model structure, scheduling policy, or request state.
 
+mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod lora_sgmv;

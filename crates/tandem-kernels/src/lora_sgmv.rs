@@ -7,6 +7,7 @@
 //! Pools: `a_pool` [rows, in] holds A (lora_A, [r, in]) row blocks; `bt_pool` [rows, out] holds
 //! Bᵀ (lora_B is [out, r]) row blocks. The CPU path is the reference.
 
+use crate::cpu::dot;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -180,25 +181,6 @@ impl CustomOp3 for LoraSgmv {
         let (dx, da, dbt) = lora_sgmv_backward(x, a_pool, bt_pool, dy, &self.segs)?;
         Ok((Some(dx), Some(da), Some(dbt)))
     }
-}
-
-/// Dot product with eight independent accumulators, so that the compiler can vectorize it
-/// (a single running sum must keep the sequential order of float additions).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// `scale · (x Aᵀ) Bᵀ` per listed segment, as a [T, out] tensor (zero rows elsewhere).

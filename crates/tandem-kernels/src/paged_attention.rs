@@ -11,6 +11,7 @@
 //! kernel step by step and is the reference the CUDA path (f32, bf16) is checked against;
 //! devices and dtypes without an implementation get an error naming the op.
 
+use crate::cpu::dot;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -263,25 +264,6 @@ fn exp(x: f32) -> f32 {
     } else {
         e * scale
     }
-}
-
-/// `a · b` in eight independent partial sums (so the compiler can keep them in SIMD lanes).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 type Inputs<'a> = (&'a [f32], &'a [f32], &'a [f32]);

@@ -77,6 +77,29 @@ impl PackedBatch {
         });
     }
 
+    /// The varlen metadata tandem-kernels' attention ops take for this batch (built once per
+    /// forward, shared by every layer).
+    pub fn attention_meta(
+        &self,
+        block_size: usize,
+        sliding_window: Option<usize>,
+    ) -> tandem_kernels::PagedAttentionMeta {
+        let mut token_segment = Vec::with_capacity(self.tokens.len());
+        for (i, s) in self.segments.iter().enumerate() {
+            token_segment.extend(std::iter::repeat_n(i as u32, s.len));
+        }
+        tandem_kernels::PagedAttentionMeta::new(
+            block_size,
+            token_segment,
+            self.positions.clone(),
+            self.segments
+                .iter()
+                .map(|s| s.block_table.clone())
+                .collect(),
+            sliding_window,
+        )
+    }
+
     pub fn num_tokens(&self) -> usize {
         self.tokens.len()
     }

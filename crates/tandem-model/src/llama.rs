@@ -268,21 +268,7 @@ impl Llama {
         let positions = Tensor::new(batch.positions.as_slice(), dev)?;
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
-        let mut token_segment = Vec::with_capacity(t);
-        for (i, s) in batch.segments.iter().enumerate() {
-            token_segment.extend(std::iter::repeat_n(i as u32, s.len));
-        }
-        let meta = PagedAttentionMeta::new(
-            cache.block_size,
-            token_segment,
-            batch.positions.clone(),
-            batch
-                .segments
-                .iter()
-                .map(|s| s.block_table.clone())
-                .collect(),
-            self.cfg.sliding_window,
-        );
+        let meta = batch.attention_meta(cache.block_size, self.cfg.sliding_window);
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = self.cfg.rms_norm_eps as f32;
 

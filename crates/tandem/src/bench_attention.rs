@@ -40,24 +40,12 @@ fn case(rng: &mut StdRng, d: Dims, seqs: &[(usize, usize)], window: Option<usize
     ids.shuffle(rng);
     let mut batch = PackedBatch::default();
     let mut taken = 0;
-    let mut token_segment = vec![];
     for (i, (&(prefix, n), &nb)) in seqs.iter().zip(&need).enumerate() {
         let table = ids[taken..taken + nb].to_vec();
         taken += nb;
         batch.push(i as u64, &vec![0; n], prefix, table, LogitsWanted::None);
-        token_segment.extend(std::iter::repeat_n(i as u32, n));
     }
-    let meta = PagedAttentionMeta::new(
-        d.bs,
-        token_segment,
-        batch.positions.clone(),
-        batch
-            .segments
-            .iter()
-            .map(|s| s.block_table.clone())
-            .collect(),
-        window,
-    );
+    let meta = batch.attention_meta(d.bs, window);
     Case {
         d,
         slots: blocks * d.bs,
