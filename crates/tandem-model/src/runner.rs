@@ -96,6 +96,9 @@ impl ModelRunner {
             }
             samplers.push(id);
         }
+        if samplers.is_empty() {
+            return Ok(StepOutput::default());
+        }
         // Off the CPU, a batch that only decodes greedily takes its argmax on the device and
         // copies one id per row instead of the [rows, vocab] logits.
         if !logits.device().is_cpu() && samplers.iter().all(|id| self.samplers[id].greedy_only()) {
