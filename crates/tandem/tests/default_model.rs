@@ -179,6 +179,22 @@ fn kernel_checks_pass_on_cpu() {
 }
 
 #[test]
+fn attention_checks_pass_on_cpu() {
+    let out = tandem()
+        .args(["bench", "attention", "--quick"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("| ok ").count(), 7, "{stdout}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+}
+
+#[test]
 fn generate_through_an_adapter_changes_the_answer_and_a_zero_adapter_does_not() {
     use tandem_model::lora::Proj;
     let m = load_model(None, &Device::Cpu, DType::F32).unwrap();
