@@ -164,10 +164,7 @@ fn without_python_the_first_run_says_what_to_do() {
 
 /// `tandem bench <which> --quick` succeeds with `checks` rows marked ok and none failed.
 fn bench_checks_pass(which: &str, checks: usize) {
-    let out = tandem()
-        .args(["bench", which, "--quick"])
-        .output()
-        .unwrap();
+    let out = tandem().args(["bench", which, "--quick"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
