@@ -20,6 +20,7 @@
 // Rows of y outside every tile are not written (the host zeroes y when tiles leave gaps).
 
 #include <cuda_bf16.h>
+#include "dtype.cuh"
 #include <stdint.h>
 
 #define TILE_T 8
@@ -28,10 +29,6 @@
 #define MAX_RANK 256
 #define THREADS 256
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void store(float v, float *out) { *out = v; }
-__device__ __forceinline__ void store(float v, __nv_bfloat16 *out) { *out = __float2bfloat16(v); }
 
 // Eight consecutive elements as f32: one or two 16-byte loads when `vec` (16-byte aligned and
 // whole), else element by element with elements at or past `n` read as zero.

@@ -21,16 +21,13 @@
 // Write: slot[t] < 0 skips token t; else cache[slot[t], :] = src[t, :] (rows of nkv * HD).
 
 #include <cuda_bf16.h>
+#include "dtype.cuh"
 #include <math.h>
 #include <stdint.h>
 
 #define TILE 32
 #define MAX_ROWS 16
 
-__device__ __forceinline__ float pa_f32(float v) { return v; }
-__device__ __forceinline__ float pa_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void pa_store(float v, float *out) { *out = v; }
-__device__ __forceinline__ void pa_store(float v, __nv_bfloat16 *out) { *out = __float2bfloat16(v); }
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -82,7 +79,7 @@ __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k
     if (active) {
         const T *qr = q + ((size_t)tok * nh + head) * HD;
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) qs[warp][lane + 32 * v] = pa_f32(qr[lane + 32 * v]) * scale;
+        for (int v = 0; v < VEC; ++v) qs[warp][lane + 32 * v] = to_f32(qr[lane + 32 * v]) * scale;
     }
     float m = -INFINITY, l = 0.f, acc[VEC];
 #pragma unroll
@@ -96,8 +93,8 @@ __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k
             if (kj >= lo && kj <= hi) {
                 const size_t slot = (size_t)table[kj / bs] * bs + kj % bs;
                 const size_t at = (slot * nkv + g) * HD + d;
-                kv = pa_f32(kc[at]);
-                vv = pa_f32(vc[at]);
+                kv = to_f32(kc[at]);
+                vv = to_f32(vc[at]);
             }
             ks[j][d] = kv;
             vs[j][d] = vv;
@@ -132,7 +129,7 @@ __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k
         T *o = out + ((size_t)tok * nh + head) * HD;
         const float inv = 1.f / l;
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) pa_store(acc[v] * inv, o + lane + 32 * v);
+        for (int v = 0; v < VEC; ++v) store(acc[v] * inv, o + lane + 32 * v);
     }
 }
 

@@ -222,30 +222,27 @@ pub(crate) fn paged_attention_fwd(
     let (base, work) = plans(meta, dev, Some(nh / nkv), &mut fresh)?;
     let work = work.expect("asked for");
     let shape = (t, nh, nkv, hd);
+    // The same launch for each element type.
+    macro_rules! launch_as {
+        ($variant:ident, $suffix:literal, $q:ident, $k:ident, $v:ident) => {
+            CudaStorageSlice::$variant(launch(
+                $suffix,
+                dev,
+                (base, work),
+                ($q, $k, $v),
+                (ql, kl, vl),
+                shape,
+                meta,
+                scale,
+            )?)
+        };
+    }
     let slice = match (&qs.slice, &ks.slice, &vs.slice) {
         (CudaStorageSlice::F32(q), CudaStorageSlice::F32(k), CudaStorageSlice::F32(v)) => {
-            CudaStorageSlice::F32(launch(
-                "f32",
-                dev,
-                (base, work),
-                (q, k, v),
-                (ql, kl, vl),
-                shape,
-                meta,
-                scale,
-            )?)
+            launch_as!(F32, "f32", q, k, v)
         }
         (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-            CudaStorageSlice::BF16(launch(
-                "bf16",
-                dev,
-                (base, work),
-                (q, k, v),
-                (ql, kl, vl),
-                shape,
-                meta,
-                scale,
-            )?)
+            launch_as!(BF16, "bf16", q, k, v)
         }
         _ => candle_core::bail!(
             "paged_attention: cuda supports f32 and bf16 (q and caches alike), got {:?}",
