@@ -13,9 +13,13 @@
 # Build here:   eval "$(scripts/cuda-toolchain.sh)"
 #               cargo build --release --features cuda --target-dir target/cuda
 # Run there:    scripts/gpu-bench.sh [path/to/tandem]   (default: target/cuda/release/tandem)
+# Dry run of every step on a CPU host (a tiny model of the same structure, device cpu, no HF
+# baseline), to check the script before spending GPU time:
+#               GPU_BENCH_DRY_RUN=1 scripts/gpu-bench.sh target/release/tandem
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin="${1:-target/cuda/release/tandem}"
+dry="${GPU_BENCH_DRY_RUN:-}"
 export LD_LIBRARY_PATH="/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu-bench.txt") 2>&1; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -37,11 +41,21 @@ llama8b='{"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
   "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192, "rope_theta": 500000.0,
   "tie_word_embeddings": false}'
 
+device=cuda
+if [ -n "$dry" ]; then
+  llama8b='{"vocab_size": 512, "hidden_size": 128, "intermediate_size": 448, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 1, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+    "tie_word_embeddings": false}'
+  device=cpu
+fi
+
 baseline=""
 for f in ../shared/bench/hf_peft_baseline.py "$(dirname "$bin")/hf_peft_baseline.py"; do
   [ -f "$f" ] && baseline="$f" && break
 done
-if [ -n "$baseline" ]; then
+if [ -n "$dry" ]; then
+  echo "dry run: HF baselines skipped"
+elif [ -n "$baseline" ]; then
   step "HF transformers + PEFT, same machine, same run ($baseline)" 110 python3 "$baseline" llama8b
 else
   echo "hf_peft_baseline.py not found: HF baselines skipped"
@@ -49,7 +63,7 @@ fi
 
 model="$work/llama8b"
 step "random Llama-3.1-8B-shape weights (bf16)" 60 python3 scripts/random_llama.py "$model" "$llama8b" bf16
-m=(--model "$model" --device cuda)
+m=(--model "$model" --device "$device")
 step "decode at batch 1, 32, 128 (prompt 512)" 60 \
   "$bin" bench decode "${m[@]}" --batch-sizes 1,32,128 --prompt-len 512 --steps 16 --no-reference
 step "token-level LoRA finetuning alone (r16 all-linear, seq 1024, batch 4)" 60 \

@@ -276,6 +276,80 @@ def test_logprobs_in_completions_chat_and_streams(client):
     assert e.value.body["param"] == "logprobs"
 
 
+def tid(token):
+    """vLLM's `return_tokens_as_token_ids` spelling: "token_id:123" -> 123."""
+    assert token.startswith("token_id:"), token
+    return int(token.split(":", 1)[1])
+
+
+IDS = {"return_tokens_as_token_ids": True}
+
+
+def test_logit_bias_and_penalties_change_greedy_choices_exactly(client):
+    lp = dict(temperature=0, logprobs=True, top_logprobs=20, extra_body=IDS)
+    base = client.chat.completions.create(model=MODEL, messages=Q, max_tokens=12, **lp).choices[0].logprobs.content
+    first, second = tid(base[0].token), tid(base[0].top_logprobs[1].token)
+    assert first == tid(base[0].top_logprobs[0].token)
+    # A -100 bias on the greedy token: the next best comes instead.
+    biased = client.chat.completions.create(model=MODEL, messages=Q, max_tokens=1, logit_bias={str(first): -100}, **lp)
+    assert tid(biased.choices[0].logprobs.content[0].token) == second
+    # Penalties: each greedy choice is the best of the raw top-20 logprobs (what logprobs report)
+    # minus presence + frequency x count over the tokens chosen before it.
+    presence, frequency = 0.4, 1.2
+    count = [{"role": "user", "content": "List the numbers from 1 to 20."}]  # ", " repeats
+    plain = client.chat.completions.create(model=MODEL, messages=count, max_tokens=24, temperature=0)
+    pen = client.chat.completions.create(model=MODEL, messages=count, max_tokens=24, presence_penalty=presence,
+                                         frequency_penalty=frequency, **lp)
+    assert pen.choices[0].message.content != plain.choices[0].message.content
+    pen = pen.choices[0].logprobs.content
+    counts = {}
+    for step, e in enumerate(pen):
+        score = {tid(t.token): t.logprob - (presence + frequency * counts[tid(t.token)] if tid(t.token) in counts else 0)
+                 for t in e.top_logprobs}
+        chosen = tid(e.token)
+        assert chosen in score, f"step {step}: {chosen} is not among the top 20"
+        assert score[chosen] >= max(score.values()) - 1e-4, f"step {step}: {chosen} {score}"
+        counts[chosen] = counts.get(chosen, 0) + 1
+    for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": -3}, {"logit_bias": {"x": 1}},
+                {"logit_bias": {"5": 101}}, {"extra_body": {"repetition_penalty": 0}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=Q, max_tokens=2, **bad)
+        assert e.value.body["param"] in ("presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty")
+
+
+def test_token_id_prompts_echo_and_retrieving_a_model(client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    # Ids the model produced are a valid id prompt; its echo is their text.
+    run = client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=6,
+                                    logprobs=0, extra_body=IDS).choices[0]
+    ids = [tid(t) for t in run.logprobs.tokens]
+    one = client.completions.create(model=MODEL, prompt=ids, temperature=0, max_tokens=5, echo=True).choices[0].text
+    assert one.startswith(run.text) and len(one) > len(run.text)
+    two = client.completions.create(model=MODEL, prompt=[ids, ids], temperature=0, max_tokens=5).choices
+    assert [c.text for c in two] == [one[len(run.text):]] * 2
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=ids, temperature=0, max_tokens=5, echo=True, stream=True) if c.choices)
+    assert streamed == one
+    for bad, param in (({"prompt": [10 ** 8]}, "prompt"), ({"prompt": []}, "prompt"),
+                       ({"prompt": "hi", "best_of": 3}, "best_of"), ({"prompt": "hi", "suffix": "x"}, "suffix"),
+                       ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, max_tokens=2, **bad)
+        assert e.value.body["param"] == param
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=Q, max_tokens=2, tools=tools)
+    assert e.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=Q, max_tokens=2, response_format={"type": "json_object"})
+    assert e.value.body["param"] == "response_format"
+    # Offered tools with tool_choice "none" are answered as plain chat.
+    r = client.chat.completions.create(model=MODEL, messages=Q, max_tokens=2, tools=tools, tool_choice="none")
+    assert r.choices[0].message.content
+
+
 def test_adapters_loaded_at_run_time_survive_a_restart_with_data_dir():
     data = tempfile.mkdtemp()
     d = tempfile.mkdtemp()

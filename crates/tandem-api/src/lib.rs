@@ -29,6 +29,8 @@ pub struct AppState {
     /// The base model's name in the `model` field.
     pub model_name: String,
     pub max_model_len: usize,
+    /// The model's vocabulary size (logit rows; the range of token ids in requests).
+    pub vocab_size: usize,
     pub api_key: Option<String>,
     pub metrics: metrics::Metrics,
     /// Requests in flight (being answered or streamed) beyond which new ones get 429.

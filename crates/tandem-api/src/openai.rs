@@ -4,6 +4,7 @@
 use crate::error::ApiError;
 use serde::Deserialize;
 use serde_json::Value;
+use std::collections::HashMap;
 use tandem_model::SamplingParams;
 
 #[derive(Debug, Deserialize)]
@@ -13,13 +14,14 @@ pub enum StringOrList {
     Many(Vec<String>),
 }
 
-impl StringOrList {
-    pub fn into_vec(self) -> Vec<String> {
-        match self {
-            Self::One(s) => vec![s],
-            Self::Many(v) => v,
-        }
-    }
+/// A completion prompt: text, texts, token ids, or lists of token ids (as OpenAI and vLLM take).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -45,17 +47,54 @@ pub struct Sampling {
     pub stream_options: Option<StreamOptions>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
+    /// vLLM's extension (1 = off).
+    pub repetition_penalty: Option<f64>,
+    /// Token id (as a string key) → bias in -100..=100.
+    pub logit_bias: Option<HashMap<String, f64>>,
     pub logprobs: Option<Value>,
     pub top_logprobs: Option<u64>,
     #[serde(default)]
     pub ignore_eos: bool,
+    /// vLLM's extension: logprobs name tokens as `token_id:{id}`.
+    #[serde(default)]
+    pub return_tokens_as_token_ids: bool,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
-    pub prompt: StringOrList,
+    pub prompt: Prompt,
+    #[serde(default)]
+    pub echo: bool,
+    pub best_of: Option<u64>,
+    pub suffix: Option<String>,
     #[serde(flatten)]
     pub sampling: Sampling,
+}
+
+impl CompletionRequest {
+    /// 400 for what tandem cannot do rather than a silent default.
+    pub fn check_supported(&self) -> Result<(), ApiError> {
+        let n = self.sampling.n.unwrap_or(1);
+        if let Some(b) = self.best_of.filter(|&b| b != n) {
+            return Err(ApiError::invalid(
+                format!("best_of is not supported (got {b} with n = {n}); omit it or set it to n"),
+                Some("best_of"),
+            ));
+        }
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::invalid(
+                "suffix (insertion) is not supported",
+                Some("suffix"),
+            ));
+        }
+        if self.echo && !matches!(self.sampling.logprobs, None | Some(Value::Null)) {
+            return Err(ApiError::invalid(
+                "echo with logprobs (the prompt's logprobs) is not supported; use echo or logprobs",
+                Some("echo"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,8 +106,46 @@ pub struct ChatMessageIn {
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessageIn>,
+    pub response_format: Option<Value>,
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Vec<Value>>,
     #[serde(flatten)]
     pub sampling: Sampling,
+}
+
+impl ChatRequest {
+    /// 400 for what tandem cannot do rather than a silent default: structured output and
+    /// tool calls (a request that offers tools with `tool_choice: "none"` is answered).
+    pub fn check_supported(&self) -> Result<(), ApiError> {
+        if let Some(f) = &self.response_format {
+            match f.get("type").and_then(Value::as_str) {
+                Some("text") => {}
+                Some(t @ ("json_object" | "json_schema")) => {
+                    return Err(ApiError::invalid(
+                        format!("response_format {t} (structured output) is not supported; omit it or use type text"),
+                        Some("response_format"),
+                    ))
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        "response_format must be an object with type text, json_object or json_schema",
+                        Some("response_format"),
+                    ))
+                }
+            }
+        }
+        let offers_tools = self.tools.as_ref().is_some_and(|t| !t.is_empty())
+            || self.functions.as_ref().is_some_and(|f| !f.is_empty());
+        let none = self.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
+        if offers_tools && !none {
+            return Err(ApiError::invalid(
+                "tool calling is not supported; omit tools or set tool_choice to \"none\"",
+                Some("tools"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,10 +172,12 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
 impl Sampling {
     /// Engine parameters, or a 400 naming the parameter. `default_max_tokens` applies when the
     /// request sets none (16 for completions, as OpenAI; the room left for chat).
+    /// `vocab`: the model's vocabulary size (the range of logit_bias's tokens).
     pub fn to_params(
         &self,
         default_max_tokens: usize,
         chat: bool,
+        vocab: usize,
     ) -> Result<SamplingParams, ApiError> {
         let bad = |p: &str, m: String| Err(ApiError::invalid(m, Some(p)));
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
@@ -131,13 +210,39 @@ impl Sampling {
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
         ] {
-            if let Some(v) = v.filter(|v| *v != 0.0) {
-                return bad(
-                    p,
-                    format!("{p} is not supported yet (got {v}); omit it or set 0"),
-                );
+            if let Some(v) = v.filter(|v| !(-2.0..=2.0).contains(v)) {
+                return bad(p, format!("{p} must be between -2 and 2, got {v}"));
             }
         }
+        let repetition_penalty = self.repetition_penalty.unwrap_or(1.0);
+        if !(repetition_penalty > 0.0 && repetition_penalty.is_finite()) {
+            return bad(
+                "repetition_penalty",
+                format!("repetition_penalty must be a positive number, got {repetition_penalty}"),
+            );
+        }
+        let mut logit_bias = Vec::new();
+        for (k, &b) in self.logit_bias.iter().flatten() {
+            let t = match k.trim().parse::<u32>() {
+                Ok(t) if (t as usize) < vocab => t,
+                _ => {
+                    return bad(
+                        "logit_bias",
+                        format!("logit_bias keys must be token ids below {vocab}, got `{k}`"),
+                    )
+                }
+            };
+            if !(-100.0..=100.0).contains(&b) {
+                return bad(
+                    "logit_bias",
+                    format!(
+                        "logit_bias values must be between -100 and 100, got {b} for token {t}"
+                    ),
+                );
+            }
+            logit_bias.push((t, b as f32));
+        }
+        logit_bias.sort_by_key(|&(t, _)| t);
         let logprobs = self.logprobs_wanted(chat)?;
         let stop = self.stop.as_ref().map(|s| match s {
             StringOrList::One(s) => vec![s.clone()],
@@ -156,6 +261,10 @@ impl Sampling {
             stop,
             ignore_eos: self.ignore_eos,
             logprobs,
+            presence_penalty: self.presence_penalty.unwrap_or(0.0) as f32,
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0) as f32,
+            repetition_penalty: repetition_penalty as f32,
+            logit_bias,
         })
     }
 

@@ -3,7 +3,7 @@
 use crate::error::ApiError;
 use crate::metrics::RequestTimer;
 use crate::openai::{
-    self, content_text, ChatRequest, CompletionRequest, LoadAdapterRequest, Sampling,
+    self, content_text, ChatRequest, CompletionRequest, LoadAdapterRequest, Prompt, Sampling,
     UnloadAdapterRequest,
 };
 use crate::AppState;
@@ -32,6 +32,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
+        // Adapter names may hold slashes (a path-like name given to load_lora_adapter).
+        .route("/v1/models/{*id}", get(model_one))
         .route("/v1/load_lora_adapter", post(load_adapter))
         .route("/v1/unload_lora_adapter", post(unload_adapter))
         .route(
@@ -160,7 +162,8 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-async fn models(State(st): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+/// The model objects: the base model, then every adapter.
+async fn model_list(st: &AppState) -> Result<Vec<Value>, ApiError> {
     let stats = st.engine.stats().await.map_err(ApiError::internal)?;
     let created = now();
     let mut data = vec![
@@ -170,7 +173,25 @@ async fn models(State(st): State<Arc<AppState>>) -> Result<Json<Value>, ApiError
     for a in stats.adapters {
         data.push(json!({"id": a, "object": "model", "created": created, "owned_by": "tandem", "root": a, "parent": st.model_name}));
     }
-    Ok(Json(json!({"object": "list", "data": data})))
+    Ok(data)
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        json!({"object": "list", "data": model_list(&st).await?}),
+    ))
+}
+
+async fn model_one(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    model_list(&st)
+        .await?
+        .into_iter()
+        .find(|m| m["id"] == id.as_str())
+        .map(Json)
+        .ok_or_else(|| ApiError::model_not_found(&id))
 }
 
 async fn load_adapter(
@@ -267,22 +288,66 @@ async fn completions(
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = openai::parse(&body(b)?)?;
-    let prompts = req.prompt.into_vec();
-    if prompts.is_empty() || prompts.iter().any(String::is_empty) {
+    req.check_supported()?;
+    let empty = || {
+        ApiError::invalid(
+            "prompt must be a non-empty string, list of strings, list of token ids or list of such lists",
+            Some("prompt"),
+        )
+    };
+    let encoded = match &req.prompt {
+        Prompt::Text(t) => vec![encode(&st, t)?],
+        Prompt::Texts(ts) => ts
+            .iter()
+            .map(|t| encode(&st, t))
+            .collect::<Result<_, _>>()?,
+        Prompt::Ids(ids) => vec![ids.clone()],
+        Prompt::IdLists(l) => l.clone(),
+    };
+    if encoded.is_empty() || encoded.iter().any(Vec::is_empty) {
+        return Err(empty());
+    }
+    if let Some(t) = encoded
+        .iter()
+        .flatten()
+        .find(|&&t| t as usize >= st.vocab_size)
+    {
         return Err(ApiError::invalid(
-            "prompt must be a non-empty string or list of strings",
+            format!(
+                "prompt token id {t} is outside the vocabulary (0..{})",
+                st.vocab_size
+            ),
             Some("prompt"),
         ));
     }
-    let mut encoded = Vec::with_capacity(prompts.len());
-    for p in &prompts {
-        encoded.push(
+    // echo: each choice's text starts with its prompt's text.
+    let echo = if req.echo {
+        let text = |ids: &Vec<u32>| {
             st.tokenizer
-                .encode(p, true)
-                .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?,
-        );
+                .decode(ids, false)
+                .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))
+        };
+        match &req.prompt {
+            Prompt::Text(t) => Some(vec![t.clone()]),
+            Prompt::Texts(ts) => Some(ts.clone()),
+            _ => Some(encoded.iter().map(text).collect::<Result<_, _>>()?),
+        }
+    } else {
+        None
+    };
+    run(st, Kind::Completion, req.sampling, encoded, Some(16), echo).await
+}
+
+fn encode(st: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
+    if text.is_empty() {
+        return Err(ApiError::invalid(
+            "prompt must not be an empty string",
+            Some("prompt"),
+        ));
     }
-    run(st, Kind::Completion, req.sampling, encoded, Some(16)).await
+    st.tokenizer
+        .encode(text, true)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))
 }
 
 async fn chat(
@@ -290,6 +355,7 @@ async fn chat(
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = openai::parse(&body(b)?)?;
+    req.check_supported()?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages must not be empty",
@@ -322,7 +388,7 @@ async fn chat(
         .tokenizer
         .encode(&text, false)
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-    run(st, Kind::Chat, req.sampling, vec![ids], None).await
+    run(st, Kind::Chat, req.sampling, vec![ids], None, None).await
 }
 
 /// A slot among `max_pending` requests in flight, held until the response (or stream) ends.
@@ -349,19 +415,25 @@ impl Drop for Permit {
 }
 
 /// Submits every (prompt, choice) to the engine and answers in one JSON or as an SSE stream.
+/// `echo`: per prompt, text that starts each of its choices (completions' `echo`).
 async fn run(
     st: Arc<AppState>,
     kind: Kind,
     s: Sampling,
     prompts: Vec<Vec<u32>>,
     default_max: Option<usize>,
+    echo: Option<Vec<String>>,
 ) -> Result<Response, ApiError> {
     let adapter = resolve_model(&st, &s.model).await?;
     let permit = Permit::acquire(&st)?;
     let n = s.n()?;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let room = st.max_model_len.saturating_sub(longest);
-    let params = s.to_params(default_max.unwrap_or(room).max(1), kind == Kind::Chat)?;
+    let params = s.to_params(
+        default_max.unwrap_or(room).max(1),
+        kind == Kind::Chat,
+        st.vocab_size,
+    )?;
     if longest + params.max_tokens > st.max_model_len {
         return Err(ApiError::context_length(format!(
             "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in the prompt, {} in the completion). Please reduce the length of the prompt or completion.",
@@ -371,6 +443,14 @@ async fn run(
             params.max_tokens
         )));
     }
+    // The text each choice starts with (echo), in the order of `streams`.
+    let starts: Vec<String> = match echo {
+        Some(e) => e
+            .into_iter()
+            .flat_map(|t| std::iter::repeat_n(t, n))
+            .collect(),
+        None => vec![String::new(); prompts.len() * n],
+    };
     let mut streams = Vec::with_capacity(prompts.len() * n);
     let mut prompt_tokens = 0;
     for p in prompts {
@@ -404,6 +484,7 @@ async fn run(
         created: now(),
         model: s.model.clone(),
         kind,
+        token_ids: s.return_tokens_as_token_ids,
     };
     if s.stream {
         let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
@@ -412,11 +493,12 @@ async fn run(
             permit,
             head,
             streams,
+            starts,
             prompt_tokens,
             usage,
         ))
     } else {
-        let r = collect_response(&st, head, streams, prompt_tokens).await;
+        let r = collect_response(&st, head, streams, starts, prompt_tokens).await;
         drop(permit);
         r
     }
@@ -427,6 +509,8 @@ struct Head {
     created: u64,
     model: String,
     kind: Kind,
+    /// vLLM's `return_tokens_as_token_ids`: logprobs name tokens as `token_id:{id}`.
+    token_ids: bool,
 }
 
 impl Head {
@@ -458,6 +542,13 @@ impl Head {
             return Value::Null;
         }
         let text = |id: u32| tok.decode(&[id], false).unwrap_or_default();
+        let name = |id: u32| {
+            if self.token_ids {
+                format!("token_id:{id}")
+            } else {
+                text(id)
+            }
+        };
         match self.kind {
             Kind::Completion => {
                 let mut offsets = Vec::with_capacity(entries.len());
@@ -466,16 +557,17 @@ impl Head {
                     offset += text(e.token).len();
                 }
                 json!({
-                    "tokens": entries.iter().map(|e| text(e.token)).collect::<Vec<_>>(),
+                    "tokens": entries.iter().map(|e| name(e.token)).collect::<Vec<_>>(),
                     "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
-                    "top_logprobs": entries.iter().map(|e| e.top.iter().map(|(t, l)| (text(*t), json!(l))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+                    "top_logprobs": entries.iter().map(|e| e.top.iter().map(|(t, l)| (name(*t), json!(l))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
                     "text_offset": offsets,
                 })
             }
             Kind::Chat => {
                 let item = |t: u32, l: f32| {
-                    let s = text(t);
-                    json!({"token": s, "logprob": l, "bytes": s.as_bytes()})
+                    let s = name(t);
+                    let bytes = text(t).into_bytes();
+                    json!({"token": s, "logprob": l, "bytes": bytes})
                 };
                 let content: Vec<Value> = entries
                     .iter()
@@ -519,12 +611,13 @@ async fn collect_response(
     st: &AppState,
     head: Head,
     streams: Vec<mpsc::UnboundedReceiver<Event>>,
+    starts: Vec<String>,
     prompt_tokens: usize,
 ) -> Result<Response, ApiError> {
     let mut choices = Vec::with_capacity(streams.len());
     let mut completion_tokens = 0;
-    for (i, mut rx) in streams.into_iter().enumerate() {
-        let mut text = String::new();
+    for ((i, mut rx), start) in streams.into_iter().enumerate().zip(starts) {
+        let mut text = start;
         let mut finish = None;
         let mut timer = RequestTimer::start(&head.model);
         let mut lps = Vec::new();
@@ -574,6 +667,7 @@ fn stream_response(
     permit: Permit,
     head: Head,
     streams: Vec<mpsc::UnboundedReceiver<Event>>,
+    starts: Vec<String>,
     prompt_tokens: usize,
     include_usage: bool,
 ) -> Response {
@@ -594,6 +688,16 @@ fn stream_response(
                     {
                         return;
                     }
+                }
+            }
+            for (i, start) in starts.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
+                let chunk = head.object(
+                    true,
+                    vec![head.choice(i, start, None, true, Value::Null)],
+                    None,
+                );
+                if tx.send(send(chunk)).await.is_err() {
+                    return;
                 }
             }
             let merged = stream::select_all(streams.into_iter().enumerate().map(|(i, rx)| {

@@ -195,6 +195,8 @@ pub struct NewSequence {
     pub seq_id: u64,
     pub params: crate::sampling::SamplingParams,
     pub adapter: Option<u32>,
+    /// The prompt's tokens when the sampler needs them (a repetition penalty), else empty.
+    pub prompt: Vec<u32>,
 }
 
 /// What the engine hands back: one sampled token per segment that asked for `Last` logits.

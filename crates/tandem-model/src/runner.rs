@@ -61,7 +61,7 @@ impl ModelRunner {
         }
         for n in &sched.new_seqs {
             self.samplers
-                .insert(n.seq_id, Sampler::new(n.params.clone()));
+                .insert(n.seq_id, Sampler::with_prompt(n.params.clone(), &n.prompt));
             if let Some(a) = n.adapter {
                 self.adapters.pin(a);
                 self.seq_adapter.insert(n.seq_id, a);

@@ -1,7 +1,9 @@
-//! Sampling one token from a row of logits: greedy, temperature, top-k, top-p, seeded.
+//! Sampling one token from a row of logits: logit bias, repetition / frequency / presence
+//! penalties, then greedy or temperature with top-k and top-p; seeded.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::collections::{HashMap, HashSet};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -18,6 +20,15 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Return the sampled token's log-probability and this many most likely alternatives.
     pub logprobs: Option<usize>,
+    /// OpenAI's penalties over the tokens generated so far (-2..=2, 0 = off): a token's logit
+    /// loses `presence_penalty` once it has appeared and `frequency_penalty` per appearance.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// vLLM's (and HF's) repetition penalty over prompt and generated tokens (1 = off): such a
+    /// token's logit is divided by it when positive, multiplied when negative.
+    pub repetition_penalty: f32,
+    /// OpenAI's logit_bias: (token, bias) added to the logit before anything else.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -31,6 +42,10 @@ impl Default for SamplingParams {
             stop: vec![],
             ignore_eos: false,
             logprobs: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -50,7 +65,32 @@ impl SamplingParams {
         if self.max_tokens == 0 {
             return Err("max_tokens must be >= 1".into());
         }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be between -2 and 2, got {v}"));
+            }
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(format!(
+                "repetition_penalty must be a positive number, got {}",
+                self.repetition_penalty
+            ));
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
+            return Err(format!("logit_bias of token {t} must be finite, got {b}"));
+        }
         Ok(())
+    }
+
+    /// Whether the logits are changed before sampling (bias or a penalty).
+    pub fn adjusts_logits(&self) -> bool {
+        self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.repetition_penalty != 1.0
+            || !self.logit_bias.is_empty()
     }
 }
 
@@ -99,20 +139,44 @@ impl TokenLogprobs {
     }
 }
 
-/// Per-sequence sampler state: the parameters and the sequence's own random stream.
+/// Per-sequence sampler state: the parameters, the sequence's own random stream and, when a
+/// penalty is on, the tokens it penalises.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Generated tokens so far and how often each came (kept only when a penalty is on).
+    counts: HashMap<u32, u32>,
+    /// The prompt's tokens (kept only with a repetition penalty).
+    prompt: HashSet<u32>,
+    /// The adjusted row, reused across steps.
+    scratch: Vec<f32>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
+        Self::with_prompt(params, &[])
+    }
+
+    /// A sampler for a sequence whose prompt is `prompt` (what the repetition penalty counts
+    /// besides the generated tokens).
+    pub fn with_prompt(params: SamplingParams, prompt: &[u32]) -> Self {
         let rng = match params.seed {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
         };
-        Self { params, rng }
+        let prompt = if params.repetition_penalty != 1.0 {
+            prompt.iter().copied().collect()
+        } else {
+            HashSet::new()
+        };
+        Self {
+            params,
+            rng,
+            counts: HashMap::new(),
+            prompt,
+            scratch: Vec::new(),
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -121,15 +185,62 @@ impl Sampler {
 
     /// Whether `sample` is an argmax and nothing else of the row is wanted (no logprobs).
     pub fn greedy_only(&self) -> bool {
-        (self.params.temperature < 1e-5 || self.params.top_k == 1) && self.params.logprobs.is_none()
+        (self.params.temperature < 1e-5 || self.params.top_k == 1)
+            && self.params.logprobs.is_none()
+            && !self.params.adjusts_logits()
     }
 
-    /// Draws the next token from `logits` (one row). Without top-k/top-p the whole vocabulary is
+    /// `logits` with the logit bias and the penalties applied (in that order, as vLLM), for
+    /// the tokens generated so far.
+    pub fn adjust(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        for &(t, b) in &p.logit_bias {
+            if let Some(x) = logits.get_mut(t as usize) {
+                *x += b;
+            }
+        }
+        let rp = p.repetition_penalty;
+        if rp != 1.0 {
+            let seen = self
+                .prompt
+                .iter()
+                .chain(self.counts.keys().filter(|t| !self.prompt.contains(t)));
+            for &t in seen {
+                if let Some(x) = logits.get_mut(t as usize) {
+                    *x = if *x > 0.0 { *x / rp } else { *x * rp };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.counts {
+                if let Some(x) = logits.get_mut(t as usize) {
+                    *x -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+    }
+
+    /// Draws the next token from `logits` (one row) after `adjust`, and counts it as generated.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if !self.params.adjusts_logits() {
+            return self.draw(logits);
+        }
+        let mut row = std::mem::take(&mut self.scratch);
+        row.clear();
+        row.extend_from_slice(logits);
+        self.adjust(&mut row);
+        let tok = self.draw(&row);
+        self.scratch = row;
+        *self.counts.entry(tok).or_insert(0) += 1;
+        tok
+    }
+
+    /// Draws a token from `logits` (one row) as they are. Without top-k/top-p the whole vocabulary is
     /// drawn from in token order (no sort); with them only the candidates are ordered: the
     /// top-k by selection, the top-p nucleus by sorting ever larger heads of the ranking until
     /// it is covered — the same candidates and probabilities as a full sort, at a fraction of
     /// its cost on 50k-250k-token vocabularies.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature < 1e-5 || p.top_k == 1 || logits.len() < 2 {
             return crate::llama::argmax(logits);
@@ -301,6 +412,88 @@ mod tests {
                 want.len()
             );
         }
+    }
+
+    /// The adjustments as the definitions read, in float64: bias, then the repetition penalty
+    /// over prompt and output tokens, then frequency and presence over output tokens.
+    fn reference_adjust(
+        logits: &[f32],
+        p: &SamplingParams,
+        prompt: &[u32],
+        out: &[u32],
+    ) -> Vec<f64> {
+        let mut x: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+        for &(t, b) in &p.logit_bias {
+            x[t as usize] += b as f64;
+        }
+        let rp = p.repetition_penalty as f64;
+        for t in 0..x.len() as u32 {
+            if prompt.contains(&t) || out.contains(&t) {
+                let v = &mut x[t as usize];
+                *v = if *v > 0.0 { *v / rp } else { *v * rp };
+            }
+            let n = out.iter().filter(|&&o| o == t).count() as f64;
+            if n > 0.0 {
+                x[t as usize] -= p.presence_penalty as f64 + p.frequency_penalty as f64 * n;
+            }
+        }
+        x
+    }
+
+    #[test]
+    fn penalties_and_bias_change_the_logits_as_defined() {
+        let logits: Vec<f32> = (0..40)
+            .map(|i| ((i * 29) % 17) as f32 * 0.37 - 2.5)
+            .collect();
+        let prompt = [3u32, 7, 7, 11, 30];
+        for (presence, frequency, repetition, bias) in [
+            (0.5f32, 0.0f32, 1.0f32, vec![]),
+            (0.0, 0.8, 1.0, vec![]),
+            (-0.4, 1.1, 1.3, vec![(5u32, 2.5f32), (9, -100.0)]),
+            (0.2, -0.3, 0.7, vec![(0, 1.0)]),
+        ] {
+            let p = SamplingParams {
+                temperature: 0.0,
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                repetition_penalty: repetition,
+                logit_bias: bias,
+                ..Default::default()
+            };
+            let mut s = Sampler::with_prompt(p.clone(), &prompt);
+            let mut out = Vec::new();
+            for _ in 0..25 {
+                let want = reference_adjust(&logits, &p, &prompt, &out);
+                let mut got = logits.clone();
+                s.adjust(&mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w} ({p:?})");
+                }
+                // Greedy after the adjustment: the reference's argmax (first on ties).
+                let best =
+                    (0..want.len()).fold(0, |b, i| if want[i] > want[b] { i } else { b }) as u32;
+                let tok = s.sample(&logits);
+                assert_eq!(tok, best, "{p:?} after {out:?}");
+                out.push(tok);
+            }
+            // A positive frequency penalty must have made greedy decoding move on.
+            if frequency > 0.0 {
+                assert!(out.iter().any(|&t| t != out[0]), "{out:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn without_adjustments_the_sampler_keeps_no_history() {
+        let mut s = Sampler::with_prompt(params(1.0, 1.0, 0, 1), &[1, 2, 3]);
+        assert!(!s.greedy_only() && s.prompt.is_empty());
+        s.sample(&[0.0, 1.0, 2.0]);
+        assert!(s.counts.is_empty());
+        let with = SamplingParams {
+            frequency_penalty: 0.5,
+            ..Default::default()
+        };
+        assert!(!Sampler::new(with).greedy_only());
     }
 
     #[test]

@@ -245,6 +245,11 @@ impl Scheduler {
                     seq_id: seq.id,
                     params: seq.params.clone(),
                     adapter: seq.adapter,
+                    prompt: if seq.params.repetition_penalty != 1.0 {
+                        seq.tokens[..seq.prompt_len].to_vec()
+                    } else {
+                        Vec::new()
+                    },
                 });
                 seq.announced = true;
             }

@@ -277,6 +277,14 @@ pub struct GenerateArgs {
     pub top_k: usize,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Penalises tokens of the prompt and the output (1 is off; HF's and vLLM's meaning).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// OpenAI's penalties over generated tokens, -2 to 2.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
     /// Stop when this text appears (repeatable); it is not printed.
     #[arg(long)]
     pub stop: Vec<String>,

@@ -69,6 +69,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         stop: args.stop.clone(),
         ignore_eos: false,
         logprobs: None,
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
+        repetition_penalty: args.repetition_penalty,
+        logit_bias: Vec::new(),
     };
     if let Err(e) = params.validate() {
         bail!("invalid sampling option: {e}");

@@ -20,6 +20,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .unwrap_or_else(|| m.name.clone());
     let tokenizer = m.tokenizer.clone();
     let max_model_len = m.model.cfg.max_position_embeddings;
+    let vocab_size = m.model.cfg.vocab_size;
     let lora = RegistryConfig {
         max_loras: args.max_loras.max(1),
         max_lora_rank: args.max_lora_rank,
@@ -93,6 +94,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         tokenizer,
         model_name: name.clone(),
         max_model_len,
+        vocab_size,
         api_key: args.api_key.clone(),
         metrics,
         max_pending: args.max_pending.max(1),
