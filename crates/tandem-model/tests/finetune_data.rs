@@ -131,6 +131,10 @@ fn bad_lines_name_the_line_and_field() {
         ),
         (r#"{"text": ""}"#, "text"),
         (r#"{"input": "x"}"#, "json"),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}"#,
+            "messages[1].tool_calls",
+        ),
     ];
     for (line, field) in cases {
         let (f, msg) = parse_record(line).unwrap_err();

@@ -96,6 +96,14 @@ pub fn parse_record(line: &str) -> std::result::Result<Record, (String, String)>
             if !["system", "user", "assistant", "developer", "tool"].contains(&role.as_str()) {
                 return Err((field("role"), format!("unknown role `{role}`")));
             }
+            for calls in ["tool_calls", "function_call"] {
+                if o.get(calls).is_some_and(|v| !v.is_null()) {
+                    return Err((
+                        field(calls),
+                        "tool calls in training examples are not supported yet (the chat template renders text messages only)".into(),
+                    ));
+                }
+            }
             let content = match o.get("content") {
                 Some(Value::String(s)) => s.clone(),
                 // OpenAI's content parts: the text parts, concatenated.
