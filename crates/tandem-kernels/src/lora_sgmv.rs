@@ -148,7 +148,7 @@ fn prefetch(s: &[f32]) {
         // inside `s`.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                s.as_ptr().add(i) as *const i8,
+                s.as_ptr().add(i) as *const i8
             )
         }
     }

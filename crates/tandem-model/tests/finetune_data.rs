@@ -2,7 +2,7 @@
 //! through the chat template), and errors that name the line and the field.
 
 use std::path::Path;
-use tandem_model::finetune::{load_jsonl, parse_record, validate_jsonl, Record};
+use tandem_model::finetune::{load_jsonl, parse_record, tokenize, validate_jsonl, Record};
 use tandem_model::TextTokenizer;
 
 /// A word-level tokenizer over `words` (split on whitespace and punctuation) with a chat
@@ -105,6 +105,49 @@ fn loss_masks_follow_the_record_shape() {
 }
 
 #[test]
+fn sharegpt_trl_and_alpaca_lines_read_as_the_same_chat() {
+    let same = [
+        (
+            r#"{"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi there"}, {"from": "human", "value": "how are you"}, {"from": "gpt", "value": "fine", "weight": 0}]}"#,
+            r#"{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}, {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine", "weight": 0}]}"#,
+        ),
+        (
+            r#"{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}], "completion": [{"role": "assistant", "content": "hi there"}]}"#,
+            r#"{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]}"#,
+        ),
+        (
+            r#"{"instruction": "hello", "input": "", "output": "hi there"}"#,
+            r#"{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]}"#,
+        ),
+        (
+            r#"{"instruction": "translate", "input": "bonjour", "output": "hello", "system": "be brief"}"#,
+            r#"{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "translate\n\nbonjour"}, {"role": "assistant", "content": "hello"}]}"#,
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    for (other, openai) in same {
+        let (a, b) = (parse_record(other).unwrap(), parse_record(openai).unwrap());
+        assert_eq!(a, b, "{other}");
+        // A prompt message is context even if it is an assistant's.
+        assert_eq!(
+            tokenize(&a, &tok, 1024).unwrap(),
+            tokenize(&b, &tok, 1024).unwrap()
+        );
+    }
+    let Record::Chat(m) = parse_record(
+        r#"{"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "completion": [{"role": "assistant", "content": "c"}]}"#,
+    )
+    .unwrap() else {
+        panic!("not chat")
+    };
+    assert_eq!(
+        m.iter().map(|(_, t)| *t).collect::<Vec<_>>(),
+        [false, false, true]
+    );
+}
+
+#[test]
 fn bad_lines_name_the_line_and_field() {
     let cases = [
         ("not json", "json"),
@@ -131,6 +174,25 @@ fn bad_lines_name_the_line_and_field() {
         ),
         (r#"{"text": ""}"#, "text"),
         (r#"{"input": "x"}"#, "json"),
+        (
+            r#"{"conversations": [{"from": "alien", "value": "x"}]}"#,
+            "conversations[0].from",
+        ),
+        (
+            r#"{"conversations": [{"from": "human"}]}"#,
+            "conversations[0].value",
+        ),
+        (r#"{"conversations": {}}"#, "conversations"),
+        (r#"{"instruction": "x"}"#, "output"),
+        (r#"{"instruction": "x", "output": 3}"#, "output"),
+        (
+            r#"{"prompt": [{"role": "user", "content": "x"}], "completion": "y"}"#,
+            "completion",
+        ),
+        (
+            r#"{"prompt": [{"role": "user", "content": "x"}], "completion": [{"role": "user", "content": "y"}]}"#,
+            "messages",
+        ),
         (
             r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}"#,
             "messages[1].tool_calls",

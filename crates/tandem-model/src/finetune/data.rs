@@ -3,7 +3,11 @@
 //! - `{"prompt": "...", "completion": "..."}`: loss on the completion (and the EOS after it) only;
 //! - `{"messages": [{"role": ..., "content": ...}, ...]}`: the chat template applied, loss on the
 //!   assistant messages only (an assistant message with `"weight": 0` is context, not a target);
-//! - `{"text": "..."}`: loss on every token.
+//! - `{"text": "..."}`: loss on every token;
+//! - from other tools: ShareGPT's `{"conversations": [{"from": "human" | "gpt" | ..., "value"}]}`,
+//!   TRL's conversational `{"prompt": [messages], "completion": [messages]}` and Alpaca's
+//!   `{"instruction", "input", "output"}` (a user turn and the assistant's answer), all read as
+//!   chat messages.
 //!
 //! Bad lines give an error naming the file, the line number and the field.
 
@@ -64,6 +68,124 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// OpenAI-style messages (`role`, `content` as a string or text parts, optional `weight` 0/1 on
+/// assistant messages), the array under `name` (named in errors); per message, whether it is a
+/// training target (an assistant message without `"weight": 0`).
+fn parse_messages(
+    items: &[Value],
+    name: &str,
+) -> std::result::Result<Vec<(ChatMessage, bool)>, (String, String)> {
+    let mut msgs = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let field = |f: &str| format!("{name}[{i}].{f}");
+        let Value::Object(o) = item else {
+            return Err((
+                format!("{name}[{i}]"),
+                format!("must be an object, got {}", kind(item)),
+            ));
+        };
+        let role = string_field(o, "role")
+            .map_err(|(_, m)| (field("role"), m))?
+            .ok_or_else(|| (field("role"), "is missing".to_string()))?;
+        if !["system", "user", "assistant", "developer", "tool"].contains(&role.as_str()) {
+            return Err((field("role"), format!("unknown role `{role}`")));
+        }
+        for calls in ["tool_calls", "function_call"] {
+            if o.get(calls).is_some_and(|v| !v.is_null()) {
+                return Err((
+                    field(calls),
+                    "tool calls in training examples are not supported yet (the chat template renders text messages only)".into(),
+                ));
+            }
+        }
+        let content = match o.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            // OpenAI's content parts: the text parts, concatenated.
+            Some(Value::Array(parts)) => {
+                let mut s = String::new();
+                for p in parts {
+                    match p.get("text").and_then(Value::as_str) {
+                        Some(t) if p.get("type").and_then(Value::as_str) == Some("text") => {
+                            s.push_str(t)
+                        }
+                        _ => {
+                            return Err((
+                                field("content"),
+                                "only text content parts are supported".into(),
+                            ))
+                        }
+                    }
+                }
+                s
+            }
+            None | Some(Value::Null) => return Err((field("content"), "is missing".into())),
+            Some(other) => {
+                return Err((
+                    field("content"),
+                    format!("must be a string, got {}", kind(other)),
+                ))
+            }
+        };
+        let weight = match o.get("weight") {
+            None | Some(Value::Null) => true,
+            Some(Value::Number(n)) if n.as_f64() == Some(1.0) => true,
+            Some(Value::Number(n)) if n.as_f64() == Some(0.0) => false,
+            Some(_) => return Err((field("weight"), "must be 0 or 1".into())),
+        };
+        let target = role == "assistant" && weight;
+        msgs.push((ChatMessage::new(role, content), target));
+    }
+    Ok(msgs)
+}
+
+/// An array field, or None when absent; an error when it is there but not an array.
+fn array_field<'v>(
+    obj: &'v serde_json::Map<String, Value>,
+    key: &str,
+) -> std::result::Result<Option<&'v Vec<Value>>, (String, String)> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(a)) => Ok(Some(a)),
+        Some(other) => Err((key.into(), format!("must be an array, got {}", kind(other)))),
+    }
+}
+
+/// ShareGPT's `conversations` (`from`: system / human / user / gpt / assistant / tool, `value`)
+/// as OpenAI messages.
+fn sharegpt(items: &[Value]) -> std::result::Result<Vec<Value>, (String, String)> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let field = |f: &str| format!("conversations[{i}].{f}");
+            let Value::Object(o) = item else {
+                return Err((
+                    format!("conversations[{i}]"),
+                    format!("must be an object, got {}", kind(item)),
+                ));
+            };
+            let from = string_field(o, "from")
+                .map_err(|(_, m)| (field("from"), m))?
+                .ok_or_else(|| (field("from"), "is missing".to_string()))?;
+            let role = match from.as_str() {
+                "system" => "system",
+                "human" | "user" => "user",
+                "gpt" | "assistant" | "model" => "assistant",
+                "tool" | "observation" | "function" => "tool",
+                other => return Err((field("from"), format!("unknown speaker `{other}`"))),
+            };
+            let value = string_field(o, "value")
+                .map_err(|(_, m)| (field("value"), m))?
+                .ok_or_else(|| (field("value"), "is missing".to_string()))?;
+            let mut m = serde_json::json!({"role": role, "content": value});
+            if let Some(w) = o.get("weight") {
+                m["weight"] = w.clone();
+            }
+            Ok(m)
+        })
+        .collect()
+}
+
 /// Parses one JSONL line. Errors are (field, message).
 pub fn parse_record(line: &str) -> std::result::Result<Record, (String, String)> {
     let v: Value = serde_json::from_str(line)
@@ -74,79 +196,66 @@ pub fn parse_record(line: &str) -> std::result::Result<Record, (String, String)>
             format!("must be a JSON object, got {}", kind(&v)),
         ));
     };
-    if let Some(m) = obj.get("messages") {
-        let Value::Array(items) = m else {
-            return Err((
-                "messages".into(),
-                format!("must be an array, got {}", kind(m)),
-            ));
-        };
-        let mut msgs = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let field = |f: &str| format!("messages[{i}].{f}");
-            let Value::Object(o) = item else {
-                return Err((
-                    format!("messages[{i}]"),
-                    format!("must be an object, got {}", kind(item)),
-                ));
-            };
-            let role = string_field(o, "role")
-                .map_err(|(_, m)| (field("role"), m))?
-                .ok_or_else(|| (field("role"), "is missing".to_string()))?;
-            if !["system", "user", "assistant", "developer", "tool"].contains(&role.as_str()) {
-                return Err((field("role"), format!("unknown role `{role}`")));
-            }
-            for calls in ["tool_calls", "function_call"] {
-                if o.get(calls).is_some_and(|v| !v.is_null()) {
-                    return Err((
-                        field(calls),
-                        "tool calls in training examples are not supported yet (the chat template renders text messages only)".into(),
-                    ));
-                }
-            }
-            let content = match o.get("content") {
-                Some(Value::String(s)) => s.clone(),
-                // OpenAI's content parts: the text parts, concatenated.
-                Some(Value::Array(parts)) => {
-                    let mut s = String::new();
-                    for p in parts {
-                        match p.get("text").and_then(Value::as_str) {
-                            Some(t) if p.get("type").and_then(Value::as_str) == Some("text") => {
-                                s.push_str(t)
-                            }
-                            _ => {
-                                return Err((
-                                    field("content"),
-                                    "only text content parts are supported".into(),
-                                ))
-                            }
-                        }
-                    }
-                    s
-                }
-                None | Some(Value::Null) => return Err((field("content"), "is missing".into())),
-                Some(other) => {
-                    return Err((
-                        field("content"),
-                        format!("must be a string, got {}", kind(other)),
-                    ))
-                }
-            };
-            let weight = match o.get("weight") {
-                None | Some(Value::Null) => true,
-                Some(Value::Number(n)) if n.as_f64() == Some(1.0) => true,
-                Some(Value::Number(n)) if n.as_f64() == Some(0.0) => false,
-                Some(_) => return Err((field("weight"), "must be 0 or 1".into())),
-            };
-            let target = role == "assistant" && weight;
-            msgs.push((ChatMessage::new(role, content), target));
+    // OpenAI / TRL conversational: {"messages": [...]}; ShareGPT: {"conversations": [...]}.
+    let conversation = match (
+        array_field(&obj, "messages")?,
+        array_field(&obj, "conversations")?,
+    ) {
+        (Some(items), _) => Some(parse_messages(items, "messages")?),
+        (None, Some(items)) => Some(parse_messages(&sharegpt(items)?, "conversations")?),
+        (None, None) => None,
+    };
+    // TRL's conversational prompt-completion: {"prompt": [messages], "completion": [messages]}.
+    let conversation = match (conversation, obj.get("prompt"), obj.get("completion")) {
+        (Some(c), _, _) => Some(c),
+        (None, Some(Value::Array(p)), Some(Value::Array(c))) => {
+            let mut msgs: Vec<_> = parse_messages(p, "prompt")?
+                .into_iter()
+                .map(|(m, _)| (m, false))
+                .collect();
+            msgs.extend(parse_messages(c, "completion")?);
+            Some(msgs)
         }
+        (None, Some(Value::Array(_)), _) => {
+            return Err((
+                "completion".into(),
+                "must be a list of messages when `prompt` is one".into(),
+            ))
+        }
+        _ => None,
+    };
+    if let Some(msgs) = conversation {
         if !msgs.iter().any(|(_, t)| *t) {
             return Err((
                 "messages".into(),
                 "has no assistant message to learn from".into(),
             ));
         }
+        return Ok(Record::Chat(msgs));
+    }
+    // Alpaca: {"instruction", "input" (optional), "output"}, optionally "system": one user turn
+    // (the instruction, then the input after a blank line) and the assistant's output.
+    if let Some(instruction) = string_field(&obj, "instruction")? {
+        let output = string_field(&obj, "output")?
+            .filter(|o| !o.is_empty())
+            .ok_or_else(|| {
+                (
+                    "output".to_string(),
+                    "is missing or empty (an `instruction` needs an `output`)".to_string(),
+                )
+            })?;
+        let input = string_field(&obj, "input")?.unwrap_or_default();
+        let user = if input.is_empty() {
+            instruction
+        } else {
+            format!("{instruction}\n\n{input}")
+        };
+        let mut msgs = Vec::new();
+        if let Some(system) = string_field(&obj, "system")?.filter(|s| !s.is_empty()) {
+            msgs.push((ChatMessage::new("system", system), false));
+        }
+        msgs.push((ChatMessage::new("user", user), false));
+        msgs.push((ChatMessage::new("assistant", output), true));
         return Ok(Record::Chat(msgs));
     }
     let prompt = string_field(&obj, "prompt")?;
@@ -171,7 +280,7 @@ pub fn parse_record(line: &str) -> std::result::Result<Record, (String, String)>
             Some(_) => Err(("text".into(), "is empty".into())),
             None => Err((
                 "json".into(),
-                "needs `messages`, `prompt` and `completion`, or `text`".into(),
+                "needs `messages` (or ShareGPT's `conversations`), `prompt` and `completion`, `instruction` and `output` (Alpaca), or `text`".into(),
             )),
         },
     }
