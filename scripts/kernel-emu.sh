@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs the CUDA kernels of kernels/ on the CPU through kernels/emu/cuda_emu.h (each block as OS
+# threads, real barriers for __syncthreads and warp shuffles) against a float64 reference, so
+# a kernel's indexing and synchronisation are checked on machines without a GPU (CI runs it).
+# Covers kernels/paged_attention.cu (paged attention, f32 and bf16, and write_kv); the
+# multi-LoRA kernels use tensor-core PTX the emulator cannot run (scripts/gpu-check.sh checks
+# them on a GPU). Needs a C++20 compiler (g++ 10+ or clang++ 13+).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cxx="${CXX:-$(command -v g++ || command -v clang++ || true)}"
+if [ -z "$cxx" ]; then
+  echo "kernel-emu: no C++ compiler (install g++)" >&2
+  exit 1
+fi
+out="target/kernel-emu"
+mkdir -p "$out"
+"$cxx" -std=c++20 -O2 -pthread -Ikernels/emu/include -Wall -Wno-unknown-pragmas \
+  -o "$out/paged_attention_emu" kernels/emu/paged_attention_emu.cpp
+"$out/paged_attention_emu"
