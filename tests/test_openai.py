@@ -510,7 +510,11 @@ def test_fine_tuning_job_can_be_cancelled_and_bad_requests_are_rejected(client):
     fid = upload_training_file(client)
     greedy = lambda: client.chat.completions.create(model=MODEL, messages=Q, max_tokens=16, temperature=0).choices[0].message.content
     alone = greedy()
-    job = client.fine_tuning.jobs.create(model=MODEL, training_file=fid, hyperparameters={"n_epochs": 50, "batch_size": 1})
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=fid, hyperparameters={"n_epochs": 50, "batch_size": 1},
+                                         metadata={"team": "search", "run": "cancel-test"})
+    assert job.metadata == {"team": "search", "run": "cancel-test"}
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"run": "cancel-test"})] == [job.id]
+    assert not list(client.fine_tuning.jobs.list(metadata={"run": "other"}))
     # Inference while the job trains in the same iterations: the same greedy text.
     assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
     assert greedy() == alone
@@ -545,6 +549,9 @@ def test_fine_tuning_job_can_be_cancelled_and_bad_requests_are_rejected(client):
         client.fine_tuning.jobs.create(model=MODEL, training_file=fid, extra_body={"lora": {"target_modules": ["lm_head"]}})
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-nope")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model=MODEL, training_file=fid, metadata={f"k{i}": "v" for i in range(17)})
+    assert e.value.body["param"] == "metadata"
 
 
 def test_kill_9_during_a_job_then_restart_resumes_it_from_its_checkpoint():

@@ -55,6 +55,8 @@ pub struct CreateJob {
     hyperparameters: Option<Hyper>,
     method: Option<Method>,
     lora: Option<Lora>,
+    /// OpenAI's metadata: up to 16 string pairs, kept on the job object.
+    metadata: Option<serde_json::Map<String, Value>>,
 }
 
 /// `value` as an integer in `lo..=hi`, or `auto` (None) -> default.
@@ -246,6 +248,18 @@ pub async fn create(
             ));
         }
     }
+    if let Some(m) = &req.metadata {
+        let ok = m.len() <= 16
+            && m.iter().all(|(k, v)| {
+                k.chars().count() <= 64 && v.as_str().is_some_and(|v| v.chars().count() <= 512)
+            });
+        if !ok {
+            return Err(ApiError::invalid(
+                "metadata: up to 16 pairs, keys up to 64 characters, string values up to 512",
+                Some("metadata"),
+            ));
+        }
+    }
     let id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());
     let adapter = format!(
         "ft:{}:{}:{}",
@@ -275,6 +289,7 @@ pub async fn create(
         "estimated_finish": null,
         "integrations": [],
         "user_provided_suffix": req.suffix,
+        "metadata": req.metadata,
         "lora": {"r": cfg.r, "alpha": cfg.alpha, "target_modules": cfg.targets},
         "tandem_adapter": adapter,
         "tandem_config": cfg,
@@ -483,8 +498,27 @@ fn page(items: Vec<Value>, p: &Page) -> Json<Value> {
 pub async fn list(
     State(st): State<Arc<AppState>>,
     Query(p): Query<Page>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(page(st.store.jobs()?, &p))
+    // OpenAI's `metadata[key]=value` filters: jobs whose metadata has every pair.
+    let wanted: Vec<(&str, &str)> = q
+        .iter()
+        .filter_map(|(k, v)| {
+            let key = k.strip_prefix("metadata[")?.strip_suffix(']')?;
+            Some((key, v.as_str()))
+        })
+        .collect();
+    let jobs = st
+        .store
+        .jobs()?
+        .into_iter()
+        .filter(|j| {
+            wanted
+                .iter()
+                .all(|(k, v)| j["metadata"][*k].as_str() == Some(*v))
+        })
+        .collect();
+    Ok(page(jobs, &p))
 }
 
 pub async fn get_one(
