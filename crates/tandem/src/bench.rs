@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama as reference;
 use std::time::Instant;
 use tandem_model::lora::{Proj, RegistryConfig};
-use tandem_model::{default_dtype, load_checkpoint, ModelConfig, SamplingParams};
+use tandem_model::{
+    default_dtype, load_checkpoint, KvCache, LogitsWanted, ModelConfig, PackedBatch, SamplingParams,
+};
 
 fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
     (0..len)
@@ -159,6 +161,45 @@ fn reference_decode(args: &BenchDecodeArgs, dev: &Device) -> Result<f64> {
 }
 
 /// Batch decode with the batch spread evenly over `n` distinct adapters (0: no adapter at all).
+/// Prints `{"tokens": [...], "logits": [[...], ...]}`: the model's logits (f32) at every
+/// position of the prompt, from one packed forward over a fresh cache.
+pub fn logits(args: crate::cli::BenchLogitsArgs) -> Result<()> {
+    let m = load(&args.model)?;
+    let tokens = m
+        .tokenizer
+        .encode(&args.prompt, true)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?;
+    anyhow::ensure!(!tokens.is_empty(), "the prompt has no tokens");
+    let c = &m.model.cfg;
+    let block = 16;
+    let blocks = tokens.len().div_ceil(block);
+    let cache = KvCache::new(
+        c.num_hidden_layers,
+        blocks,
+        block,
+        c.num_key_value_heads,
+        c.head_dim,
+        m.model.dtype(),
+        m.model.device(),
+    )?;
+    let mut b = PackedBatch::default();
+    b.push(
+        0,
+        &tokens,
+        0,
+        (0..blocks as u32).collect(),
+        LogitsWanted::All,
+    );
+    let logits = m.model.forward(&b, &cache)?.to_vec2::<f32>()?;
+    use std::io::Write;
+    writeln!(
+        std::io::stdout(),
+        "{}",
+        serde_json::json!({"tokens": tokens, "logits": logits})
+    )?;
+    Ok(())
+}
+
 pub fn lora(args: BenchLoraArgs) -> Result<()> {
     let targets = args
         .targets

@@ -136,6 +136,17 @@ pub enum BenchCommand {
     Finetune(BenchFinetuneArgs),
     /// Inference under Poisson load with a finetuning job, per co-serving mode.
     Coserve(BenchCoserveArgs),
+    /// The logits of every position of one prompt as JSON (CPU-vs-CUDA checks).
+    Logits(BenchLogitsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchLogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Plain text (no chat template), tokenized with the model's tokenizer.
+    #[arg(long)]
+    pub prompt: String,
 }
 
 #[derive(Args, Debug)]

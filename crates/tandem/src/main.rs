@@ -56,6 +56,7 @@ fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Bench(cli::BenchCommand::Attention(args)) => bench_attention::run(args),
         cli::Command::Bench(cli::BenchCommand::Finetune(args)) => bench_finetune::run(args),
         cli::Command::Bench(cli::BenchCommand::Coserve(args)) => bench_coserve::run(args),
+        cli::Command::Bench(cli::BenchCommand::Logits(args)) => bench::logits(args),
         cli::Command::Adapter(cli::AdapterCommand::Check(args)) => adapter::check(args),
         cli::Command::Finetune(args) => finetune::run(args),
     }
