@@ -1,7 +1,7 @@
 """tandem <-> HF transformers + PEFT, on a tiny random Llama (CPU is enough).
 
 1. transformers writes a random LlamaForCausalLM (safetensors) and PEFT a random LoRA adapter
-   (all seven projections, B non-zero) with rsLoRA and an alpha_pattern override.
+   (all seven projections, B non-zero) with rsLoRA and alpha_pattern overrides (a plain name and a regex).
 2. Greedy tokens from HF (base, and base + adapter through PEFT) must equal `tandem generate`'s
    (base, and `--adapter`).
 3. `tandem adapter check --save-to` rewrites the adapter with tandem's PEFT writer; PEFT loads
@@ -51,7 +51,7 @@ results = {}
 results["base"] = (hf_greedy(base), tandem_greedy())
 
 lcfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, init_lora_weights=False, lora_dropout=0.0,
-                  alpha_pattern={"down_proj": 4},
+                  alpha_pattern={"down_proj": 4, r"model\.layers\.1\.self_attn\.(q|v)_proj": 64},
                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir), lcfg).eval()
 with torch.no_grad():  # make the adapter matter

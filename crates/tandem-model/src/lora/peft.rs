@@ -22,13 +22,21 @@ pub struct LoraConfig {
     pub alpha_pattern: HashMap<String, f64>,
 }
 
+/// PEFT's rule for `rank_pattern` / `alpha_pattern` keys: `key` (a regex) names the module
+/// whose dotted path (`model.layers.0.self_attn.q_proj`) matches `(.*\.)?(key)$` from its start.
+fn pattern_matches(key: &str, module: &str) -> bool {
+    regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).is_ok_and(|re| re.is_match(module))
+}
+
 impl LoraConfig {
-    /// The scale of a module of rank `r` named `module` (its full dotted path).
+    /// The scale of a module of rank `r` named `module` (its full dotted path): alpha from the
+    /// first `alpha_pattern` key (in key order) that matches it as PEFT matches, else lora_alpha.
     pub fn scale(&self, module: &str, r: usize) -> f64 {
-        let alpha = self
-            .alpha_pattern
-            .iter()
-            .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
+        let mut keys: Vec<_> = self.alpha_pattern.iter().collect();
+        keys.sort_by(|a, b| a.0.cmp(b.0));
+        let alpha = keys
+            .into_iter()
+            .find(|(k, _)| pattern_matches(k, module))
             .map(|(_, a)| *a)
             .unwrap_or(self.lora_alpha);
         if self.use_rslora {
@@ -315,6 +323,15 @@ fn parse_config(v: &Value, path: &Path) -> Result<LoraConfig> {
             .collect::<Result<_>>()?,
         Some(_) => return Err(field("alpha_pattern", "not an object")),
     };
+    if let Some(k) = alpha_pattern
+        .keys()
+        .find(|k| regex::Regex::new(&format!("^(?:{k})$")).is_err())
+    {
+        return Err(field(
+            "alpha_pattern",
+            &format!("key `{k}` is not a regular expression tandem can read"),
+        ));
+    }
     Ok(LoraConfig {
         r,
         lora_alpha,
@@ -329,4 +346,54 @@ fn parse_config(v: &Value, path: &Path) -> Result<LoraConfig> {
             .map(str::to_string),
         alpha_pattern,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Expected values from PEFT's own rule, `re.match(rf"(.*\.)?({key})$", module)`, run in
+    /// Python on the same pairs.
+    #[test]
+    fn pattern_keys_match_modules_as_peft_does() {
+        for (key, module, want) in [
+            ("down_proj", "model.layers.3.mlp.down_proj", true),
+            ("down_proj", "model.layers.3.mlp.xdown_proj", false),
+            (
+                "layers.0.self_attn.q_proj",
+                "model.layers.0.self_attn.q_proj",
+                true,
+            ),
+            (
+                "layers.0.self_attn.q_proj",
+                "model.layers.10.self_attn.q_proj",
+                false,
+            ),
+            (
+                r"model\.layers\.[0-4]\.mlp\.down_proj",
+                "model.layers.2.mlp.down_proj",
+                true,
+            ),
+            (
+                r"model\.layers\.[0-4]\.mlp\.down_proj",
+                "model.layers.7.mlp.down_proj",
+                false,
+            ),
+            ("mlp.*", "model.layers.7.mlp.up_proj", true),
+            ("q_proj|v_proj", "model.layers.1.self_attn.v_proj", true),
+        ] {
+            assert_eq!(pattern_matches(key, module), want, "{key} ~ {module}");
+        }
+        let cfg = LoraConfig {
+            r: 8,
+            lora_alpha: 16.0,
+            target_modules: json!(["q_proj", "down_proj"]),
+            use_rslora: false,
+            base_model_name_or_path: None,
+            alpha_pattern: HashMap::from([(r"model\.layers\.[0-4]\.mlp\.down_proj".into(), 4.0)]),
+        };
+        assert_eq!(cfg.scale(&module_path(2, Proj::Down), 8), 0.5);
+        assert_eq!(cfg.scale(&module_path(7, Proj::Down), 8), 2.0);
+        assert_eq!(cfg.scale(&module_path(2, Proj::Q), 8), 2.0);
+    }
 }
