@@ -338,6 +338,19 @@ def test_token_id_prompts_echo_and_retrieving_a_model(client):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, max_tokens=2, **bad)
         assert e.value.body["param"] == param
+    # vLLM's /tokenize and /detokenize: the ids the engine sees, for a prompt and for messages.
+    base = client.base_url.scheme + "://" + client.base_url.netloc.decode()
+    tok = httpx.post(base + "/tokenize", json={"model": MODEL, "prompt": "The capital of France is"}).json()
+    assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] > 0
+    by_text = client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=6)
+    by_ids = client.completions.create(model=MODEL, prompt=tok["tokens"], temperature=0, max_tokens=6)
+    assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens
+    assert httpx.post(base + "/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == "The capital of France is"
+    chat_tok = httpx.post(base + "/tokenize", json={"model": MODEL, "messages": Q}).json()
+    chat = client.chat.completions.create(model=MODEL, messages=Q, max_tokens=1)
+    assert chat_tok["count"] == chat.usage.prompt_tokens
+    r = httpx.post(base + "/detokenize", json={"tokens": [10 ** 8]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=Q, max_tokens=2, tools=tools)

@@ -148,6 +148,28 @@ impl ChatRequest {
     }
 }
 
+/// vLLM's `POST /tokenize`: a prompt (completions) or messages (chat template applied).
+#[derive(Debug, Deserialize)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<ChatMessageIn>>,
+    pub add_special_tokens: Option<bool>,
+    #[serde(default = "yes")]
+    pub add_generation_prompt: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// vLLM's `POST /detokenize`.
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<u32>,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct LoadAdapterRequest {
     pub lora_name: String,

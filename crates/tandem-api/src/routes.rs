@@ -3,8 +3,8 @@
 use crate::error::ApiError;
 use crate::metrics::RequestTimer;
 use crate::openai::{
-    self, content_text, ChatRequest, CompletionRequest, LoadAdapterRequest, Prompt, Sampling,
-    UnloadAdapterRequest,
+    self, content_text, ChatMessageIn, ChatRequest, CompletionRequest, DetokenizeRequest,
+    LoadAdapterRequest, Prompt, Sampling, TokenizeRequest, UnloadAdapterRequest,
 };
 use crate::AppState;
 use axum::body::Bytes;
@@ -34,6 +34,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         // Adapter names may hold slashes (a path-like name given to load_lora_adapter).
         .route("/v1/models/{*id}", get(model_one))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/v1/load_lora_adapter", post(load_adapter))
         .route("/v1/unload_lora_adapter", post(unload_adapter))
         .route(
@@ -350,20 +352,76 @@ fn encode(st: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
         .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))
 }
 
-async fn chat(
+/// vLLM's `POST /tokenize`: `{"count", "max_model_len", "tokens"}` for a prompt (special
+/// tokens added unless `add_special_tokens: false`) or for messages through the chat template
+/// (with the generation prompt unless `add_generation_prompt: false`), as the engine sees them.
+async fn tokenize(
     State(st): State<Arc<AppState>>,
     b: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let req: ChatRequest = openai::parse(&body(b)?)?;
-    req.check_supported()?;
-    if req.messages.is_empty() {
+) -> Result<Json<Value>, ApiError> {
+    let req: TokenizeRequest = openai::parse(&body(b)?)?;
+    if let Some(m) = &req.model {
+        resolve_model(&st, m).await?;
+    }
+    let tokens = match (&req.prompt, &req.messages) {
+        (Some(p), None) => st
+            .tokenizer
+            .encode(p, req.add_special_tokens.unwrap_or(true))
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?,
+        (None, Some(m)) => chat_tokens(&st, m, req.add_generation_prompt)?,
+        _ => {
+            return Err(ApiError::invalid(
+                "give either prompt or messages",
+                Some("prompt"),
+            ))
+        }
+    };
+    Ok(Json(json!({
+        "count": tokens.len(),
+        "max_model_len": st.max_model_len,
+        "tokens": tokens,
+    })))
+}
+
+/// vLLM's `POST /detokenize`: `{"prompt"}`, the text of `tokens`.
+async fn detokenize(
+    State(st): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req: DetokenizeRequest = openai::parse(&body(b)?)?;
+    if let Some(m) = &req.model {
+        resolve_model(&st, m).await?;
+    }
+    if let Some(t) = req.tokens.iter().find(|&&t| t as usize >= st.vocab_size) {
+        return Err(ApiError::invalid(
+            format!(
+                "token id {t} is outside the vocabulary (0..{})",
+                st.vocab_size
+            ),
+            Some("tokens"),
+        ));
+    }
+    let prompt = st
+        .tokenizer
+        .decode(&req.tokens, false)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("tokens")))?;
+    Ok(Json(json!({ "prompt": prompt })))
+}
+
+/// The token ids of chat `messages` rendered with the model's chat template.
+fn chat_tokens(
+    st: &AppState,
+    messages: &[ChatMessageIn],
+    generation_prompt: bool,
+) -> Result<Vec<u32>, ApiError> {
+    if messages.is_empty() {
         return Err(ApiError::invalid(
             "messages must not be empty",
             Some("messages"),
         ));
     }
-    let mut msgs = Vec::with_capacity(req.messages.len());
-    for m in &req.messages {
+    let mut msgs = Vec::with_capacity(messages.len());
+    for m in messages {
         if !matches!(
             m.role.as_str(),
             "system" | "user" | "assistant" | "developer" | "tool"
@@ -382,12 +440,20 @@ async fn chat(
     }
     let text = st
         .tokenizer
-        .apply_chat_template(&msgs, true)
+        .apply_chat_template(&msgs, generation_prompt)
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-    let ids = st
-        .tokenizer
+    st.tokenizer
         .encode(&text, false)
-        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))
+}
+
+async fn chat(
+    State(st): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = openai::parse(&body(b)?)?;
+    req.check_supported()?;
+    let ids = chat_tokens(&st, &req.messages, true)?;
     run(st, Kind::Chat, req.sampling, vec![ids], None, None).await
 }
 
