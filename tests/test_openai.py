@@ -317,6 +317,33 @@ def test_logit_bias_and_penalties_change_greedy_choices_exactly(client):
         assert e.value.body["param"] in ("presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty")
 
 
+def test_stop_token_ids_min_tokens_and_min_p(client):
+    lp = dict(temperature=0, logprobs=0, extra_body=IDS)
+    run = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=10, **lp).choices[0]
+    ids = [tid(t) for t in run.logprobs.tokens]
+    k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])  # first repeat-free later token
+    stopped = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=10, temperature=0,
+                                        extra_body={"stop_token_ids": [ids[k]], **IDS}, logprobs=0).choices[0]
+    # The text stops before the stop token (which, like EOS, is not text).
+    assert stopped.text == run.text[:run.logprobs.text_offset[k]] and stopped.finish_reason == "stop"
+    assert [tid(t) for t in stopped.logprobs.tokens][:k] == ids[:k]
+    # The short answer ends at EOS; min_tokens holds EOS back.
+    short = client.chat.completions.create(model=MODEL, messages=Q, temperature=0, max_tokens=40)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 30
+    longer = client.chat.completions.create(model=MODEL, messages=Q, temperature=0, max_tokens=40,
+                                            extra_body={"min_tokens": 30})
+    assert longer.usage.completion_tokens >= 30
+    assert longer.choices[0].message.content.startswith(short.choices[0].message.content)
+    r = client.chat.completions.create(model=MODEL, messages=Q, temperature=1, max_tokens=8, seed=1,
+                                       extra_body={"min_p": 0.5})
+    assert r.choices[0].message.content
+    for bad, param in (({"min_p": 1.5}, "min_p"), ({"stop_token_ids": [10 ** 8]}, "stop_token_ids"),
+                       ({"min_tokens": 50}, "min_tokens")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=Q, max_tokens=8, extra_body=bad)
+        assert e.value.body["param"] == param
+
+
 def test_token_id_prompts_echo_and_retrieving_a_model(client):
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):

@@ -51,6 +51,10 @@ pub struct Sampling {
     pub repetition_penalty: Option<f64>,
     /// Token id (as a string key) → bias in -100..=100.
     pub logit_bias: Option<HashMap<String, f64>>,
+    /// vLLM's extensions: min-p sampling, stop token ids, a minimum of generated tokens.
+    pub min_p: Option<f64>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub min_tokens: Option<u64>,
     pub logprobs: Option<Value>,
     pub top_logprobs: Option<u64>,
     #[serde(default)]
@@ -265,6 +269,27 @@ impl Sampling {
             logit_bias.push((t, b as f32));
         }
         logit_bias.sort_by_key(|&(t, _)| t);
+        let min_p = self.min_p.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&min_p) {
+            return bad(
+                "min_p",
+                format!("min_p must be between 0 and 1, got {min_p}"),
+            );
+        }
+        let stop_token_ids = self.stop_token_ids.clone().unwrap_or_default();
+        if let Some(t) = stop_token_ids.iter().find(|&&t| t as usize >= vocab) {
+            return bad(
+                "stop_token_ids",
+                format!("stop_token_ids must be token ids below {vocab}, got {t}"),
+            );
+        }
+        let min_tokens = self.min_tokens.unwrap_or(0) as usize;
+        if min_tokens > max_tokens {
+            return bad(
+                "min_tokens",
+                format!("min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})"),
+            );
+        }
         let logprobs = self.logprobs_wanted(chat)?;
         let stop = self.stop.as_ref().map(|s| match s {
             StringOrList::One(s) => vec![s.clone()],
@@ -287,6 +312,10 @@ impl Sampling {
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0) as f32,
             repetition_penalty: repetition_penalty as f32,
             logit_bias,
+            min_p: min_p as f32,
+            stop_token_ids,
+            min_tokens,
+            end_token_ids: Vec::new(),
         })
     }
 

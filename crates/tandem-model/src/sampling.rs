@@ -29,6 +29,16 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// OpenAI's logit_bias: (token, bias) added to the logit before anything else.
     pub logit_bias: Vec<(u32, f32)>,
+    /// min-p sampling (0 = off): only tokens at least this fraction as likely as the most
+    /// likely one (after temperature) are drawn from.
+    pub min_p: f32,
+    /// vLLM's: generation also stops at these tokens (as at EOS; they are not output).
+    pub stop_token_ids: Vec<u32>,
+    /// vLLM's: no EOS or stop token before this many generated tokens.
+    pub min_tokens: usize,
+    /// The tokens that end generation, set by the engine (EOS and `stop_token_ids`): what
+    /// `min_tokens` holds back.
+    pub end_token_ids: Vec<u32>,
 }
 
 impl Default for SamplingParams {
@@ -46,6 +56,10 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             repetition_penalty: 1.0,
             logit_bias: Vec::new(),
+            min_p: 0.0,
+            stop_token_ids: Vec::new(),
+            min_tokens: 0,
+            end_token_ids: Vec::new(),
         }
     }
 }
@@ -82,15 +96,20 @@ impl SamplingParams {
         if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
             return Err(format!("logit_bias of token {t} must be finite, got {b}"));
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be between 0 and 1, got {}", self.min_p));
+        }
         Ok(())
     }
 
-    /// Whether the logits are changed before sampling (bias or a penalty).
+    /// Whether the logits are changed before sampling (bias, a penalty, min-p, min_tokens).
     pub fn adjusts_logits(&self) -> bool {
         self.presence_penalty != 0.0
             || self.frequency_penalty != 0.0
             || self.repetition_penalty != 1.0
             || !self.logit_bias.is_empty()
+            || self.min_p > 0.0
+            || (self.min_tokens > 0 && !self.end_token_ids.is_empty())
     }
 }
 
@@ -191,9 +210,17 @@ impl Sampler {
     }
 
     /// `logits` with the logit bias and the penalties applied (in that order, as vLLM), for
-    /// the tokens generated so far.
+    /// the tokens generated so far; end tokens held back before `min_tokens`; then min-p.
     pub fn adjust(&self, logits: &mut [f32]) {
         let p = &self.params;
+        let generated: u32 = self.counts.values().sum();
+        if (generated as usize) < p.min_tokens {
+            for &t in &p.end_token_ids {
+                if let Some(x) = logits.get_mut(t as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
         for &(t, b) in &p.logit_bias {
             if let Some(x) = logits.get_mut(t as usize) {
                 *x += b;
@@ -217,6 +244,15 @@ impl Sampler {
                     *x -= p.presence_penalty + p.frequency_penalty * n as f32;
                 }
             }
+        }
+        // min-p: p_i / p_max = exp((l_i - l_max) / T) >= min_p (greedy keeps the max anyway).
+        if p.min_p > 0.0 && p.temperature >= 1e-5 {
+            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let floor = max + p.temperature * p.min_p.ln();
+            logits
+                .iter_mut()
+                .filter(|x| **x < floor)
+                .for_each(|x| *x = f32::NEG_INFINITY);
         }
     }
 
@@ -481,6 +517,29 @@ mod tests {
                 assert!(out.iter().any(|&t| t != out[0]), "{out:?}");
             }
         }
+    }
+
+    #[test]
+    fn min_p_and_min_tokens_restrict_the_draws() {
+        // At temperature 1, p1/p0 = e^-0.5 = 0.61, p2/p0 = e^-3 = 0.05: min_p 0.1 keeps 0 and 1.
+        let logits = [3.0f32, 2.5, 0.0, -1.0];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            min_p: 0.1,
+            seed: Some(3),
+            ..Default::default()
+        });
+        let draws: Vec<u32> = (0..400).map(|_| s.sample(&logits)).collect();
+        assert!(draws.iter().all(|&t| t < 2), "{draws:?}");
+        assert!(draws.contains(&0) && draws.contains(&1));
+        // Token 0 ends generation and is the argmax: held back for the first 3 tokens only.
+        let mut g = Sampler::new(SamplingParams {
+            min_tokens: 3,
+            end_token_ids: vec![0],
+            ..Default::default()
+        });
+        let out: Vec<u32> = (0..5).map(|_| g.sample(&logits)).collect();
+        assert_eq!(out, [1, 1, 1, 0, 0]);
     }
 
     #[test]

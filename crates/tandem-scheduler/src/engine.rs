@@ -254,9 +254,16 @@ impl LlmEngine {
     pub fn add_request(
         &mut self,
         prompt: Vec<u32>,
-        params: SamplingParams,
+        mut params: SamplingParams,
         adapter: Option<&str>,
     ) -> Result<u64, AdmitError> {
+        // What ends generation, for the sampler to hold back before min_tokens.
+        params.end_token_ids = params.stop_token_ids.clone();
+        if !params.ignore_eos {
+            params
+                .end_token_ids
+                .extend(self.tokenizer.eos_token_ids.iter().copied());
+        }
         let adapter = match adapter {
             Some(name) => Some(
                 self.runner
@@ -660,7 +667,8 @@ impl LlmEngine {
         let params = &seq.params;
         let n_out = seq.output().len();
         let len = seq.tokens.len();
-        let is_eos = !params.ignore_eos && self.tokenizer.eos_token_ids.contains(&tok);
+        let is_eos = (!params.ignore_eos && self.tokenizer.eos_token_ids.contains(&tok))
+            || params.stop_token_ids.contains(&tok);
         let state = self.texts.entry(id).or_default();
         if !is_eos {
             let piece = state.decoder.push(&self.tokenizer, tok)?;

@@ -288,6 +288,9 @@ pub struct GenerateArgs {
     pub top_k: usize,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// min-p sampling: draw only tokens at least this fraction as likely as the top one (0 off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
     /// Penalises tokens of the prompt and the output (1 is off; HF's and vLLM's meaning).
     #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f32,

@@ -72,7 +72,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         presence_penalty: args.presence_penalty,
         frequency_penalty: args.frequency_penalty,
         repetition_penalty: args.repetition_penalty,
-        logit_bias: Vec::new(),
+        min_p: args.min_p,
+        ..SamplingParams::default()
     };
     if let Err(e) = params.validate() {
         bail!("invalid sampling option: {e}");
