@@ -90,7 +90,7 @@ pub enum EngineError {
 
 enum Command {
     Generate(
-        GenerateRequest,
+        Box<GenerateRequest>,
         mpsc::UnboundedSender<Event>,
         oneshot::Sender<Result<u64, AdmitError>>,
     ),
@@ -164,7 +164,7 @@ impl EngineHandle {
         let (events, rx) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Command::Generate(req, events, reply))
+            .send(Command::Generate(Box::new(req), events, reply))
             .map_err(|_| EngineError::Stopped)?;
         let id = answer.await.map_err(|_| EngineError::Stopped)??;
         Ok((id, rx))
@@ -352,6 +352,7 @@ fn run(mut engine: LlmEngine, rx: Receiver<Command>) {
 fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
     match cmd {
         Command::Generate(req, events, reply) => {
+            let req = *req;
             let prompt_tokens = req.prompt.len();
             let span = req.span;
             match engine.add_request(req.prompt, req.params, req.adapter.as_deref()) {
