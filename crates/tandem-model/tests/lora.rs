@@ -297,6 +297,28 @@ fn broken_adapters_give_clear_errors() {
     assert!(e.contains("target_modules") && e.contains("lm_head"), "{e}");
     edit_cfg(&|v| v["bias"] = "all".into());
     assert!(load_err(&p, &t).contains("bias"));
+    // Newer PEFT options that add weights beyond A and B are refused by name.
+    for (key, value) in [
+        ("use_dora", serde_json::json!(true)),
+        ("lora_bias", serde_json::json!(true)),
+        ("layer_replication", serde_json::json!([[0, 2]])),
+        ("trainable_token_indices", serde_json::json!([5, 6])),
+        (
+            "target_parameters",
+            serde_json::json!(["experts.gate_up_proj"]),
+        ),
+    ] {
+        edit_cfg(&|v| v[key] = value.clone());
+        let e = load_err(&p, &t);
+        assert!(e.contains(key) && e.contains("not supported"), "{e}");
+    }
+    // Their defaults (false, null, empty) load.
+    edit_cfg(&|v| {
+        v["lora_bias"] = false.into();
+        v["layer_replication"] = serde_json::Value::Null;
+        v["target_parameters"] = serde_json::json!([]);
+    });
+    LoraAdapter::load(&p, &t.model_config(), &Device::Cpu, DType::F32).unwrap();
 
     let st = p.join("adapter_model.safetensors");
     let edit_tensors = |f: &dyn Fn(&mut HashMap<String, Tensor>)| {

@@ -262,9 +262,32 @@ fn parse_config(v: &Value, path: &Path) -> Result<LoraConfig> {
             ))
         }
     }
-    for (flag, what) in [("fan_in_fan_out", "fan_in_fan_out"), ("use_dora", "DoRA")] {
+    for (flag, what) in [
+        ("fan_in_fan_out", "fan_in_fan_out"),
+        ("use_dora", "DoRA"),
+        ("lora_bias", "lora_bias (a trained bias on lora_B)"),
+    ] {
         if v.get(flag).and_then(Value::as_bool) == Some(true) {
             return Err(field(flag, &format!("{what} adapters are not supported")));
+        }
+    }
+    // Options that add weights or layers beyond LoRA's A and B.
+    for (key, what) in [
+        ("layer_replication", "layer replication"),
+        ("trainable_token_indices", "trainable token embeddings"),
+        (
+            "target_parameters",
+            "LoRA on parameters (target_parameters)",
+        ),
+    ] {
+        let set = v.get(key).is_some_and(|x| match x {
+            Value::Null => false,
+            Value::Array(a) => !a.is_empty(),
+            Value::Object(o) => !o.is_empty(),
+            _ => true,
+        });
+        if set {
+            return Err(field(key, &format!("{what} is not supported")));
         }
     }
     if let Some(m) = v
