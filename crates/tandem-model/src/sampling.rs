@@ -1,5 +1,6 @@
-//! Sampling one token from a row of logits: logit bias, repetition / frequency / presence
-//! penalties, then greedy or temperature with top-k and top-p; seeded.
+//! Sampling one token from a row of logits: logit bias, end tokens held back before
+//! `min_tokens`, repetition / frequency / presence penalties, min-p, then greedy or temperature
+//! with top-k and top-p; seeded.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -158,13 +159,13 @@ impl TokenLogprobs {
     }
 }
 
-/// Per-sequence sampler state: the parameters, the sequence's own random stream and, when a
-/// penalty is on, the tokens it penalises.
+/// Per-sequence sampler state: the parameters, the sequence's own random stream and, when the
+/// logits are adjusted, the tokens generated so far.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
-    /// Generated tokens so far and how often each came (kept only when a penalty is on).
+    /// Generated tokens so far and how often each came (kept only when logits are adjusted).
     counts: HashMap<u32, u32>,
     /// The prompt's tokens (kept only with a repetition penalty).
     prompt: HashSet<u32>,
