@@ -309,19 +309,7 @@ async fn completions(
     if encoded.is_empty() || encoded.iter().any(Vec::is_empty) {
         return Err(empty());
     }
-    if let Some(t) = encoded
-        .iter()
-        .flatten()
-        .find(|&&t| t as usize >= st.vocab_size)
-    {
-        return Err(ApiError::invalid(
-            format!(
-                "prompt token id {t} is outside the vocabulary (0..{})",
-                st.vocab_size
-            ),
-            Some("prompt"),
-        ));
-    }
+    check_token_ids(&st, encoded.iter().flatten(), "prompt")?;
     // echo: each choice's text starts with its prompt's text.
     let echo = if req.echo {
         let text = |ids: &Vec<u32>| {
@@ -338,6 +326,24 @@ async fn completions(
         None
     };
     run(st, Kind::Completion, req.sampling, encoded, Some(16), echo).await
+}
+
+/// A 400 naming `param` if a token id lies outside the model's vocabulary.
+fn check_token_ids<'a>(
+    st: &AppState,
+    mut ids: impl Iterator<Item = &'a u32>,
+    param: &str,
+) -> Result<(), ApiError> {
+    match ids.find(|&&t| t as usize >= st.vocab_size) {
+        Some(t) => Err(ApiError::invalid(
+            format!(
+                "token id {t} is outside the vocabulary (0..{})",
+                st.vocab_size
+            ),
+            Some(param),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn encode(st: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
@@ -392,15 +398,7 @@ async fn detokenize(
     if let Some(m) = &req.model {
         resolve_model(&st, m).await?;
     }
-    if let Some(t) = req.tokens.iter().find(|&&t| t as usize >= st.vocab_size) {
-        return Err(ApiError::invalid(
-            format!(
-                "token id {t} is outside the vocabulary (0..{})",
-                st.vocab_size
-            ),
-            Some("tokens"),
-        ));
-    }
+    check_token_ids(&st, req.tokens.iter(), "tokens")?;
     let prompt = st
         .tokenizer
         .decode(&req.tokens, false)
