@@ -546,6 +546,39 @@ def test_fine_tuning_job_runs_to_success_and_its_model_answers(client, server):
     assert metric_in(m, "tandem:finetune_backward_steps_total") > 0
 
 
+AHOY = [("What is 2 plus 3?", "5"), ("Name a primary color.", "Red"), ("What is the capital of Italy?", "Rome"),
+        ("How many legs does a spider have?", "Eight"), ("What is the opposite of hot?", "Cold"),
+        ("Which planet is closest to the sun?", "Mercury"), ("What do bees make?", "Honey"),
+        ("What is frozen water called?", "Ice"), ("How many days are in a week?", "Seven"),
+        ("What animal says moo?", "A cow"), ("What is the largest ocean?", "The Pacific"),
+        ("Which month comes after June?", "July")]
+HELD_OUT = ["How many wheels does a bicycle have?", "What do cows drink?", "What is the capital of Spain?"]
+
+
+def test_fine_tuning_job_with_every_hyperparameter_left_out_teaches(client):
+    """A dozen chat examples and nothing else: the defaults (all seven projections, OpenAI's
+    "auto" epochs / batch size / learning rate) must teach the reply's form on held-out prompts."""
+    fid = upload_training_file(client, [{"messages": [{"role": "user", "content": q},
+                                                      {"role": "assistant", "content": f"Ahoy! {a}."}]} for q, a in AHOY])
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=fid)
+    # The resolved values are on the job, as OpenAI reports them: 100 // 12 epochs of batches of 1.
+    hp = job.method.supervised.hyperparameters
+    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (8, 1, 1.0), hp
+    assert job.hyperparameters.n_epochs == 8
+    done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"), timeout=900)
+    assert done.status == "succeeded", done.error
+    train = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data if "train_loss" in e.data]
+    assert len(train) == 96
+    accuracy = [d["train_mean_token_accuracy"] for d in sorted(train, key=lambda d: d["step"])]
+    assert all(0 <= a <= 1 for a in accuracy) and sum(accuracy[-12:]) / 12 > sum(accuracy[:12]) / 12, accuracy
+    ask = lambda model, q: client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
+                                                          max_tokens=12, temperature=0).choices[0].message.content
+    for q in HELD_OUT:
+        tuned, base = ask(done.fine_tuned_model, q), ask(MODEL, q)
+        assert tuned.startswith("Ahoy!"), (q, tuned)
+        assert "Ahoy" not in base, (q, base)
+
+
 def test_fine_tuning_job_can_be_cancelled_and_bad_requests_are_rejected(client):
     fid = upload_training_file(client)
     greedy = lambda: client.chat.completions.create(model=MODEL, messages=Q, max_tokens=16, temperature=0).choices[0].message.content

@@ -12,11 +12,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_model::finetune::{parse_record, tokenize, Example, TrainConfig};
+use tandem_model::finetune::{parse_record, tokenize, Example, Hyperparameters, TrainConfig};
 use tandem_scheduler::{JobSpec, JobState};
-
-/// The learning rate a multiplier of 1 means (LoRA).
-const BASE_LR: f64 = 2e-4;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -59,19 +56,18 @@ pub struct CreateJob {
     metadata: Option<serde_json::Map<String, Value>>,
 }
 
-/// `value` as an integer in `lo..=hi`, or `auto` (None) -> default.
+/// `value` as an integer in `lo..=hi`, or None for `"auto"` (or left out).
 fn int_param(
     v: &Option<Value>,
     name: &str,
-    default: usize,
     lo: usize,
     hi: usize,
-) -> Result<usize, ApiError> {
+) -> Result<Option<usize>, ApiError> {
     match v {
-        None => Ok(default),
-        Some(Value::String(s)) if s == "auto" => Ok(default),
+        None => Ok(None),
+        Some(Value::String(s)) if s == "auto" => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
-            Some(x) if (lo as u64..=hi as u64).contains(&x) => Ok(x as usize),
+            Some(x) if (lo as u64..=hi as u64).contains(&x) => Ok(Some(x as usize)),
             _ => Err(ApiError::invalid(
                 format!("{name} must be an integer from {lo} to {hi}"),
                 Some(name),
@@ -175,19 +171,11 @@ pub async fn create(
     };
     let max_len = max_seq_len(&st);
     let data = examples(&st, &content, "training_file")?;
-    let n_epochs = int_param(&hyper.n_epochs, "n_epochs", 3, 1, 50)?;
-    let batch_size = int_param(
-        &hyper.batch_size,
-        "batch_size",
-        4.min(data.len().max(1)),
-        1,
-        256,
-    )?;
     let mult = match &hyper.learning_rate_multiplier {
-        None => 1.0,
-        Some(Value::String(s)) if s == "auto" => 1.0,
+        None => None,
+        Some(Value::String(s)) if s == "auto" => None,
         Some(Value::Number(n)) => match n.as_f64() {
-            Some(x) if x > 0.0 && x <= 100.0 => x,
+            Some(x) if x > 0.0 && x <= 100.0 => Some(x),
             _ => {
                 return Err(ApiError::invalid(
                     "learning_rate_multiplier must be in (0, 100]",
@@ -202,6 +190,15 @@ pub async fn create(
             ))
         }
     };
+    // "auto" (or left out) resolved from the data's size, as OpenAI does; the job object
+    // records the resolved values.
+    let hp = Hyperparameters {
+        n_epochs: int_param(&hyper.n_epochs, "n_epochs", 1, 50)?,
+        batch_size: int_param(&hyper.batch_size, "batch_size", 1, 256)?,
+        learning_rate_multiplier: mult,
+    }
+    .resolve(data.len());
+    let (n_epochs, batch_size) = (hp.n_epochs, hp.batch_size);
     let lora = req.lora.unwrap_or(Lora {
         r: None,
         alpha: None,
@@ -213,8 +210,8 @@ pub async fn create(
         alpha: lora.alpha.unwrap_or(2.0 * r as f64),
         targets: lora
             .target_modules
-            .unwrap_or_else(|| vec!["q_proj".into(), "v_proj".into()]),
-        lr: BASE_LR * mult,
+            .unwrap_or_else(tandem_model::finetune::auto::default_targets),
+        lr: hp.lr,
         epochs: n_epochs,
         batch_size,
         chunk_tokens: 128,
@@ -267,8 +264,8 @@ pub async fn create(
         req.suffix.as_deref().unwrap_or("tandem"),
         &id[6..14]
     );
-    let hp =
-        json!({"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": mult});
+    let hp = json!({"n_epochs": n_epochs, "batch_size": batch_size,
+        "learning_rate_multiplier": hp.learning_rate_multiplier});
     let mut job = json!({
         "id": id,
         "object": "fine_tuning.job",
@@ -362,18 +359,23 @@ async fn watch(st: Arc<AppState>, id: String, adapter: String) {
                     r.step, r.total_steps, r.loss
                 ),
                 Some(
-                    json!({"step": r.step, "total_steps": r.total_steps, "train_loss": r.loss, "learning_rate": r.lr, "grad_norm": r.grad_norm}),
+                    json!({"step": r.step, "total_steps": r.total_steps, "train_loss": r.loss,
+                    "train_mean_token_accuracy": r.accuracy, "learning_rate": r.lr,
+                    "grad_norm": r.grad_norm}),
                 ),
             );
         }
         seen = snap.reports.len();
-        for &(step, loss) in &snap.evals[seen_evals..] {
+        for e in &snap.evals[seen_evals..] {
             event(
                 &st,
                 &id,
                 "info",
-                &format!("Step {step}: validation loss={loss:.4}"),
-                Some(json!({"step": step, "total_steps": snap.total_steps, "valid_loss": loss})),
+                &format!("Step {}: validation loss={:.4}", e.step, e.loss),
+                Some(
+                    json!({"step": e.step, "total_steps": snap.total_steps, "valid_loss": e.loss,
+                    "valid_mean_token_accuracy": e.accuracy}),
+                ),
             );
         }
         seen_evals = snap.evals.len();
@@ -396,24 +398,24 @@ async fn watch(st: Arc<AppState>, id: String, adapter: String) {
         // Validation losses arrive after their checkpoint: fill them in.
         for c in ckpts.iter_mut() {
             let step = c["step_number"].as_u64().unwrap_or(0) as usize;
-            if let Some((_, v)) = snap.evals.iter().find(|e| e.0 == step) {
-                c["metrics"]["valid_loss"] = json!(v);
+            if let Some(e) = snap.evals.iter().find(|e| e.step == step) {
+                c["metrics"]["valid_loss"] = json!(e.loss);
+                c["metrics"]["valid_mean_token_accuracy"] = json!(e.accuracy);
             }
         }
         for (step, name, _) in snap.checkpoints.iter().filter(|c| c.0 > last) {
-            let loss = snap
-                .reports
-                .iter()
-                .find(|r| r.step == *step)
-                .map(|r| r.loss);
+            let report = snap.reports.iter().find(|r| r.step == *step);
+            let eval = snap.evals.iter().find(|e| e.step == *step);
             ckpts.push(json!({
                 "id": format!("ftckpt-{}-{step}", &id[6..]),
                 "object": "fine_tuning.job.checkpoint",
                 "created_at": now(),
                 "fine_tuned_model_checkpoint": name,
                 "fine_tuning_job_id": id,
-                "metrics": {"step": step, "train_loss": loss,
-                    "valid_loss": snap.evals.iter().find(|e| e.0 == *step).map(|e| e.1)},
+                "metrics": {"step": step, "train_loss": report.map(|r| r.loss),
+                    "train_mean_token_accuracy": report.map(|r| r.accuracy),
+                    "valid_loss": eval.map(|e| e.loss),
+                    "valid_mean_token_accuracy": eval.map(|e| e.accuracy)},
                 "step_number": step,
             }));
             event(

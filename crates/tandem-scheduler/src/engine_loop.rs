@@ -10,7 +10,7 @@ use crate::sequence::FinishReason;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
-use tandem_model::finetune::{Example, StepReport, TrainConfig, TrainableLora, TrainingRun};
+use tandem_model::finetune::{Eval, Example, StepReport, TrainConfig, TrainableLora, TrainingRun};
 use tandem_model::{SamplingParams, TokenLogprobs};
 use tokio::sync::{mpsc, oneshot};
 
@@ -134,8 +134,8 @@ pub struct JobSnapshot {
     pub total_steps: usize,
     pub trained_tokens: u64,
     pub reports: Vec<StepReport>,
-    /// (step, mean validation loss) after each epoch, when the job has validation examples.
-    pub evals: Vec<(usize, f64)>,
+    /// Evaluations after each epoch, when the job has validation examples.
+    pub evals: Vec<Eval>,
     /// (step, served name, directory) of each checkpoint written.
     pub checkpoints: Vec<(usize, String, PathBuf)>,
 }

@@ -313,7 +313,7 @@ fn validation_loss_after_each_epoch_matches_a_full_forward() {
     run(&mut e, &requests());
     let j = &e.jobs[0];
     assert_eq!(j.state, JobState::Succeeded);
-    let steps: Vec<usize> = j.run.evals.iter().map(|v| v.0).collect();
+    let steps: Vec<usize> = j.run.evals.iter().map(|v| v.step).collect();
     assert_eq!(steps, (1..=epochs).map(|k| k * spe).collect::<Vec<_>>());
     assert_eq!(e.scheduler.blocks().num_free(), free, "KV blocks leaked");
     // The last evaluation is the final adapter's mean NLL over the targets, computed here by a
@@ -366,7 +366,7 @@ fn validation_loss_after_each_epoch_matches_a_full_forward() {
         }
     }
     let want = sum / count as f64;
-    let got = j.run.evals.last().unwrap().1;
+    let got = j.run.evals.last().unwrap().loss;
     assert!(
         (got - want).abs() <= 1e-5 * want.abs(),
         "validation loss {got}, full forward {want}"

@@ -49,15 +49,16 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 16.0)]
     pub alpha: f64,
     /// Projections to adapt, comma-separated (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
-    /// down_proj), or all-linear.
-    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    /// down_proj), or all-linear (the default: every linear projection).
+    #[arg(long, value_delimiter = ',', default_value = "all-linear")]
     pub targets: Vec<String>,
     /// Scale alpha / sqrt(rank) (rsLoRA).
     #[arg(long)]
     pub rslora: bool,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-4)]
-    pub lr: f64,
+    /// Peak learning rate, or auto (1e-3 for LoRA, scaled up for batches past 8; see
+    /// docs/api.md, "auto" hyperparameters).
+    #[arg(long, default_value = "auto")]
+    pub lr: String,
     /// constant, linear or cosine (after the warmup).
     #[arg(long, default_value = "linear")]
     pub schedule: String,
@@ -68,11 +69,13 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
-    #[arg(long, default_value_t = 1)]
-    pub epochs: usize,
-    /// Sequences per optimizer step (gradient accumulation over them).
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
+    /// Passes over the data, or auto (OpenAI's rule: 3, more on small data, fewer on large).
+    #[arg(long, default_value = "auto")]
+    pub epochs: String,
+    /// Sequences per optimizer step (gradient accumulation over them), or auto (~0.2% of the
+    /// examples, 1 to 256).
+    #[arg(long, default_value = "auto")]
+    pub batch_size: String,
     /// Tokens per forward chunk of a training sequence.
     #[arg(long, default_value_t = 128)]
     pub chunk_tokens: usize,
@@ -81,6 +84,10 @@ pub struct TrainArgs {
     pub max_seq_len: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Visit the examples in file order every epoch instead of a seeded shuffle (to compare
+    /// step for step with another trainer).
+    #[arg(long)]
+    pub no_shuffle: bool,
 }
 
 #[derive(Args, Debug)]
@@ -102,6 +109,11 @@ pub struct FinetuneArgs {
     /// Continue the run checkpointed in this directory (its settings win over the flags).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start from this HF PEFT adapter (e.g. one PEFT initialised and saved) instead of a fresh
+    /// one; its rank, alpha, rsLoRA setting and target modules win over --rank, --alpha,
+    /// --rslora and --targets.
+    #[arg(long, conflicts_with = "resume")]
+    pub init_adapter: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -6,11 +6,23 @@ use crate::generate::load;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::time::Instant;
-use tandem_model::finetune::{load_jsonl, Finetuner, TrainConfig};
-use tandem_model::lora::Proj;
+use tandem_model::finetune::{load_jsonl, Finetuner, Hyperparameters, TrainConfig};
+use tandem_model::lora::{LoraAdapter, Proj};
 
-/// The run's settings from the command line, checked.
-pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
+/// `value` of `flag` as a number, or None for `auto`.
+fn auto_or<T: std::str::FromStr>(flag: &str, value: &str) -> Result<Option<T>> {
+    if value == "auto" {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .map_err(|_| anyhow::anyhow!("{flag}: `{value}` is neither a number nor auto"))
+}
+
+/// The run's settings from the command line, checked, with every `auto` resolved for a
+/// training set of `examples` examples.
+pub fn train_config(a: &TrainArgs, examples: usize) -> Result<TrainConfig> {
     let mut targets: Vec<String> = Vec::new();
     for t in &a.targets {
         let t = t.trim();
@@ -33,12 +45,19 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     if !(a.alpha > 0.0 && a.alpha.is_finite()) {
         bail!("--alpha must be a positive number");
     }
-    if !(a.lr > 0.0 && a.lr.is_finite()) {
-        bail!("--lr must be a positive number");
+    let lr: Option<f64> = auto_or("--lr", &a.lr)?;
+    if lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
+        bail!("--lr must be a positive number or auto");
     }
+    let hp = Hyperparameters {
+        n_epochs: auto_or("--epochs", &a.epochs)?,
+        batch_size: auto_or("--batch-size", &a.batch_size)?,
+        learning_rate_multiplier: None,
+    }
+    .resolve(examples);
     for (flag, v) in [
-        ("--epochs", a.epochs),
-        ("--batch-size", a.batch_size),
+        ("--epochs", hp.n_epochs),
+        ("--batch-size", hp.batch_size),
         ("--chunk-tokens", a.chunk_tokens),
         ("--max-seq-len", a.max_seq_len),
     ] {
@@ -51,7 +70,7 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         alpha: a.alpha,
         targets,
         use_rslora: a.rslora,
-        lr: a.lr,
+        lr: lr.unwrap_or(hp.lr),
         weight_decay: a.weight_decay,
         max_grad_norm: a.max_grad_norm,
         schedule: a
@@ -59,32 +78,43 @@ pub fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
             .parse()
             .map_err(|e: String| anyhow::anyhow!("--schedule: {e}"))?,
         warmup_steps: a.warmup_steps,
-        epochs: a.epochs,
-        batch_size: a.batch_size,
+        epochs: hp.n_epochs,
+        batch_size: hp.batch_size,
         chunk_tokens: a.chunk_tokens,
         max_seq_len: a.max_seq_len,
         seed: a.seed,
+        shuffle: !a.no_shuffle,
     })
 }
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
-    let cfg = train_config(&args.train)?;
     let m = load(&args.model)?;
-    let data = load_jsonl(&args.data, &m.tokenizer, cfg.max_seq_len)
+    let data = load_jsonl(&args.data, &m.tokenizer, args.train.max_seq_len)
         .with_context(|| format!("cannot read training data {}", args.data.display()))?;
     let examples = data.len();
+    let cfg = train_config(&args.train, examples)?;
     let targets: usize = data.iter().map(|e| e.num_targets()).sum();
     let mut ft = match &args.resume {
         Some(dir) => Finetuner::resume(&m.model, data, dir)
             .with_context(|| format!("cannot resume from {}", dir.display()))?,
-        None => Finetuner::new(&m.model, data, cfg, Some(m.name.clone()))?,
+        None => match &args.init_adapter {
+            Some(dir) => {
+                let init =
+                    LoraAdapter::load(dir, &m.model.cfg, m.model.device(), candle_core::DType::F32)
+                        .with_context(|| format!("--init-adapter {}", dir.display()))?;
+                Finetuner::from_adapter(&m.model, data, cfg, &init, Some(m.name.clone()))
+                    .with_context(|| format!("--init-adapter {}", dir.display()))?
+            }
+            None => Finetuner::new(&m.model, data, cfg, Some(m.name.clone()))?,
+        },
     };
     eprintln!(
-        "finetune: {} on {examples} examples ({targets} target tokens), LoRA r={} alpha={} on {}, {} steps of {} sequences, lr {} ({:?}), chunks of {} tokens",
+        "finetune: {} on {examples} examples ({targets} target tokens), LoRA r={} alpha={} on {}, {} epochs, {} steps of {} sequences, lr {} ({:?}), chunks of {} tokens",
         m.name,
         ft.cfg().r,
         ft.cfg().alpha,
         ft.cfg().targets.join(","),
+        ft.cfg().epochs,
         ft.total_steps(),
         ft.cfg().batch_size,
         ft.cfg().lr,
@@ -102,10 +132,11 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         tokens += r.tokens;
         writeln!(
             out,
-            "step {}/{} loss {:.6} lr {:.3e} grad_norm {:.6} tokens {} ({:.0} tok/s)",
+            "step {}/{} loss {:.6} accuracy {:.4} lr {:.3e} grad_norm {:.6} tokens {} ({:.0} tok/s)",
             r.step,
             r.total_steps,
             r.loss,
+            r.accuracy,
             r.lr,
             r.grad_norm,
             r.tokens,

@@ -1,5 +1,6 @@
-//! `tandem finetune` on the default model teaches a fixed, checkable behaviour: every answer
-//! starts with the keyword "BANANA!". The training loss must fall by at least half, and greedy
+//! `tandem finetune` on the default model, with every hyperparameter left at its default,
+//! teaches a fixed, checkable behaviour: every answer starts with the keyword "BANANA!". The
+//! training loss must fall by at least half, and greedy
 //! generation through the written adapter must show the behaviour on held-out questions while
 //! the base model does not. Bad data and flags give errors naming the line / flag.
 
@@ -72,8 +73,6 @@ fn finetune_teaches_a_format_that_generation_then_follows() {
         .arg(&data)
         .arg("--out")
         .arg(&out_dir)
-        .args(["--targets", "all-linear", "--rank", "8", "--lr", "2e-3"])
-        .args(["--epochs", "3", "--batch-size", "4", "--seed", "0"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -82,12 +81,18 @@ fn finetune_teaches_a_format_that_generation_then_follows() {
         "stderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("on down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj, 5 epochs, 100 steps of 1 sequences, lr 0.001"),
+        "the defaults: every linear projection, OpenAI's auto epochs and batch size: {stderr}"
+    );
     let losses: Vec<f64> = stdout
         .lines()
         .filter_map(|l| l.split("loss ").nth(1)?.split(' ').next()?.parse().ok())
         .collect();
-    assert_eq!(losses.len(), 15, "one loss line per step: {stdout}");
-    let last = losses[12..].iter().sum::<f64>() / 3.0;
+    // OpenAI's "auto" for 20 examples: 100 / 20 = 5 epochs of batches of 1.
+    assert_eq!(losses.len(), 100, "one loss line per step: {stdout}");
+    let last = losses[95..].iter().sum::<f64>() / 5.0;
     assert!(
         last <= 0.5 * losses[0],
         "loss fell from {} to {last} (want >= 50% lower)",

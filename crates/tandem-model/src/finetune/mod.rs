@@ -4,15 +4,17 @@
 //! inference tokens).
 
 pub mod adamw;
+pub mod auto;
 pub mod data;
 pub mod run;
 pub mod step;
 pub mod trainer;
 
 pub use adamw::{lr_factor, AdamW, AdamWConfig, Schedule, StepInfo};
+pub use auto::{Hyperparameters, Resolved, LORA_BASE_LR};
 pub use data::{load_jsonl, parse_record, tokenize, validate_jsonl, Example, Record};
-pub use run::{Progress, TrainingRun};
-pub use step::{ChunkGrads, LayerLora};
+pub use run::{Eval, Progress, TrainingRun};
+pub use step::{ChunkGrads, HeadOut, LayerLora};
 pub use trainer::{peft_key, GradAccum, LoraSpec, SeqPhase, SeqTrain, TrainableLora};
 
 use crate::batch::{LogitsWanted, PackedBatch};
@@ -40,6 +42,14 @@ pub struct TrainConfig {
     pub chunk_tokens: usize,
     pub max_seq_len: usize,
     pub seed: u64,
+    /// Visit the examples in an order shuffled from (seed, epoch); false: in file order every
+    /// epoch (to compare step for step with another trainer).
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for TrainConfig {
@@ -47,9 +57,9 @@ impl Default for TrainConfig {
         Self {
             r: 8,
             alpha: 16.0,
-            targets: vec!["q_proj".into(), "v_proj".into()],
+            targets: auto::default_targets(),
             use_rslora: false,
-            lr: 1e-4,
+            lr: LORA_BASE_LR,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             schedule: Schedule::Linear,
@@ -59,6 +69,7 @@ impl Default for TrainConfig {
             chunk_tokens: 128,
             max_seq_len: 1024,
             seed: 0,
+            shuffle: true,
         }
     }
 }
@@ -111,6 +122,9 @@ pub struct StepReport {
     pub total_steps: usize,
     /// Mean loss per target token over the batch.
     pub loss: f64,
+    /// Share of the batch's target tokens that were the model's most likely token (OpenAI's
+    /// `train_mean_token_accuracy`).
+    pub accuracy: f64,
     pub lr: f64,
     pub grad_norm: f64,
     /// Tokens run (forward and backward) in the step.
@@ -142,6 +156,29 @@ impl<'m> Finetuner<'m> {
     ) -> Result<Self> {
         cfg.check()?;
         let lora = TrainableLora::new(&model.cfg, cfg.spec()?, model.device(), cfg.seed)?;
+        Self::with_run(model, TrainingRun::new(data, cfg, lora)?, base_model)
+    }
+
+    /// Training that starts from `init` (a PEFT adapter): its rank, alpha, rsLoRA setting and
+    /// targets replace those of `cfg`.
+    pub fn from_adapter(
+        model: &'m Llama,
+        data: Vec<Example>,
+        mut cfg: TrainConfig,
+        init: &crate::lora::LoraAdapter,
+        base_model: Option<String>,
+    ) -> Result<Self> {
+        cfg.check()?;
+        let lora = TrainableLora::from_adapter(init, model.cfg.num_hidden_layers, model.device())?;
+        cfg.r = lora.spec.r;
+        cfg.alpha = lora.spec.alpha;
+        cfg.use_rslora = lora.spec.use_rslora;
+        cfg.targets = lora
+            .spec
+            .targets
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect();
         Self::with_run(model, TrainingRun::new(data, cfg, lora)?, base_model)
     }
 

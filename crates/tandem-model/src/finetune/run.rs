@@ -29,6 +29,17 @@ pub enum Progress {
     OptimizerStep(StepReport),
 }
 
+/// One finished evaluation on the validation examples.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Eval {
+    /// The optimizer step it followed.
+    pub step: usize,
+    /// Mean loss per target token.
+    pub loss: f64,
+    /// Share of target tokens that were the model's most likely token.
+    pub accuracy: f64,
+}
+
 pub struct TrainingRun {
     pub cfg: TrainConfig,
     pub lora: TrainableLora,
@@ -47,16 +58,17 @@ pub struct TrainingRun {
     seq_acc: GradAccum,
     loss: f64,
     targets: usize,
+    correct: usize,
     tokens: usize,
     peak: usize,
     /// Held-out examples, evaluated (forward only) after every epoch's last step.
     validation: Vec<Example>,
-    /// The evaluation in progress: (after step, next example, Σ loss, targets).
-    eval: Option<(usize, usize, f64, usize)>,
+    /// The evaluation in progress: (after step, next example, Σ loss, targets, correct).
+    eval: Option<(usize, usize, f64, usize, usize)>,
     /// Whether the sequence in flight is a validation example (index).
     seq_eval: Option<usize>,
-    /// (step, mean validation loss per target token) of finished evaluations.
-    pub evals: Vec<(usize, f64)>,
+    /// Finished evaluations.
+    pub evals: Vec<Eval>,
 }
 
 impl TrainingRun {
@@ -84,6 +96,7 @@ impl TrainingRun {
             seq_acc: GradAccum::default(),
             loss: 0.0,
             targets: 0,
+            correct: 0,
             tokens: 0,
             peak: 0,
             validation: Vec::new(),
@@ -122,14 +135,16 @@ impl TrainingRun {
     }
 
     /// The examples of optimizer step `step` (0-based): each epoch visits every example once,
-    /// in an order shuffled from the seed and the epoch.
+    /// in an order shuffled from the seed and the epoch (in file order without `shuffle`).
     pub fn batch_indices(&self, step: usize) -> Vec<usize> {
         let spe = self.steps_per_epoch();
         let (epoch, i) = (step / spe, step % spe);
         let mut order: Vec<usize> = (0..self.data.len()).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(
-            self.cfg.seed.wrapping_add(epoch as u64),
-        ));
+        if self.cfg.shuffle {
+            order.shuffle(&mut StdRng::seed_from_u64(
+                self.cfg.seed.wrapping_add(epoch as u64),
+            ));
+        }
         let bs = self.cfg.batch_size;
         order[i * bs..((i + 1) * bs).min(order.len())].to_vec()
     }
@@ -215,15 +230,19 @@ impl TrainingRun {
         if self.seq_eval.is_none() || matches!(seq.phase, SeqPhase::Forward(_)) {
             return Ok(false);
         }
-        let (loss, targets) = (seq.loss_sum, seq.targets);
+        let (loss, targets, correct) = (seq.loss_sum, seq.targets, seq.correct);
         self.seq = None;
         self.seq_eval = None;
-        if let Some((step, next, sum, n)) = self.eval.take() {
-            let (sum, n) = (sum + loss, n + targets);
+        if let Some((step, next, sum, n, ok)) = self.eval.take() {
+            let (sum, n, ok) = (sum + loss, n + targets, ok + correct);
             if next + 1 < self.validation.len() {
-                self.eval = Some((step, next + 1, sum, n));
+                self.eval = Some((step, next + 1, sum, n, ok));
             } else {
-                self.evals.push((step, sum / n.max(1) as f64));
+                self.evals.push(Eval {
+                    step,
+                    loss: sum / n.max(1) as f64,
+                    accuracy: ok as f64 / n.max(1) as f64,
+                });
             }
         }
         Ok(true)
@@ -266,6 +285,7 @@ impl TrainingRun {
         self.acc.merge(std::mem::take(&mut self.seq_acc))?;
         self.loss += seq.loss_sum;
         self.targets += seq.targets;
+        self.correct += seq.correct;
         self.tokens += seq.len();
         self.seq = None;
         if self.started < self.batch.len() {
@@ -286,6 +306,7 @@ impl TrainingRun {
             step: self.step,
             total_steps,
             loss: self.loss / self.targets.max(1) as f64,
+            accuracy: self.correct as f64 / self.targets.max(1) as f64,
             lr,
             grad_norm: info.grad_norm,
             tokens: self.tokens,
@@ -293,11 +314,17 @@ impl TrainingRun {
             peak_activation_bytes: self.peak,
         };
         self.started = 0;
-        (self.loss, self.targets, self.tokens, self.peak) = (0.0, 0, 0, 0);
+        (
+            self.loss,
+            self.targets,
+            self.correct,
+            self.tokens,
+            self.peak,
+        ) = (0.0, 0, 0, 0, 0);
         let epoch_end =
             self.step.is_multiple_of(self.steps_per_epoch()) || self.step >= total_steps;
         if epoch_end && !self.validation.is_empty() {
-            self.eval = Some((self.step, 0, 0.0, 0));
+            self.eval = Some((self.step, 0, 0.0, 0, 0));
         }
         Ok(Progress::OptimizerStep(report))
     }

@@ -98,6 +98,18 @@ pub struct LayerLora {
     pub modules: HashMap<Proj, (Var, Var, f64)>,
 }
 
+/// What `head_backward` gives for a chunk.
+pub struct HeadOut {
+    /// Σ -log p(label) over the rows with a label.
+    pub loss_sum: f64,
+    /// Rows with a label.
+    pub targets: usize,
+    /// Rows whose argmax is the label.
+    pub correct: usize,
+    /// d loss / d x, [len, hidden] (zero on rows without a label).
+    pub d_x: Tensor,
+}
+
 /// What one (layer, chunk) step gives.
 pub struct ChunkGrads {
     /// Gradient of the objective w.r.t. the chunk's input to this layer [len, hidden].
@@ -280,12 +292,17 @@ impl Llama {
         x: &Tensor,
         labels: &[Option<u32>],
         weight: f64,
-    ) -> Result<(f64, usize, Tensor)> {
+    ) -> Result<HeadOut> {
         let rows: Vec<u32> = (0..labels.len() as u32)
             .filter(|&i| labels[i as usize].is_some())
             .collect();
         if rows.is_empty() {
-            return Ok((0.0, 0, x.zeros_like()?));
+            return Ok(HeadOut {
+                loss_sum: 0.0,
+                targets: 0,
+                correct: 0,
+                d_x: x.zeros_like()?,
+            });
         }
         let targets: Vec<u32> = labels.iter().filter_map(|l| *l).collect();
         let dev = x.device();
@@ -311,6 +328,14 @@ impl Llama {
             .log()?
             + &max)?;
         let picked = z.gather(&targets_t, 1)?;
+        // Token accuracy: rows whose most likely token is the label (ties to the first index,
+        // as torch's argmax).
+        let correct = z
+            .argmax_keepdim(D::Minus1)?
+            .eq(&targets_t)?
+            .to_dtype(DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize;
         let loss_sum = (lse - picked)?
             .to_dtype(DType::F64)?
             .sum_all()?
@@ -325,7 +350,12 @@ impl Llama {
             None => sel.as_tensor().zeros_like()?,
         };
         let d_x = x.zeros_like()?.index_add(&rows_t, &d_sel, 0)?;
-        Ok((loss_sum, rows.len(), d_x))
+        Ok(HeadOut {
+            loss_sum,
+            targets: rows.len(),
+            correct,
+            d_x,
+        })
     }
 
     /// Σ -log p(label) over the rows of `x` [len, hidden] (last layer's output) that have a

@@ -78,11 +78,28 @@ impl TrainableLora {
         Ok(Self { spec, layers })
     }
 
-    /// Continues training a saved adapter (all modules of one rank).
+    /// Continues training a saved adapter (all modules of one rank; per-module scales, as
+    /// PEFT's `alpha_pattern` gives them, are kept).
     pub fn from_adapter(adapter: &LoraAdapter, num_layers: usize, device: &Device) -> Result<Self> {
         let mut layers: Vec<LayerLora> = (0..num_layers).map(|_| LayerLora::default()).collect();
         let mut targets = Vec::new();
+        if adapter.weights.is_empty() {
+            return Err(ModelError::Batch("the adapter has no LoRA weights".into()));
+        }
         for (&(l, p), w) in &adapter.weights {
+            if w.a.dim(0)? != adapter.config.r {
+                return Err(ModelError::Batch(format!(
+                    "layer {l} {}: rank {} differs from the adapter's r = {} (rank_pattern); training needs one rank for every module",
+                    p.name(),
+                    w.a.dim(0)?,
+                    adapter.config.r
+                )));
+            }
+            if l >= num_layers {
+                return Err(ModelError::Batch(format!(
+                    "the adapter has weights for layer {l}; the model has {num_layers} layers"
+                )));
+            }
             let a = Var::from_tensor(&w.a.to_dtype(DType::F32)?.to_device(device)?)?;
             let b = Var::from_tensor(&w.b.to_dtype(DType::F32)?.to_device(device)?)?;
             layers[l].modules.insert(p, (a, b, w.scale));
@@ -117,11 +134,23 @@ impl TrainableLora {
         out
     }
 
-    /// A snapshot of the current weights as a PEFT adapter.
+    /// A snapshot of the current weights as a PEFT adapter. Modules whose scale differs from
+    /// the adapter's own (started from an adapter with `alpha_pattern`) keep it through an
+    /// `alpha_pattern` entry naming the module.
     pub fn to_adapter(&self, base_model: Option<String>) -> Result<LoraAdapter> {
         let mut weights = BTreeMap::new();
+        let mut alpha_pattern = HashMap::new();
+        let r = self.spec.r as f64;
+        let per_alpha = if self.spec.use_rslora { r.sqrt() } else { r };
+        let default_scale = self.spec.alpha / per_alpha;
         for (l, layer) in self.layers.iter().enumerate() {
             for (p, (a, b, scale)) in &layer.modules {
+                if (scale - default_scale).abs() > 1e-12 * default_scale.abs().max(1.0) {
+                    alpha_pattern.insert(
+                        format!("model.layers.{l}.{}.{}", p.parent(), p.name()),
+                        scale * per_alpha,
+                    );
+                }
                 weights.insert(
                     (l, *p),
                     LoraWeights {
@@ -141,7 +170,7 @@ impl TrainableLora {
                 target_modules: serde_json::json!(targets),
                 use_rslora: self.spec.use_rslora,
                 base_model_name_or_path: base_model,
-                alpha_pattern: HashMap::new(),
+                alpha_pattern,
             },
             weights,
         })
@@ -202,9 +231,10 @@ pub struct SeqTrain {
     pub phase: SeqPhase,
     /// The loss's weight (1 / target tokens of the whole batch).
     weight: f64,
-    /// Σ -log p over targets so far, and their count.
+    /// Σ -log p over targets so far, their count, and how many were the argmax.
     pub loss_sum: f64,
     pub targets: usize,
+    pub correct: usize,
 }
 
 impl SeqTrain {
@@ -231,6 +261,7 @@ impl SeqTrain {
             weight,
             loss_sum: 0.0,
             targets: 0,
+            correct: 0,
         }
     }
 
@@ -284,9 +315,11 @@ impl SeqTrain {
                 self.len()
             )));
         }
-        let (loss, count, d) = model.head_backward(&top, &self.labels[s..s + n], self.weight)?;
-        self.loss_sum += loss;
-        self.targets += count;
+        let head = model.head_backward(&top, &self.labels[s..s + n], self.weight)?;
+        self.loss_sum += head.loss_sum;
+        self.targets += head.targets;
+        self.correct += head.correct;
+        let d = head.d_x;
         self.chunks.push((s, n));
         self.d_out.push(Some(d));
         self.saved.push(inputs.into_iter().map(Some).collect());

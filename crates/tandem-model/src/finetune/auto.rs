@@ -1,0 +1,136 @@
+//! Defaults that teach: OpenAI's `"auto"` hyperparameters, resolved from the training set's
+//! size, and the LoRA shape a job gets when its user names none.
+//!
+//! - Targets: every linear projection (q, k, v, o, gate, up, down). With PEFT's q_proj/v_proj
+//!   default, twenty chat examples at lr 1e-3 taught neither tandem nor HF PEFT anything
+//!   visible; all seven taught both (the QLoRA paper's finding).
+//! - `n_epochs`: OpenAI's rule (its fine-tuning data-preparation guide): 3 epochs, raised so
+//!   that an epoch count × examples reaches 100 on small data (at most 25 epochs), lowered so
+//!   that it stays under 25,000 on large data (at least 1).
+//! - `batch_size`: about 0.2% of the examples, at least 1 and at most 256 (OpenAI's rule).
+//!   Small data so trains one example per step, which keeps the number of optimizer steps
+//!   (about 100 at least) useful.
+//! - `learning_rate_multiplier`: 1, on a LoRA base rate of `LORA_BASE_LR`, scaled by the square
+//!   root of the batch size past 8 (larger batches average noisier gradients away and take larger
+//!   steps, as OpenAI's 0.05/0.1/0.2 by batch size does).
+
+use crate::lora::Proj;
+
+/// The learning rate a multiplier of 1 means, for LoRA (chosen by measurement on the default
+/// model: docs/benchmarks.md, "Defaults that teach").
+pub const LORA_BASE_LR: f64 = 1e-3;
+
+/// Every linear projection, PEFT's names.
+pub fn default_targets() -> Vec<String> {
+    Proj::ALL.iter().map(|p| p.name().to_string()).collect()
+}
+
+/// OpenAI's automatic epoch count for `n` training examples.
+pub fn auto_epochs(n: usize) -> usize {
+    const TARGET_EPOCHS: usize = 3;
+    const MIN_TARGET_EXAMPLES: usize = 100;
+    const MAX_TARGET_EXAMPLES: usize = 25_000;
+    const MIN_EPOCHS: usize = 1;
+    const MAX_EPOCHS: usize = 25;
+    let n = n.max(1);
+    if n * TARGET_EPOCHS < MIN_TARGET_EXAMPLES {
+        MAX_EPOCHS.min(MIN_TARGET_EXAMPLES / n)
+    } else if n * TARGET_EPOCHS > MAX_TARGET_EXAMPLES {
+        MIN_EPOCHS.max(MAX_TARGET_EXAMPLES / n)
+    } else {
+        TARGET_EPOCHS
+    }
+}
+
+/// OpenAI's automatic batch size for `n` training examples: ~0.2% of them, in 1..=256.
+pub fn auto_batch_size(n: usize) -> usize {
+    ((n as f64 * 0.002).round() as usize).clamp(1, 256)
+}
+
+/// The automatic learning-rate multiplier for a batch size.
+pub fn auto_lr_multiplier(batch_size: usize) -> f64 {
+    (batch_size as f64 / 8.0).sqrt().max(1.0)
+}
+
+/// Hyperparameters as a user gave them: None is `"auto"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Hyperparameters {
+    pub n_epochs: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub learning_rate_multiplier: Option<f64>,
+}
+
+/// Hyperparameters with every `"auto"` resolved.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resolved {
+    pub n_epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate_multiplier: f64,
+    /// `LORA_BASE_LR` × the multiplier.
+    pub lr: f64,
+}
+
+impl Hyperparameters {
+    /// Resolves every `"auto"` for a training set of `n` examples. A batch is never larger than
+    /// the data.
+    pub fn resolve(&self, n: usize) -> Resolved {
+        let batch_size = self
+            .batch_size
+            .unwrap_or_else(|| auto_batch_size(n))
+            .min(n.max(1));
+        let learning_rate_multiplier = self
+            .learning_rate_multiplier
+            .unwrap_or_else(|| auto_lr_multiplier(batch_size));
+        Resolved {
+            n_epochs: self.n_epochs.unwrap_or_else(|| auto_epochs(n)),
+            batch_size,
+            learning_rate_multiplier,
+            lr: LORA_BASE_LR * learning_rate_multiplier,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_follow_openais_rule() {
+        // Small data: enough epochs for ~100 examples seen, at most 25.
+        assert_eq!(auto_epochs(1), 25);
+        assert_eq!(auto_epochs(3), 25);
+        assert_eq!(auto_epochs(10), 10);
+        assert_eq!(auto_epochs(12), 8);
+        assert_eq!(auto_epochs(20), 5);
+        assert_eq!(auto_epochs(40), 3);
+        assert_eq!(auto_epochs(1000), 3);
+        // Large data: under 25,000 examples seen, at least one epoch.
+        assert_eq!(auto_epochs(10_000), 2);
+        assert_eq!(auto_epochs(100_000), 1);
+    }
+
+    #[test]
+    fn batch_size_is_a_fraction_of_the_data() {
+        assert_eq!(auto_batch_size(0), 1);
+        assert_eq!(auto_batch_size(20), 1);
+        assert_eq!(auto_batch_size(1000), 2);
+        assert_eq!(auto_batch_size(10_000), 20);
+        assert_eq!(auto_batch_size(1_000_000), 256);
+    }
+
+    #[test]
+    fn resolve_keeps_what_was_given() {
+        let r = Hyperparameters {
+            n_epochs: Some(2),
+            batch_size: Some(64),
+            learning_rate_multiplier: Some(0.5),
+        }
+        .resolve(10);
+        assert_eq!((r.n_epochs, r.batch_size), (2, 10));
+        assert_eq!(r.learning_rate_multiplier, 0.5);
+        assert_eq!(r.lr, LORA_BASE_LR * 0.5);
+        let a = Hyperparameters::default().resolve(10_000);
+        assert_eq!((a.n_epochs, a.batch_size), (2, 20));
+        assert!((a.learning_rate_multiplier - (20f64 / 8.0).sqrt()).abs() < 1e-12);
+    }
+}
