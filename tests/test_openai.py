@@ -344,6 +344,51 @@ def test_stop_token_ids_min_tokens_and_min_p(client):
         assert e.value.body["param"] == param
 
 
+def test_prefix_caching_reports_cached_tokens_and_salts_keep_requests_apart(client, server):
+    import uuid
+    system = f"Session {uuid.uuid4().hex}. You are a careful assistant who answers in one short sentence."
+    ask = lambda q, **kw: client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
+        max_tokens=6, temperature=0, **kw)
+    first = ask("What is 2 plus 2?")
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    again = ask("What is 2 plus 2?")
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens and cached % 16 == 0, again.usage
+    assert again.choices[0].message.content == first.choices[0].message.content
+    # Another question after the same system prompt reuses the system prompt's blocks.
+    other = ask("Name a color.")
+    assert other.usage.prompt_tokens_details.cached_tokens > 0
+    # A cache salt shares nothing with unsalted requests, nor with another salt.
+    assert ask("What is 2 plus 2?", extra_body={"cache_salt": "tenant-a"}).usage.prompt_tokens_details.cached_tokens == 0
+    assert ask("What is 2 plus 2?", extra_body={"cache_salt": "tenant-b"}).usage.prompt_tokens_details.cached_tokens == 0
+    salted = ask("What is 2 plus 2?", extra_body={"cache_salt": "tenant-a"})
+    assert salted.usage.prompt_tokens_details.cached_tokens == cached
+    assert salted.choices[0].message.content == first.choices[0].message.content
+    # Streamed usage carries it too.
+    chunks = list(ask("What is 2 plus 2?", stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    with pytest.raises(openai.BadRequestError) as e:
+        ask("hi", extra_body={"cache_salt": ""})
+    assert e.value.body["param"] == "cache_salt"
+    m = httpx.get(server + "/metrics").text
+    hits, queries = metric_in(m, "tandem:prefix_cache_hits_total"), metric_in(m, "tandem:prefix_cache_queries_total")
+    assert hits is not None and 0 < hits <= queries
+
+
+def test_prefix_caching_can_be_switched_off():
+    proc, url = start("--no-enable-prefix-caching")
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x")
+        for _ in range(2):
+            r = c.chat.completions.create(model=MODEL, messages=Q, max_tokens=4, temperature=0)
+            assert r.usage.prompt_tokens_details.cached_tokens == 0
+        assert metric_in(httpx.get(url + "/metrics").text, "tandem:prefix_cache_hits_total") == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_token_id_prompts_echo_and_retrieving_a_model(client):
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
@@ -491,7 +536,7 @@ def wait_for(c, job_id, statuses, timeout=300):
 
 def metric_in(text, name, **labels):
     for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+        if (line.startswith(name + "{") or line.startswith(name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return None
 

@@ -12,6 +12,7 @@ pub use jobs::recover as recover_jobs;
 pub mod metrics;
 mod openai;
 pub mod persist;
+mod respond;
 mod routes;
 pub mod store;
 

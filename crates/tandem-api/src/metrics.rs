@@ -25,6 +25,8 @@ pub struct Metrics {
     waiting: IntGauge,
     kv_usage: Gauge,
     preemptions: IntCounter,
+    prefix_queries: IntCounter,
+    prefix_hits: IntCounter,
     prompt_tokens: IntCounterVec,
     generation_tokens: IntCounterVec,
     success: IntCounterVec,
@@ -56,6 +58,8 @@ pub struct Metrics {
 #[derive(Default)]
 struct Totals {
     preemptions: u64,
+    prefix_queries: u64,
+    prefix_hits: u64,
     loads: u64,
     evictions: u64,
     trained: u64,
@@ -116,6 +120,14 @@ impl Metrics {
             preemptions: add(reg, IntCounter::with_opts(opts(
                 "tandem:num_preemptions_total",
                 "Cumulative number of preemptions from the engine.",
+            )))?,
+            prefix_queries: add(reg, IntCounter::with_opts(opts(
+                "tandem:prefix_cache_queries_total",
+                "Prefix cache queries, in terms of number of queried tokens.",
+            )))?,
+            prefix_hits: add(reg, IntCounter::with_opts(opts(
+                "tandem:prefix_cache_hits_total",
+                "Prefix cache hits, in terms of number of cached tokens.",
             )))?,
             prompt_tokens: add(reg, IntCounterVec::new(
                 per_model("tandem:prompt_tokens_total", "Number of prefill tokens processed."),
@@ -344,6 +356,16 @@ impl Metrics {
                 *last = now.max(*last);
             };
             adv(&self.preemptions, &mut last.preemptions, s.preemptions);
+            adv(
+                &self.prefix_queries,
+                &mut last.prefix_queries,
+                s.prefix_cache_queries,
+            );
+            adv(
+                &self.prefix_hits,
+                &mut last.prefix_hits,
+                s.prefix_cache_hits,
+            );
             adv(&self.adapter_loads, &mut last.loads, s.adapter_loads);
             adv(
                 &self.adapter_evictions,

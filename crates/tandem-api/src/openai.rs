@@ -62,6 +62,8 @@ pub struct Sampling {
     /// vLLM's extension: logprobs name tokens as `token_id:{id}`.
     #[serde(default)]
     pub return_tokens_as_token_ids: bool,
+    /// vLLM's extension: requests with different salts never share prefix-cache blocks.
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,6 +208,9 @@ impl Sampling {
         vocab: usize,
     ) -> Result<SamplingParams, ApiError> {
         let bad = |p: &str, m: String| Err(ApiError::invalid(m, Some(p)));
+        if self.cache_salt.as_deref().is_some_and(str::is_empty) {
+            return bad("cache_salt", "cache_salt must be a non-empty string".into());
+        }
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
             Some(0) => return bad("max_tokens", "max_tokens must be at least 1".into()),
             Some(m) => m as usize,

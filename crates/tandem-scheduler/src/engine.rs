@@ -39,6 +39,8 @@ pub struct RequestOutput {
     pub finished: Option<FinishReason>,
     /// The token's log-probabilities, when the request asked for them.
     pub logprobs: Option<TokenLogprobs>,
+    /// Prompt tokens served from the prefix cache (set when `finished` is).
+    pub cached_tokens: usize,
 }
 
 #[derive(Default)]
@@ -254,8 +256,20 @@ impl LlmEngine {
     pub fn add_request(
         &mut self,
         prompt: Vec<u32>,
+        params: SamplingParams,
+        adapter: Option<&str>,
+    ) -> Result<u64, AdmitError> {
+        self.add_request_salted(prompt, params, adapter, None)
+    }
+
+    /// `add_request` with a cache salt: only requests with the same salt (or both none) share
+    /// prefix-cache blocks.
+    pub fn add_request_salted(
+        &mut self,
+        prompt: Vec<u32>,
         mut params: SamplingParams,
         adapter: Option<&str>,
+        cache_salt: Option<String>,
     ) -> Result<u64, AdmitError> {
         // What ends generation, for the sampler to hold back before min_tokens.
         params.end_token_ids = params.stop_token_ids.clone();
@@ -275,8 +289,9 @@ impl LlmEngine {
         };
         let id = self.next_id;
         self.next_id += 1;
-        self.scheduler
-            .add(Sequence::new(id, prompt, params, adapter))?;
+        let mut seq = Sequence::new(id, prompt, params, adapter);
+        seq.cache_salt = cache_salt;
+        self.scheduler.add(seq)?;
         self.texts.insert(id, TextState::default());
         Ok(id)
     }
@@ -619,6 +634,8 @@ impl LlmEngine {
                     let id = j.adapter_id;
                     let adapter = j.run.lora.to_adapter(None);
                     let done = j.run.is_done();
+                    // Cached K/V of the old weights must not serve requests from now on.
+                    self.scheduler.adapter_weights_changed(id);
                     if let Err(e) = adapter.and_then(|a| self.runner.adapters.replace_live(id, a)) {
                         self.fail_job(i, e.to_string());
                         break;
@@ -662,6 +679,7 @@ impl LlmEngine {
                 text: String::new(),
                 finished: Some(FinishReason::Abort),
                 logprobs: None,
+                cached_tokens: 0,
             });
         };
         let params = &seq.params;
@@ -712,8 +730,9 @@ impl LlmEngine {
         } else {
             String::new()
         };
+        let mut cached_tokens = 0;
         if finished.is_some() {
-            self.scheduler.finish(id);
+            cached_tokens = self.scheduler.finish(id).map_or(0, |s| s.cached_tokens);
             self.texts.remove(&id);
         }
         Ok(RequestOutput {
@@ -722,6 +741,7 @@ impl LlmEngine {
             text,
             finished,
             logprobs: None,
+            cached_tokens,
         })
     }
 }

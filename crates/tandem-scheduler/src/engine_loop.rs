@@ -28,6 +28,8 @@ pub enum Event {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens whose K/V came from the prefix cache.
+        cached_tokens: usize,
     },
     /// The engine failed while running this request (the request is over).
     Failed(String),
@@ -38,6 +40,8 @@ pub struct GenerateRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub adapter: Option<String>,
+    /// vLLM's `cache_salt`: requests with different salts never share prefix-cache blocks.
+    pub cache_salt: Option<String>,
     /// The request's span (its request id): the engine thread logs what concerns the request in it.
     pub span: tracing::Span,
 }
@@ -50,6 +54,11 @@ pub struct EngineStats {
     pub num_blocks: usize,
     pub free_blocks: usize,
     pub preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache and found there, since start.
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    /// Free KV blocks that still hold cached prefixes.
+    pub cached_free_blocks: usize,
     /// Every registered adapter.
     pub adapters: Vec<String>,
     /// Adapters of running / waiting requests (vLLM's lora_requests_info labels).
@@ -323,6 +332,7 @@ fn run(mut engine: LlmEngine, rx: Receiver<Command>) {
                                     finish_reason = reason.as_str(),
                                     prompt_tokens = l.prompt_tokens,
                                     completion_tokens = l.completion_tokens,
+                                    cached_tokens = o.cached_tokens,
                                     "request finished"
                                 )
                             });
@@ -330,6 +340,7 @@ fn run(mut engine: LlmEngine, rx: Receiver<Command>) {
                                 reason,
                                 prompt_tokens: l.prompt_tokens,
                                 completion_tokens: l.completion_tokens,
+                                cached_tokens: o.cached_tokens,
                             });
                         }
                     }
@@ -355,7 +366,12 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
             let req = *req;
             let prompt_tokens = req.prompt.len();
             let span = req.span;
-            match engine.add_request(req.prompt, req.params, req.adapter.as_deref()) {
+            match engine.add_request_salted(
+                req.prompt,
+                req.params,
+                req.adapter.as_deref(),
+                req.cache_salt,
+            ) {
                 Ok(id) => {
                     span.in_scope(|| {
                         tracing::info!(seq = id, prompt_tokens, adapter = ?req.adapter, "request queued")
@@ -462,6 +478,9 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
                 num_blocks: s.blocks().num_blocks(),
                 free_blocks: s.blocks().num_free(),
                 preemptions: s.num_preemptions,
+                prefix_cache_queries: s.prefix_cache_queries,
+                prefix_cache_hits: s.prefix_cache_hits,
+                cached_free_blocks: s.blocks().num_cached_free(),
                 adapters: reg.names(),
                 running_adapters: names(running),
                 waiting_adapters: names(waiting),

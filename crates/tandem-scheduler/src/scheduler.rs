@@ -5,10 +5,16 @@
 //! (vLLM v1). Running sequences go first, then waiting ones. When KV blocks run out, the most
 //! recently admitted running sequence is preempted (recompute: its blocks are freed and it
 //! re-enters the front of the waiting queue).
+//!
+//! Prefix caching: a sequence scheduled for the first time (or again after preemption) takes
+//! the cached KV blocks of its longest cached prefix under its key (adapter and weight version,
+//! cache salt) and counts those tokens as computed, so they cost nothing in the token budget;
+//! after each iteration its newly full blocks enter the cache, unless its adapter's weights
+//! changed since it started (an optimizer step of a co-served job), whose K/V then mix versions.
 
-use crate::block_manager::BlockManager;
+use crate::block_manager::{extra_key, BlockManager};
 use crate::sequence::Sequence;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use tandem_model::{LogitsWanted, NewSequence, PackedBatch, ScheduledBatch};
 
 #[derive(Debug, Clone)]
@@ -20,6 +26,8 @@ pub struct SchedulerConfig {
     pub max_model_len: usize,
     /// Distinct LoRA adapters among live sequences (the engine's resident slots).
     pub max_loras: usize,
+    /// Automatic prefix caching (vLLM's `--enable-prefix-caching`).
+    pub enable_prefix_caching: bool,
 }
 
 #[derive(Debug)]
@@ -34,6 +42,12 @@ pub struct Scheduler {
     last: Vec<(u64, usize)>,
     /// Preemptions since start.
     pub num_preemptions: u64,
+    /// Weight version per adapter id (bumped when a live adapter's weights change).
+    adapter_versions: HashMap<u32, u64>,
+    /// Prompt tokens looked up in the prefix cache, and those found (vLLM's
+    /// prefix_cache_queries / prefix_cache_hits).
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
 }
 
 /// Why a sequence cannot be admitted at all.
@@ -65,6 +79,37 @@ impl Scheduler {
             gone: Vec::new(),
             last: Vec::new(),
             num_preemptions: 0,
+            adapter_versions: HashMap::new(),
+            prefix_cache_queries: 0,
+            prefix_cache_hits: 0,
+        }
+    }
+
+    /// Records that adapter `id`'s weights changed (an optimizer step): K/V computed before must
+    /// not serve requests after, and sequences computed partly under the old weights stop adding
+    /// blocks to the cache.
+    pub fn adapter_weights_changed(&mut self, id: u32) {
+        *self.adapter_versions.entry(id).or_default() += 1;
+    }
+
+    fn adapter_version(&self, adapter: Option<u32>) -> u64 {
+        adapter.map_or(0, |a| self.adapter_versions.get(&a).copied().unwrap_or(0))
+    }
+
+    /// For a sequence about to run from nothing computed: takes its cached prefix.
+    fn take_cached_prefix(&mut self, seq: &mut Sequence) {
+        if !self.cfg.enable_prefix_caching || seq.num_computed > 0 {
+            return;
+        }
+        let version = self.adapter_version(seq.adapter);
+        let key = extra_key(seq.adapter.map(|a| (a, version)), seq.cache_salt.as_deref());
+        let hit = self.blocks.take_cached_prefix(seq.id, &seq.tokens, key);
+        seq.num_computed = hit;
+        seq.cache_key = Some((key, version));
+        if seq.num_preemptions == 0 {
+            seq.cached_tokens = hit;
+            self.prefix_cache_queries += seq.tokens.len() as u64;
+            self.prefix_cache_hits += hit as u64;
         }
     }
 
@@ -210,27 +255,30 @@ impl Scheduler {
             let mut i = 0;
             while budget > 0 && self.running.len() < self.cfg.max_num_seqs && i < self.waiting.len()
             {
-                let seq = &self.waiting[i];
-                if let Some(a) = seq.adapter {
+                if let Some(a) = self.waiting[i].adapter {
                     if !live.contains(&a) && live.len() >= self.cfg.max_loras {
                         i += 1;
                         continue;
                     }
                 }
+                let Some(mut seq) = self.waiting.remove(i) else {
+                    break;
+                };
+                self.take_cached_prefix(&mut seq);
                 let n = seq.uncomputed().min(budget);
                 // Keep one block of headroom per running sequence so admission does not cause
                 // immediate preemption at the next decode step.
                 let missing = self.blocks.blocks_missing(seq.id, seq.num_computed + n);
-                if missing + self.running.len() > self.blocks.num_free() && !self.running.is_empty()
-                {
+                let fits = (missing + self.running.len() <= self.blocks.num_free()
+                    || self.running.is_empty())
+                    && self.blocks.allocate(seq.id, seq.num_computed + n);
+                if !fits {
+                    // It waits on; the cached blocks it took go back (still cached).
+                    self.blocks.free(seq.id);
+                    seq.num_computed = 0;
+                    self.waiting.insert(i, seq);
                     break;
                 }
-                if !self.blocks.allocate(seq.id, seq.num_computed + n) {
-                    break;
-                }
-                let Some(seq) = self.waiting.remove(i) else {
-                    break;
-                };
                 live.extend(seq.adapter);
                 self.running.push(seq);
                 plan.push((self.running.len() - 1, n));
@@ -285,6 +333,7 @@ impl Scheduler {
         let mut seq = self.running.remove(idx);
         self.blocks.free(seq.id);
         seq.num_computed = 0;
+        seq.cache_key = None;
         seq.num_preemptions += 1;
         self.num_preemptions += 1;
         tracing::debug!(
@@ -298,8 +347,20 @@ impl Scheduler {
     /// Records the last batch as computed and appends sampled tokens.
     pub fn update(&mut self, sampled: &[(u64, u32)]) {
         for (id, n) in std::mem::take(&mut self.last) {
-            if let Some(seq) = self.running.iter_mut().find(|s| s.id == id) {
-                seq.num_computed += n;
+            let Some(seq) = self.running.iter_mut().find(|s| s.id == id) else {
+                continue;
+            };
+            seq.num_computed += n;
+            if let Some((key, version)) = seq.cache_key {
+                let now = seq
+                    .adapter
+                    .map_or(0, |a| self.adapter_versions.get(&a).copied().unwrap_or(0));
+                if now == version {
+                    self.blocks
+                        .commit(seq.id, &seq.tokens, seq.num_computed, key);
+                } else {
+                    seq.cache_key = None;
+                }
             }
         }
         let now = std::time::Instant::now();

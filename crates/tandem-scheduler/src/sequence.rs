@@ -39,6 +39,13 @@ pub struct Sequence {
     /// When it was queued, and when its first output token came.
     pub arrival: std::time::Instant,
     pub first_token: Option<std::time::Instant>,
+    /// The request's `cache_salt`: only requests with the same salt share cached KV blocks.
+    pub cache_salt: Option<String>,
+    /// While its blocks may enter the prefix cache: the chain's key and the adapter weight
+    /// version it was computed under.
+    pub cache_key: Option<(crate::block_manager::BlockHash, u64)>,
+    /// Prompt tokens found in the prefix cache when it was first scheduled.
+    pub cached_tokens: usize,
 }
 
 impl Sequence {
@@ -54,6 +61,9 @@ impl Sequence {
             adapter,
             arrival: std::time::Instant::now(),
             first_token: None,
+            cache_salt: None,
+            cache_key: None,
+            cached_tokens: 0,
         }
     }
 

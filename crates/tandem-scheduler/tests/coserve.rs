@@ -27,6 +27,7 @@ fn engine_with_blocks(dir: &std::path::Path, mode: CoserveMode, num_blocks: usiz
             num_blocks,
             max_model_len: 512,
             max_loras: 4,
+            enable_prefix_caching: true,
         },
     );
     e.coserve = CoserveConfig {

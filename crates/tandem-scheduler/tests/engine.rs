@@ -24,6 +24,7 @@ fn engine(
             num_blocks,
             max_model_len: 512,
             max_loras: 4,
+            enable_prefix_caching: true,
         },
     )
 }
@@ -242,6 +243,7 @@ fn requests_through_different_adapters_batch_together_within_max_loras() {
                 num_blocks: 64,
                 max_model_len: 512,
                 max_loras,
+                enable_prefix_caching: true,
             },
         );
         for i in 0..3u64 {

@@ -31,6 +31,7 @@ fn engine(dir: &std::path::Path, num_blocks: usize) -> LlmEngine {
             num_blocks,
             max_model_len: 512,
             max_loras: 2,
+            enable_prefix_caching: true,
         },
     )
 }
@@ -44,6 +45,7 @@ fn req(prompt: Vec<u32>, max_tokens: usize, adapter: Option<&str>) -> GenerateRe
             ..Default::default()
         },
         adapter: adapter.map(str::to_string),
+        cache_salt: None,
         span: tracing::Span::none(),
     }
 }
@@ -58,6 +60,7 @@ async fn collect(h: &EngineHandle, r: GenerateRequest) -> (Vec<u32>, FinishReaso
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                ..
             } => return (toks, reason, prompt_tokens, completion_tokens),
             Event::Failed(e) => panic!("{e}"),
         }

@@ -398,6 +398,13 @@ pub struct ServeArgs {
     /// KV cache size in blocks of 16 tokens.
     #[arg(long, default_value_t = 2048)]
     pub kv_cache_blocks: usize,
+    /// Automatic prefix caching: requests reuse the KV blocks of prompts seen before (same
+    /// adapter and weight version, same cache_salt). On by default.
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// Turns automatic prefix caching off.
+    #[arg(long)]
+    pub no_enable_prefix_caching: bool,
     /// A LoRA adapter to serve from the start, as NAME=PATH (repeatable).
     #[arg(long = "adapter", value_name = "NAME=PATH")]
     pub adapters: Vec<String>,

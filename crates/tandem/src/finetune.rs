@@ -88,6 +88,8 @@ pub fn train_config(a: &TrainArgs, examples: usize) -> Result<TrainConfig> {
 }
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
+    // Bad flags are reported before the model and data load (the autos resolve after).
+    train_config(&args.train, 1)?;
     let m = load(&args.model)?;
     let data = load_jsonl(&args.data, &m.tokenizer, args.train.max_seq_len)
         .with_context(|| format!("cannot read training data {}", args.data.display()))?;

@@ -55,6 +55,7 @@ pub fn engine(
             num_blocks,
             max_model_len,
             max_loras: lora.max_loras,
+            enable_prefix_caching: true,
         },
     ))
 }

@@ -32,6 +32,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         args.max_batched_tokens,
         lora,
     )?;
+    e.scheduler.cfg.enable_prefix_caching = !args.no_enable_prefix_caching;
     e.coserve = tandem_scheduler::CoserveConfig {
         mode: args
             .coserve_mode
