@@ -150,6 +150,34 @@ pub enum BenchCommand {
     Coserve(BenchCoserveArgs),
     /// The logits of every position of one prompt as JSON (CPU-vs-CUDA checks).
     Logits(BenchLogitsArgs),
+    /// Prefix caching on vs off: TTFT with a shared system prompt, multi-turn chat throughput.
+    Prefix(BenchPrefixArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchPrefixArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tokens of the system prompt every request of the first run shares.
+    #[arg(long, default_value_t = 1024)]
+    pub system_tokens: usize,
+    /// Requests of the first run.
+    #[arg(long, default_value_t = 6)]
+    pub requests: usize,
+    #[arg(long, default_value_t = 24)]
+    pub question_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    pub output_tokens: usize,
+    /// Conversations of the multi-turn run, side by side.
+    #[arg(long, default_value_t = 4)]
+    pub conversations: usize,
+    #[arg(long, default_value_t = 5)]
+    pub turns: usize,
+    /// Tokens of each user message (and of each conversation's system prompt).
+    #[arg(long, default_value_t = 64)]
+    pub turn_tokens: usize,
+    #[arg(long, default_value_t = 2048)]
+    pub max_batched_tokens: usize,
 }
 
 #[derive(Args, Debug)]
