@@ -149,9 +149,11 @@ fn outs(v: &[(Out, usize)]) -> Vec<Out> {
 }
 
 /// Same tokens, same top-logprob candidates, log-probabilities equal to float rounding: the CPU
-/// matmul's last bits depend on how many rows it multiplies at once, and caching changes that
-/// (as chunked prefill does: the same prompt prefilled in chunks of 7 differs from one chunk
-/// by ~5e-7 here).
+/// matmul (the gemm crate) picks its kernel from the problem's shape — a single row takes a
+/// matrix-vector path, and with few output columns (this model's k/v projections have 16) it
+/// transposes the problem once rows outnumber columns — so a row's last bits depend on how many
+/// rows are multiplied at once. Caching changes that, as chunked prefill does (the same prompt
+/// prefilled in chunks of 7 differs from one chunk by ~5e-7 here).
 fn assert_same(got: &[Out], want: &[Out], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
