@@ -114,6 +114,10 @@ pub struct FinetuneArgs {
     /// --rslora and --targets.
     #[arg(long, conflicts_with = "resume")]
     pub init_adapter: Option<PathBuf>,
+    /// Write the tokenized examples here as JSONL ({"tokens": [...], "target": [...]}, in file
+    /// order) and exit without training (to feed another trainer exactly the same tokens).
+    #[arg(long)]
+    pub dump_tokens: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

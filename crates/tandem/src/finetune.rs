@@ -94,6 +94,16 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     let data = load_jsonl(&args.data, &m.tokenizer, args.train.max_seq_len)
         .with_context(|| format!("cannot read training data {}", args.data.display()))?;
     let examples = data.len();
+    if let Some(path) = &args.dump_tokens {
+        let mut out = String::new();
+        for e in &data {
+            out.push_str(&serde_json::json!({"tokens": e.tokens, "target": e.target}).to_string());
+            out.push('\n');
+        }
+        std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("{examples} tokenized examples written to {}", path.display());
+        return Ok(());
+    }
     let cfg = train_config(&args.train, examples)?;
     let targets: usize = data.iter().map(|e| e.num_targets()).sum();
     let mut ft = match &args.resume {
