@@ -26,8 +26,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(*extra, env=None):
+def start(*extra, env=None, runtime_lora=True):
+    """`tandem serve` on a free port; with `runtime_lora`, adapters load at run time from under
+    the temp directory (where the tests write them)."""
     port = free_port()
+    if runtime_lora:
+        extra = ("--allow-runtime-lora", "--lora-root", tempfile.gettempdir(), *extra)
     # The server's log goes to a file (a pipe nobody reads would fill up and block it).
     log = tempfile.NamedTemporaryFile("w+", prefix="tandem-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen([BIN, "serve", "--port", str(port), *extra], stdout=log, stderr=subprocess.STDOUT,
@@ -208,6 +212,102 @@ def test_metrics_and_a_dropped_stream_frees_its_kv_blocks(client, server):
         time.sleep(0.05)
     assert metric(server, "tandem:kv_cache_usage_perc") == 0
     assert metric(server, "tandem:num_requests_running") == 0
+
+
+def test_tenants_see_only_their_own_files_jobs_and_models():
+    d = tempfile.mkdtemp()
+    keys = os.path.join(d, "keys")
+    with open(keys, "w") as f:
+        f.write("# tenants\nkey-alice alice\nkey-bob bob\nkey-ops ops admin\n")
+    proc, url = start("--api-keys", keys, "--api-key", "key-plain")
+    try:
+        alice, bob, ops = (openai.OpenAI(base_url=url + "/v1", api_key=k) for k in ("key-alice", "key-bob", "key-ops"))
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="key-carol").models.list()
+        fid = upload_training_file(alice)
+        assert [f.id for f in alice.files.list()] == [fid]
+        assert fid not in [f.id for f in bob.files.list()]
+        with pytest.raises(openai.NotFoundError):
+            bob.files.retrieve(fid)
+        with pytest.raises(openai.NotFoundError):
+            bob.files.content(fid)
+        with pytest.raises(openai.NotFoundError):
+            bob.files.delete(fid)
+        # Bob cannot train on Alice's file: to him it does not exist.
+        with pytest.raises(openai.BadRequestError) as e:
+            bob.fine_tuning.jobs.create(model=MODEL, training_file=fid)
+        assert e.value.body["param"] == "training_file"
+        job = alice.fine_tuning.jobs.create(model=MODEL, training_file=fid, hyperparameters={"n_epochs": 1, "batch_size": 3},
+                                            extra_body={"lora": {"r": 2, "target_modules": ["q_proj"]}})
+        assert job.id not in [j.id for j in bob.fine_tuning.jobs.list()]
+        for call in (lambda: bob.fine_tuning.jobs.retrieve(job.id), lambda: bob.fine_tuning.jobs.list_events(job.id),
+                     lambda: bob.fine_tuning.jobs.checkpoints.list(job.id), lambda: bob.fine_tuning.jobs.cancel(job.id)):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        done = wait_for(alice, job.id, ("succeeded", "failed", "cancelled"))
+        assert done.status == "succeeded", done.error
+        name = done.fine_tuned_model
+        assert name in [m.id for m in alice.models.list()]
+        assert name not in [m.id for m in bob.models.list()]
+        assert next(m for m in alice.models.list() if m.id == name).owned_by == "alice"
+        with pytest.raises(openai.NotFoundError):
+            bob.chat.completions.create(model=name, messages=Q, max_tokens=2)
+        with pytest.raises(openai.NotFoundError):
+            bob.models.retrieve(name)
+        assert alice.chat.completions.create(model=name, messages=Q, max_tokens=2).choices[0].message.content is not None
+        # The admin sees everything; the base model is everyone's.
+        assert fid in [f.id for f in ops.files.list()] and job.id in [j.id for j in ops.fine_tuning.jobs.list()]
+        assert name in [m.id for m in ops.models.list()] and MODEL in [m.id for m in bob.models.list()]
+        # --api-key keys are tenant "default": Alice's things are not theirs either.
+        plain = openai.OpenAI(base_url=url + "/v1", api_key="key-plain")
+        assert fid not in [f.id for f in plain.files.list()]
+        # SIGHUP reloads the keys file: Bob's key goes, Carol's comes.
+        with open(keys, "w") as f:
+            f.write("key-alice alice\nkey-carol carol\n")
+        proc.send_signal(__import__("signal").SIGHUP)
+        for _ in range(100):
+            try:
+                openai.OpenAI(base_url=url + "/v1", api_key="key-carol").models.list()
+                break
+            except openai.AuthenticationError:
+                time.sleep(0.1)
+        with pytest.raises(openai.AuthenticationError):
+            bob.models.list()
+        assert name in [m.id for m in alice.models.list()]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    log = open(proc.log_path).read()
+    assert "key-alice" not in log and "key-bob" not in log, "keys must never be logged"
+
+
+def test_runtime_lora_is_off_by_default_and_confined_to_the_lora_root():
+    d = tempfile.mkdtemp()
+    write_adapter(os.path.join(d, "inside"), zero_b=True, seed=1)
+    proc, url = start(runtime_lora=False)
+    try:
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": os.path.join(d, "inside")})
+        assert r.status_code == 403 and "--allow-runtime-lora" in r.json()["error"]["message"], r.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    root = os.path.join(d, "root")
+    os.makedirs(root)
+    __import__("shutil").move(os.path.join(d, "inside"), os.path.join(root, "inside"))
+    os.symlink(d, os.path.join(root, "escape"))  # a link out of the root
+    proc, url = start("--allow-runtime-lora", "--lora-root", root, runtime_lora=False)
+    try:
+        load = lambda p: httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x" + str(abs(hash(p))), "lora_path": p})
+        assert load(os.path.join(root, "inside")).status_code == 200
+        assert load("inside").status_code == 200, "a relative path is taken from the root"
+        # Outside, through a symlink, a directory that exists and one that does not: the same answer.
+        answers = [load(p) for p in ("/root", "/nonexistent/dir", os.path.join(root, "escape"), os.path.join(root, ".."), "../../etc")]
+        for a in answers:
+            assert a.status_code == 403, a.text
+        assert len({a.json()["error"]["message"] for a in answers}) == 1, [a.text for a in answers]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_a_full_queue_answers_429_with_retry_after():

@@ -2,11 +2,12 @@
 //! `fine-tune`). JSONL is checked on upload; a bad line is a 400 naming the line and field.
 
 use crate::error::ApiError;
-use crate::store::StoreError;
+use crate::store::{FileObject, StoreError};
+use crate::tenants::Tenant;
 use crate::AppState;
 use axum::extract::{Multipart, Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ impl From<StoreError> for ApiError {
 
 pub async fn upload(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     mut form: Multipart,
 ) -> Result<Json<crate::store::FileObject>, ApiError> {
     let mut file: Option<(String, Vec<u8>)> = None;
@@ -71,7 +73,7 @@ pub async fn upload(
             Some("file"),
         )
     })?;
-    let f = st.store.add_file(&name, &purpose, &data)?;
+    let f = st.store.add_file(&t.name, &name, &purpose, &data)?;
     tracing::info!(file = %f.id, bytes = f.bytes, "file uploaded");
     Ok(Json(f))
 }
@@ -83,9 +85,15 @@ pub struct ListQuery {
 
 pub async fn list(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let data = st.store.files(q.purpose.as_deref())?;
+    let data: Vec<FileObject> = st
+        .store
+        .files(q.purpose.as_deref())?
+        .into_iter()
+        .filter(|f| t.sees(Some(&f.owner)))
+        .collect();
     Ok(Json(json!({"object": "list", "data": data, "has_more": false})).into_response())
 }
 
@@ -93,18 +101,26 @@ fn missing(id: &str) -> ApiError {
     ApiError::not_found(format!("No such File object: {id}"), Some("id"))
 }
 
+/// File `id` if it exists and the tenant may see it (another tenant's file is a 404 too).
+pub fn visible_file(st: &AppState, t: &Tenant, id: &str) -> Result<Option<FileObject>, ApiError> {
+    Ok(st.store.file(id)?.filter(|f| t.sees(Some(&f.owner))))
+}
+
 pub async fn get_one(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let f = st.store.file(&id)?.ok_or_else(|| missing(&id))?;
+    let f = visible_file(&st, &t, &id)?.ok_or_else(|| missing(&id))?;
     Ok(Json(f).into_response())
 }
 
 pub async fn content(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    visible_file(&st, &t, &id)?.ok_or_else(|| missing(&id))?;
     let data = st.store.file_content(&id)?.ok_or_else(|| missing(&id))?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
@@ -115,9 +131,10 @@ pub async fn content(
 
 pub async fn delete(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if !st.store.delete_file(&id)? {
+    if visible_file(&st, &t, &id)?.is_none() || !st.store.delete_file(&id)? {
         return Err(missing(&id));
     }
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})).into_response())

@@ -5,9 +5,10 @@
 
 use crate::error::ApiError;
 use crate::store::now;
+use crate::tenants::{job_owner, Tenant};
 use crate::AppState;
 use axum::extract::{Path, Query, State};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -103,8 +104,17 @@ fn examples(st: &AppState, content: &[u8], field: &str) -> Result<Vec<Example>, 
     Ok(data)
 }
 
-/// The examples of stored file `id` (None if there is no such file); `field` names it in errors.
-fn file_examples(st: &AppState, id: &str, field: &str) -> Result<Option<Vec<Example>>, ApiError> {
+/// The examples of stored file `id` (None if there is no such file, or the tenant may not see
+/// it); `field` names it in errors.
+fn file_examples(
+    st: &AppState,
+    t: &Tenant,
+    id: &str,
+    field: &str,
+) -> Result<Option<Vec<Example>>, ApiError> {
+    if crate::files::visible_file(st, t, id)?.is_none() {
+        return Ok(None);
+    }
     match st.store.file_content(id)? {
         Some(content) => examples(st, &content, field).map(Some),
         None => Ok(None),
@@ -127,6 +137,7 @@ fn missing(id: &str) -> ApiError {
 
 pub async fn create(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let req: CreateJob = serde_json::from_slice(&body)
@@ -154,14 +165,14 @@ pub async fn create(
         .and_then(|s| s.hyperparameters)
         .or(req.hyperparameters)
         .unwrap_or_default();
-    let content = st.store.file_content(&req.training_file)?.ok_or_else(|| {
+    let data = file_examples(&st, &t, &req.training_file, "training_file")?.ok_or_else(|| {
         ApiError::invalid(
             format!("Invalid training_file: {}: no such file", req.training_file),
             Some("training_file"),
         )
     })?;
     let validation = match &req.validation_file {
-        Some(v) => file_examples(&st, v, "validation_file")?.ok_or_else(|| {
+        Some(v) => file_examples(&st, &t, v, "validation_file")?.ok_or_else(|| {
             ApiError::invalid(
                 format!("Invalid validation_file: {v}: no such file"),
                 Some("validation_file"),
@@ -170,7 +181,6 @@ pub async fn create(
         None => Vec::new(),
     };
     let max_len = max_seq_len(&st);
-    let data = examples(&st, &content, "training_file")?;
     let mult = match &hyper.learning_rate_multiplier {
         None => None,
         Some(Value::String(s)) if s == "auto" => None,
@@ -289,6 +299,7 @@ pub async fn create(
         "metadata": req.metadata,
         "lora": {"r": cfg.r, "alpha": cfg.alpha, "target_modules": cfg.targets},
         "tandem_adapter": adapter,
+        "tandem_owner": t.name,
         "tandem_config": cfg,
         "tandem_checkpoint_every": data.len().div_ceil(batch_size),
     });
@@ -308,6 +319,7 @@ pub async fn create(
         .await
         .map_err(|e| ApiError::invalid(format!("Cannot start the job: {e}"), None))?;
     st.store.put_job(&job)?;
+    st.tenants.set_owner(&adapter, &t.name);
     event(&st, &id, "info", "Created fine-tuning job", None);
     event(&st, &id, "info", "Fine-tuning job started", None);
     tracing::info!(job = %id, adapter = %adapter, "fine-tuning job started");
@@ -499,6 +511,7 @@ fn page(items: Vec<Value>, p: &Page) -> Json<Value> {
 
 pub async fn list(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     Query(p): Query<Page>,
     Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
@@ -514,6 +527,7 @@ pub async fn list(
         .store
         .jobs()?
         .into_iter()
+        .filter(|j| t.sees(Some(job_owner(j))))
         .filter(|j| {
             wanted
                 .iter()
@@ -523,28 +537,39 @@ pub async fn list(
     Ok(page(jobs, &p))
 }
 
+/// Job `id` if the tenant may see it (another tenant's job is a 404, like a missing one).
+fn visible_job(st: &AppState, t: &Tenant, id: &str) -> Result<Value, ApiError> {
+    st.store
+        .job(id)?
+        .filter(|j| t.sees(Some(job_owner(j))))
+        .ok_or_else(|| missing(id))
+}
+
 pub async fn get_one(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(st.store.job(&id)?.ok_or_else(|| missing(&id))?))
+    Ok(Json(visible_job(&st, &t, &id)?))
 }
 
 pub async fn events(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     Path(id): Path<String>,
     Query(p): Query<Page>,
 ) -> Result<Json<Value>, ApiError> {
-    st.store.job(&id)?.ok_or_else(|| missing(&id))?;
+    visible_job(&st, &t, &id)?;
     Ok(page(st.store.events(&id)?, &p))
 }
 
 pub async fn checkpoints(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     Path(id): Path<String>,
     Query(p): Query<Page>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = st.store.job(&id)?.ok_or_else(|| missing(&id))?;
+    let job = visible_job(&st, &t, &id)?;
     // Newest first, as OpenAI lists them.
     let mut items: Vec<Value> = job["tandem_checkpoints"]
         .as_array()
@@ -556,10 +581,11 @@ pub async fn checkpoints(
 
 async fn control(
     st: Arc<AppState>,
+    t: Tenant,
     id: String,
     pause: Option<bool>,
 ) -> Result<Json<Value>, ApiError> {
-    let mut job = st.store.job(&id)?.ok_or_else(|| missing(&id))?;
+    let mut job = visible_job(&st, &t, &id)?;
     let adapter = job["tandem_adapter"]
         .as_str()
         .unwrap_or_default()
@@ -584,23 +610,26 @@ async fn control(
 
 pub async fn cancel(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    control(st, id, None).await
+    control(st, t, id, None).await
 }
 
 pub async fn pause(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    control(st, id, Some(true)).await
+    control(st, t, id, Some(true)).await
 }
 
 pub async fn resume(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    control(st, id, Some(false)).await
+    control(st, t, id, Some(false)).await
 }
 
 /// After a restart: serves every finished job's adapter and checkpoints again, and continues
@@ -620,6 +649,11 @@ pub async fn recover(st: Arc<AppState>) {
             .unwrap_or_default()
             .to_string();
         let status = job["status"].as_str().unwrap_or_default().to_string();
+        st.tenants.set_owner(&adapter, job_owner(&job));
+        let owner = Tenant {
+            name: job_owner(&job).to_string(),
+            admin: false,
+        };
         let mut latest: Option<(usize, std::path::PathBuf)> = None;
         for c in job["tandem_checkpoints"].as_array().into_iter().flatten() {
             let (Some(name), Some(step)) = (
@@ -649,12 +683,12 @@ pub async fn recover(st: Arc<AppState>) {
             "running" | "paused" | "queued" => {
                 let restart = async {
                     let file = job["training_file"].as_str().unwrap_or_default();
-                    let content = st.store.file_content(file)?.ok_or_else(|| {
-                        ApiError::invalid("the training file is gone", Some("training_file"))
-                    })?;
-                    let data = examples(&st, &content, "training_file")?;
+                    let data =
+                        file_examples(&st, &owner, file, "training_file")?.ok_or_else(|| {
+                            ApiError::invalid("the training file is gone", Some("training_file"))
+                        })?;
                     let validation = match job["validation_file"].as_str() {
-                        Some(v) => file_examples(&st, v, "validation_file")?.unwrap_or_else(|| {
+                        Some(v) => file_examples(&st, &owner, v, "validation_file")?.unwrap_or_else(|| {
                             tracing::warn!(job = %id, file = v, "the validation file is gone; the job resumes without evaluation");
                             Vec::new()
                         }),

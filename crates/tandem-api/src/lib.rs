@@ -15,6 +15,7 @@ pub mod persist;
 mod respond;
 mod routes;
 pub mod store;
+pub mod tenants;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 
@@ -32,7 +33,11 @@ pub struct AppState {
     pub max_model_len: usize,
     /// The model's vocabulary size (logit rows; the range of token ids in requests).
     pub vocab_size: usize,
-    pub api_key: Option<String>,
+    /// API keys, the tenant each names, and who owns which served adapter.
+    pub tenants: tenants::Tenants,
+    /// `--allow-runtime-lora --lora-root DIR`: POST /v1/load_lora_adapter reads adapters from
+    /// under this (canonical) directory only; None: runtime loading is off.
+    pub lora_root: Option<std::path::PathBuf>,
     pub metrics: metrics::Metrics,
     /// Requests in flight (being answered or streamed) beyond which new ones get 429.
     pub max_pending: usize,

@@ -5,6 +5,15 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// One adapter loaded at run time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub name: String,
+    pub path: PathBuf,
+    /// The tenant that loaded it; None: shared (an admin's, or from before tenants).
+    pub owner: Option<String>,
+}
+
 pub struct AdapterStore {
     file: PathBuf,
     lock: Mutex<()>,
@@ -19,8 +28,8 @@ impl AdapterStore {
         })
     }
 
-    /// (name, path) of every recorded adapter; none if the file does not exist yet.
-    pub fn list(&self) -> io::Result<Vec<(String, PathBuf)>> {
+    /// Every recorded adapter; none if the file does not exist yet.
+    pub fn list(&self) -> io::Result<Vec<Record>> {
         let text = match std::fs::read_to_string(&self.file) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
@@ -36,7 +45,7 @@ impl AdapterStore {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
-                    "{}: expected {{\"adapters\": [{{\"name\", \"path\"}}]}}",
+                    "{}: expected {{\"adapters\": [{{\"name\", \"path\", \"owner\"?}}]}}",
                     self.file.display()
                 ),
             )
@@ -50,25 +59,34 @@ impl AdapterStore {
                     a.get("name").and_then(|n| n.as_str()),
                     a.get("path").and_then(|p| p.as_str()),
                 ) {
-                    (Some(n), Some(p)) => Ok((n.to_string(), PathBuf::from(p))),
+                    (Some(n), Some(p)) => Ok(Record {
+                        name: n.to_string(),
+                        path: PathBuf::from(p),
+                        owner: a.get("owner").and_then(|o| o.as_str()).map(String::from),
+                    }),
                     _ => Err(bad()),
                 }
             })
             .collect()
     }
 
-    pub fn put(&self, name: &str, path: &Path) -> io::Result<()> {
+    /// Records adapter `name` at `path`, loaded by tenant `owner` (None: shared).
+    pub fn put(&self, name: &str, path: &Path, owner: Option<&str>) -> io::Result<()> {
         self.update(|list| {
-            list.retain(|(n, _)| n != name);
-            list.push((name.to_string(), path.to_path_buf()));
+            list.retain(|r| r.name != name);
+            list.push(Record {
+                name: name.to_string(),
+                path: path.to_path_buf(),
+                owner: owner.map(String::from),
+            });
         })
     }
 
     pub fn remove(&self, name: &str) -> io::Result<()> {
-        self.update(|list| list.retain(|(n, _)| n != name))
+        self.update(|list| list.retain(|r| r.name != name))
     }
 
-    fn update(&self, f: impl FnOnce(&mut Vec<(String, PathBuf)>)) -> io::Result<()> {
+    fn update(&self, f: impl FnOnce(&mut Vec<Record>)) -> io::Result<()> {
         let _guard = self
             .lock
             .lock()
@@ -77,7 +95,7 @@ impl AdapterStore {
         f(&mut list);
         let items: Vec<serde_json::Value> = list
             .iter()
-            .map(|(n, p)| serde_json::json!({"name": n, "path": p.to_string_lossy()}))
+            .map(|r| serde_json::json!({"name": r.name, "path": r.path.to_string_lossy(), "owner": r.owner}))
             .collect();
         let tmp = self.file.with_extension("json.tmp");
         std::fs::write(

@@ -6,6 +6,7 @@ use crate::error::ApiError;
 use crate::metrics::RequestTimer;
 use crate::openai::Sampling;
 use crate::routes::{now, resolve_model};
+use crate::tenants::Tenant;
 use crate::AppState;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -49,15 +50,19 @@ impl Drop for Permit {
 
 /// Submits every (prompt, choice) to the engine and answers in one JSON or as an SSE stream.
 /// `echo`: per prompt, text that starts each of its choices (completions' `echo`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     st: Arc<AppState>,
+    tenant: Tenant,
     kind: Kind,
     s: Sampling,
     prompts: Vec<Vec<u32>>,
     default_max: Option<usize>,
     echo: Option<Vec<String>>,
 ) -> Result<Response, ApiError> {
-    let adapter = resolve_model(&st, &s.model).await?;
+    let adapter = resolve_model(&st, &tenant, &s.model).await?;
+    // Tenants never share prefix-cache blocks.
+    let cache_salt = tenant.cache_salt(s.cache_salt.as_deref());
     let permit = Permit::acquire(&st)?;
     let n = s.n()?;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -99,7 +104,7 @@ pub(crate) async fn run(
                 prompt: p.clone(),
                 params,
                 adapter: adapter.clone(),
-                cache_salt: s.cache_salt.clone(),
+                cache_salt: cache_salt.clone(),
                 span: tracing::Span::current(),
             };
             let (_, rx) = st.engine.generate(req).await.map_err(|e| match e {

@@ -6,6 +6,7 @@ use crate::openai::{
     LoadAdapterRequest, Prompt, TokenizeRequest, UnloadAdapterRequest,
 };
 use crate::respond::{run, Kind};
+use crate::tenants::Tenant;
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -14,7 +15,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tandem_model::ChatMessage;
@@ -107,18 +108,21 @@ async fn request_id(req: Request, next: Next) -> Response {
     resp
 }
 
-async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if let Some(key) = &st.api_key {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
-            return ApiError::unauthorized().into_response();
+/// Finds the request's tenant from its bearer key (401 if it has none that is known) and hands
+/// it to the handler as an extension.
+async fn auth(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match st.tenants.authenticate(given) {
+        Some(t) => {
+            req.extensions_mut().insert(t);
+            next.run(req).await
         }
+        None => ApiError::unauthorized().into_response(),
     }
-    next.run(req).await
 }
 
 fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -159,8 +163,9 @@ pub(crate) fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The model objects: the base model, then every adapter.
-async fn model_list(st: &AppState) -> Result<Vec<Value>, ApiError> {
+/// The model objects a tenant sees: the base model, then every adapter that is shared or its own
+/// (`owned_by`: the owning tenant, or `tandem` for shared ones).
+async fn model_list(st: &AppState, t: &Tenant) -> Result<Vec<Value>, ApiError> {
     let stats = st.engine.stats().await.map_err(ApiError::internal)?;
     let created = now();
     let mut data = vec![
@@ -168,22 +173,30 @@ async fn model_list(st: &AppState) -> Result<Vec<Value>, ApiError> {
         "root": st.model_name, "parent": null, "max_model_len": st.max_model_len}),
     ];
     for a in stats.adapters {
-        data.push(json!({"id": a, "object": "model", "created": created, "owned_by": "tandem", "root": a, "parent": st.model_name}));
+        let owner = st.tenants.owner(&a);
+        if t.sees(owner.as_deref()) {
+            let by = owner.unwrap_or_else(|| "tandem".into());
+            data.push(json!({"id": a, "object": "model", "created": created, "owned_by": by, "root": a, "parent": st.model_name}));
+        }
     }
     Ok(data)
 }
 
-async fn models(State(st): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+async fn models(
+    State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
+) -> Result<Json<Value>, ApiError> {
     Ok(Json(
-        json!({"object": "list", "data": model_list(&st).await?}),
+        json!({"object": "list", "data": model_list(&st, &t).await?}),
     ))
 }
 
 async fn model_one(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    model_list(&st)
+    model_list(&st, &t)
         .await?
         .into_iter()
         .find(|m| m["id"] == id.as_str())
@@ -191,8 +204,60 @@ async fn model_one(
         .ok_or_else(|| ApiError::model_not_found(&id))
 }
 
+/// `lora_path` if it lies under the runtime-LoRA root once symlinks are resolved; the error says
+/// only that the path is not allowed (never whether something exists there).
+fn allowed_path(st: &AppState, lora_path: &str) -> Result<std::path::PathBuf, ApiError> {
+    let Some(root) = &st.lora_root else {
+        let mut e = ApiError::invalid(
+            "Loading LoRA adapters at run time is off: start the server with --allow-runtime-lora --lora-root DIR",
+            Some("lora_path"),
+        );
+        e.status = StatusCode::FORBIDDEN;
+        return Err(e);
+    };
+    let not_allowed = || {
+        let mut e = ApiError::invalid(
+            format!(
+                "lora_path is not allowed: adapters load from under the server's --lora-root ({})",
+                root.display()
+            ),
+            Some("lora_path"),
+        );
+        e.status = StatusCode::FORBIDDEN;
+        e
+    };
+    let requested = std::path::Path::new(lora_path);
+    let joined = if requested.is_absolute() {
+        requested.to_path_buf()
+    } else {
+        root.join(requested)
+    };
+    // Canonical (symlinks resolved): a link out of the root is refused like any outside path. A
+    // path that does not exist is judged by its deepest existing ancestor (no `..` below it), so
+    // that inside the root the loader can say what is missing, and outside nothing is told.
+    let mut existing = joined.as_path();
+    let mut rest = Vec::new();
+    let base = loop {
+        match std::fs::canonicalize(existing) {
+            Ok(p) => break p,
+            Err(_) => match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_os_string());
+                    existing = parent;
+                }
+                _ => return Err(not_allowed()),
+            },
+        }
+    };
+    if !base.starts_with(root) {
+        return Err(not_allowed());
+    }
+    Ok(rest.iter().rev().fold(base, |p, n| p.join(n)))
+}
+
 async fn load_adapter(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: LoadAdapterRequest = openai::parse(&body(b)?)?;
@@ -202,15 +267,20 @@ async fn load_adapter(
             Some("lora_name"),
         ));
     }
-    let path =
-        std::fs::canonicalize(&req.lora_path).unwrap_or_else(|_| req.lora_path.clone().into());
+    let path = allowed_path(&st, &req.lora_path)?;
     st.engine
         .load_adapter(req.lora_name.clone(), path.clone())
         .await
         .map_err(|e| ApiError::invalid(e.to_string(), Some("lora_path")))?;
+    // An adapter a tenant loads is that tenant's; an admin's is shared.
+    let owner = (!t.admin).then(|| t.name.clone());
+    if let Some(o) = &owner {
+        st.tenants.set_owner(&req.lora_name, o);
+    }
     if let Some(store) = &st.adapter_store {
         // Acknowledged means recorded: if the record cannot be written, the load is undone.
-        if let Err(e) = store.put(&req.lora_name, &path) {
+        if let Err(e) = store.put(&req.lora_name, &path, owner.as_deref()) {
+            st.tenants.forget(&req.lora_name);
             let _ = st.engine.unload_adapter(req.lora_name.clone()).await;
             return Err(ApiError::internal(format!(
                 "cannot record adapter {}: {e}",
@@ -227,6 +297,7 @@ async fn load_adapter(
 
 async fn unload_adapter(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: UnloadAdapterRequest = openai::parse(&body(b)?)?;
@@ -237,13 +308,27 @@ async fn unload_adapter(
         .map_err(ApiError::internal)?
         .adapters
         .contains(&req.lora_name);
-    if !known {
+    let owner = st.tenants.owner(&req.lora_name);
+    if !known || !t.sees(owner.as_deref()) {
         return Err(ApiError::model_not_found(&req.lora_name));
+    }
+    // Shared adapters (the operator's) are the admin's to unload.
+    if owner.is_none() && !t.admin {
+        let mut e = ApiError::invalid(
+            format!(
+                "{} is shared: only an admin key may unload it",
+                req.lora_name
+            ),
+            Some("lora_name"),
+        );
+        e.status = StatusCode::FORBIDDEN;
+        return Err(e);
     }
     st.engine
         .unload_adapter(req.lora_name.clone())
         .await
         .map_err(|e| ApiError::invalid(e.to_string(), Some("lora_name")))?;
+    st.tenants.forget(&req.lora_name);
     if let Some(store) = &st.adapter_store {
         if let Err(e) = store.remove(&req.lora_name) {
             tracing::error!(error = %e, adapter = %req.lora_name, "cannot update the adapter record");
@@ -256,10 +341,18 @@ async fn unload_adapter(
     .into_response())
 }
 
-/// None for the base model, the adapter's name otherwise; 404 for anything else.
-pub(crate) async fn resolve_model(st: &AppState, model: &str) -> Result<Option<String>, ApiError> {
+/// None for the base model, the adapter's name otherwise; 404 for anything else, and for
+/// another tenant's adapter.
+pub(crate) async fn resolve_model(
+    st: &AppState,
+    t: &Tenant,
+    model: &str,
+) -> Result<Option<String>, ApiError> {
     if model == st.model_name {
         return Ok(None);
+    }
+    if !t.sees(st.tenants.owner(model).as_deref()) {
+        return Err(ApiError::model_not_found(model));
     }
     let adapters = st
         .engine
@@ -276,6 +369,7 @@ pub(crate) async fn resolve_model(st: &AppState, model: &str) -> Result<Option<S
 
 async fn completions(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = openai::parse(&body(b)?)?;
@@ -314,7 +408,16 @@ async fn completions(
     } else {
         None
     };
-    run(st, Kind::Completion, req.sampling, encoded, Some(16), echo).await
+    run(
+        st,
+        t,
+        Kind::Completion,
+        req.sampling,
+        encoded,
+        Some(16),
+        echo,
+    )
+    .await
 }
 
 /// A 400 naming `param` if a token id lies outside the model's vocabulary.
@@ -352,11 +455,12 @@ fn encode(st: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
 /// (with the generation prompt unless `add_generation_prompt: false`), as the engine sees them.
 async fn tokenize(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req: TokenizeRequest = openai::parse(&body(b)?)?;
     if let Some(m) = &req.model {
-        resolve_model(&st, m).await?;
+        resolve_model(&st, &t, m).await?;
     }
     let tokens = match (&req.prompt, &req.messages) {
         (Some(p), None) => st
@@ -381,11 +485,12 @@ async fn tokenize(
 /// vLLM's `POST /detokenize`: `{"prompt"}`, the text of `tokens`.
 async fn detokenize(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req: DetokenizeRequest = openai::parse(&body(b)?)?;
     if let Some(m) = &req.model {
-        resolve_model(&st, m).await?;
+        resolve_model(&st, &t, m).await?;
     }
     check_token_ids(&st, req.tokens.iter(), "tokens")?;
     let prompt = st
@@ -436,10 +541,11 @@ fn chat_tokens(
 
 async fn chat(
     State(st): State<Arc<AppState>>,
+    Extension(t): Extension<Tenant>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = openai::parse(&body(b)?)?;
     req.check_supported()?;
     let ids = chat_tokens(&st, &req.messages, true)?;
-    run(st, Kind::Chat, req.sampling, vec![ids], None, None).await
+    run(st, t, Kind::Chat, req.sampling, vec![ids], None, None).await
 }

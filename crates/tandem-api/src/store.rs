@@ -26,6 +26,9 @@ pub struct FileObject {
     pub filename: String,
     pub purpose: String,
     pub status: &'static str,
+    /// The tenant that uploaded it (not part of OpenAI's object).
+    #[serde(skip)]
+    pub owner: String,
 }
 
 pub struct Store {
@@ -73,6 +76,15 @@ impl Store {
             None => Connection::open_in_memory()?,
         };
         conn.execute_batch(SCHEMA)?;
+        // Stores made before tenants: their files belong to the default tenant.
+        let has_owner = conn
+            .prepare("SELECT 1 FROM pragma_table_info('files') WHERE name = 'owner'")?
+            .exists([])?;
+        if !has_owner {
+            conn.execute_batch(
+                "ALTER TABLE files ADD COLUMN owner TEXT NOT NULL DEFAULT 'default'",
+            )?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -85,6 +97,7 @@ impl Store {
 
     pub fn add_file(
         &self,
+        owner: &str,
         filename: &str,
         purpose: &str,
         content: &[u8],
@@ -97,10 +110,11 @@ impl Store {
             filename: filename.to_string(),
             purpose: purpose.to_string(),
             status: "processed",
+            owner: owner.to_string(),
         };
         self.conn().execute(
-            "INSERT INTO files (id, filename, purpose, bytes, created_at, content) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![f.id, f.filename, f.purpose, f.bytes as i64, f.created_at, content],
+            "INSERT INTO files (id, filename, purpose, bytes, created_at, content, owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![f.id, f.filename, f.purpose, f.bytes as i64, f.created_at, content, f.owner],
         )?;
         Ok(f)
     }
@@ -114,6 +128,7 @@ impl Store {
             bytes: r.get::<_, i64>(3)? as u64,
             created_at: r.get(4)?,
             status: "processed",
+            owner: r.get(5)?,
         })
     }
 
@@ -121,7 +136,7 @@ impl Store {
     pub fn files(&self, purpose: Option<&str>) -> Result<Vec<FileObject>, StoreError> {
         let c = self.conn();
         let mut st = c.prepare(
-            "SELECT id, filename, purpose, bytes, created_at FROM files
+            "SELECT id, filename, purpose, bytes, created_at, owner FROM files
              WHERE ?1 IS NULL OR purpose = ?1 ORDER BY created_at DESC, rowid DESC",
         )?;
         let rows = st.query_map(params![purpose], Self::row)?;
@@ -132,7 +147,7 @@ impl Store {
         Ok(self
             .conn()
             .query_row(
-                "SELECT id, filename, purpose, bytes, created_at FROM files WHERE id = ?1",
+                "SELECT id, filename, purpose, bytes, created_at, owner FROM files WHERE id = ?1",
                 params![id],
                 Self::row,
             )

@@ -412,9 +412,20 @@ pub struct ServeArgs {
     pub host: String,
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    /// Require `Authorization: Bearer KEY` on /v1 routes. Repeatable; these keys are tenant
+    /// `default`.
     #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub api_key: Vec<String>,
+    /// Keys of named tenants, one `KEY TENANT` (or `KEY TENANT admin`) per line; reloaded on
+    /// SIGHUP. Each tenant sees only its own files, jobs and fine-tuned models.
+    #[arg(long, value_name = "FILE")]
+    pub api_keys: Option<PathBuf>,
+    /// Allow POST /v1/load_lora_adapter (vLLM's switch), from under --lora-root only.
+    #[arg(long, requires = "lora_root")]
+    pub allow_runtime_lora: bool,
+    /// The directory runtime-loaded adapters must lie under (symlinks out of it are refused).
+    #[arg(long, value_name = "DIR")]
+    pub lora_root: Option<PathBuf>,
     /// The base model's name in requests and /v1/models (default: the model's directory or file name).
     #[arg(long)]
     pub served_model_name: Option<String>,

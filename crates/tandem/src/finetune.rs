@@ -101,7 +101,10 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             out.push('\n');
         }
         std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))?;
-        eprintln!("{examples} tokenized examples written to {}", path.display());
+        eprintln!(
+            "{examples} tokenized examples written to {}",
+            path.display()
+        );
         return Ok(());
     }
     let cfg = train_config(&args.train, examples)?;

@@ -54,16 +54,30 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .register(n, p.as_ref())
             .with_context(|| format!("--adapter {spec}"))?;
     }
+    let tenants = tandem_api::tenants::Tenants::new(args.api_key.clone(), args.api_keys.clone())
+        .context("--api-keys")?;
+    let lora_root = match (&args.lora_root, args.allow_runtime_lora) {
+        (Some(root), true) => Some(
+            std::fs::canonicalize(root)
+                .with_context(|| format!("--lora-root {}", root.display()))?,
+        ),
+        (Some(_), false) => bail!("--lora-root goes with --allow-runtime-lora"),
+        _ => None,
+    };
     let adapter_store = match &args.data_dir {
         Some(dir) => {
             let store = tandem_api::persist::AdapterStore::open(dir)
                 .with_context(|| format!("--data-dir {}", dir.display()))?;
-            for (n, p) in store
+            for r in store
                 .list()
                 .with_context(|| format!("--data-dir {}", dir.display()))?
             {
+                let (n, p) = (r.name, r.path);
                 if e.runner.adapters.id(&n).is_some() {
                     continue; // given again with --adapter
+                }
+                if let Some(o) = &r.owner {
+                    tenants.set_owner(&n, o);
                 }
                 match e.runner.adapters.register(&n, &p) {
                     Ok(_) => tracing::info!(adapter = %n, path = %p.display(), "restored adapter"),
@@ -96,7 +110,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         model_name: name.clone(),
         max_model_len,
         vocab_size,
-        api_key: args.api_key.clone(),
+        tenants,
+        lora_root,
         metrics,
         max_pending: args.max_pending.max(1),
         pending: Default::default(),
@@ -110,6 +125,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     rt.block_on(async move {
         // Jobs from before a restart: finished adapters served again, running ones continued.
         tandem_api::recover_jobs(state.clone()).await;
+        reload_keys_on_sighup(state.clone());
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -122,6 +138,28 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .await?;
         Ok(())
     })
+}
+
+/// SIGHUP reads the --api-keys file again; a bad file keeps the keys in force.
+fn reload_keys_on_sighup(state: Arc<AppState>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; --api-keys is read at start only");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match state.tenants.reload() {
+                Ok(n) => tracing::info!(keys = n, "API keys reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reload the API keys; the old ones stay")
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = state;
 }
 
 async fn shutdown() {
