@@ -72,11 +72,12 @@ pub(crate) async fn run(
         kind == Kind::Chat,
         st.vocab_size,
     )?;
-    if longest + params.max_tokens > st.max_model_len {
+    // Saturating: max_tokens may be any u64 (found by fuzzing: `longest + max_tokens` overflowed).
+    if longest.saturating_add(params.max_tokens) > st.max_model_len {
         return Err(ApiError::context_length(format!(
             "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in the prompt, {} in the completion). Please reduce the length of the prompt or completion.",
             st.max_model_len,
-            longest + params.max_tokens,
+            longest.saturating_add(params.max_tokens),
             longest,
             params.max_tokens
         )));

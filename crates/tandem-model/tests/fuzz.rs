@@ -1,0 +1,228 @@
+//! Fuzz targets (bolero) for what tandem reads from users and model files: training JSONL, PEFT
+//! adapter configs and safetensors, GGUF headers, chat templates. Under `cargo test` each runs
+//! random inputs for `TANDEM_FUZZ_SECS` seconds (default 2); `cargo bolero test` drives the same
+//! targets with a coverage-guided engine. Each must return `Ok` or an error, never panic or
+//! hang; the number of executions is printed (docs/benchmarks.md records them).
+
+use candle_core::{DType, Device};
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tandem_model::finetune::{parse_record, tokenize, validate_jsonl};
+use tandem_model::lora::LoraAdapter;
+use tandem_model::testing::{random_adapter, Tiny};
+use tandem_model::ChatMessage;
+
+fn budget() -> Duration {
+    let secs = std::env::var("TANDEM_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(2.0);
+    Duration::from_secs_f64(secs)
+}
+
+fn report(target: &str, n: &AtomicUsize) {
+    eprintln!("fuzz {target}: {} executions", n.load(Ordering::Relaxed));
+}
+
+/// A JSON value decoded from fuzz bytes, with keys drawn from `keys` (so that the parsers' own
+/// fields are hit), for structure-aware fuzzing of JSON readers.
+pub fn json_from(bytes: &[u8], keys: &[&str]) -> serde_json::Value {
+    fn take(b: &mut &[u8]) -> u8 {
+        match b.split_first() {
+            Some((x, rest)) => {
+                *b = rest;
+                *x
+            }
+            None => 0,
+        }
+    }
+    fn value(b: &mut &[u8], keys: &[&str], depth: usize) -> serde_json::Value {
+        use serde_json::Value as V;
+        let kind = take(b) % if depth > 3 { 6 } else { 8 };
+        match kind {
+            0 => V::Null,
+            1 => V::Bool(take(b) & 1 == 1),
+            2 => serde_json::json!(take(b) as i64 - 64),
+            3 => serde_json::json!((take(b) as f64 - 128.0) * 0.37),
+            4 => {
+                let n = (take(b) % 24) as usize;
+                let s: String = (0..n).map(|_| take(b) as char).collect();
+                V::String(s)
+            }
+            5 => serde_json::json!(u64::MAX - take(b) as u64),
+            6 => {
+                let n = (take(b) % 4) as usize;
+                V::Array((0..n).map(|_| value(b, keys, depth + 1)).collect())
+            }
+            _ => {
+                let n = (take(b) % 6) as usize;
+                let mut m = serde_json::Map::new();
+                for _ in 0..n {
+                    let k = keys[take(b) as usize % keys.len()];
+                    m.insert(k.to_string(), value(b, keys, depth + 1));
+                }
+                V::Object(m)
+            }
+        }
+    }
+    let mut b = bytes;
+    value(&mut b, keys, 0)
+}
+
+const RECORD_KEYS: &[&str] = &[
+    "prompt",
+    "completion",
+    "messages",
+    "role",
+    "content",
+    "weight",
+    "text",
+    "conversations",
+    "from",
+    "value",
+    "instruction",
+    "input",
+    "output",
+    "type",
+    "tool_calls",
+    "user",
+    "assistant",
+    "system",
+];
+
+#[test]
+fn fuzz_training_jsonl() {
+    let t = Tiny::gqa();
+    let dir = tempfile::tempdir().unwrap();
+    t.write_hf_dir(dir.path(), 1);
+    let m = tandem_model::load_model(Some(dir.path()), &Device::Cpu, DType::F32).unwrap();
+    // The tokenizer holds callbacks; a panic is the failure being looked for, not recovered from.
+    let tok = std::panic::AssertUnwindSafe(&m.tokenizer);
+    let n = AtomicUsize::new(0);
+    let count = &n;
+    bolero::check!()
+        .with_test_time(budget())
+        .for_each(move |bytes: &[u8]| {
+            count.fetch_add(1, Ordering::Relaxed);
+            // Raw text, and a structured record.
+            let _ = validate_jsonl(&String::from_utf8_lossy(bytes));
+            let line = json_from(bytes, RECORD_KEYS).to_string();
+            if let Ok(r) = parse_record(&line) {
+                let _ = tokenize(&r, &tok, 64);
+            }
+        });
+    report("training_jsonl", &n);
+}
+
+const PEFT_KEYS: &[&str] = &[
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "use_rslora",
+    "alpha_pattern",
+    "rank_pattern",
+    "bias",
+    "base_model_name_or_path",
+    "q_proj",
+    "v_proj",
+    "down_proj",
+    "layers_to_transform",
+    "use_dora",
+    "modules_to_save",
+    "lora_bias",
+    "fan_in_fan_out",
+];
+
+#[test]
+fn fuzz_peft_adapter_config_and_safetensors() {
+    let t = Tiny::gqa();
+    let cfg = t.model_config();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    random_adapter(&cfg, 4, 8.0, &tandem_model::lora::Proj::ALL, false, 3)
+        .save(&good)
+        .unwrap();
+    let weights = std::fs::read(good.join("adapter_model.safetensors")).unwrap();
+    let config = std::fs::read(good.join("adapter_config.json")).unwrap();
+    let n = AtomicUsize::new(0);
+    bolero::check!()
+        .with_test_time(budget())
+        .for_each(|bytes: &[u8]| {
+            n.fetch_add(1, Ordering::Relaxed);
+            let a = dir.path().join("a");
+            std::fs::create_dir_all(&a).unwrap();
+            // A fuzzed config beside good weights, then good config beside fuzzed weights (a
+            // real header with fuzzed bytes written over part of it, or raw bytes).
+            let fuzzed = json_from(bytes, PEFT_KEYS).to_string();
+            std::fs::write(a.join("adapter_config.json"), fuzzed).unwrap();
+            std::fs::write(a.join("adapter_model.safetensors"), &weights).unwrap();
+            let _ = LoraAdapter::load(&a, &cfg, &Device::Cpu, DType::F32);
+            let mut w = weights.clone();
+            if let Some((&at, rest)) = bytes.split_first() {
+                let at = at as usize * w.len() / 256;
+                let end = (at + rest.len()).min(w.len());
+                w[at..end].copy_from_slice(&rest[..end - at]);
+            }
+            std::fs::write(a.join("adapter_config.json"), &config).unwrap();
+            std::fs::write(a.join("adapter_model.safetensors"), &w).unwrap();
+            let _ = LoraAdapter::load(&a, &cfg, &Device::Cpu, DType::F32);
+            std::fs::write(a.join("adapter_model.safetensors"), bytes).unwrap();
+            let _ = LoraAdapter::load(&a, &cfg, &Device::Cpu, DType::F32);
+        });
+    report("peft_adapter", &n);
+}
+
+#[test]
+fn fuzz_gguf_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let n = AtomicUsize::new(0);
+    bolero::check!()
+        .with_test_time(budget())
+        .for_each(|bytes: &[u8]| {
+            n.fetch_add(1, Ordering::Relaxed);
+            // The magic and a version, so that the fuzzer reaches the counts and metadata.
+            let mut f = std::fs::File::create(&path).unwrap();
+            f.write_all(b"GGUF").unwrap();
+            f.write_all(&3u32.to_le_bytes()).unwrap();
+            f.write_all(bytes).unwrap();
+            drop(f);
+            if let Ok(g) = tandem_model::gguf::GgufFile::open(&path) {
+                let _ = g.config();
+                let _ = tandem_model::TextTokenizer::from_gguf(&g);
+            }
+        });
+    report("gguf_header", &n);
+}
+
+#[test]
+fn fuzz_chat_template_rendering() {
+    // SmolLM2's template (the default model's), and messages with fuzzed roles and contents.
+    const SMOLLM: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let tpl = tandem_model::chat_template::ChatTemplate::new(SMOLLM.to_string()).unwrap();
+    let tpl = std::panic::AssertUnwindSafe(&tpl);
+    let n = AtomicUsize::new(0);
+    let count = &n;
+    bolero::check!()
+        .with_test_time(budget())
+        .for_each(move |bytes: &[u8]| {
+            count.fetch_add(1, Ordering::Relaxed);
+            let text = String::from_utf8_lossy(bytes);
+            let msgs: Vec<ChatMessage> = text
+                .split('\u{1}')
+                .enumerate()
+                .map(|(i, part)| {
+                    let role = ["system", "user", "assistant", "tool", part][i % 5];
+                    ChatMessage::new(role, part)
+                })
+                .collect();
+            let _ = tpl.render(&msgs, bytes.first().is_some_and(|b| b & 1 == 1), "", "");
+            // A template of fuzzed text: parse errors are errors.
+            if let Ok(t) = tandem_model::chat_template::ChatTemplate::new(text.to_string()) {
+                let _ = t.render(&msgs[..1], true, "", "");
+            }
+        });
+    report("chat_template", &n);
+}
