@@ -816,6 +816,61 @@ def test_kill_9_during_a_job_then_restart_resumes_it_from_its_checkpoint():
         proc.wait(timeout=30)
 
 
+def test_sigterm_checkpoints_a_running_job_and_a_torn_checkpoint_falls_back():
+    import signal
+    data = tempfile.mkdtemp()
+    metric_steps = lambda c, jid: sorted({e.data["step"] for e in c.fine_tuning.jobs.list_events(jid, limit=100)
+                                          if e.type == "metrics" and "train_loss" in e.data})
+    ckpt_steps = lambda c, jid: sorted(k.step_number for k in c.fine_tuning.jobs.checkpoints.list(jid, limit=100))
+
+    def sigterm_mid_epoch(proc, c, jid, after):
+        # Past step `after`, at a step that is not an epoch's end (3 examples, batches of 1).
+        for _ in range(2400):
+            steps = metric_steps(c, jid)
+            if steps and steps[-1] > after and steps[-1] % 3 != 0:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+    proc, url = start("--data-dir", data)
+    c = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    fid = upload_training_file(c)
+    job = c.fine_tuning.jobs.create(model=MODEL, training_file=fid, hyperparameters={"n_epochs": 12, "batch_size": 1},
+                                    extra_body={"lora": {"r": 2, "target_modules": ["q_proj"]}})
+    sigterm_mid_epoch(proc, c, job.id, 1)
+    # Restarted: the shutdown checkpoint is the last step trained, and the job resumes there.
+    proc, url = start("--data-dir", data)
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x")
+        last = metric_steps(c, job.id)[-1]
+        assert ckpt_steps(c, job.id)[-1] == last, (last, ckpt_steps(c, job.id))
+        resumed = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100) if e.message.startswith("Resumed")]
+        assert resumed[0] == f"Resumed after a restart from step {last}", resumed
+        sigterm_mid_epoch(proc, c, job.id, last + 3)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The newest checkpoint torn (truncated): the restart resumes from the one before it.
+    ckpt_root = os.path.join(data, "checkpoints", job.id)
+    steps = sorted(int(d.split("-")[1]) for d in os.listdir(ckpt_root) if d.startswith("step-") and not d.endswith(".tmp"))
+    newest, previous = steps[-1], steps[-2]
+    with open(os.path.join(ckpt_root, f"step-{newest}", "adapter_model.safetensors"), "r+b") as f:
+        f.truncate(20)
+    proc, url = start("--data-dir", data)
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x")
+        done = wait_for(c, job.id, ("succeeded", "failed", "cancelled"))
+        assert done.status == "succeeded", done.error
+        messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100)]
+        assert any(m.startswith(f"The checkpoint at step {newest} cannot be read") for m in messages), messages
+        assert f"Resumed after a restart from step {previous}" in messages, messages
+        assert metric_steps(c, job.id) == list(range(1, 37))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_request_ids_come_back_and_every_log_line_about_a_request_carries_it():
     proc, url = start("--log-format", "json", env=dict(os.environ, RUST_LOG="info"))
     try:

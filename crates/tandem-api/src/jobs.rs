@@ -314,7 +314,7 @@ pub async fn create(
             validation,
             cfg,
             checkpoints: Some((ckpt_dir, every)),
-            resume_from: None,
+            resume_from: Vec::new(),
         })
         .await
         .map_err(|e| ApiError::invalid(format!("Cannot start the job: {e}"), None))?;
@@ -654,7 +654,8 @@ pub async fn recover(st: Arc<AppState>) {
             name: job_owner(&job).to_string(),
             admin: false,
         };
-        let mut latest: Option<(usize, std::path::PathBuf)> = None;
+        // Every checkpoint on disk, to resume from the newest that loads.
+        let mut candidates: Vec<(usize, std::path::PathBuf)> = Vec::new();
         for c in job["tandem_checkpoints"].as_array().into_iter().flatten() {
             let (Some(name), Some(step)) = (
                 c["fine_tuned_model_checkpoint"].as_str(),
@@ -669,8 +670,9 @@ pub async fn recover(st: Arc<AppState>) {
             if let Err(e) = st.engine.load_adapter(name.to_string(), path.clone()).await {
                 tracing::warn!(job = %id, checkpoint = name, error = %e, "cannot serve a checkpoint again");
             }
-            latest = Some((step as usize, path));
+            candidates.push((step as usize, path));
         }
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         match status.as_str() {
             "succeeded" => {
                 if let (Some(dir), Some(name)) = (&st.data_dir, job["fine_tuned_model"].as_str()) {
@@ -697,14 +699,15 @@ pub async fn recover(st: Arc<AppState>) {
                     let cfg: TrainConfig = serde_json::from_value(job["tandem_config"].clone())
                         .map_err(|e| ApiError::invalid(format!("stored config: {e}"), None))?;
                     let every = job["tandem_checkpoint_every"].as_u64().unwrap_or(1) as usize;
-                    st.engine
+                    let start = st
+                        .engine
                         .start_job(JobSpec {
                             name: adapter.clone(),
                             data,
                             validation,
                             cfg,
                             checkpoints: Some((checkpoint_dir(&st, &id), every)),
-                            resume_from: latest.as_ref().map(|(_, p)| p.clone()),
+                            resume_from: candidates.iter().map(|(_, p)| p.clone()).collect(),
                         })
                         .await
                         .map_err(|e| ApiError::invalid(e.to_string(), None))?;
@@ -714,11 +717,20 @@ pub async fn recover(st: Arc<AppState>) {
                             .await
                             .map_err(|e| ApiError::invalid(e.to_string(), None))?;
                     }
-                    Ok::<(), ApiError>(())
+                    Ok::<_, ApiError>(start)
                 };
                 match restart.await {
-                    Ok(()) => {
-                        let from = latest.as_ref().map_or(0, |(s, _)| *s);
+                    Ok(start) => {
+                        for (path, why) in &start.skipped {
+                            let step = candidates.iter().find(|c| &c.1 == path).map_or(0, |c| c.0);
+                            let msg = format!("The checkpoint at step {step} cannot be read ({why}); resuming from an earlier one");
+                            event(&st, &id, "warn", &msg, None);
+                        }
+                        let from = start
+                            .resumed_from
+                            .as_ref()
+                            .and_then(|p| candidates.iter().find(|c| &c.1 == p))
+                            .map_or(0, |c| c.0);
                         let msg = format!("Resumed after a restart from step {from}");
                         event(&st, &id, "info", &msg, None);
                         tracing::info!(job = %id, step = from, "fine-tuning job resumed");
@@ -744,5 +756,67 @@ pub async fn recover(st: Arc<AppState>) {
             }
             _ => {}
         }
+    }
+}
+
+/// At shutdown: training stops, every running or paused job writes a checkpoint at its last
+/// optimizer step, and this waits (at most `timeout`) until each job's record holds that
+/// checkpoint and its last step's event, so that the restarted server resumes there and no
+/// optimizer step is lost.
+pub async fn checkpoint_on_shutdown(st: Arc<AppState>, timeout: Duration) {
+    let work = async {
+        match st.engine.checkpoint_jobs().await {
+            Ok(written) => {
+                for w in written {
+                    tracing::info!(job = %w.job, step = w.step, "checkpoint written at shutdown");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot checkpoint the jobs at shutdown");
+                return;
+            }
+        }
+        let Ok(snaps) = st.engine.jobs().await else {
+            return;
+        };
+        // The jobs' watchers record steps and checkpoints (they are the one writer of a job
+        // object); wait for them to catch up with the engine.
+        for snap in snaps.iter().filter(|s| !s.state.is_final()) {
+            let Some(latest) = snap.checkpoints.iter().map(|c| c.0).max() else {
+                continue;
+            };
+            loop {
+                let job = st
+                    .store
+                    .jobs()
+                    .ok()
+                    .into_iter()
+                    .flatten()
+                    .find(|j| j["tandem_adapter"].as_str() == Some(&snap.name));
+                let Some(job) = job else { break };
+                let id = job["id"].as_str().unwrap_or_default().to_string();
+                let has_ckpt = job["tandem_checkpoints"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["step_number"] == json!(latest)));
+                let has_step = snap.reports.last().is_none_or(|r| {
+                    st.store
+                        .events(&id)
+                        .ok()
+                        .into_iter()
+                        .flatten()
+                        .any(|e| e["type"] == "metrics" && e["data"]["step"] == json!(r.step))
+                });
+                if has_ckpt && has_step {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    if tokio::time::timeout(timeout, work).await.is_err() {
+        tracing::warn!(
+            ?timeout,
+            "shutdown checkpoints took too long; the jobs resume from earlier ones"
+        );
     }
 }

@@ -8,6 +8,7 @@
 mod error;
 mod files;
 mod jobs;
+pub use jobs::checkpoint_on_shutdown;
 pub use jobs::recover as recover_jobs;
 pub mod metrics;
 mod openai;

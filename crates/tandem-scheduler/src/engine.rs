@@ -192,13 +192,56 @@ impl LlmEngine {
 
     /// Writes job `i`'s adapter as a checkpoint and registers it, if one is due at `step`.
     fn checkpoint(&mut self, i: usize, step: usize) -> Result<(), String> {
-        let j = &mut self.jobs[i];
-        let Some((dir, every)) = &j.checkpoint else {
+        let j = &self.jobs[i];
+        let Some((_, every)) = &j.checkpoint else {
             return Ok(());
         };
         if !step.is_multiple_of(*every) || step >= j.run.total_steps() {
             return Ok(());
         }
+        self.write_checkpoint(i, step).map(|_| ())
+    }
+
+    /// Checkpoints every running or paused job at its last optimizer step (unless it has one
+    /// there already): a shutdown then loses no optimizer step. Returns what was written.
+    pub fn checkpoint_active_jobs(&mut self) -> Vec<crate::engine_loop::CheckpointWritten> {
+        let mut out = Vec::new();
+        for i in 0..self.jobs.len() {
+            let j = &self.jobs[i];
+            let step = j.run.step;
+            if j.state.is_final()
+                || j.checkpoint.is_none()
+                || step == 0
+                || j.checkpoints.iter().any(|c| c.0 == step)
+            {
+                continue;
+            }
+            match self.write_checkpoint(i, step) {
+                Ok((name, path)) => out.push(crate::engine_loop::CheckpointWritten {
+                    job: self.jobs[i].name.clone(),
+                    step,
+                    name,
+                    path,
+                }),
+                Err(e) => {
+                    tracing::error!(job = %self.jobs[i].name, error = %e, "cannot write a checkpoint")
+                }
+            }
+        }
+        out
+    }
+
+    /// Writes job `i`'s state at `step` to `<dir>/step-<step>` and serves it as
+    /// `<name>:ckpt-step-<step>`.
+    fn write_checkpoint(
+        &mut self,
+        i: usize,
+        step: usize,
+    ) -> Result<(String, std::path::PathBuf), String> {
+        let j = &mut self.jobs[i];
+        let Some((dir, _)) = &j.checkpoint else {
+            return Err("the job writes no checkpoints".into());
+        };
         let path = dir.join(format!("step-{step}"));
         // The whole training state, so that a restart continues from here; it is also a PEFT
         // adapter directory, served at once.
@@ -211,7 +254,7 @@ impl LlmEngine {
             .adapters
             .register(&name, &path)
             .map_err(|e| e.to_string())?;
-        Ok(())
+        Ok((name, path))
     }
 
     /// Stops a job for good (its adapter keeps its last weights and stays served).

@@ -107,7 +107,9 @@ enum Command {
     LoadAdapter(String, PathBuf, oneshot::Sender<Result<(), String>>),
     UnloadAdapter(String, oneshot::Sender<Result<(), String>>),
     Stats(oneshot::Sender<EngineStats>),
-    StartJob(Box<JobSpec>, oneshot::Sender<Result<(), String>>),
+    StartJob(Box<JobSpec>, oneshot::Sender<Result<JobStart, String>>),
+    /// Stop training and checkpoint every active job now (shutdown).
+    CheckpointJobs(oneshot::Sender<Vec<CheckpointWritten>>),
     Jobs(oneshot::Sender<Vec<JobSnapshot>>),
     /// Cancel (None), pause (Some(true)) or resume (Some(false)).
     ControlJob(String, Option<bool>, oneshot::Sender<Result<(), String>>),
@@ -130,8 +132,27 @@ pub struct JobSpec {
     /// Write a checkpoint into this directory every N optimizer steps (served as
     /// `<name>:ckpt-step-N`).
     pub checkpoints: Option<(PathBuf, usize)>,
-    /// Continue from this checkpoint instead of starting afresh.
-    pub resume_from: Option<PathBuf>,
+    /// Checkpoints to continue from, newest first: the first that loads is taken (a torn or
+    /// corrupt one is skipped); none loads, or none given: the job starts afresh.
+    pub resume_from: Vec<PathBuf>,
+}
+
+/// How a job started.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobStart {
+    /// The checkpoint it continues from (None: from the start).
+    pub resumed_from: Option<PathBuf>,
+    /// Newer checkpoints that could not be read, with why.
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+/// A checkpoint written on request (shutdown): job name, optimizer step, served name, where.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointWritten {
+    pub job: String,
+    pub step: usize,
+    pub name: String,
+    pub path: PathBuf,
 }
 
 /// A finetuning job as the engine sees it.
@@ -207,7 +228,7 @@ impl EngineHandle {
 
     /// Starts (or, with `resume_from`, continues) a finetuning job; the LoRA weights live on
     /// the engine's device.
-    pub async fn start_job(&self, spec: JobSpec) -> Result<(), EngineError> {
+    pub async fn start_job(&self, spec: JobSpec) -> Result<JobStart, EngineError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Command::StartJob(Box::new(spec), reply))
@@ -216,6 +237,17 @@ impl EngineHandle {
             .await
             .map_err(|_| EngineError::Stopped)?
             .map_err(EngineError::Adapter)
+    }
+
+    /// For a shutdown: stops finetuning (inference goes on) and writes a checkpoint of every
+    /// running or paused job at its last optimizer step, so that a restart loses no optimizer
+    /// step. The jobs keep their status.
+    pub async fn checkpoint_jobs(&self) -> Result<Vec<CheckpointWritten>, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::CheckpointJobs(reply))
+            .map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)
     }
 
     pub async fn jobs(&self) -> Result<Vec<JobSnapshot>, EngineError> {
@@ -427,6 +459,10 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
         Command::StartJob(spec, reply) => {
             let _ = reply.send(start_job(engine, *spec));
         }
+        Command::CheckpointJobs(reply) => {
+            engine.coserve.mode = crate::coserve::CoserveMode::InferenceOnly;
+            let _ = reply.send(engine.checkpoint_active_jobs());
+        }
         Command::Jobs(reply) => {
             let snaps = engine
                 .jobs
@@ -506,22 +542,36 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
     }
 }
 
-fn start_job(engine: &mut LlmEngine, spec: JobSpec) -> Result<(), String> {
+fn start_job(engine: &mut LlmEngine, spec: JobSpec) -> Result<JobStart, String> {
     let m = &engine.runner.model;
-    let run = match &spec.resume_from {
-        Some(dir) => TrainingRun::resume(dir, spec.data, &m.cfg, m.device()).map(|(run, _)| run),
+    let mut start = JobStart::default();
+    let mut resumed = None;
+    for dir in &spec.resume_from {
+        match TrainingRun::resume(dir, spec.data.clone(), &m.cfg, m.device()) {
+            Ok((run, _)) => {
+                start.resumed_from = Some(dir.clone());
+                resumed = Some(run);
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(job = %spec.name, checkpoint = %dir.display(), error = %e, "cannot resume from a checkpoint; trying an earlier one");
+                start.skipped.push((dir.clone(), e.to_string()));
+            }
+        }
+    }
+    let mut run = match resumed {
+        Some(run) => run,
         None => spec
             .cfg
             .spec()
             .and_then(|lora| TrainableLora::new(&m.cfg, lora, m.device(), spec.cfg.seed))
-            .and_then(|lora| TrainingRun::new(spec.data, spec.cfg, lora)),
-    }
-    .map_err(|e| e.to_string())?;
-    let mut run = run;
+            .and_then(|lora| TrainingRun::new(spec.data, spec.cfg, lora))
+            .map_err(|e| e.to_string())?,
+    };
     run.set_validation(spec.validation);
     engine.start_job(&spec.name, run)?;
-    match spec.checkpoints {
-        Some((dir, every)) => engine.set_job_checkpoints(&spec.name, dir, every),
-        None => Ok(()),
+    if let Some((dir, every)) = spec.checkpoints {
+        engine.set_job_checkpoints(&spec.name, dir, every)?;
     }
+    Ok(start)
 }

@@ -20,7 +20,8 @@ pub use coserve::{CoserveConfig, CoserveMode, JobState, TrainingJob};
 pub use cost_model::CostModel;
 pub use engine::{IterationCounters, IterationObserver, IterationReport, LlmEngine, RequestOutput};
 pub use engine_loop::{
-    EngineError, EngineHandle, EngineStats, Event, GenerateRequest, JobSnapshot, JobSpec, JobStat,
+    CheckpointWritten, EngineError, EngineHandle, EngineStats, Event, GenerateRequest, JobSnapshot,
+    JobSpec, JobStart, JobStat,
 };
 pub use scheduler::{AdmitError, Scheduler, SchedulerConfig};
 pub use sequence::{FinishReason, Sequence};

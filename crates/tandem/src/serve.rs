@@ -133,8 +133,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let local = listener.local_addr()?;
         tracing::info!(%local, model = %name, "serving");
         eprintln!("tandem: serving {name} on http://{local}");
+        let drain = state.clone();
         axum::serve(listener, tandem_api::app(state))
-            .with_graceful_shutdown(shutdown())
+            .with_graceful_shutdown(async move {
+                shutdown().await;
+                // Training stops and every job checkpoints at its last optimizer step (bounded),
+                // then open responses are let finish.
+                tandem_api::checkpoint_on_shutdown(drain, SHUTDOWN_CHECKPOINT_TIMEOUT).await;
+            })
             .await?;
         Ok(())
     })
@@ -161,6 +167,9 @@ fn reload_keys_on_sighup(state: Arc<AppState>) {
     #[cfg(not(unix))]
     let _ = state;
 }
+
+/// How long a shutdown waits for the jobs' checkpoints.
+const SHUTDOWN_CHECKPOINT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn shutdown() {
     let ctrl_c = async {

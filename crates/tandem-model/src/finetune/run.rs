@@ -351,8 +351,22 @@ impl TrainingRun {
             serde_json::to_vec_pretty(&meta).unwrap_or_default(),
         )
         .map_err(|e| ModelError::io(&meta_path, e))?;
+        // On disk before the rename makes it the checkpoint (a crash then leaves the old one or
+        // the new one whole; a torn one is skipped at resume).
+        let sync = |p: &Path| {
+            std::fs::File::open(p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| ModelError::io(p, e))
+        };
+        for entry in std::fs::read_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))? {
+            sync(&entry.map_err(|e| ModelError::io(&tmp, e))?.path())?;
+        }
+        sync(&tmp)?;
         let _ = std::fs::remove_dir_all(dir);
         std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync(parent)?;
+        }
         Ok(())
     }
 
