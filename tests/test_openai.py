@@ -871,6 +871,54 @@ def test_sigterm_checkpoints_a_running_job_and_a_torn_checkpoint_falls_back():
         proc.wait(timeout=30)
 
 
+def test_a_full_disk_fails_uploads_and_jobs_with_507_and_serving_goes_on():
+    d = tempfile.mkdtemp()
+    mnt = os.path.join(d, "small")
+    os.makedirs(mnt)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", mnt], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    proc = None
+    try:
+        data = os.path.join(mnt, "data")
+        proc, url = start("--data-dir", data)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        kept = upload_training_file(c)
+        # Fill the disk.
+        filler = os.path.join(mnt, "filler")
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (64 << 10))
+                    f.flush()
+            except OSError:
+                pass
+        big = [{"text": "w" * 200}] * 2000
+        with pytest.raises(openai.APIStatusError) as e:
+            c.files.create(file=open(write_training_file(big), "rb"), purpose="fine-tune")
+        assert e.value.status_code == 507 and e.value.body["code"] == "insufficient_storage", e.value.body
+        with pytest.raises(openai.APIStatusError) as e:
+            for _ in range(50):  # the database may have a free page or two left
+                c.fine_tuning.jobs.create(model=MODEL, training_file=kept, hyperparameters={"n_epochs": 1})
+        assert e.value.status_code == 507, e.value.body
+        # Serving goes on.
+        out = c.chat.completions.create(model=MODEL, messages=Q, max_tokens=4, temperature=0)
+        assert out.choices[0].message.content
+        # Space returns: uploads and jobs work again, and nothing acknowledged was lost.
+        os.remove(filler)
+        again = c.files.create(file=open(write_training_file(), "rb"), purpose="fine-tune")
+        assert c.files.retrieve(kept).bytes > 0 and c.files.retrieve(again.id).bytes > 0
+        job = c.fine_tuning.jobs.create(model=MODEL, training_file=again.id, hyperparameters={"n_epochs": 1, "batch_size": 3},
+                                        extra_body={"lora": {"r": 2, "target_modules": ["q_proj"]}})
+        assert wait_for(c, job.id, ("succeeded", "failed", "cancelled")).status == "succeeded"
+        # Jobs refused for lack of space left nothing behind.
+        assert [j.id for j in c.fine_tuning.jobs.list(limit=100)] == [job.id]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        subprocess.run(["umount", mnt])
+
+
 def test_request_ids_come_back_and_every_log_line_about_a_request_carries_it():
     proc, url = start("--log-format", "json", env=dict(os.environ, RUST_LOG="info"))
     try:

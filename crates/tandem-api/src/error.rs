@@ -109,6 +109,18 @@ impl ApiError {
         )
     }
 
+    /// 507: the data dir's disk is full; nothing was stored (the cause is logged).
+    pub fn insufficient_storage(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "out of disk space");
+        Self::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "server_error",
+            "The server is out of disk space; nothing was stored. Retry later.",
+            None,
+            Some("insufficient_storage"),
+        )
+    }
+
     /// 500 with a generic message; the cause is logged.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");

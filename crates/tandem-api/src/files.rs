@@ -17,7 +17,11 @@ pub const MAX_FILE_BYTES: usize = 512 << 20;
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::internal(e)
+        if e.is_disk_full() {
+            ApiError::insufficient_storage(e)
+        } else {
+            ApiError::internal(e)
+        }
     }
 }
 

@@ -318,7 +318,12 @@ pub async fn create(
         })
         .await
         .map_err(|e| ApiError::invalid(format!("Cannot start the job: {e}"), None))?;
-    st.store.put_job(&job)?;
+    // Not recorded (a full disk): not acknowledged, so it must not train either.
+    if let Err(e) = st.store.put_job(&job) {
+        let _ = st.engine.control_job(adapter.clone(), None).await;
+        let _ = st.engine.unload_adapter(adapter.clone()).await;
+        return Err(e.into());
+    }
     st.tenants.set_owner(&adapter, &t.name);
     event(&st, &id, "info", "Created fine-tuning job", None);
     event(&st, &id, "info", "Fine-tuning job started", None);
