@@ -185,54 +185,10 @@ fn template(route: &str) -> serde_json::Value {
     }
 }
 
-/// A JSON value from fuzz bytes, keys drawn from `keys` (the route's fields), values of every
-/// JSON kind (numbers at the edges included), nested a few levels.
+/// A fuzzed body for a route (`tandem_model::testing::json_from`), mostly naming the real model so
+/// that requests get past it to the rest.
 fn json_from(bytes: &[u8], keys: &[&str]) -> serde_json::Value {
-    fn take(b: &mut &[u8]) -> u8 {
-        match b.split_first() {
-            Some((x, rest)) => {
-                *b = rest;
-                *x
-            }
-            None => 0,
-        }
-    }
-    fn value(b: &mut &[u8], keys: &[&str], depth: usize) -> serde_json::Value {
-        use serde_json::Value as V;
-        match take(b) % if depth > 3 { 7 } else { 9 } {
-            0 => V::Null,
-            1 => V::Bool(take(b) & 1 == 1),
-            2 => serde_json::json!(take(b) as i64 - 100),
-            3 => serde_json::json!((take(b) as f64 - 128.0) / 7.0),
-            4 => {
-                let n = (take(b) % 16) as usize;
-                V::String((0..n).map(|_| (b'a' + take(b) % 26) as char).collect())
-            }
-            5 => match take(b) % 4 {
-                0 => serde_json::json!(u64::MAX),
-                1 => serde_json::json!(i64::MIN),
-                2 => serde_json::json!(1e300),
-                _ => serde_json::json!(-0.0),
-            },
-            6 => V::String(keys[take(b) as usize % keys.len()].to_string()),
-            7 => {
-                let n = (take(b) % 4) as usize;
-                V::Array((0..n).map(|_| value(b, keys, depth + 1)).collect())
-            }
-            _ => {
-                let n = (take(b) % 6) as usize;
-                let mut m = serde_json::Map::new();
-                for _ in 0..n {
-                    let k = keys[take(b) as usize % keys.len()];
-                    m.insert(k.to_string(), value(b, keys, depth + 1));
-                }
-                V::Object(m)
-            }
-        }
-    }
-    let mut b = bytes;
-    let mut v = value(&mut b, keys, 0);
-    // Mostly the real model name, so that requests get past it to the rest.
+    let mut v = tandem_model::testing::json_from(bytes, keys);
     if let serde_json::Value::Object(m) = &mut v {
         if bytes.first().is_some_and(|x| x % 4 != 0) {
             m.insert("model".into(), "tiny".into());

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tandem_model::finetune::{parse_record, tokenize, validate_jsonl};
 use tandem_model::lora::LoraAdapter;
-use tandem_model::testing::{random_adapter, Tiny};
+use tandem_model::testing::{json_from, random_adapter, Tiny};
 use tandem_model::ChatMessage;
 
 fn budget() -> Duration {
@@ -23,51 +23,6 @@ fn budget() -> Duration {
 
 fn report(target: &str, n: &AtomicUsize) {
     eprintln!("fuzz {target}: {} executions", n.load(Ordering::Relaxed));
-}
-
-/// A JSON value decoded from fuzz bytes, with keys drawn from `keys` (so that the parsers' own
-/// fields are hit), for structure-aware fuzzing of JSON readers.
-pub fn json_from(bytes: &[u8], keys: &[&str]) -> serde_json::Value {
-    fn take(b: &mut &[u8]) -> u8 {
-        match b.split_first() {
-            Some((x, rest)) => {
-                *b = rest;
-                *x
-            }
-            None => 0,
-        }
-    }
-    fn value(b: &mut &[u8], keys: &[&str], depth: usize) -> serde_json::Value {
-        use serde_json::Value as V;
-        let kind = take(b) % if depth > 3 { 6 } else { 8 };
-        match kind {
-            0 => V::Null,
-            1 => V::Bool(take(b) & 1 == 1),
-            2 => serde_json::json!(take(b) as i64 - 64),
-            3 => serde_json::json!((take(b) as f64 - 128.0) * 0.37),
-            4 => {
-                let n = (take(b) % 24) as usize;
-                let s: String = (0..n).map(|_| take(b) as char).collect();
-                V::String(s)
-            }
-            5 => serde_json::json!(u64::MAX - take(b) as u64),
-            6 => {
-                let n = (take(b) % 4) as usize;
-                V::Array((0..n).map(|_| value(b, keys, depth + 1)).collect())
-            }
-            _ => {
-                let n = (take(b) % 6) as usize;
-                let mut m = serde_json::Map::new();
-                for _ in 0..n {
-                    let k = keys[take(b) as usize % keys.len()];
-                    m.insert(k.to_string(), value(b, keys, depth + 1));
-                }
-                V::Object(m)
-            }
-        }
-    }
-    let mut b = bytes;
-    value(&mut b, keys, 0)
 }
 
 const RECORD_KEYS: &[&str] = &[
