@@ -333,7 +333,8 @@ pub async fn create(
     Ok(Json(job))
 }
 
-fn event(st: &AppState, job: &str, level: &str, message: &str, data: Option<Value>) {
+/// Records an event on job `job`; false if the store refused it (a full disk), logged.
+fn event(st: &AppState, job: &str, level: &str, message: &str, data: Option<Value>) -> bool {
     let kind = if data.is_some() { "metrics" } else { "message" };
     let e = json!({
         "id": format!("ftevent-{}", uuid::Uuid::new_v4().simple()),
@@ -344,14 +345,18 @@ fn event(st: &AppState, job: &str, level: &str, message: &str, data: Option<Valu
         "type": kind,
         "data": data.unwrap_or(json!({})),
     });
-    if let Err(err) = st.store.add_event(job, &e) {
-        tracing::error!(job, error = %err, "cannot record a job event");
+    match st.store.add_event(job, &e) {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::error!(job, error = %err, "cannot record a job event");
+            false
+        }
     }
 }
 
 /// Copies the engine's progress on `adapter` into job `id` until the job ends.
 async fn watch(st: Arc<AppState>, id: String, adapter: String) {
-    let (mut seen, mut seen_evals) = (0, 0);
+    let (mut seen, mut seen_evals, mut seen_ckpt_errors) = (0, 0, 0);
     // Progress since this watcher started, for estimated_finish.
     let started = std::time::Instant::now();
     let mut first_step: Option<usize> = None;
@@ -366,8 +371,10 @@ async fn watch(st: Arc<AppState>, id: String, adapter: String) {
         let Ok(Some(mut job)) = st.store.job(&id) else {
             return;
         };
-        for r in &snap.reports[seen..] {
-            event(
+        // Each list is recorded in order up to the first event the store refuses (a full disk);
+        // the rest are tried again on the next pass.
+        for r in &snap.reports[seen.min(snap.reports.len())..] {
+            let ok = event(
                 &st,
                 &id,
                 "info",
@@ -381,10 +388,13 @@ async fn watch(st: Arc<AppState>, id: String, adapter: String) {
                     "grad_norm": r.grad_norm}),
                 ),
             );
+            if !ok {
+                break;
+            }
+            seen += 1;
         }
-        seen = snap.reports.len();
-        for e in &snap.evals[seen_evals..] {
-            event(
+        for e in &snap.evals[seen_evals.min(snap.evals.len())..] {
+            let ok = event(
                 &st,
                 &id,
                 "info",
@@ -394,8 +404,22 @@ async fn watch(st: Arc<AppState>, id: String, adapter: String) {
                     "valid_mean_token_accuracy": e.accuracy}),
                 ),
             );
+            if !ok {
+                break;
+            }
+            seen_evals += 1;
         }
-        seen_evals = snap.evals.len();
+        for (step, why) in
+            &snap.checkpoint_errors[seen_ckpt_errors.min(snap.checkpoint_errors.len())..]
+        {
+            let msg = format!(
+                "The checkpoint at step {step} could not be written ({why}); training goes on"
+            );
+            if !event(&st, &id, "warn", &msg, None) {
+                break;
+            }
+            seen_ckpt_errors += 1;
+        }
         let step0 = *first_step.get_or_insert(snap.step);
         if snap.state == JobState::Running && snap.step > step0 && snap.step < snap.total_steps {
             let per_step = started.elapsed().as_secs_f64() / (snap.step - step0) as f64;
@@ -482,13 +506,22 @@ async fn watch(st: Arc<AppState>, id: String, adapter: String) {
                         json!({"code": "training_failed", "message": msg, "param": null});
                     event(&st, &id, "error", &format!("The job failed: {msg}"), None);
                 }
-                _ => event(&st, &id, "info", "The job was cancelled", None),
+                _ => {
+                    event(&st, &id, "info", "The job was cancelled", None);
+                }
             }
         }
         if let Err(e) = st.store.put_job(&job) {
             tracing::error!(job = %id, error = %e, "cannot record the job");
         }
         if snap.state.is_final() {
+            // The final state must reach the store: retry while it refuses (a full disk).
+            let mut wait = Duration::from_secs(1);
+            while let Err(e) = st.store.put_job(&job) {
+                tracing::warn!(job = %id, error = %e, "cannot record the job's final state; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(60));
+            }
             return;
         }
     }

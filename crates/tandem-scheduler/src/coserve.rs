@@ -115,4 +115,6 @@ pub struct TrainingJob {
     pub checkpoint: Option<(std::path::PathBuf, usize)>,
     /// Checkpoints written: (step, adapter name it is served under, directory).
     pub checkpoints: Vec<(usize, String, std::path::PathBuf)>,
+    /// Checkpoints that could not be written (a full disk): (step, why). Training goes on.
+    pub checkpoint_errors: Vec<(usize, String)>,
 }

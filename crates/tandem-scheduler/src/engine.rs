@@ -173,6 +173,7 @@ impl LlmEngine {
             trained_tokens: 0,
             checkpoint: None,
             checkpoints: Vec::new(),
+            checkpoint_errors: Vec::new(),
         });
         Ok(())
     }
@@ -224,7 +225,8 @@ impl LlmEngine {
                     path,
                 }),
                 Err(e) => {
-                    tracing::error!(job = %self.jobs[i].name, error = %e, "cannot write a checkpoint")
+                    tracing::error!(job = %self.jobs[i].name, error = %e, "cannot write a checkpoint");
+                    self.jobs[i].checkpoint_errors.push((step, e));
                 }
             }
         }
@@ -685,6 +687,7 @@ impl LlmEngine {
                     }
                     if let Err(e) = self.checkpoint(i, report.step) {
                         tracing::warn!(job = %self.jobs[i].name, error = %e, "cannot write a checkpoint");
+                        self.jobs[i].checkpoint_errors.push((report.step, e));
                     }
                     if done {
                         self.finish_job(i);

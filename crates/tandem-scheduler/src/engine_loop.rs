@@ -168,6 +168,8 @@ pub struct JobSnapshot {
     pub evals: Vec<Eval>,
     /// (step, served name, directory) of each checkpoint written.
     pub checkpoints: Vec<(usize, String, PathBuf)>,
+    /// (step, why) of checkpoints that could not be written.
+    pub checkpoint_errors: Vec<(usize, String)>,
 }
 
 /// The async side's handle on the engine thread. Cheap to clone; the thread ends when every
@@ -489,6 +491,7 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
                     reports: j.reports.clone(),
                     evals: j.run.evals.clone(),
                     checkpoints: j.checkpoints.clone(),
+                    checkpoint_errors: j.checkpoint_errors.clone(),
                 })
                 .collect();
             let _ = reply.send(snaps);
