@@ -7,9 +7,10 @@
 
 mod error;
 mod files;
+mod job_life;
 mod jobs;
-pub use jobs::checkpoint_on_shutdown;
-pub use jobs::recover as recover_jobs;
+pub use job_life::checkpoint_on_shutdown;
+pub use job_life::recover as recover_jobs;
 pub mod metrics;
 mod openai;
 pub mod persist;
