@@ -1,5 +1,5 @@
 //! Fuzz targets (bolero) for what tandem reads from users and model files: training JSONL, PEFT
-//! adapter configs and safetensors, GGUF headers, chat templates. Under `cargo test` each runs
+//! adapter configs and safetensors, model safetensors, GGUF headers, chat templates. Under `cargo test` each runs
 //! random inputs for `TANDEM_FUZZ_SECS` seconds (default 2); `cargo bolero test` drives the same
 //! targets with a coverage-guided engine. Each must return `Ok` or an error, never panic or
 //! hang; the number of executions is printed (docs/benchmarks.md records them).
@@ -127,6 +127,44 @@ fn fuzz_peft_adapter_config_and_safetensors() {
             let _ = LoraAdapter::load(&a, &cfg, &Device::Cpu, DType::F32);
         });
     report("peft_adapter", &n);
+}
+
+#[test]
+fn fuzz_model_safetensors() {
+    // A real tiny model directory; its weights file overwritten by fuzzed bytes, or by the real
+    // file with fuzzed bytes written over part of it (the header's JSON and offsets included).
+    let t = Tiny::gqa();
+    let dir = tempfile::tempdir().unwrap();
+    t.write_hf_dir(dir.path(), 4);
+    let file = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .expect("the tiny model has a safetensors file");
+    let weights = std::fs::read(&file).unwrap();
+    let n = AtomicUsize::new(0);
+    let count = &n;
+    bolero::check!()
+        .with_test_time(budget())
+        .for_each(move |bytes: &[u8]| {
+            count.fetch_add(1, Ordering::Relaxed);
+            let mut w = weights.clone();
+            if let Some((&at, rest)) = bytes.split_first() {
+                // Mostly the header (the first bytes), sometimes anywhere.
+                let at = if at & 1 == 0 {
+                    at as usize / 2
+                } else {
+                    at as usize * w.len() / 256
+                };
+                let end = (at + rest.len()).min(w.len());
+                w[at..end].copy_from_slice(&rest[..end - at]);
+            }
+            std::fs::write(&file, &w).unwrap();
+            let _ = tandem_model::load_model(Some(dir.path()), &Device::Cpu, DType::F32);
+            std::fs::write(&file, bytes).unwrap();
+            let _ = tandem_model::load_model(Some(dir.path()), &Device::Cpu, DType::F32);
+        });
+    report("model_safetensors", &n);
 }
 
 #[test]
