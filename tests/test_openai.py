@@ -919,6 +919,50 @@ def test_a_full_disk_fails_uploads_and_jobs_with_507_and_serving_goes_on():
         subprocess.run(["umount", mnt])
 
 
+def test_a_job_training_through_a_full_disk_loses_no_step_and_keeps_its_last_three_checkpoints():
+    d = tempfile.mkdtemp()
+    mnt = os.path.join(d, "small")
+    os.makedirs(mnt)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", mnt], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    proc = None
+    try:
+        proc, url = start("--data-dir", os.path.join(mnt, "data"))
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        fid = upload_training_file(c)
+        # One step an epoch, so a checkpoint (~0.85 MB here) after every step.
+        job = c.fine_tuning.jobs.create(model=MODEL, training_file=fid, hyperparameters={"n_epochs": 40, "batch_size": 3},
+                                        extra_body={"lora": {"r": 2, "target_modules": ["q_proj"]}})
+        filler = os.path.join(mnt, "filler")
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (64 << 10))
+                    f.flush()
+            except OSError:
+                pass
+        time.sleep(3)  # training goes on; checkpoints and events cannot be written meanwhile
+        os.remove(filler)
+        done = wait_for(c, job.id, ("succeeded", "failed", "cancelled"), timeout=200)
+        assert done.status == "succeeded", done.error
+        events = list(c.fine_tuning.jobs.list_events(job.id, limit=100))
+        # Every step's event reached the store (late, once there was room), and the failed
+        # checkpoints were said.
+        assert sorted(e.data["step"] for e in events if e.type == "metrics") == list(range(1, 41))
+        assert any("could not be written" in e.message for e in events), [e.message for e in events]
+        # Old checkpoints leave the disk: the last three are kept, listed and served.
+        ckpts = c.fine_tuning.jobs.checkpoints.list(job.id).data
+        assert [k.step_number for k in ckpts] == [39, 38, 37], [k.step_number for k in ckpts]
+        assert sorted(os.listdir(os.path.join(mnt, "data", "checkpoints", job.id))) == ["step-37", "step-38", "step-39"]
+        out = c.chat.completions.create(model=ckpts[0].fine_tuned_model_checkpoint, messages=Q, max_tokens=2)
+        assert out.choices[0].message.content is not None
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        subprocess.run(["umount", mnt])
+
+
 def test_request_ids_come_back_and_every_log_line_about_a_request_carries_it():
     proc, url = start("--log-format", "json", env=dict(os.environ, RUST_LOG="info"))
     try:

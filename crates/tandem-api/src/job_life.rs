@@ -124,6 +124,14 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
             .last()
             .and_then(|c| c["step_number"].as_u64())
             .unwrap_or(0) as usize;
+        // The engine keeps a job's newest checkpoints and deletes older ones: the record lists
+        // those still on disk.
+        ckpts.retain(|c| {
+            let step = c["step_number"].as_u64().unwrap_or(0);
+            checkpoint_dir(&st, &id)
+                .join(format!("step-{step}"))
+                .exists()
+        });
         // Validation losses arrive after their checkpoint: fill them in.
         for c in ckpts.iter_mut() {
             let step = c["step_number"].as_u64().unwrap_or(0) as usize;

@@ -25,6 +25,9 @@ pub const MAX_ITERATION_SLOS: f64 = 4.0;
 /// tokens left).
 pub const MIN_CHUNK: usize = 16;
 
+/// Checkpoints kept per job (the newest; OpenAI's fine-tuning API keeps the last three).
+pub const KEEP_CHECKPOINTS: usize = 3;
+
 /// Sequence ids from here down hold finetuning jobs' KV blocks (one per job).
 pub const JOB_SEQ_BASE: u64 = u64::MAX - 1;
 
@@ -256,7 +259,25 @@ impl LlmEngine {
             .adapters
             .register(&name, &path)
             .map_err(|e| e.to_string())?;
+        self.prune_checkpoints(i);
         Ok((name, path))
+    }
+
+    /// Keeps a job's newest `KEEP_CHECKPOINTS` checkpoints (OpenAI keeps a job's last three):
+    /// older ones stop being served and leave the disk, so that a long job cannot fill it. One
+    /// still in use by requests stays until a later pass.
+    fn prune_checkpoints(&mut self, i: usize) {
+        while self.jobs[i].checkpoints.len() > KEEP_CHECKPOINTS {
+            let (step, name, path) = self.jobs[i].checkpoints[0].clone();
+            if let Err(e) = self.runner.adapters.unregister(&name) {
+                tracing::debug!(checkpoint = %name, error = %e, "an old checkpoint is in use; kept for now");
+                return;
+            }
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(checkpoint = %name, step, error = %e, "cannot remove an old checkpoint");
+            }
+            self.jobs[i].checkpoints.remove(0);
+        }
     }
 
     /// Stops a job for good (its adapter keeps its last weights and stays served).

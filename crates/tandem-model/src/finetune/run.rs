@@ -334,9 +334,18 @@ impl TrainingRun {
     /// temporary folder and renamed into place.
     pub fn save_checkpoint(&self, dir: &Path, base_model: Option<String>) -> Result<()> {
         let tmp = dir.with_extension("tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-        self.lora.to_adapter(base_model.clone())?.save(&tmp)?;
+        let r = self.write_checkpoint(&tmp, dir, base_model);
+        if r.is_err() {
+            // A write that failed (a full disk) leaves nothing behind to take space.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        r
+    }
+
+    fn write_checkpoint(&self, tmp: &Path, dir: &Path, base_model: Option<String>) -> Result<()> {
+        let _ = std::fs::remove_dir_all(tmp);
+        std::fs::create_dir_all(tmp).map_err(|e| ModelError::io(tmp, e))?;
+        self.lora.to_adapter(base_model.clone())?.save(tmp)?;
         let state = self.opt.state_tensors();
         candle_core::safetensors::save(&state, tmp.join("optimizer.safetensors"))?;
         let meta = serde_json::json!({
@@ -358,12 +367,12 @@ impl TrainingRun {
                 .and_then(|f| f.sync_all())
                 .map_err(|e| ModelError::io(p, e))
         };
-        for entry in std::fs::read_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))? {
-            sync(&entry.map_err(|e| ModelError::io(&tmp, e))?.path())?;
+        for entry in std::fs::read_dir(tmp).map_err(|e| ModelError::io(tmp, e))? {
+            sync(&entry.map_err(|e| ModelError::io(tmp, e))?.path())?;
         }
-        sync(&tmp)?;
+        sync(tmp)?;
         let _ = std::fs::remove_dir_all(dir);
-        std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
+        std::fs::rename(tmp, dir).map_err(|e| ModelError::io(dir, e))?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             sync(parent)?;
         }
