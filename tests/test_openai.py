@@ -871,12 +871,30 @@ def test_sigterm_checkpoints_a_running_job_and_a_torn_checkpoint_falls_back():
         proc.wait(timeout=30)
 
 
-def test_a_full_disk_fails_uploads_and_jobs_with_507_and_serving_goes_on():
-    d = tempfile.mkdtemp()
-    mnt = os.path.join(d, "small")
+def small_volume():
+    """A fresh 6 MB tmpfs (the test is skipped where it cannot be mounted: it needs root)."""
+    mnt = os.path.join(tempfile.mkdtemp(), "small")
     os.makedirs(mnt)
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", mnt], capture_output=True).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
+    return mnt
+
+
+def fill(mnt):
+    """Fills the volume with one file until the disk is full; returns its path."""
+    filler = os.path.join(mnt, "filler")
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (64 << 10))
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_fails_uploads_and_jobs_with_507_and_serving_goes_on():
+    mnt = small_volume()
     proc = None
     try:
         data = os.path.join(mnt, "data")
@@ -884,14 +902,7 @@ def test_a_full_disk_fails_uploads_and_jobs_with_507_and_serving_goes_on():
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         kept = upload_training_file(c)
         # Fill the disk.
-        filler = os.path.join(mnt, "filler")
-        with open(filler, "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * (64 << 10))
-                    f.flush()
-            except OSError:
-                pass
+        filler = fill(mnt)
         big = [{"text": "w" * 200}] * 2000
         with pytest.raises(openai.APIStatusError) as e:
             c.files.create(file=open(write_training_file(big), "rb"), purpose="fine-tune")
@@ -920,11 +931,7 @@ def test_a_full_disk_fails_uploads_and_jobs_with_507_and_serving_goes_on():
 
 
 def test_a_job_training_through_a_full_disk_loses_no_step_and_keeps_its_last_three_checkpoints():
-    d = tempfile.mkdtemp()
-    mnt = os.path.join(d, "small")
-    os.makedirs(mnt)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", mnt], capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    mnt = small_volume()
     proc = None
     try:
         proc, url = start("--data-dir", os.path.join(mnt, "data"))
@@ -933,14 +940,7 @@ def test_a_job_training_through_a_full_disk_loses_no_step_and_keeps_its_last_thr
         # One step an epoch, so a checkpoint (~0.85 MB here) after every step.
         job = c.fine_tuning.jobs.create(model=MODEL, training_file=fid, hyperparameters={"n_epochs": 40, "batch_size": 3},
                                         extra_body={"lora": {"r": 2, "target_modules": ["q_proj"]}})
-        filler = os.path.join(mnt, "filler")
-        with open(filler, "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * (64 << 10))
-                    f.flush()
-            except OSError:
-                pass
+        filler = fill(mnt)
         time.sleep(3)  # training goes on; checkpoints and events cannot be written meanwhile
         os.remove(filler)
         done = wait_for(c, job.id, ("succeeded", "failed", "cancelled"), timeout=200)
