@@ -5,6 +5,8 @@
 //! Owns: request validation, response shapes, streaming, authentication. Must not touch:
 //! tensors or scheduling policy — requests go to the engine thread through `EngineHandle`.
 
+mod chat;
+mod completions;
 mod error;
 mod files;
 mod job_life;
@@ -12,12 +14,17 @@ mod jobs;
 pub use job_life::checkpoint_on_shutdown;
 pub use job_life::recover as recover_jobs;
 pub mod metrics;
+mod models;
 mod openai;
 pub mod persist;
 mod respond;
 mod routes;
+mod sse;
 pub mod store;
+mod structured;
 pub mod tenants;
+mod tokenize;
+mod tools;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 
@@ -50,6 +57,8 @@ pub struct AppState {
     pub store: store::Store,
     /// `--data-dir`: finished jobs' adapters go to `fine_tuned/<job id>` in it.
     pub data_dir: Option<std::path::PathBuf>,
+    /// Compiles structured-output constraints over the model's vocabulary.
+    pub grammars: Arc<tandem_model::grammar::GrammarCompiler>,
 }
 
 /// The router; `main` binds it, tests bind it to port 0.

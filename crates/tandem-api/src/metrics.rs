@@ -44,6 +44,9 @@ pub struct Metrics {
     iterations: IntCounter,
     mixed_iterations: IntCounter,
     iteration_time: HistogramVec,
+    mask_time: prometheus::Histogram,
+    /// Generation requests by constraint kind (json_schema, regex, tool_call, ...).
+    structured: IntCounterVec,
     backward_steps: IntCounter,
     trained_tokens: IntCounter,
     kv_evictions: IntCounter,
@@ -232,6 +235,20 @@ impl Metrics {
                 .buckets(ITERATION_BUCKETS.to_vec()),
                 &["source"],
             ))?,
+            mask_time: add(reg, prometheus::Histogram::with_opts(
+                HistogramOpts::from(opts(
+                    "tandem:structured_output_mask_seconds",
+                    "Time per iteration spent computing grammar masks for constrained sequences (in parallel, beside the forward pass).",
+                ))
+                .buckets(vec![1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0]),
+            ))?,
+            structured: add(reg, IntCounterVec::new(
+                opts(
+                    "tandem:structured_output_requests_total",
+                    "Generation requests with an output constraint, by kind (json_schema, json_object, regex, choice, grammar, tool_call).",
+                ),
+                &["kind"],
+            ))?,
             backward_steps: add(reg, IntCounter::with_opts(opts(
                 "tandem:finetune_backward_steps_total",
                 "Token-level backward (layer, chunk) steps run.",
@@ -314,6 +331,7 @@ impl Metrics {
         let tokens = self.iteration_tokens.clone();
         let iterations = self.iterations.clone();
         let time = self.iteration_time.clone();
+        let mask_time = self.mask_time.clone();
         let queue = self.queue.clone();
         let base = self.base_model.clone();
         Box::new(move |r: &IterationReport| {
@@ -330,11 +348,19 @@ impl Metrics {
                 .observe(r.measured.as_secs_f64());
             time.with_label_values(&["predicted"])
                 .observe(r.predicted.as_secs_f64());
+            if !r.mask_time.is_zero() {
+                mask_time.observe(r.mask_time.as_secs_f64());
+            }
             for (adapter, t) in &r.queue_times {
                 let model = adapter.as_deref().unwrap_or(&base);
                 queue.with_label_values(&[model]).observe(t.as_secs_f64());
             }
         })
+    }
+
+    /// A generation request constrained by a grammar of `kind`.
+    pub fn structured_request(&self, kind: &str) {
+        self.structured.with_label_values(&[kind]).inc();
     }
 
     /// Prometheus text, with the engine gauges as of now.

@@ -64,6 +64,15 @@ pub struct Sampling {
     pub return_tokens_as_token_ids: bool,
     /// vLLM's extension: requests with different salts never share prefix-cache blocks.
     pub cache_salt: Option<String>,
+    /// Structured output, OpenAI's way: `{"type": "text" | "json_object" | "json_schema"}`.
+    pub response_format: Option<Value>,
+    /// vLLM's: `{"json" | "regex" | "choice" | "grammar" | "json_object": ...}`.
+    pub structured_outputs: Option<Value>,
+    /// vLLM's older fields.
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,51 +116,23 @@ impl CompletionRequest {
 pub struct ChatMessageIn {
     pub role: String,
     pub content: Option<Value>,
+    /// An assistant's calls: `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
+    pub tool_calls: Option<Vec<Value>>,
+    /// A tool result's call.
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessageIn>,
-    pub response_format: Option<Value>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    /// OpenAI's deprecated forms of `tools` and `tool_choice`.
     pub functions: Option<Vec<Value>>,
+    pub function_call: Option<Value>,
     #[serde(flatten)]
     pub sampling: Sampling,
-}
-
-impl ChatRequest {
-    /// 400 for what tandem cannot do rather than a silent default: structured output and
-    /// tool calls (a request that offers tools with `tool_choice: "none"` is answered).
-    pub fn check_supported(&self) -> Result<(), ApiError> {
-        if let Some(f) = &self.response_format {
-            match f.get("type").and_then(Value::as_str) {
-                Some("text") => {}
-                Some(t @ ("json_object" | "json_schema")) => {
-                    return Err(ApiError::invalid(
-                        format!("response_format {t} (structured output) is not supported; omit it or use type text"),
-                        Some("response_format"),
-                    ))
-                }
-                _ => {
-                    return Err(ApiError::invalid(
-                        "response_format must be an object with type text, json_object or json_schema",
-                        Some("response_format"),
-                    ))
-                }
-            }
-        }
-        let offers_tools = self.tools.as_ref().is_some_and(|t| !t.is_empty())
-            || self.functions.as_ref().is_some_and(|f| !f.is_empty());
-        let none = self.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
-        if offers_tools && !none {
-            return Err(ApiError::invalid(
-                "tool calling is not supported; omit tools or set tool_choice to \"none\"",
-                Some("tools"),
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// vLLM's `POST /tokenize`: a prompt (completions) or messages (chat template applied).
@@ -321,6 +302,7 @@ impl Sampling {
             stop_token_ids,
             min_tokens,
             end_token_ids: Vec::new(),
+            grammar: None,
         })
     }
 

@@ -1,20 +1,21 @@
 //! Generation requests from submission to answer: the admission permit, every (prompt, choice)
 //! handed to the engine, and the engine's event streams folded into one JSON response or
-//! forwarded as SSE chunks, with usage (cached prompt tokens included).
+//! forwarded as SSE chunks (`sse.rs`), with usage (cached prompt tokens included); tool calls
+//! read out of chat output.
 
 use crate::error::ApiError;
 use crate::metrics::RequestTimer;
+use crate::models::resolve_model;
 use crate::openai::Sampling;
-use crate::routes::{now, resolve_model};
+use crate::routes::now;
 use crate::tenants::Tenant;
 use crate::AppState;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
-use std::convert::Infallible;
 use std::sync::Arc;
+use tandem_model::grammar::Grammar;
+use tandem_model::tool_calls::{new_call_id, Piece, ToolCallParser};
 use tandem_model::{SamplingParams, TextTokenizer, TokenLogprobs};
 use tandem_scheduler::{EngineError, Event, FinishReason, GenerateRequest};
 use tokio::sync::mpsc;
@@ -26,7 +27,7 @@ pub(crate) enum Kind {
 }
 
 /// A slot among `max_pending` requests in flight, held until the response (or stream) ends.
-pub(crate) struct Permit(Arc<AppState>);
+pub(crate) struct Permit(pub(crate) Arc<AppState>);
 
 impl Permit {
     fn acquire(st: &Arc<AppState>) -> Result<Self, ApiError> {
@@ -48,18 +49,46 @@ impl Drop for Permit {
     }
 }
 
+/// How a route wants its prompts generated and answered.
+pub(crate) struct Generation {
+    pub kind: Kind,
+    /// max_tokens when the request sets none (None: the room left in the context).
+    pub default_max: Option<usize>,
+    /// Per prompt, text that starts each of its choices (completions' `echo`).
+    pub echo: Option<Vec<String>>,
+    /// The output constraint every choice keeps to.
+    pub grammar: Option<Grammar>,
+    /// Whether the output is read for tool calls (chat with tools).
+    pub tool_calls: ToolOutput,
+}
+
+/// How a chat answer's text is read for tool calls.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(crate) enum ToolOutput {
+    /// Not at all: the text is the content.
+    Off,
+    /// `tool_choice: "auto"`: calls are read out, the rest is content.
+    Parse,
+    /// `required` or a named function: the grammar allows only calls, so only complete calls
+    /// count (content is null; an unfinished call cut by max_tokens is dropped).
+    Forced,
+}
+
 /// Submits every (prompt, choice) to the engine and answers in one JSON or as an SSE stream.
-/// `echo`: per prompt, text that starts each of its choices (completions' `echo`).
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     st: Arc<AppState>,
     tenant: Tenant,
-    kind: Kind,
     s: Sampling,
     prompts: Vec<Vec<u32>>,
-    default_max: Option<usize>,
-    echo: Option<Vec<String>>,
+    g: Generation,
 ) -> Result<Response, ApiError> {
+    let Generation {
+        kind,
+        default_max,
+        echo,
+        grammar,
+        tool_calls,
+    } = g;
     let adapter = resolve_model(&st, &tenant, &s.model).await?;
     // Tenants never share prefix-cache blocks.
     let cache_salt = tenant.cache_salt(s.cache_salt.as_deref());
@@ -67,11 +96,15 @@ pub(crate) async fn run(
     let n = s.n()?;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let room = st.max_model_len.saturating_sub(longest);
-    let params = s.to_params(
+    let mut params = s.to_params(
         default_max.unwrap_or(room).max(1),
         kind == Kind::Chat,
         st.vocab_size,
     )?;
+    if let Some(g) = &grammar {
+        st.metrics.structured_request(g.kind());
+    }
+    params.grammar = grammar;
     // Saturating: max_tokens may be any u64 (found by fuzzing: `longest + max_tokens` overflowed).
     if longest.saturating_add(params.max_tokens) > st.max_model_len {
         return Err(ApiError::context_length(format!(
@@ -125,10 +158,11 @@ pub(crate) async fn run(
         model: s.model.clone(),
         kind,
         token_ids: s.return_tokens_as_token_ids,
+        tool_calls,
     };
     if s.stream {
         let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        Ok(stream_response(
+        Ok(crate::sse::stream_response(
             st,
             permit,
             head,
@@ -144,17 +178,60 @@ pub(crate) async fn run(
     }
 }
 
-struct Head {
+pub(crate) struct Head {
     id: String,
     created: u64,
-    model: String,
-    kind: Kind,
+    pub model: String,
+    pub kind: Kind,
     /// vLLM's `return_tokens_as_token_ids`: logprobs name tokens as `token_id:{id}`.
     token_ids: bool,
+    /// Whether the output is read for tool calls.
+    pub tool_calls: ToolOutput,
+}
+
+/// OpenAI's tool call object (`index` for stream deltas).
+pub(crate) fn tool_call_json(index: Option<usize>, id: &str, name: &str, arguments: &str) -> Value {
+    let mut v =
+        json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}});
+    if let Some(i) = index {
+        v["index"] = json!(i);
+    }
+    v
+}
+
+/// The finish reason a choice reports: `tool_calls` when it stopped after calling tools.
+pub(crate) fn finish_str(r: FinishReason, called: bool) -> &'static str {
+    match r {
+        FinishReason::Length => "length",
+        _ if called => "tool_calls",
+        _ => "stop",
+    }
 }
 
 impl Head {
-    fn choice(
+    /// A whole chat message with tool calls read out of `text`: content (null when only tools
+    /// were called) and `tool_calls`.
+    fn tool_message(&self, text: &str) -> (Value, bool) {
+        let mut content = String::new();
+        let mut calls = Vec::new();
+        for p in ToolCallParser::parse(text) {
+            match p {
+                Piece::Content(_) if self.tool_calls == ToolOutput::Forced => {}
+                Piece::Content(c) => content.push_str(&c),
+                Piece::Call { name, arguments } => {
+                    calls.push(tool_call_json(None, &new_call_id(), &name, &arguments))
+                }
+            }
+        }
+        let called = !calls.is_empty();
+        let mut m = json!({"role": "assistant", "content": if content.is_empty() && called { Value::Null } else { json!(content) }});
+        if called {
+            m["tool_calls"] = json!(calls);
+        }
+        (m, called)
+    }
+
+    pub(crate) fn choice(
         &self,
         index: usize,
         text: &str,
@@ -177,7 +254,12 @@ impl Head {
 
     /// OpenAI's logprobs object for `entries` (Null when none were asked for). `offset` is the
     /// text offset of the first entry (completions' `text_offset`).
-    fn logprobs(&self, tok: &TextTokenizer, entries: &[TokenLogprobs], mut offset: usize) -> Value {
+    pub(crate) fn logprobs(
+        &self,
+        tok: &TextTokenizer,
+        entries: &[TokenLogprobs],
+        mut offset: usize,
+    ) -> Value {
         if entries.is_empty() {
             return Value::Null;
         }
@@ -222,7 +304,7 @@ impl Head {
         }
     }
 
-    fn object(&self, chunk: bool, choices: Vec<Value>, usage: Option<Value>) -> Value {
+    pub(crate) fn object(&self, chunk: bool, choices: Vec<Value>, usage: Option<Value>) -> Value {
         let object = match (self.kind, chunk) {
             (Kind::Completion, _) => "text_completion",
             (Kind::Chat, false) => "chat.completion",
@@ -237,16 +319,9 @@ impl Head {
 }
 
 /// OpenAI's usage object; `cached`: prompt tokens whose K/V came from the prefix cache.
-fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+pub(crate) fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached}})
-}
-
-fn finish_str(r: FinishReason) -> &'static str {
-    match r {
-        FinishReason::Length => "length",
-        _ => "stop",
-    }
 }
 
 async fn collect_response(
@@ -284,19 +359,24 @@ async fn collect_response(
                     if i % n == 0 {
                         cached_tokens += cached;
                     }
-                    finish = Some(finish_str(reason));
+                    finish = Some(reason);
                     break;
                 }
                 Event::Failed(e) => return Err(ApiError::internal(e)),
             }
         }
-        if finish.is_none() {
+        let Some(reason) = finish else {
             return Err(ApiError::internal(
                 "the engine ended a request without finishing it",
             ));
-        }
+        };
         let lp = head.logprobs(&st.tokenizer, &lps, 0);
-        choices.push(head.choice(i, &text, finish, false, lp));
+        if head.tool_calls != ToolOutput::Off {
+            let (message, called) = head.tool_message(&text);
+            choices.push(json!({"index": i, "message": message, "logprobs": lp, "finish_reason": finish_str(reason, called)}));
+        } else {
+            choices.push(head.choice(i, &text, Some(finish_str(reason, false)), false, lp));
+        }
     }
     Ok(Json(head.object(
         false,
@@ -304,113 +384,4 @@ async fn collect_response(
         Some(usage(prompt_tokens, completion_tokens, cached_tokens)),
     ))
     .into_response())
-}
-
-/// SSE: one chunk per text piece, a last chunk per choice with its finish_reason, the usage
-/// chunk if asked, then `[DONE]`. When the client goes away the forwarding task ends, dropping
-/// the engine streams, and the engine frees those sequences.
-fn stream_response(
-    st: Arc<AppState>,
-    permit: Permit,
-    head: Head,
-    streams: Vec<mpsc::UnboundedReceiver<Event>>,
-    starts: Vec<String>,
-    (prompt_tokens, per_prompt): (usize, usize),
-    include_usage: bool,
-) -> Response {
-    let (tx, rx) = mpsc::channel::<SseEvent>(64);
-    let n = streams.len();
-    let span = tracing::Span::current();
-    tokio::spawn(tracing::Instrument::instrument(
-        async move {
-            let _permit = permit;
-            let send = |v: Value| SseEvent::default().data(v.to_string());
-            if head.kind == Kind::Chat {
-                for i in 0..n {
-                    let first = json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
-                    if tx
-                        .send(send(head.object(true, vec![first], None)))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-            for (i, start) in starts.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
-                let chunk = head.object(
-                    true,
-                    vec![head.choice(i, start, None, true, Value::Null)],
-                    None,
-                );
-                if tx.send(send(chunk)).await.is_err() {
-                    return;
-                }
-            }
-            let merged = stream::select_all(streams.into_iter().enumerate().map(|(i, rx)| {
-                stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
-                    .map(move |e| (i, e))
-                    .boxed()
-            }));
-            futures_util::pin_mut!(merged);
-            let (mut completion_tokens, mut cached_tokens) = (0, 0);
-            let mut timers: Vec<RequestTimer> =
-                (0..n).map(|_| RequestTimer::start(&head.model)).collect();
-            let mut offsets = vec![0usize; n];
-            while let Some((i, ev)) = merged.next().await {
-                let chunk = match ev {
-                    Event::Token { text, logprobs, .. } => {
-                        timers[i].token(&st.metrics);
-                        if text.is_empty() && logprobs.is_none() {
-                            continue;
-                        }
-                        let lp = head.logprobs(&st.tokenizer, logprobs.as_slice(), offsets[i]);
-                        offsets[i] += text.len();
-                        head.object(true, vec![head.choice(i, &text, None, true, lp)], None)
-                    }
-                    Event::Finished {
-                        reason,
-                        completion_tokens: c,
-                        cached_tokens: cached,
-                        ..
-                    } => {
-                        timers[i].finish(&st.metrics, reason, c);
-                        completion_tokens += c;
-                        if i % per_prompt == 0 {
-                            cached_tokens += cached;
-                        }
-                        head.object(
-                            true,
-                            vec![head.choice(i, "", Some(finish_str(reason)), true, Value::Null)],
-                            None,
-                        )
-                    }
-                    Event::Failed(e) => {
-                        tracing::error!(error = %e, "request failed mid-stream");
-                        json!({"error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": null, "code": null}})
-                    }
-                };
-                if tx.send(send(chunk)).await.is_err() {
-                    return;
-                }
-            }
-            if include_usage {
-                let _ = tx
-                    .send(send(head.object(
-                        true,
-                        vec![],
-                        Some(usage(prompt_tokens, completion_tokens, cached_tokens)),
-                    )))
-                    .await;
-            }
-            let _ = tx.send(SseEvent::default().data("[DONE]")).await;
-        },
-        span,
-    ));
-    let events = stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
-    });
-    Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response()
 }

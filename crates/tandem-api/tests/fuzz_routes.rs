@@ -50,6 +50,10 @@ fn state(dir: &std::path::Path) -> Arc<AppState> {
     );
     Arc::new(AppState {
         engine: EngineHandle::spawn(engine).unwrap(),
+        grammars: Arc::new(tandem_model::grammar::GrammarCompiler::new(
+            tokenizer.clone(),
+            vocab_size,
+        )),
         tokenizer,
         model_name: "tiny".into(),
         max_model_len: 48,

@@ -206,4 +206,6 @@ pub struct StepOutput {
     pub sampled: Vec<(u64, u32)>,
     /// Log-probabilities of sampled tokens, for sequences that asked for them.
     pub logprobs: std::collections::HashMap<u64, crate::sampling::TokenLogprobs>,
+    /// Seconds spent computing grammar masks for this step (beside the forward pass).
+    pub mask_seconds: f64,
 }

@@ -1,5 +1,6 @@
 //! Chat templates: the model's Jinja template (from tokenizer_config.json or GGUF metadata)
-//! rendered with minijinja under the same settings as HF transformers.
+//! rendered with minijinja under the same settings as HF transformers, with `tools` and
+//! structured tool calls for templates that take them.
 
 use crate::error::{ModelError, Result};
 use minijinja::{context, Environment, Error, ErrorKind};
@@ -9,6 +10,12 @@ use serde::{Deserialize, Serialize};
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant's function calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<crate::tool_calls::ToolCall>,
+    /// A tool result's call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -16,6 +23,8 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
 }
@@ -23,6 +32,8 @@ impl ChatMessage {
 #[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Whether the template reads `tools` (else tools are written into the messages).
+    takes_tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -33,6 +44,7 @@ impl std::fmt::Debug for ChatTemplate {
 
 impl ChatTemplate {
     pub fn new(source: String) -> Result<Self> {
+        let takes_tools = source.contains("tools");
         let mut env = Environment::new();
         // HF transformers renders with trim_blocks and lstrip_blocks, and Python string methods.
         env.set_trim_blocks(true);
@@ -49,7 +61,12 @@ impl ChatTemplate {
         });
         env.add_template_owned("chat", source)
             .map_err(|e| ModelError::ChatTemplate(format!("cannot parse: {e}")))?;
-        Ok(Self { env })
+        Ok(Self { env, takes_tools })
+    }
+
+    /// Whether the template renders `tools`, tool calls and tool results itself.
+    pub fn takes_tools(&self) -> bool {
+        self.takes_tools
     }
 
     pub fn render(
@@ -59,17 +76,51 @@ impl ChatTemplate {
         bos_token: &str,
         eos_token: &str,
     ) -> Result<String> {
+        self.render_with_tools(messages, &[], add_generation_prompt, bos_token, eos_token)
+    }
+
+    /// `render`, offering `tools` (OpenAI tool objects) when there are any: to the template if
+    /// it takes them, else written into the messages (`tool_calls::fallback_messages`).
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String> {
         let tpl = self
             .env
             .get_template("chat")
             .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
-        tpl.render(context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => bos_token,
-            eos_token => eos_token,
-        })
-        .map_err(|e| ModelError::ChatTemplate(e.to_string()))
+        let tooled = !tools.is_empty()
+            || messages
+                .iter()
+                .any(|m| !m.tool_calls.is_empty() || m.role == "tool");
+        let rendered = if !tooled {
+            tpl.render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos_token,
+                eos_token => eos_token,
+            })
+        } else if self.takes_tools {
+            tpl.render(context! {
+                messages => messages,
+                tools => (!tools.is_empty()).then_some(tools),
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos_token,
+                eos_token => eos_token,
+            })
+        } else {
+            tpl.render(context! {
+                messages => crate::tool_calls::fallback_messages(messages, tools),
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos_token,
+                eos_token => eos_token,
+            })
+        };
+        rendered.map_err(|e| ModelError::ChatTemplate(e.to_string()))
     }
 }
 

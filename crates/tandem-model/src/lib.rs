@@ -16,6 +16,7 @@ pub mod error;
 pub mod finetune;
 pub mod gguf;
 pub mod gguf_tokenizer;
+pub mod grammar;
 pub mod kv_cache;
 pub mod llama;
 pub mod loader;
@@ -26,6 +27,7 @@ pub mod sampling;
 #[doc(hidden)]
 pub mod testing;
 pub mod tokenizer;
+pub mod tool_calls;
 
 pub use batch::{LogitsWanted, NewSequence, PackedBatch, ScheduledBatch, Segment, StepOutput};
 pub use chat_template::ChatMessage;

@@ -1,5 +1,6 @@
 //! The model runner: executes a `ScheduledBatch` (forward, then sampling) and returns host data.
-//! It keeps per-sequence sampler state and nothing else about requests.
+//! It keeps per-sequence sampler state and nothing else about requests. Grammar masks of the
+//! constrained sequences are computed in parallel, beside the forward pass.
 
 use crate::batch::{LogitsWanted, ScheduledBatch, StepOutput};
 use crate::error::{ModelError, Result};
@@ -81,11 +82,36 @@ impl ModelRunner {
         used.sort_unstable();
         used.dedup();
         self.adapters.ensure_resident(&used)?;
-        let (logits, captured) =
-            self.model
-                .forward_packed(batch, &self.cache, Some(&self.adapters), &sched.capture)?;
-        self.captured = captured;
         let wanted = batch.logit_rows();
+        let sampling: std::collections::HashSet<u64> = wanted
+            .iter()
+            .map(|&(seg, _)| batch.segments[seg].seq_id)
+            .collect();
+        let mut constrained: Vec<&mut Sampler> = self
+            .samplers
+            .iter_mut()
+            .filter(|(id, s)| s.is_constrained() && sampling.contains(id))
+            .map(|(_, s)| s)
+            .collect();
+        let (model, cache, adapters) = (&self.model, &self.cache, &self.adapters);
+        let forward = || model.forward_packed(batch, cache, Some(adapters), &sched.capture);
+        let mut mask_seconds = 0.0;
+        let (logits, captured) = if constrained.is_empty() {
+            forward()?
+        } else {
+            std::thread::scope(|scope| {
+                let masks = scope.spawn(|| {
+                    use rayon::prelude::*;
+                    let t = std::time::Instant::now();
+                    constrained.par_iter_mut().for_each(|s| s.prepare());
+                    t.elapsed().as_secs_f64()
+                });
+                let out = forward();
+                mask_seconds = masks.join().unwrap_or(0.0);
+                out
+            })?
+        };
+        self.captured = captured;
         let mut samplers = Vec::with_capacity(wanted.len());
         for &(seg, _) in &wanted {
             let id = batch.segments[seg].seq_id;
@@ -107,6 +133,7 @@ impl ModelRunner {
             return Ok(StepOutput {
                 sampled,
                 logprobs: HashMap::new(),
+                mask_seconds,
             });
         }
         let rows = crate::llama::logits_to_rows(&logits)?;
@@ -120,6 +147,10 @@ impl ModelRunner {
             }
             sampled.push((id, tok));
         }
-        Ok(StepOutput { sampled, logprobs })
+        Ok(StepOutput {
+            sampled,
+            logprobs,
+            mask_seconds,
+        })
     }
 }

@@ -1,6 +1,7 @@
 //! Sampling one token from a row of logits: logit bias, end tokens held back before
 //! `min_tokens`, repetition / frequency / presence penalties, min-p, then greedy or temperature
-//! with top-k and top-p; seeded.
+//! with top-k and top-p; seeded. A constrained sequence's grammar masks the row last, and
+//! advances with each drawn token.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -40,6 +41,8 @@ pub struct SamplingParams {
     /// The tokens that end generation, set by the engine (EOS and `stop_token_ids`): what
     /// `min_tokens` holds back.
     pub end_token_ids: Vec<u32>,
+    /// Structured output: the compiled constraint every drawn token must keep to.
+    pub grammar: Option<crate::grammar::Grammar>,
 }
 
 impl Default for SamplingParams {
@@ -61,6 +64,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             min_tokens: 0,
             end_token_ids: Vec::new(),
+            grammar: None,
         }
     }
 }
@@ -171,6 +175,8 @@ pub struct Sampler {
     prompt: HashSet<u32>,
     /// The adjusted row, reused across steps.
     scratch: Vec<f32>,
+    /// Where the sequence is in its grammar.
+    grammar: Option<crate::grammar::GrammarState>,
 }
 
 impl Sampler {
@@ -190,12 +196,14 @@ impl Sampler {
         } else {
             HashSet::new()
         };
+        let grammar = params.grammar.as_ref().map(|g| g.start());
         Self {
             params,
             rng,
             counts: HashMap::new(),
             prompt,
             scratch: Vec::new(),
+            grammar,
         }
     }
 
@@ -208,6 +216,20 @@ impl Sampler {
         (self.params.temperature < 1e-5 || self.params.top_k == 1)
             && self.params.logprobs.is_none()
             && !self.params.adjusts_logits()
+            && self.grammar.is_none()
+    }
+
+    /// Whether the sequence is constrained by a grammar.
+    pub fn is_constrained(&self) -> bool {
+        self.grammar.is_some()
+    }
+
+    /// Computes the grammar's mask for the next draw ahead of time (the runner does this for the
+    /// batch in parallel, beside the forward pass); a no-op without a grammar.
+    pub fn prepare(&mut self) {
+        if let Some(g) = &mut self.grammar {
+            g.prepare();
+        }
     }
 
     /// `logits` with the logit bias and the penalties applied (in that order, as vLLM), for
@@ -259,16 +281,34 @@ impl Sampler {
 
     /// Draws the next token from `logits` (one row) after `adjust`, and counts it as generated.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if !self.params.adjusts_logits() {
+        let adjusts = self.params.adjusts_logits();
+        if !adjusts && self.grammar.is_none() {
             return self.draw(logits);
         }
         let mut row = std::mem::take(&mut self.scratch);
         row.clear();
         row.extend_from_slice(logits);
-        self.adjust(&mut row);
+        if adjusts {
+            self.adjust(&mut row);
+        }
+        if let Some(g) = &mut self.grammar {
+            g.apply(&mut row);
+            if !row.iter().any(|x| x.is_finite()) {
+                // The adjustments (min_tokens holding back the end tokens the grammar asks
+                // for, a -100 bias) left nothing the grammar allows: the grammar wins.
+                row.clear();
+                row.extend_from_slice(logits);
+                g.apply(&mut row);
+            }
+        }
         let tok = self.draw(&row);
         self.scratch = row;
-        *self.counts.entry(tok).or_insert(0) += 1;
+        if let Some(g) = &mut self.grammar {
+            g.advance(tok);
+        }
+        if adjusts {
+            *self.counts.entry(tok).or_insert(0) += 1;
+        }
         tok
     }
 

@@ -46,12 +46,23 @@ impl TextTokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.apply_chat_template_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// Renders `messages` offering `tools` (OpenAI tool objects; see `ChatTemplate::render_with_tools`).
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Json],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tpl = self
             .chat_template
             .as_ref()
             .ok_or_else(|| ModelError::ChatTemplate("the model has no chat template".into()))?;
-        tpl.render(
+        tpl.render_with_tools(
             messages,
+            tools,
             add_generation_prompt,
             self.bos_token.as_deref().unwrap_or(""),
             self.eos_token.as_deref().unwrap_or(""),

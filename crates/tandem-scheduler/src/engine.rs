@@ -90,6 +90,8 @@ pub struct IterationReport {
     /// How long each request that ran for the first time in this iteration had waited, with
     /// the adapter it runs through.
     pub queue_times: Vec<(Option<String>, Duration)>,
+    /// Time spent computing grammar masks for constrained sequences (beside the forward).
+    pub mask_time: Duration,
 }
 
 pub type IterationObserver = Box<dyn FnMut(&IterationReport) + Send>;
@@ -438,6 +440,7 @@ impl LlmEngine {
         let chunk_len = sched.capture.first().map(|&c| sched.batch.segments[c].len);
         let mut predicted = self.cost.predict_forward(&fwd_x, chunk_len);
         let out = self.runner.execute(&sched)?;
+        report.mask_time = Duration::from_secs_f64(out.mask_seconds);
         self.scheduler.update(&out.sampled);
         if let (Some(i), Some(c)) = (job, forward_chunk) {
             let inputs = self

@@ -104,8 +104,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .context("cannot set up metrics")?;
     e.on_iteration = Some(metrics.iteration_observer());
     let handle = EngineHandle::spawn(e).context("cannot start the engine thread")?;
+    let grammars = Arc::new(tandem_model::grammar::GrammarCompiler::new(
+        tokenizer.clone(),
+        vocab_size,
+    ));
     let state = Arc::new(AppState {
         engine: handle,
+        grammars,
         tokenizer,
         model_name: name.clone(),
         max_model_len,
