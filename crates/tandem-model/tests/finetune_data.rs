@@ -135,7 +135,7 @@ fn sharegpt_trl_and_alpaca_lines_read_as_the_same_chat() {
             tokenize(&b, &tok, 1024).unwrap()
         );
     }
-    let Record::Chat(m) = parse_record(
+    let Record::Chat(m, _) = parse_record(
         r#"{"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "completion": [{"role": "assistant", "content": "c"}]}"#,
     )
     .unwrap() else {
@@ -193,10 +193,6 @@ fn bad_lines_name_the_line_and_field() {
             r#"{"prompt": [{"role": "user", "content": "x"}], "completion": [{"role": "user", "content": "y"}]}"#,
             "messages",
         ),
-        (
-            r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}"#,
-            "messages[1].tool_calls",
-        ),
     ];
     for (line, field) in cases {
         let (f, msg) = parse_record(line).unwrap_err();
@@ -213,4 +209,76 @@ fn bad_lines_name_the_line_and_field() {
         parse_record(r#"{"completion": "just this"}"#),
         Ok(Record::Completion { .. })
     ));
+}
+
+#[test]
+fn tool_call_examples_learn_the_calls_as_serving_renders_them() {
+    use tandem_model::testing::{gpt2_tokenizer_meta, write_gguf_with_tokenizer, Tiny};
+    let t = Tiny {
+        vocab: 320,
+        ..Tiny::gqa()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.gguf");
+    write_gguf_with_tokenizer(&t, &t.weights(1), &path, gpt2_tokenizer_meta());
+    let tok = tandem_model::load_model(
+        Some(&path),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap()
+    .tokenizer;
+    let line = r#"{"messages": [{"role": "user", "content": "weather in Paris?"}, {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]}, {"role": "tool", "tool_call_id": "call_1", "content": "18C"}, {"role": "assistant", "content": "It is 18C."}], "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]}"#;
+    let rec = parse_record(line).unwrap();
+    let Record::Chat(msgs, tools) = &rec else {
+        panic!("not chat")
+    };
+    assert_eq!(tools.len(), 1);
+    let ex = tokenize(&rec, &tok, 4096).unwrap();
+    let targets: Vec<u32> = ex
+        .tokens
+        .iter()
+        .zip(&ex.target)
+        .filter(|(_, &t)| t)
+        .map(|(&x, _)| x)
+        .collect();
+    assert_eq!(
+        tok.decode(&targets, false).unwrap(),
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\nIt is 18C.<|im_end|>\n"
+    );
+    // The context before the first call is the prompt serving builds for the first turn.
+    let all: Vec<_> = msgs.iter().map(|(m, _)| m.clone()).collect();
+    let prompt = tok
+        .apply_chat_template_with_tools(&all[..1], tools, true)
+        .unwrap();
+    assert!(prompt.contains("<tools>") && prompt.contains("get_weather"));
+    let prompt_ids = tok.encode(&prompt, false).unwrap();
+    assert_eq!(&ex.tokens[..prompt_ids.len()], &prompt_ids[..]);
+    assert!(!ex.target[..prompt_ids.len()].iter().any(|&t| t));
+}
+
+#[test]
+fn bad_tool_call_lines_name_the_field() {
+    let cases = [
+        (
+            r#"{"messages": [{"role": "user", "content": "x", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "assistant", "content": "y"}]}"#,
+            "messages[0].tool_calls",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}"#,
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"type": "function", "function": {"arguments": "{}"}}]}]}"#,
+            "messages[1].tool_calls[0].function.name",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": [{"type": "function"}]}"#,
+            "tools[0]",
+        ),
+    ];
+    for (line, field) in cases {
+        let (f, m) = parse_record(line).unwrap_err();
+        assert_eq!(f, field, "{line}: {m}");
+    }
 }

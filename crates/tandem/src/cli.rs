@@ -156,6 +156,22 @@ pub enum BenchCommand {
     Logits(BenchLogitsArgs),
     /// Prefix caching on vs off: TTFT with a shared system prompt, multi-turn chat throughput.
     Prefix(BenchPrefixArgs),
+    /// Decode throughput with every sequence under a JSON schema vs unconstrained; mask time.
+    Structured(BenchStructuredArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchStructuredArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 64)]
+    pub output_tokens: usize,
+    /// Unconstrained then constrained, this many times (the last round is compared).
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
 }
 
 #[derive(Args, Debug)]

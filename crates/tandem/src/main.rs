@@ -8,6 +8,7 @@ mod bench_coserve;
 mod bench_finetune;
 mod bench_kernels;
 mod bench_prefix;
+mod bench_structured;
 mod cli;
 mod finetune;
 mod generate;
@@ -71,6 +72,7 @@ fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Bench(cli::BenchCommand::Coserve(args)) => bench_coserve::run(args),
         cli::Command::Bench(cli::BenchCommand::Logits(args)) => bench::logits(args),
         cli::Command::Bench(cli::BenchCommand::Prefix(args)) => bench_prefix::run(args),
+        cli::Command::Bench(cli::BenchCommand::Structured(args)) => bench_structured::run(args),
         cli::Command::Adapter(cli::AdapterCommand::Check(args)) => adapter::check(args),
         cli::Command::Finetune(args) => finetune::run(args),
     }

@@ -3,6 +3,8 @@
 //! - `{"prompt": "...", "completion": "..."}`: loss on the completion (and the EOS after it) only;
 //! - `{"messages": [{"role": ..., "content": ...}, ...]}`: the chat template applied, loss on the
 //!   assistant messages only (an assistant message with `"weight": 0` is context, not a target);
+//!   with OpenAI's `tools` and assistant `tool_calls` (and `role: "tool"` results), rendered as
+//!   serving renders them (`tool_calls.rs`), so the loss covers the assistant's calls;
 //! - `{"text": "..."}`: loss on every token;
 //! - from other tools: ShareGPT's `{"conversations": [{"from": "human" | "gpt" | ..., "value"}]}`,
 //!   TRL's conversational `{"prompt": [messages], "completion": [messages]}` and Alpaca's
@@ -14,6 +16,7 @@
 use crate::chat_template::ChatMessage;
 use crate::error::{ModelError, Result};
 use crate::tokenizer::TextTokenizer;
+use crate::tool_calls::ToolCall;
 use serde_json::Value;
 use std::path::Path;
 
@@ -24,8 +27,8 @@ pub enum Record {
         prompt: String,
         completion: String,
     },
-    /// Messages with, per message, whether it is a training target.
-    Chat(Vec<(ChatMessage, bool)>),
+    /// Messages with, per message, whether it is a training target; the tools offered.
+    Chat(Vec<(ChatMessage, bool)>, Vec<Value>),
     Text(String),
 }
 
@@ -90,14 +93,7 @@ fn parse_messages(
         if !["system", "user", "assistant", "developer", "tool"].contains(&role.as_str()) {
             return Err((field("role"), format!("unknown role `{role}`")));
         }
-        for calls in ["tool_calls", "function_call"] {
-            if o.get(calls).is_some_and(|v| !v.is_null()) {
-                return Err((
-                    field(calls),
-                    "tool calls in training examples are not supported yet (the chat template renders text messages only)".into(),
-                ));
-            }
-        }
+        let tool_calls = tool_calls(o, &role, &field)?;
         let content = match o.get("content") {
             Some(Value::String(s)) => s.clone(),
             // OpenAI's content parts: the text parts, concatenated.
@@ -118,6 +114,7 @@ fn parse_messages(
                 }
                 s
             }
+            None | Some(Value::Null) if !tool_calls.is_empty() => String::new(),
             None | Some(Value::Null) => return Err((field("content"), "is missing".into())),
             Some(other) => {
                 return Err((
@@ -133,9 +130,122 @@ fn parse_messages(
             Some(_) => return Err((field("weight"), "must be 0 or 1".into())),
         };
         let target = role == "assistant" && weight;
-        msgs.push((ChatMessage::new(role, content), target));
+        let mut msg = ChatMessage::new(role, content);
+        msg.tool_calls = tool_calls;
+        msg.tool_call_id =
+            string_field(o, "tool_call_id").map_err(|(_, m)| (field("tool_call_id"), m))?;
+        msgs.push((msg, target));
     }
     Ok(msgs)
+}
+
+/// An assistant message's `tool_calls` (or the deprecated `function_call`), OpenAI's shape:
+/// `[{"id", "type": "function", "function": {"name", "arguments": "<JSON text>"}}]`.
+fn tool_calls(
+    o: &serde_json::Map<String, Value>,
+    role: &str,
+    field: &dyn Fn(&str) -> String,
+) -> std::result::Result<Vec<ToolCall>, (String, String)> {
+    // (field, function object, the call's id)
+    let mut items: Vec<(String, &Value, String)> = Vec::new();
+    match o.get("tool_calls") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) => {
+            for (k, c) in a.iter().enumerate() {
+                let f = field(&format!("tool_calls[{k}]"));
+                if c.get("type").is_some_and(|t| t != "function") {
+                    return Err((format!("{f}.type"), "must be \"function\"".into()));
+                }
+                let func = c
+                    .get("function")
+                    .ok_or_else(|| (format!("{f}.function"), "is missing".to_string()))?;
+                let id = c
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| format!("call_{k}"), str::to_string);
+                items.push((format!("{f}.function"), func, id));
+            }
+        }
+        Some(other) => {
+            return Err((
+                field("tool_calls"),
+                format!("must be an array, got {}", kind(other)),
+            ))
+        }
+    }
+    if let Some(fc) = o.get("function_call").filter(|v| !v.is_null()) {
+        items.push((field("function_call"), fc, "call_0".to_string()));
+    }
+    if !items.is_empty() && role != "assistant" {
+        return Err((
+            field("tool_calls"),
+            "only assistant messages call tools".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (f, func, id) in items {
+        let name = match func.get("name") {
+            Some(Value::String(n)) if !n.is_empty() => n.clone(),
+            _ => return Err((format!("{f}.name"), "must be a non-empty string".into())),
+        };
+        let arguments = match func.get("arguments") {
+            None | Some(Value::Null) => "{}".to_string(),
+            Some(Value::String(s)) => {
+                serde_json::from_str::<Value>(s)
+                    .map_err(|e| (format!("{f}.arguments"), format!("is not valid JSON: {e}")))?;
+                s.clone()
+            }
+            Some(v @ Value::Object(_)) => v.to_string(),
+            Some(other) => {
+                return Err((
+                    format!("{f}.arguments"),
+                    format!("must be a JSON string, got {}", kind(other)),
+                ))
+            }
+        };
+        out.push(ToolCall {
+            id,
+            name,
+            arguments,
+        });
+    }
+    Ok(out)
+}
+
+/// The line's `tools` (or the deprecated `functions`), as OpenAI tool objects.
+fn tools_field(
+    obj: &serde_json::Map<String, Value>,
+) -> std::result::Result<Vec<Value>, (String, String)> {
+    let mut tools = Vec::new();
+    for (i, t) in array_field(obj, "tools")?.into_iter().flatten().enumerate() {
+        let name = t.pointer("/function/name").and_then(Value::as_str);
+        if t.get("type").and_then(Value::as_str) != Some("function")
+            || name.is_none_or(str::is_empty)
+        {
+            return Err((
+                format!("tools[{i}]"),
+                "must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": ...}}".into(),
+            ));
+        }
+        tools.push(t.clone());
+    }
+    for (i, f) in array_field(obj, "functions")?
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if f.get("name")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            return Err((
+                format!("functions[{i}].name"),
+                "must be a non-empty string".into(),
+            ));
+        }
+        tools.push(serde_json::json!({"type": "function", "function": f}));
+    }
+    Ok(tools)
 }
 
 /// An array field, or None when absent; an error when it is there but not an array.
@@ -231,7 +341,7 @@ pub fn parse_record(line: &str) -> std::result::Result<Record, (String, String)>
                 "has no assistant message to learn from".into(),
             ));
         }
-        return Ok(Record::Chat(msgs));
+        return Ok(Record::Chat(msgs, tools_field(&obj)?));
     }
     // Alpaca: {"instruction", "input" (optional), "output"}, optionally "system": one user turn
     // (the instruction, then the input after a blank line) and the assistant's output.
@@ -256,7 +366,7 @@ pub fn parse_record(line: &str) -> std::result::Result<Record, (String, String)>
         }
         msgs.push((ChatMessage::new("user", user), false));
         msgs.push((ChatMessage::new("assistant", output), true));
-        return Ok(Record::Chat(msgs));
+        return Ok(Record::Chat(msgs, Vec::new()));
     }
     let prompt = string_field(&obj, "prompt")?;
     let completion = string_field(&obj, "completion")?;
@@ -333,11 +443,11 @@ pub fn tokenize(
             push(enc(t, true)?, true, &mut ex);
             push(eos.into_iter().collect(), true, &mut ex);
         }
-        Record::Chat(msgs) => {
+        Record::Chat(msgs, tools) => {
             // Render growing prefixes; each new piece of text is context or target.
             let all: Vec<ChatMessage> = msgs.iter().map(|(m, _)| m.clone()).collect();
             let render = |n: usize, gen: bool| {
-                tok.apply_chat_template(&all[..n], gen)
+                tok.apply_chat_template_with_tools(&all[..n], tools, gen)
                     .map_err(|e| ("messages".to_string(), e.to_string()))
             };
             let mut done = String::new();
