@@ -8,6 +8,7 @@ pub mod auto;
 pub mod data;
 pub mod run;
 pub mod step;
+mod tool_lines;
 pub mod trainer;
 
 pub use adamw::{lr_factor, AdamW, AdamWConfig, Schedule, StepInfo};

@@ -1,0 +1,437 @@
+//! The life of finetuning jobs inside the engine: start, checkpoints (written, pruned, at
+//! shutdown), pause / resume / cancel, and each iteration's training work — which job runs, its
+//! forward chunk placed beside inference, its (layer, chunk) backward steps within the budget,
+//! its end. The engine's `step` (the parent module) asks these for the iteration's work.
+
+use super::*;
+
+impl LlmEngine {
+    /// Starts finetuning `run` on a new live adapter served as `name` (usable by requests at
+    /// once: it starts as the base model, PEFT's B = 0).
+    pub fn start_job(&mut self, name: &str, run: TrainingRun) -> Result<(), String> {
+        if self.jobs.iter().any(|j| j.name == name) || self.runner.adapters.id(name).is_some() {
+            return Err(format!("an adapter or job named `{name}` already exists"));
+        }
+        // A running job holds one adapter slot; requests keep at least one.
+        let holding = self.jobs.iter().filter(|j| !j.state.is_final()).count();
+        if holding + 1 >= self.runner.adapters.config().max_loras {
+            return Err(format!(
+                "no adapter slot for another job: {holding} job(s) hold slots of --max-loras {}",
+                self.runner.adapters.config().max_loras
+            ));
+        }
+        let r = run.lora.spec.r;
+        let max = self.runner.adapters.config().max_lora_rank;
+        if r > max {
+            return Err(format!(
+                "LoRA rank {r} is above the server's max LoRA rank {max}"
+            ));
+        }
+        let blocks_needed = run.max_len().div_ceil(self.scheduler.blocks().block_size());
+        if blocks_needed > self.scheduler.blocks().num_blocks() {
+            return Err(format!(
+                "the longest training example needs {blocks_needed} KV blocks, the cache has {}",
+                self.scheduler.blocks().num_blocks()
+            ));
+        }
+        let adapter = run.lora.to_adapter(None).map_err(|e| e.to_string())?;
+        let id = self
+            .runner
+            .adapters
+            .register_live(name, adapter)
+            .map_err(|e| e.to_string())?;
+        // A training adapter stays resident while its job runs; the scheduler admits requests
+        // through one adapter fewer meanwhile.
+        self.runner.adapters.pin(id);
+        self.scheduler.cfg.max_loras = self.scheduler.cfg.max_loras.saturating_sub(1);
+        self.jobs.push(TrainingJob {
+            name: name.to_string(),
+            run,
+            adapter_id: id,
+            seq_id: JOB_SEQ_BASE - self.jobs.len() as u64,
+            state: JobState::Running,
+            reports: Vec::new(),
+            forward_tokens: 0,
+            backward_steps: 0,
+            trained_tokens: 0,
+            checkpoint: None,
+            checkpoints: Vec::new(),
+            checkpoint_errors: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Job `name` writes its adapter to `dir/step-N` every `every` optimizer steps and serves
+    /// each as `<name>:ckpt-step-N`.
+    pub fn set_job_checkpoints(
+        &mut self,
+        name: &str,
+        dir: std::path::PathBuf,
+        every: usize,
+    ) -> Result<(), String> {
+        let i = self.job_index(name)?;
+        self.jobs[i].checkpoint = Some((dir, every.max(1)));
+        Ok(())
+    }
+
+    /// Writes job `i`'s adapter as a checkpoint and registers it, if one is due at `step`.
+    pub(super) fn checkpoint(&mut self, i: usize, step: usize) -> Result<(), String> {
+        let j = &self.jobs[i];
+        let Some((_, every)) = &j.checkpoint else {
+            return Ok(());
+        };
+        if !step.is_multiple_of(*every) || step >= j.run.total_steps() {
+            return Ok(());
+        }
+        self.write_checkpoint(i, step).map(|_| ())
+    }
+
+    /// Checkpoints every running or paused job at its last optimizer step (unless it has one
+    /// there already): a shutdown then loses no optimizer step. Returns what was written.
+    pub fn checkpoint_active_jobs(&mut self) -> Vec<crate::engine_loop::CheckpointWritten> {
+        let mut out = Vec::new();
+        for i in 0..self.jobs.len() {
+            let j = &self.jobs[i];
+            let step = j.run.step;
+            if j.state.is_final()
+                || j.checkpoint.is_none()
+                || step == 0
+                || j.checkpoints.iter().any(|c| c.0 == step)
+            {
+                continue;
+            }
+            match self.write_checkpoint(i, step) {
+                Ok((name, path)) => out.push(crate::engine_loop::CheckpointWritten {
+                    job: self.jobs[i].name.clone(),
+                    step,
+                    name,
+                    path,
+                }),
+                Err(e) => {
+                    tracing::error!(job = %self.jobs[i].name, error = %e, "cannot write a checkpoint");
+                    self.jobs[i].checkpoint_errors.push((step, e));
+                }
+            }
+        }
+        out
+    }
+
+    /// Writes job `i`'s state at `step` to `<dir>/step-<step>` and serves it as
+    /// `<name>:ckpt-step-<step>`.
+    pub(super) fn write_checkpoint(
+        &mut self,
+        i: usize,
+        step: usize,
+    ) -> Result<(String, std::path::PathBuf), String> {
+        let j = &mut self.jobs[i];
+        let Some((dir, _)) = &j.checkpoint else {
+            return Err("the job writes no checkpoints".into());
+        };
+        let path = dir.join(format!("step-{step}"));
+        // The whole training state, so that a restart continues from here; it is also a PEFT
+        // adapter directory, served at once.
+        j.run
+            .save_checkpoint(&path, None)
+            .map_err(|e| e.to_string())?;
+        let name = format!("{}:ckpt-step-{step}", j.name);
+        j.checkpoints.push((step, name.clone(), path.clone()));
+        self.runner
+            .adapters
+            .register(&name, &path)
+            .map_err(|e| e.to_string())?;
+        self.prune_checkpoints(i);
+        Ok((name, path))
+    }
+
+    /// Keeps a job's newest `KEEP_CHECKPOINTS` checkpoints (OpenAI keeps a job's last three):
+    /// older ones stop being served and leave the disk, so that a long job cannot fill it. One
+    /// still in use by requests stays until a later pass.
+    pub(super) fn prune_checkpoints(&mut self, i: usize) {
+        while self.jobs[i].checkpoints.len() > KEEP_CHECKPOINTS {
+            let (step, name, path) = self.jobs[i].checkpoints[0].clone();
+            if let Err(e) = self.runner.adapters.unregister(&name) {
+                tracing::debug!(checkpoint = %name, error = %e, "an old checkpoint is in use; kept for now");
+                return;
+            }
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(checkpoint = %name, step, error = %e, "cannot remove an old checkpoint");
+            }
+            self.jobs[i].checkpoints.remove(0);
+        }
+    }
+
+    /// Stops a job for good (its adapter keeps its last weights and stays served).
+    pub fn cancel_job(&mut self, name: &str) -> Result<(), String> {
+        let i = self.job_index(name)?;
+        if self.jobs[i].state.is_final() {
+            return Err(format!("job `{name}` has already finished"));
+        }
+        self.end_job(i, JobState::Cancelled);
+        Ok(())
+    }
+
+    /// Pauses or resumes a running job (a paused job keeps its state and KV blocks).
+    pub fn pause_job(&mut self, name: &str, pause: bool) -> Result<(), String> {
+        let i = self.job_index(name)?;
+        let j = &mut self.jobs[i];
+        j.state = match (&j.state, pause) {
+            (JobState::Running, true) => JobState::Paused,
+            (JobState::Paused, false) => JobState::Running,
+            (s, _) => return Err(format!("job `{name}` is {s:?}")),
+        };
+        Ok(())
+    }
+
+    pub(super) fn job_index(&self, name: &str) -> Result<usize, String> {
+        self.jobs
+            .iter()
+            .position(|j| j.name == name)
+            .ok_or_else(|| format!("no job named `{name}`"))
+    }
+
+    pub(super) fn end_job(&mut self, i: usize, state: JobState) {
+        let j = &mut self.jobs[i];
+        j.state = state;
+        self.scheduler.blocks_mut().free(j.seq_id);
+        self.runner.adapters.unpin(j.adapter_id);
+        self.scheduler.cfg.max_loras += 1;
+    }
+
+    pub(super) fn training_due(&self) -> bool {
+        self.coserve.mode != CoserveMode::InferenceOnly
+            && self.jobs.iter().any(|j| j.state.is_active())
+    }
+
+    /// When the next iteration's inference wants more KV blocks than are free, jobs give theirs
+    /// back first (their sequences restart from the first chunk later), before the scheduler
+    /// would preempt a request.
+    pub(super) fn relieve_kv_pressure(&mut self) {
+        if self.jobs.is_empty() || self.scheduler.kv_shortfall() == 0 {
+            return;
+        }
+        for i in 0..self.jobs.len() {
+            let seq_id = self.jobs[i].seq_id;
+            if self.scheduler.blocks().table(seq_id).is_empty() {
+                continue;
+            }
+            self.scheduler.blocks_mut().free(seq_id);
+            let j = &mut self.jobs[i];
+            j.run.restart_sequence();
+            self.counters.finetune_kv_evictions += 1;
+            tracing::info!(job = %j.name, "KV blocks taken back for inference; the training sequence restarts");
+            if self.scheduler.kv_shortfall() == 0 {
+                break;
+            }
+        }
+    }
+
+    /// The job that gets this iteration's finetuning work, if the mode gives it any.
+    pub(super) fn pick_job(&mut self, inference: bool) -> Option<usize> {
+        match self.coserve.mode {
+            CoserveMode::InferenceOnly => return None,
+            // Requests that have waited for a slot for a quarter of the TTFT SLO come first.
+            CoserveMode::Coserve
+                if self
+                    .scheduler
+                    .longest_wait()
+                    .is_some_and(|w| w * 4 >= self.coserve.ttft_slo) =>
+            {
+                return None
+            }
+            CoserveMode::Temporal
+                if inference
+                    && !self
+                        .iterations
+                        .is_multiple_of(self.coserve.temporal_every.max(1) as u64) =>
+            {
+                return None
+            }
+            _ => {}
+        }
+        let n = self.jobs.len();
+        // Round robin over running jobs, one per iteration.
+        (0..n)
+            .map(|k| (self.iterations as usize + k) % n)
+            .find(|&i| self.jobs[i].state.is_active())
+    }
+
+    /// Appends job `i`'s next forward chunk to the batch if tokens and KV blocks allow; returns
+    /// the chunk index.
+    pub(super) fn place_forward_chunk(
+        &mut self,
+        i: usize,
+        sched: &mut ScheduledBatch,
+        deadline: Instant,
+    ) -> Option<usize> {
+        let used = sched.batch.num_tokens();
+        let Some(len) = self.jobs[i].run.current_len() else {
+            self.finish_job(i);
+            return None;
+        };
+        let mut limit = usize::MAX;
+        if used > 0 && self.coserve.mode == CoserveMode::Coserve {
+            // With inference in the batch, the chunk is cut to the token budget and to what the
+            // cost model says fits the iteration's latency budget.
+            let (_, _, toks) = self.jobs[i].run.next_forward()?;
+            let budget = self.scheduler.cfg.max_batched_tokens.saturating_sub(used);
+            let inference = segment_costs(sched);
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64();
+            let x = forward_features(inference);
+            let fits = |n: usize| self.cost.predict_forward(&x, Some(n)) <= left;
+            let most = toks.len().min(budget);
+            // Short chunks cost the backward nothing (it joins them back into chunks of the
+            // configured size); each still pays the LM head's fixed cost, hence MIN_CHUNK.
+            let least = toks.len().min(MIN_CHUNK);
+            if most < least || !fits(least) {
+                return None;
+            }
+            let (mut lo, mut hi) = (least, most);
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                if fits(mid) {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            limit = lo;
+        }
+        let j = &mut self.jobs[i];
+        let (c, start, toks) = j.run.next_forward_max(limit)?;
+        // The batch's adapters and the job's must be resident together (max_loras slots);
+        // otherwise the chunk waits for an iteration with room.
+        let mut adapters: Vec<u32> = sched
+            .batch
+            .segments
+            .iter()
+            .filter_map(|s| s.adapter)
+            .collect();
+        adapters.push(j.adapter_id);
+        adapters.sort_unstable();
+        adapters.dedup();
+        if self.runner.adapters.ensure_resident(&adapters).is_err() {
+            return None;
+        }
+        // The whole sequence's KV blocks, taken when its first chunk runs, leaving a block of
+        // headroom per running request.
+        let blocks = self.scheduler.blocks();
+        if blocks.blocks_missing(j.seq_id, len) + self.scheduler.num_running() > blocks.num_free()
+            && self.scheduler.num_running() > 0
+        {
+            return None;
+        }
+        if !self.scheduler.blocks_mut().allocate(j.seq_id, len) {
+            return None;
+        }
+        let table = self.scheduler.blocks().table(j.seq_id).to_vec();
+        sched.batch.push_with_adapter(
+            j.seq_id,
+            &toks,
+            start,
+            table,
+            LogitsWanted::None,
+            Some(j.adapter_id),
+        );
+        sched.capture.push(sched.batch.segments.len() - 1);
+        j.forward_tokens += toks.len() as u64;
+        Some(c)
+    }
+
+    /// Backward steps of job `i` while the iteration's latency budget allows (at least one when
+    /// no inference is running, every due step in finetune-only and temporal turns). Returns
+    /// the steps' predicted seconds and their chunks' tokens.
+    pub(super) fn run_backward(
+        &mut self,
+        i: usize,
+        deadline: Instant,
+        inference: bool,
+    ) -> (f64, u64) {
+        let (mut predicted, mut tokens) = (0.0, 0);
+        // Aim under the budget: step times vary and the iteration has work after the backward.
+        let unlimited = matches!(
+            self.coserve.mode,
+            CoserveMode::FinetuneOnly | CoserveMode::Temporal
+        );
+        let mut steps = 0;
+        loop {
+            let j = &mut self.jobs[i];
+            if !j.state.is_active() || !j.run.backward_due() {
+                break;
+            }
+            let Some((start, len)) = j.run.next_backward_chunk() else {
+                break;
+            };
+            let x = backward_features(start, len);
+            let p = self.cost.backward.predict(&x);
+            let fits = Instant::now() + Duration::from_secs_f64(p) <= deadline;
+            if !(unlimited || fits || (steps == 0 && !inference)) {
+                break;
+            }
+            predicted += p;
+            tokens += len as u64;
+            let table = self.scheduler.blocks().table(j.seq_id).to_vec();
+            let seq_len = j.run.current_len().unwrap_or(0) as u64;
+            let s0 = Instant::now();
+            let r = j
+                .run
+                .backward_step(&self.runner.model, &self.runner.cache, &table);
+            self.cost.backward.observe(&x, s0.elapsed().as_secs_f64());
+            steps += 1;
+            j.backward_steps += 1;
+            match r {
+                Ok(Progress::Stepped) => {}
+                Ok(Progress::SequenceDone) => {
+                    j.trained_tokens += seq_len;
+                    self.scheduler.blocks_mut().free(j.seq_id);
+                    if unlimited && inference {
+                        break;
+                    }
+                }
+                Ok(Progress::OptimizerStep(report)) => {
+                    j.trained_tokens += seq_len;
+                    self.scheduler.blocks_mut().free(j.seq_id);
+                    tracing::info!(job = %j.name, step = report.step, loss = report.loss, "finetuning step");
+                    j.reports.push(report);
+                    let id = j.adapter_id;
+                    let adapter = j.run.lora.to_adapter(None);
+                    let done = j.run.is_done();
+                    // Cached K/V of the old weights must not serve requests from now on.
+                    self.scheduler.adapter_weights_changed(id);
+                    if let Err(e) = adapter.and_then(|a| self.runner.adapters.replace_live(id, a)) {
+                        self.fail_job(i, e.to_string());
+                        break;
+                    }
+                    if let Err(e) = self.checkpoint(i, report.step) {
+                        tracing::warn!(job = %self.jobs[i].name, error = %e, "cannot write a checkpoint");
+                        self.jobs[i].checkpoint_errors.push((report.step, e));
+                    }
+                    if done {
+                        self.finish_job(i);
+                        break;
+                    }
+                    if unlimited && inference {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    self.fail_job(i, e.to_string());
+                    break;
+                }
+            }
+        }
+        (predicted, tokens)
+    }
+
+    pub(super) fn finish_job(&mut self, i: usize) {
+        if !self.jobs[i].state.is_final() {
+            self.end_job(i, JobState::Succeeded);
+        }
+    }
+
+    pub(super) fn fail_job(&mut self, i: usize, msg: String) {
+        tracing::error!(job = %self.jobs[i].name, error = %msg, "finetuning job failed");
+        self.end_job(i, JobState::Failed(msg));
+    }
+}
