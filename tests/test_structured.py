@@ -147,6 +147,12 @@ def test_regex_choice_and_grammars_match(client):
         gbnf = 'root ::= answer "!"\nanswer ::= "yes" | "no" | [0-9]{1,3}'
         out = ask({"guided_grammar": gbnf}, temperature=1.0, seed=seed)
         assert re.fullmatch(r"(yes|no|[0-9]{1,3})!", out), out
+    # n choices each keep to the constraint; logprobs and penalties work under it.
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Answer."}], max_tokens=30, n=4,
+                                       temperature=1.0, seed=7, logprobs=True, top_logprobs=2, frequency_penalty=0.5,
+                                       extra_body={"guided_choice": ["yes", "no", "maybe so"]})
+    assert len(r.choices) == 4 and all(c.message.content in ("yes", "no", "maybe so") for c in r.choices)
+    assert all(c.logprobs.content and all(t.logprob <= 0 for t in c.logprobs.content) for c in r.choices)
 
 
 def test_bad_constraints_are_400s_naming_the_field(client):

@@ -180,6 +180,37 @@ mod tests {
     }
 
     #[test]
+    fn templates_that_take_tools_get_them_and_structured_calls() {
+        let src = "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}{% for c in m.tool_calls %}[{{ c.function.name }}({{ c.function.arguments.city }}) {{ c.id }}]{% endfor %}{% if m.tool_call_id %}<{{ m.tool_call_id }}>{% endif %}\n{% endfor %}";
+        let t = ChatTemplate::new(src.into()).unwrap();
+        assert!(t.takes_tools());
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls = vec![crate::tool_calls::ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city": "Paris"}"#.into(),
+        }];
+        let mut result = ChatMessage::new("tool", "18C");
+        result.tool_call_id = Some("call_1".into());
+        let tools = [serde_json::json!({"type": "function", "function": {"name": "get_weather"}})];
+        let out = t
+            .render_with_tools(
+                &[ChatMessage::new("user", "weather?"), call, result],
+                &tools,
+                false,
+                "",
+                "",
+            )
+            .unwrap();
+        // Arguments reach the template as an object, as HF transformers passes them (newlines
+        // after block tags go: trim_blocks).
+        assert_eq!(
+            out,
+            "TOOLS:get_weather;user: weather?assistant: [get_weather(Paris) call_1]tool: 18C<call_1>"
+        );
+    }
+
+    #[test]
     fn raise_exception_becomes_an_error() {
         let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}".into()).unwrap();
         let err = t.render(&[], false, "", "").unwrap_err().to_string();
