@@ -116,7 +116,9 @@ def test_every_dashboard_query_returns_data_while_tandem_coserves(coserving):
     job = c.fine_tuning.jobs.create(model=MODEL, training_file=upload_training_file(c), suffix="prom",
                                     hyperparameters={"n_epochs": 2, "batch_size": 1})
     # Inference while the job trains: the iterations mix both.
-    chat = lambda i: c.chat.completions.create(model=MODEL, messages=Q, max_tokens=12 + i % 5, temperature=0)
+    # One request in four under an output constraint (the structured-output panel), as long.
+    constraint = lambda i: {"extra_body": {"guided_regex": "[a-z ]{40,60}"}} if i % 4 == 3 else {}
+    chat = lambda i: c.chat.completions.create(model=MODEL, messages=Q, max_tokens=12 + i % 5, temperature=0, **constraint(i))
     with cf.ThreadPoolExecutor(4) as pool:
         for _ in range(3):
             list(pool.map(chat, range(4)))
@@ -125,6 +127,7 @@ def test_every_dashboard_query_returns_data_while_tandem_coserves(coserving):
     assert done.status == "succeeded", done.error
     # Requests through the fine-tuned model too (per-model series), then let Prometheus scrape.
     c.chat.completions.create(model=done.fine_tuned_model, messages=Q, max_tokens=4, temperature=0)
+    c.chat.completions.create(model=MODEL, messages=Q, max_tokens=4, response_format={"type": "json_object"})
     time.sleep(3)
 
     # The key series moved as they should.
