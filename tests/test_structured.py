@@ -239,6 +239,11 @@ def test_a_tool_round_trip_and_streamed_deltas_assemble_to_the_message(client):
                    {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18, "sky": "sunny"})}]
     final = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], max_tokens=40, temperature=0)
     assert final.choices[0].message.content and final.choices[0].message.tool_calls is None
+    # vLLM's /tokenize with tools: the prompt the chat request saw.
+    import httpx
+    base = client.base_url.scheme + "://" + client.base_url.netloc.decode()
+    tok = httpx.post(base + "/tokenize", json={"model": MODEL, "messages": history, "tools": [WEATHER]}).json()
+    assert tok["count"] == final.usage.prompt_tokens
     # tool_choice none: the tools are not offered and nothing is parsed.
     none = client.chat.completions.create(model=MODEL, messages=q, tools=[WEATHER], tool_choice="none", max_tokens=10)
     assert none.choices[0].message.content and none.choices[0].message.tool_calls is None

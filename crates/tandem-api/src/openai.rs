@@ -141,6 +141,8 @@ pub struct TokenizeRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
     pub messages: Option<Vec<ChatMessageIn>>,
+    /// Tools offered with the messages (as a chat request offers them).
+    pub tools: Option<Vec<Value>>,
     pub add_special_tokens: Option<bool>,
     #[serde(default = "yes")]
     pub add_generation_prompt: bool,

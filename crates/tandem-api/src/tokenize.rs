@@ -32,7 +32,12 @@ pub(crate) async fn tokenize(
             .tokenizer
             .encode(p, req.add_special_tokens.unwrap_or(true))
             .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?,
-        (None, Some(m)) => chat_tokens(&st, m, &[], req.add_generation_prompt)?,
+        (None, Some(m)) => chat_tokens(
+            &st,
+            m,
+            req.tools.as_deref().unwrap_or_default(),
+            req.add_generation_prompt,
+        )?,
         _ => {
             return Err(ApiError::invalid(
                 "give either prompt or messages",
