@@ -1,8 +1,9 @@
 //! OpenAI tool calling on chat completions: `tools` (and the deprecated `functions`),
 //! `tool_choice` (`none`, `auto`, `required`, a named function; `function_call` of old),
 //! `parallel_tool_calls`; the messages' `tool_calls` and `role: "tool"` results. `required` and
-//! a named function are forced through a grammar (`tool_calls::forced_calls_grammar`), so their
-//! arguments always parse and validate; `auto` lets the model choose, and its text is parsed.
+//! a named function are forced through a grammar (`tool_calls::forced_calls_grammar`: up to one
+//! call per tool under `required` with parallel calls, else one), so their arguments always parse
+//! and validate; `auto` lets the model choose, and its text is parsed.
 
 use crate::error::ApiError;
 use crate::openai::{ChatMessageIn, ChatRequest};
@@ -165,7 +166,15 @@ impl Tools {
     /// The grammar that forces the calls (`required`, a named function).
     pub(crate) fn forced_grammar(&self) -> Option<String> {
         match &self.choice {
-            Choice::Required => Some(forced_calls_grammar(&self.functions, self.parallel)),
+            // In parallel, up to one call per offered function.
+            Choice::Required => Some(forced_calls_grammar(
+                &self.functions,
+                if self.parallel {
+                    self.functions.len()
+                } else {
+                    1
+                },
+            )),
             Choice::Named(n) => {
                 let f: Vec<(String, Value)> = self
                     .functions
@@ -173,7 +182,7 @@ impl Tools {
                     .filter(|(name, _)| name == n)
                     .cloned()
                     .collect();
-                Some(forced_calls_grammar(&f, false))
+                Some(forced_calls_grammar(&f, 1))
             }
             _ => None,
         }

@@ -305,17 +305,16 @@ impl ToolCallParser {
     }
 }
 
-/// The Lark grammar that forces tool calls: one call (or, with `parallel`, one or more) of the
-/// named functions, each `{"name": <that name>, "arguments": <its parameters' schema>}`.
-/// `tools`: (name, parameters schema) pairs.
-pub fn forced_calls_grammar(tools: &[(String, Value)], parallel: bool) -> String {
+/// The Lark grammar that forces tool calls: one to `max_calls` calls of the named functions,
+/// each `{"name": <that name>, "arguments": <its parameters' schema>}`, a newline between two.
+/// `tools`: (name, parameters schema) pairs. A bound, because a small model under a grammar
+/// that allows another call tends to repeat the last one until max_tokens.
+pub fn forced_calls_grammar(tools: &[(String, Value)], max_calls: usize) -> String {
     let mut lark = String::new();
-    // After a call's newline the model may still end: a newline is not a promise of another call.
-    lark.push_str(if parallel {
-        "start: call (\"\\n\" call)* \"\\n\"?\n"
-    } else {
-        "start: call\n"
-    });
+    let alts: Vec<String> = (1..=max_calls.max(1))
+        .map(|n| vec!["call"; n].join(" \"\\n\" "))
+        .collect();
+    lark.push_str(&format!("start: {}\n", alts.join(" | ")));
     let alts: Vec<String> = (0..tools.len()).map(|i| format!("fn_{i}")).collect();
     lark.push_str(&format!(
         "call: \"<tool_call>\\n\" ({}) \"\\n</tool_call>\"\n",
