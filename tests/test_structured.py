@@ -294,3 +294,31 @@ def test_a_fine_tuning_job_teaches_the_model_to_call_a_function(client):
         assert tuned.message.tool_calls[0].function.name == "get_weather"
         assert json.loads(tuned.message.tool_calls[0].function.arguments) == {"city": city}
         assert base.message.tool_calls is None, base.message
+
+
+class GetWeather(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=20)
+    unit: str = pydantic.Field(pattern="^(c|f)$")
+
+
+class Capital(pydantic.BaseModel):
+    capital: str = pydantic.Field(max_length=20)
+    population_millions: float
+
+
+def test_the_clients_parse_and_stream_helpers(client):
+    """What users of the openai package write: pydantic_function_tool with parse(), and the
+    streaming helper with a Pydantic response_format and with a named tool."""
+    q = [{"role": "user", "content": "Weather in Paris?"}]
+    r = client.chat.completions.parse(model=MODEL, messages=q, tools=[openai.pydantic_function_tool(GetWeather)],
+                                      tool_choice="required", max_tokens=60, temperature=0)
+    assert isinstance(r.choices[0].message.tool_calls[0].function.parsed_arguments, GetWeather)
+    with client.chat.completions.stream(model=MODEL, messages=[{"role": "user", "content": "Capital of France?"}],
+                                        response_format=Capital, max_tokens=60, temperature=0) as s:
+        final = s.get_final_completion()
+    assert isinstance(final.choices[0].message.parsed, Capital)
+    with client.chat.completions.stream(model=MODEL, messages=q, tools=[openai.pydantic_function_tool(GetWeather)], max_tokens=60,
+                                        tool_choice={"type": "function", "function": {"name": "GetWeather"}}) as s:
+        final = s.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert isinstance(final.choices[0].message.tool_calls[0].function.parsed_arguments, GetWeather)
