@@ -220,8 +220,9 @@ def test_a_tool_round_trip_and_streamed_deltas_assemble_to_the_message(client):
     r = client.chat.completions.create(messages=q, **kw)
     call = r.choices[0].message.tool_calls[0]
     assert r.choices[0].finish_reason == "tool_calls"
-    # Streamed: index, id and name first, then the arguments; they assemble to the same call.
-    calls, finish = {}, None
+    # Streamed: index, id and name first, then the arguments in fragments as they are generated;
+    # they assemble to the same call.
+    calls, finish, fragments = {}, None, 0
     for chunk in client.chat.completions.create(messages=q, stream=True, **kw):
         for d in chunk.choices[0].delta.tool_calls or []:
             c = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
@@ -230,10 +231,11 @@ def test_a_tool_round_trip_and_streamed_deltas_assemble_to_the_message(client):
                 c["id"] = d.id
             c["name"] += (d.function.name or "") if d.function else ""
             c["arguments"] += (d.function.arguments or "") if d.function else ""
+            fragments += bool(d.function and d.function.arguments)
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls" and list(calls) == [0]
     assert (calls[0]["name"], json.loads(calls[0]["arguments"])) == (call.function.name, json.loads(call.function.arguments))
-    assert calls[0]["id"].startswith("call_")
+    assert calls[0]["id"].startswith("call_") and fragments > 1
     # The tool's result goes back; the model answers in text (tool_choice auto).
     history = q + [r.choices[0].message.model_dump(exclude_none=True),
                    {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18, "sky": "sunny"})}]

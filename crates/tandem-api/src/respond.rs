@@ -69,8 +69,9 @@ pub(crate) enum ToolOutput {
     Off,
     /// `tool_choice: "auto"`: calls are read out, the rest is content.
     Parse,
-    /// `required` or a named function: the grammar allows only calls, so only complete calls
-    /// count (content is null; an unfinished call cut by max_tokens is dropped).
+    /// `required` or a named function: the grammar allows only calls, so content is null (a
+    /// call cut by max_tokens keeps the arguments written so far, as streamed, with
+    /// `finish_reason: "length"`).
     Forced,
 }
 
@@ -221,6 +222,8 @@ impl Head {
                 Piece::Call { name, arguments } => {
                     calls.push(tool_call_json(None, &new_call_id(), &name, &arguments))
                 }
+                // `parse` gives whole calls.
+                Piece::CallStart { .. } | Piece::Args(_) | Piece::CallEnd => {}
             }
         }
         let called = !calls.is_empty();

@@ -150,7 +150,8 @@ pub(crate) fn stream_response(
 }
 
 /// The delta choices for pieces read by a tool-call reader: content as content deltas, each call
-/// as OpenAI streams it (its index, id and name with empty arguments, then the arguments).
+/// as OpenAI streams it (its index, id and name with empty arguments as soon as the name is
+/// written, then the arguments' fragments as they are generated).
 /// `lp` (the tokens' logprobs) rides on the first delta, or on an empty one.
 fn tool_deltas(
     head: &Head,
@@ -173,6 +174,16 @@ fn tool_deltas(
                 out.push(json!({"index": i, "delta": {"tool_calls": [opening]}, "logprobs": std::mem::take(&mut lp), "finish_reason": null}));
                 out.push(json!({"index": i, "delta": {"tool_calls": [{"index": k, "function": {"arguments": arguments}}]}, "logprobs": null, "finish_reason": null}));
             }
+            Piece::CallStart { name } => {
+                let opening = tool_call_json(Some(*calls), &new_call_id(), &name, "");
+                *calls += 1;
+                out.push(json!({"index": i, "delta": {"tool_calls": [opening]}, "logprobs": std::mem::take(&mut lp), "finish_reason": null}));
+            }
+            Piece::Args(fragment) => {
+                let k = calls.saturating_sub(1);
+                out.push(json!({"index": i, "delta": {"tool_calls": [{"index": k, "function": {"arguments": fragment}}]}, "logprobs": std::mem::take(&mut lp), "finish_reason": null}));
+            }
+            Piece::CallEnd => {}
         }
     }
     if !lp.is_null() {

@@ -154,6 +154,92 @@ pub enum Piece {
         name: String,
         arguments: String,
     },
+    /// Streaming: a call's name, as soon as it is written (`{"name": "f", "arguments": ` seen)...
+    CallStart {
+        name: String,
+    },
+    /// ...then its arguments' text as it comes...
+    Args(String),
+    /// ...and its end.
+    CallEnd,
+}
+
+/// Pieces with each streamed call (`CallStart`, `Args`..., `CallEnd`) as one `Call`.
+pub fn fold(pieces: Vec<Piece>) -> Vec<Piece> {
+    let mut out = Vec::with_capacity(pieces.len());
+    let mut open: Option<(String, String)> = None;
+    for p in pieces {
+        match p {
+            Piece::CallStart { name } => open = Some((name, String::new())),
+            Piece::Args(a) => {
+                if let Some((_, args)) = &mut open {
+                    args.push_str(&a);
+                }
+            }
+            Piece::CallEnd => {
+                if let Some((name, arguments)) = open.take() {
+                    out.push(Piece::Call { name, arguments });
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    if let Some((name, arguments)) = open {
+        out.push(Piece::Call { name, arguments });
+    }
+    out
+}
+
+/// Where a call's arguments object ends, read as it arrives (strings and escapes respected).
+#[derive(Debug, Default, Clone)]
+struct ArgScan {
+    depth: usize,
+    in_str: bool,
+    escaped: bool,
+    done: bool,
+}
+
+impl ArgScan {
+    /// How many bytes of `text` belong to the arguments (all, unless they end inside it).
+    fn feed(&mut self, text: &str) -> usize {
+        for (i, c) in text.char_indices() {
+            if self.in_str {
+                match (self.escaped, c) {
+                    (true, _) => self.escaped = false,
+                    (false, '\\') => self.escaped = true,
+                    (false, '"') => self.in_str = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match c {
+                '"' => self.in_str = true,
+                '{' | '[' => self.depth += 1,
+                '}' | ']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        self.done = true;
+                        return i + 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        text.len()
+    }
+}
+
+/// `{"name": "<name>", "arguments": ` (or `"parameters"`) before an object: the name and the
+/// header's length, once all of it has arrived.
+fn call_header(buf: &str) -> Option<(String, usize)> {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let re = RE.get_or_init(|| {
+        regex::Regex::new(r#"^\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*\{"#)
+            .expect("a valid regex")
+    });
+    let m = re.captures(buf)?;
+    let name: String = serde_json::from_str(m.get(1)?.as_str()).ok()?;
+    Some((name, m.get(0)?.end() - 1))
 }
 
 /// Reads tool calls out of generated text as it arrives. Content outside calls is passed on,
@@ -168,6 +254,8 @@ pub struct ToolCallParser {
     /// Whether anything (content or call) has been given out.
     started: bool,
     calls: usize,
+    /// The call whose arguments are being streamed.
+    args: Option<ArgScan>,
 }
 
 /// `{"name": ..., "arguments": {...}}` (or `"parameters"`, as Llama 3.1 writes) as a call; the
@@ -233,7 +321,42 @@ impl ToolCallParser {
         let mut out = Vec::new();
         loop {
             if self.in_call {
-                let Some(end) = self.buf.find(CALL_CLOSE) else {
+                let close = self.buf.find(CALL_CLOSE);
+                if let Some(scan) = &mut self.args {
+                    if !scan.done {
+                        // Arguments up to a close tag; a tail that may start one waits.
+                        let limit = close.unwrap_or_else(|| {
+                            self.buf.len() - partial_suffix(&self.buf, CALL_CLOSE)
+                        });
+                        let n = scan.feed(&self.buf[..limit]);
+                        if n > 0 {
+                            out.push(Piece::Args(self.buf[..n].to_string()));
+                            self.buf.drain(..n);
+                        }
+                        if !scan.done && close.is_none() {
+                            break;
+                        }
+                    }
+                    let Some(end) = self.buf.find(CALL_CLOSE) else {
+                        break;
+                    };
+                    self.buf.drain(..end + CALL_CLOSE.len());
+                    self.in_call = false;
+                    self.args = None;
+                    out.push(Piece::CallEnd);
+                    continue;
+                }
+                if let Some((name, len)) = call_header(&self.buf) {
+                    self.buf.drain(..len);
+                    self.args = Some(ArgScan::default());
+                    // Whitespace between calls, or before the first, is no content.
+                    self.ws.clear();
+                    self.started = true;
+                    self.calls += 1;
+                    out.push(Piece::CallStart { name });
+                    continue;
+                }
+                let Some(end) = close else {
                     break;
                 };
                 let body: String = self.buf[..end].to_string();
@@ -247,14 +370,7 @@ impl ToolCallParser {
                 self.in_call = true;
             } else {
                 // Keep back the longest tail that could start `<tool_call>`.
-                let keep = (1..CALL_OPEN.len())
-                    .rev()
-                    .find(|&k| {
-                        self.buf.len() >= k
-                            && self.buf.is_char_boundary(self.buf.len() - k)
-                            && CALL_OPEN.starts_with(&self.buf[self.buf.len() - k..])
-                    })
-                    .unwrap_or(0);
+                let keep = partial_suffix(&self.buf, CALL_OPEN);
                 let cut = self.buf.len() - keep;
                 let text: String = self.buf[..cut].to_string();
                 self.buf.drain(..cut);
@@ -286,7 +402,15 @@ impl ToolCallParser {
     pub fn finish(&mut self) -> Vec<Piece> {
         let mut out = Vec::new();
         let rest = std::mem::take(&mut self.buf);
-        if self.in_call {
+        if let Some(scan) = self.args.take() {
+            // Cut off while streaming the arguments (or before the close tag): what came of
+            // the arguments is the call's.
+            self.in_call = false;
+            if !scan.done && !rest.is_empty() {
+                out.push(Piece::Args(rest));
+            }
+            out.push(Piece::CallEnd);
+        } else if self.in_call {
             self.in_call = false;
             self.emit_call(&rest, false, &mut out);
         } else {
@@ -296,13 +420,25 @@ impl ToolCallParser {
         out
     }
 
-    /// All pieces of a whole text.
+    /// All pieces of a whole text, each call as one `Call`.
     pub fn parse(text: &str) -> Vec<Piece> {
         let mut p = Self::new();
         let mut out = p.push(text);
         out.extend(p.finish());
-        out
+        fold(out)
     }
+}
+
+/// The length of the longest tail of `buf` that `marker` starts with (shorter than `marker`).
+fn partial_suffix(buf: &str, marker: &str) -> usize {
+    (1..marker.len())
+        .rev()
+        .find(|&k| {
+            buf.len() >= k
+                && buf.is_char_boundary(buf.len() - k)
+                && marker.starts_with(&buf[buf.len() - k..])
+        })
+        .unwrap_or(0)
 }
 
 /// The Lark grammar that forces tool calls: one to `max_calls` calls of the named functions,
@@ -375,6 +511,7 @@ mod tests {
                 pieces.extend(p.push(&c.iter().collect::<String>()));
             }
             pieces.extend(p.finish());
+            let pieces = fold(pieces);
             // Content may arrive in more pieces: compare the joined content and the calls.
             let join = |ps: &[Piece]| {
                 let mut out: Vec<Piece> = Vec::new();
@@ -397,6 +534,39 @@ mod tests {
                 Piece::Content(" bye".into()),
                 // Text that is no call stays content.
                 Piece::Content(" <tool_call>not json</tool_call>".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_call_streams_its_name_first_then_its_arguments() {
+        let mut p = ToolCallParser::new();
+        let mut got = Vec::new();
+        for piece in [
+            "<tool_call>\n{\"name\": \"get_",
+            "weather\", \"arguments\": {\"city\": \"Pa",
+            "ris}\\\"\"}",
+            "}\n</tool",
+            "_call>",
+        ] {
+            got.push(p.push(piece));
+        }
+        got.push(p.finish());
+        assert_eq!(
+            got,
+            vec![
+                vec![],
+                vec![
+                    Piece::CallStart {
+                        name: "get_weather".into()
+                    },
+                    Piece::Args(r#"{"city": "Pa"#.into())
+                ],
+                // A brace inside a string does not end the arguments.
+                vec![Piece::Args(r#"ris}\""}"#.into())],
+                vec![],
+                vec![Piece::CallEnd],
+                vec![],
             ]
         );
     }
