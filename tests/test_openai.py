@@ -774,7 +774,8 @@ def test_kill_9_during_a_job_then_restart_resumes_it_from_its_checkpoint():
     try:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x")
         fid = upload_training_file(c)
-        job = c.fine_tuning.jobs.create(model=MODEL, training_file=fid, hyperparameters={"n_epochs": 4, "batch_size": 1})
+        # 5 epochs of 3 steps: checkpoints at steps 3, 6, 9 and 12, more than the 3 a job keeps.
+        job = c.fine_tuning.jobs.create(model=MODEL, training_file=fid, hyperparameters={"n_epochs": 5, "batch_size": 1})
         for _ in range(1200):
             if c.fine_tuning.jobs.checkpoints.list(job.id).data:
                 break
@@ -791,9 +792,13 @@ def test_kill_9_during_a_job_then_restart_resumes_it_from_its_checkpoint():
         assert done.status == "succeeded", done.error
         messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data]
         resumed = [m for m in messages if m.startswith("Resumed after a restart from step ")]
-        assert resumed and int(resumed[0].split()[-1]) in (3, 6, 9), messages  # a checkpoint's step
+        assert resumed and int(resumed[0].split()[-1]) in (3, 6, 9, 12), messages  # a checkpoint's step
         steps = sorted({e.data["step"] for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"})
-        assert steps == list(range(1, 13)), steps
+        assert steps == list(range(1, 16)), steps
+        # Checkpoints from before the restart count among the three kept: the oldest went.
+        kept = sorted(k.step_number for k in c.fine_tuning.jobs.checkpoints.list(job.id).data)
+        assert kept == [6, 9, 12], kept
+        assert sorted(os.listdir(os.path.join(data, "checkpoints", job.id))) == ["step-12", "step-6", "step-9"]
         ask = c.chat.completions.create(model=done.fine_tuned_model, messages=Q, max_tokens=8, temperature=0)
         before = ask.choices[0].message.content
     finally:

@@ -588,6 +588,7 @@ fn start_job(engine: &mut LlmEngine, spec: JobSpec) -> Result<JobStart, String> 
     engine.start_job(&spec.name, run)?;
     if let Some((dir, every)) = spec.checkpoints {
         engine.set_job_checkpoints(&spec.name, dir, every)?;
+        engine.adopt_checkpoints(&spec.name, &spec.resume_from)?;
     }
     Ok(start)
 }

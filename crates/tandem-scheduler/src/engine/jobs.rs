@@ -74,6 +74,44 @@ impl LlmEngine {
         Ok(())
     }
 
+    /// Counts checkpoints written before a restart (`<dir>/step-N`, served again as
+    /// `<name>:ckpt-step-N`) among job `name`'s own, oldest first, so that they are pruned like
+    /// the ones it writes from now on. Ones not served (not registered) are left alone.
+    pub fn adopt_checkpoints(
+        &mut self,
+        name: &str,
+        paths: &[std::path::PathBuf],
+    ) -> Result<(), String> {
+        let i = self.job_index(name)?;
+        let Some((dir, _)) = self.jobs[i].checkpoint.clone() else {
+            return Ok(());
+        };
+        let mut found: Vec<(usize, String, std::path::PathBuf)> = paths
+            .iter()
+            .filter(|p| p.parent() == Some(dir.as_path()))
+            .filter_map(|p| {
+                let step = p
+                    .file_name()?
+                    .to_str()?
+                    .strip_prefix("step-")?
+                    .parse()
+                    .ok()?;
+                let ckpt = format!("{name}:ckpt-step-{step}");
+                self.runner
+                    .adapters
+                    .id(&ckpt)
+                    .map(|_| (step, ckpt, p.clone()))
+            })
+            .collect();
+        found.sort_by_key(|c| c.0);
+        let known = &mut self.jobs[i].checkpoints;
+        found.retain(|c| !known.iter().any(|k| k.0 == c.0));
+        known.splice(0..0, found);
+        known.sort_by_key(|c| c.0);
+        self.prune_checkpoints(i);
+        Ok(())
+    }
+
     /// Writes job `i`'s adapter as a checkpoint and registers it, if one is due at `step`.
     pub(super) fn checkpoint(&mut self, i: usize, step: usize) -> Result<(), String> {
         let j = &self.jobs[i];
