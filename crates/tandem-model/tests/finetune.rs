@@ -7,47 +7,18 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
-use std::path::Path;
 use tandem_model::finetune::{
-    lr_factor, AdamW, AdamWConfig, Finetuner, GradAccum, LoraSpec, Schedule, SeqPhase, SeqTrain,
+    lr_factor, AdamW, AdamWConfig, Finetuner, GradAccum, Schedule, SeqPhase, SeqTrain,
     TrainableLora,
 };
-use tandem_model::lora::{AdapterRegistry, Proj, RegistryConfig};
+use tandem_model::lora::Proj;
 use tandem_model::testing::{
     adapter_max_abs_diff, random_adapter, tiny_examples, tiny_train_config, Tiny,
 };
-use tandem_model::{load_checkpoint, KvCache, Llama, LogitsWanted, PackedBatch};
+use tandem_model::{Llama, LogitsWanted, PackedBatch};
 
-fn model(t: &Tiny) -> (tempfile::TempDir, Llama) {
-    let dir = tempfile::tempdir().unwrap();
-    t.write_hf_dir(dir.path(), 3);
-    let m = load(dir.path());
-    (dir, m)
-}
-
-fn load(dir: &Path) -> Llama {
-    let (cfg, map, src) = load_checkpoint(dir, &Device::Cpu, DType::F32).unwrap();
-    Llama::from_tensors(cfg, map, &src, &Device::Cpu, DType::F32).unwrap()
-}
-
-/// Rank-8 LoRA on all seven projections with non-zero B (so that every gradient is non-zero).
-fn lora(m: &Llama, seed: u64) -> TrainableLora {
-    let spec = LoraSpec {
-        r: 8,
-        alpha: 16.0,
-        targets: Proj::ALL.to_vec(),
-        use_rslora: false,
-    };
-    let l = TrainableLora::new(&m.cfg, spec, &Device::Cpu, seed).unwrap();
-    for (i, (_, v)) in l.named_params().iter().enumerate() {
-        if v.dims()[1] == 8 {
-            let t = Tensor::randn(0f32, 0.2, v.dims(), &Device::Cpu).unwrap();
-            v.set(&t).unwrap();
-        }
-        let _ = i;
-    }
-    l
-}
+mod common;
+use common::*;
 
 /// Sequences of different lengths; the first `prompt` tokens of each are not targets.
 fn sequences(vocab: u32) -> Vec<(Vec<u32>, Vec<bool>)> {
@@ -61,12 +32,6 @@ fn sequences(vocab: u32) -> Vec<(Vec<u32>, Vec<bool>)> {
             let target = (0..n).map(|i| i > 0 && i >= prompt).collect();
             (toks, target)
         })
-        .collect()
-}
-
-fn labels(tokens: &[u32], target: &[bool]) -> Vec<Option<u32>> {
-    (0..tokens.len())
-        .map(|i| (i + 1 < tokens.len() && target[i + 1]).then(|| tokens[i + 1]))
         .collect()
 }
 
@@ -97,31 +62,6 @@ fn reference(
         .into_iter()
         .map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().clone()))
         .collect()
-}
-
-/// A KV cache of `blocks` blocks of 4 slots and a registry of `max_loras` rank-8 slots for `m`.
-fn cache_and_registry(m: &Llama, blocks: usize, max_loras: usize) -> (KvCache, AdapterRegistry) {
-    let c = &m.cfg;
-    let cache = KvCache::new(
-        c.num_hidden_layers,
-        blocks,
-        4,
-        c.num_key_value_heads,
-        c.head_dim,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let reg = AdapterRegistry::new(
-        RegistryConfig {
-            max_loras,
-            max_lora_rank: 8,
-        },
-        c,
-        &Device::Cpu,
-        DType::F32,
-    );
-    (cache, reg)
 }
 
 /// The token-level path; with `bystanders`, every forward chunk shares its batch with an
@@ -194,29 +134,6 @@ fn token_level(
         }
     }
     acc.grads
-}
-
-/// max |t| as f32.
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_rel_err(got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let mut worst = 0f32;
-    for (name, w) in want {
-        let g = &got[name];
-        let diff = max_abs(&(g - w).unwrap());
-        let scale = max_abs(w);
-        assert!(scale > 0.0, "{name}: zero reference gradient");
-        worst = worst.max(diff / scale);
-    }
-    worst
 }
 
 fn check_model(t: Tiny) {
@@ -380,7 +297,7 @@ fn resumed_run_equals_a_straight_run() {
     let ck = ck.path().join("checkpoint-4");
     first.save_checkpoint(&ck).unwrap();
     drop(first);
-    let mut resumed = Finetuner::resume(&m, data, &ck).unwrap();
+    let mut resumed = Finetuner::resume(&m, data, &ck, None).unwrap();
     assert_eq!(resumed.step(), 4);
     let mut resumed_losses = Vec::new();
     while !resumed.is_done() {

@@ -74,7 +74,7 @@ pub(super) fn kind(v: &Value) -> &'static str {
 /// OpenAI-style messages (`role`, `content` as a string or text parts, optional `weight` 0/1 on
 /// assistant messages), the array under `name` (named in errors); per message, whether it is a
 /// training target (an assistant message without `"weight": 0`).
-fn parse_messages(
+pub(super) fn parse_messages(
     items: &[Value],
     name: &str,
 ) -> std::result::Result<Vec<(ChatMessage, bool)>, (String, String)> {

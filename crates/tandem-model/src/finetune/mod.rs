@@ -6,17 +6,26 @@
 pub mod adamw;
 pub mod auto;
 pub mod data;
+pub mod objective;
+pub mod preference;
 pub mod run;
 pub mod step;
 mod tool_lines;
 pub mod trainer;
+pub mod unit;
 
 pub use adamw::{lr_factor, AdamW, AdamWConfig, Schedule, StepInfo};
 pub use auto::{Hyperparameters, Resolved, LORA_BASE_LR};
 pub use data::{load_jsonl, parse_record, tokenize, validate_jsonl, Example, Record};
-pub use run::{Eval, Progress, TrainingRun};
+pub use objective::{DpoPair, DpoStats, Method, DEFAULT_BETA};
+pub use preference::{
+    load_preference_jsonl, parse_preference, preference_pairs, tokenize_pair, validate_file,
+    FileKind, Pair, PreferenceRecord,
+};
+pub use run::{Eval, Progress, TrainData, TrainingRun};
 pub use step::{ChunkGrads, HeadOut, LayerLora};
 pub use trainer::{peft_key, GradAccum, LoraSpec, SeqPhase, SeqTrain, TrainableLora};
+pub use unit::{ChunkRef, ForwardChunk, Unit};
 
 use crate::batch::{LogitsWanted, PackedBatch};
 use crate::error::{ModelError, Result};
@@ -47,6 +56,9 @@ pub struct TrainConfig {
     /// epoch (to compare step for step with another trainer).
     #[serde(default = "yes")]
     pub shuffle: bool,
+    /// The objective: supervised, or DPO with its β.
+    #[serde(default)]
+    pub method: Method,
 }
 
 fn yes() -> bool {
@@ -71,6 +83,7 @@ impl Default for TrainConfig {
             max_seq_len: 1024,
             seed: 0,
             shuffle: true,
+            method: Method::Supervised,
         }
     }
 }
@@ -111,6 +124,11 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad("learning rate must be a positive number");
         }
+        if let Method::Dpo { beta } = self.method {
+            if !(beta > 0.0 && beta.is_finite()) {
+                return bad("DPO beta must be a positive number");
+            }
+        }
         Ok(())
     }
 }
@@ -133,6 +151,9 @@ pub struct StepReport {
     pub targets: usize,
     /// Largest activation bytes any sequence held during the step.
     pub peak_activation_bytes: usize,
+    /// DPO: the step's pairs' loss, reward accuracy and margins (`loss` is then the mean DPO
+    /// loss per pair).
+    pub dpo: Option<DpoStats>,
 }
 
 /// Runs optimizer steps of token-level LoRA training on its own KV cache.
@@ -141,6 +162,8 @@ pub struct Finetuner<'m> {
     pub run: TrainingRun,
     registry: AdapterRegistry,
     adapter_id: u32,
+    /// The frozen reference a DPO run's reference passes go through (None: the base model).
+    reference_id: Option<u32>,
     cache: KvCache,
     block_table: Vec<u32>,
     base_model: Option<String>,
@@ -151,20 +174,20 @@ const BLOCK: usize = 16;
 impl<'m> Finetuner<'m> {
     pub fn new(
         model: &'m Llama,
-        data: Vec<Example>,
+        data: impl Into<TrainData>,
         cfg: TrainConfig,
         base_model: Option<String>,
     ) -> Result<Self> {
         cfg.check()?;
         let lora = TrainableLora::new(&model.cfg, cfg.spec()?, model.device(), cfg.seed)?;
-        Self::with_run(model, TrainingRun::new(data, cfg, lora)?, base_model)
+        Self::with_run(model, TrainingRun::new(data, cfg, lora)?, base_model, None)
     }
 
     /// Training that starts from `init` (a PEFT adapter): its rank, alpha, rsLoRA setting and
-    /// targets replace those of `cfg`.
+    /// targets replace those of `cfg`. For DPO, `init` frozen is also the reference.
     pub fn from_adapter(
         model: &'m Llama,
-        data: Vec<Example>,
+        data: impl Into<TrainData>,
         mut cfg: TrainConfig,
         init: &crate::lora::LoraAdapter,
         base_model: Option<String>,
@@ -180,10 +203,22 @@ impl<'m> Finetuner<'m> {
             .iter()
             .map(|p| p.name().to_string())
             .collect();
-        Self::with_run(model, TrainingRun::new(data, cfg, lora)?, base_model)
+        let reference = cfg.method.is_dpo().then_some(init);
+        Self::with_run(
+            model,
+            TrainingRun::new(data, cfg, lora)?,
+            base_model,
+            reference,
+        )
     }
 
-    fn with_run(model: &'m Llama, run: TrainingRun, base_model: Option<String>) -> Result<Self> {
+    fn with_run(
+        model: &'m Llama,
+        mut run: TrainingRun,
+        base_model: Option<String>,
+        reference: Option<&crate::lora::LoraAdapter>,
+    ) -> Result<Self> {
+        run.set_kv_block_size(BLOCK);
         let blocks = run.max_len().div_ceil(BLOCK).max(1);
         let mc = &model.cfg;
         let cache = KvCache::new(
@@ -197,19 +232,24 @@ impl<'m> Finetuner<'m> {
         )?;
         let mut registry = AdapterRegistry::new(
             RegistryConfig {
-                max_loras: 1,
-                max_lora_rank: run.lora.spec.r,
+                max_loras: 1 + usize::from(reference.is_some()),
+                max_lora_rank: run.lora.spec.r.max(reference.map_or(0, |r| r.config.r)),
             },
             mc,
             model.device(),
             model.dtype(),
         );
         let adapter_id = registry.register_live("training", run.lora.to_adapter(None)?)?;
+        let reference_id = match reference {
+            Some(r) => Some(registry.register_live("reference", r.clone())?),
+            None => None,
+        };
         Ok(Self {
             model,
             run,
             registry,
             adapter_id,
+            reference_id,
             cache,
             block_table: (0..blocks as u32).collect(),
             base_model,
@@ -240,21 +280,26 @@ impl<'m> Finetuner<'m> {
     /// by step, then AdamW; the new weights go into the registry slot.
     pub fn train_step(&mut self) -> Result<StepReport> {
         loop {
-            while let Some((c, start, toks)) = self.run.next_forward() {
+            while let Some(chunk) = self.run.next_forward() {
                 let mut batch = PackedBatch::default();
+                let adapter = if chunk.id.reference {
+                    self.reference_id
+                } else {
+                    Some(self.adapter_id)
+                };
                 batch.push_with_adapter(
                     0,
-                    &toks,
-                    start,
-                    self.block_table.clone(),
+                    &chunk.tokens,
+                    chunk.start,
+                    chunk.table(&self.block_table),
                     LogitsWanted::None,
-                    Some(self.adapter_id),
+                    adapter,
                 );
                 let (_, mut caps) =
                     self.model
                         .forward_packed(&batch, &self.cache, Some(&self.registry), &[0])?;
                 let inputs = caps.pop().map(|c| c.inputs).unwrap_or_default();
-                self.run.finish_forward(self.model, c, inputs)?;
+                self.run.finish_forward(self.model, chunk.id, inputs)?;
             }
             if !self.run.backward_due() {
                 if self.run.current_len().is_some() {
@@ -284,9 +329,15 @@ impl<'m> Finetuner<'m> {
         self.run.save_checkpoint(dir, self.base_model.clone())
     }
 
-    /// Continues the run checkpointed in `dir` on the same data.
-    pub fn resume(model: &'m Llama, data: Vec<Example>, dir: &Path) -> Result<Self> {
+    /// Continues the run checkpointed in `dir` on the same data (a DPO run: against the
+    /// same `reference`, None for the base model).
+    pub fn resume(
+        model: &'m Llama,
+        data: impl Into<TrainData>,
+        dir: &Path,
+        reference: Option<&crate::lora::LoraAdapter>,
+    ) -> Result<Self> {
         let (run, base_model) = TrainingRun::resume(dir, data, &model.cfg, model.device())?;
-        Self::with_run(model, run, base_model)
+        Self::with_run(model, run, base_model, reference)
     }
 }

@@ -5,9 +5,11 @@
 //! which sequence is next, the loss weighting over the optimizer batch, gradient accumulation,
 //! AdamW and the learning-rate schedule.
 
+use super::objective::{DpoStats, Method};
+use super::preference::Pair;
+use super::unit::{ChunkRef, ForwardChunk, Unit};
 use super::{
-    lr_factor, AdamW, AdamWConfig, Example, GradAccum, SeqPhase, SeqTrain, StepReport, TrainConfig,
-    TrainableLora,
+    lr_factor, AdamW, AdamWConfig, Example, GradAccum, StepReport, TrainConfig, TrainableLora,
 };
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
@@ -21,11 +23,11 @@ use std::path::Path;
 /// What `backward_step` completed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Progress {
-    /// More of the current sequence's backward is due.
+    /// More of the current unit's backward is due.
     Stepped,
-    /// The sequence is done; its KV blocks may go.
+    /// The unit (a sequence, or a DPO pair) is done; its KV blocks may go.
     SequenceDone,
-    /// The sequence is done and so is an optimizer step: the adapter's weights changed.
+    /// The unit is done and so is an optimizer step: the adapter's weights changed.
     OptimizerStep(StepReport),
 }
 
@@ -34,26 +36,91 @@ pub enum Progress {
 pub struct Eval {
     /// The optimizer step it followed.
     pub step: usize,
-    /// Mean loss per target token.
+    /// Mean loss per target token (DPO: mean DPO loss per pair).
     pub loss: f64,
     /// Share of target tokens that were the model's most likely token.
     pub accuracy: f64,
+    /// DPO: rewards over the validation pairs.
+    pub dpo: Option<DpoStats>,
+}
+
+/// A run's examples: supervised sequences or preference pairs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainData {
+    Supervised(Vec<Example>),
+    Preference(Vec<Pair>),
+}
+
+impl From<Vec<Example>> for TrainData {
+    fn from(v: Vec<Example>) -> Self {
+        TrainData::Supervised(v)
+    }
+}
+
+impl From<Vec<Pair>> for TrainData {
+    fn from(v: Vec<Pair>) -> Self {
+        TrainData::Preference(v)
+    }
+}
+
+impl TrainData {
+    pub fn len(&self) -> usize {
+        match self {
+            TrainData::Supervised(v) => v.len(),
+            TrainData::Preference(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Item `i`'s sequences.
+    fn members(&self, i: usize) -> Vec<&Example> {
+        match self {
+            TrainData::Supervised(v) => vec![&v[i]],
+            TrainData::Preference(v) => vec![&v[i].chosen, &v[i].rejected],
+        }
+    }
+
+    fn targets(&self, i: usize) -> usize {
+        self.members(i).iter().map(|e| e.num_targets()).sum()
+    }
+
+    /// KV positions item `i` needs, in whole blocks of `block`.
+    fn kv_len(&self, i: usize, block: usize) -> usize {
+        self.members(i)
+            .iter()
+            .map(|e| e.tokens.len().div_ceil(block).max(1) * block)
+            .sum()
+    }
+}
+
+/// An evaluation in progress.
+#[derive(Debug, Clone, Copy)]
+struct EvalProgress {
+    step: usize,
+    next: usize,
+    loss_sum: f64,
+    targets: usize,
+    correct: usize,
+    dpo: DpoStats,
 }
 
 pub struct TrainingRun {
     pub cfg: TrainConfig,
     pub lora: TrainableLora,
     pub(crate) opt: AdamW,
-    data: Vec<Example>,
+    data: TrainData,
     /// Optimizer steps done.
     pub step: usize,
-    /// Examples of the optimizer step in progress, and how many have started.
+    /// Items of the optimizer step in progress, and how many have started.
     batch: Vec<usize>,
     started: usize,
     weight: f64,
-    seq: Option<SeqTrain>,
-    /// Gradients of the optimizer step so far, and of the sequence in flight (kept apart so
-    /// that the sequence can restart).
+    unit: Option<Unit>,
+    /// Gradients of the optimizer step so far, and of the unit in flight (kept apart so
+    /// that the unit can restart).
     acc: GradAccum,
     seq_acc: GradAccum,
     loss: f64,
@@ -61,27 +128,37 @@ pub struct TrainingRun {
     correct: usize,
     tokens: usize,
     peak: usize,
-    /// Held-out examples, evaluated (forward only) after every epoch's last step.
-    validation: Vec<Example>,
-    /// The evaluation in progress: (after step, next example, Σ loss, targets, correct).
-    eval: Option<(usize, usize, f64, usize, usize)>,
-    /// Whether the sequence in flight is a validation example (index).
+    dpo: DpoStats,
+    /// Held-out items, evaluated (forward only) after every epoch's last step.
+    validation: TrainData,
+    eval: Option<EvalProgress>,
+    /// Whether the unit in flight is a validation item (index).
     seq_eval: Option<usize>,
     /// Finished evaluations.
     pub evals: Vec<Eval>,
+    /// KV block size the units' members are laid out in.
+    kv_block: usize,
+    /// DPO: the frozen reference's Σ log p per (validation?, item), computed once.
+    ref_logps: HashMap<(bool, usize), Vec<Option<f64>>>,
 }
 
 impl TrainingRun {
-    pub fn new(data: Vec<Example>, cfg: TrainConfig, lora: TrainableLora) -> Result<Self> {
+    pub fn new(data: impl Into<TrainData>, cfg: TrainConfig, lora: TrainableLora) -> Result<Self> {
+        let data = data.into();
         if data.is_empty() {
             return Err(ModelError::Batch("no training examples".into()));
         }
+        check_kind(&cfg.method, &data)?;
         let opt = AdamW::new(AdamWConfig {
             lr: cfg.lr,
             weight_decay: cfg.weight_decay,
             max_grad_norm: cfg.max_grad_norm,
             ..Default::default()
         });
+        let validation = match data {
+            TrainData::Supervised(_) => TrainData::Supervised(Vec::new()),
+            TrainData::Preference(_) => TrainData::Preference(Vec::new()),
+        };
         Ok(Self {
             cfg,
             lora,
@@ -91,7 +168,7 @@ impl TrainingRun {
             batch: Vec::new(),
             started: 0,
             weight: 0.0,
-            seq: None,
+            unit: None,
             acc: GradAccum::default(),
             seq_acc: GradAccum::default(),
             loss: 0.0,
@@ -99,10 +176,13 @@ impl TrainingRun {
             correct: 0,
             tokens: 0,
             peak: 0,
-            validation: Vec::new(),
+            dpo: DpoStats::default(),
+            validation,
             eval: None,
             seq_eval: None,
             evals: Vec::new(),
+            kv_block: 16,
+            ref_logps: HashMap::new(),
         })
     }
 
@@ -120,22 +200,31 @@ impl TrainingRun {
     }
 
     /// Evaluates the loss on `examples` (forward only) after the last step of every epoch.
-    pub fn set_validation(&mut self, examples: Vec<Example>) {
-        self.validation = examples;
+    /// Items of the other kind than the training data's are refused.
+    pub fn set_validation(&mut self, examples: impl Into<TrainData>) -> Result<()> {
+        let v = examples.into();
+        if !v.is_empty() {
+            check_kind(&self.cfg.method, &v)?;
+        }
+        self.validation = v;
+        Ok(())
     }
 
-    /// The longest example, in tokens (what one sequence's KV needs at most).
+    /// Lays units out in KV blocks of `block` positions (the cache's block size).
+    pub fn set_kv_block_size(&mut self, block: usize) {
+        self.kv_block = block.max(1);
+    }
+
+    /// The most KV positions one unit needs (a sequence, or a pair's two sequences in whole
+    /// blocks).
     pub fn max_len(&self) -> usize {
-        self.data
-            .iter()
-            .chain(&self.validation)
-            .map(|e| e.tokens.len())
-            .max()
-            .unwrap_or(0)
+        let b = self.kv_block;
+        let most = |d: &TrainData| (0..d.len()).map(|i| d.kv_len(i, b)).max().unwrap_or(0);
+        most(&self.data).max(most(&self.validation))
     }
 
-    /// The examples of optimizer step `step` (0-based): each epoch visits every example once,
-    /// in an order shuffled from the seed and the epoch (in file order without `shuffle`).
+    /// The items of optimizer step `step` (0-based): each epoch visits every item once, in an
+    /// order shuffled from the seed and the epoch (in file order without `shuffle`).
     pub fn batch_indices(&self, step: usize) -> Vec<usize> {
         let spe = self.steps_per_epoch();
         let (epoch, i) = (step / spe, step % spe);
@@ -149,145 +238,168 @@ impl TrainingRun {
         order[i * bs..((i + 1) * bs).min(order.len())].to_vec()
     }
 
-    /// The sequence in flight, starting the next one of the optimizer batch if none is.
-    /// Returns its length in tokens (None when the run is done).
+    /// The unit in flight, starting the next one of the optimizer batch if none is. Returns
+    /// the KV positions it needs (None when the run is done).
     pub fn current_len(&mut self) -> Option<usize> {
-        if self.seq.is_none() {
-            if let Some((_, next, ..)) = self.eval {
-                self.seq_eval = Some(next);
-                self.seq = Some(self.new_seq());
-                return self.seq.as_ref().map(SeqTrain::len);
+        if self.unit.is_none() {
+            if let Some(e) = self.eval {
+                self.seq_eval = Some(e.next);
+                self.unit = Some(self.new_unit());
+                return self.unit.as_ref().map(Unit::kv_len);
             }
             if self.is_done() {
                 return None;
             }
             if self.started == 0 {
                 self.batch = self.batch_indices(self.step);
-                let total: usize = self.batch.iter().map(|&i| self.data[i].num_targets()).sum();
+                let total: usize = self.batch.iter().map(|&i| self.data.targets(i)).sum();
                 self.weight = 1.0 / total.max(1) as f64;
             }
             self.started += 1;
-            self.seq = Some(self.new_seq());
+            self.unit = Some(self.new_unit());
         }
-        self.seq.as_ref().map(SeqTrain::len)
+        self.unit.as_ref().map(Unit::kv_len)
     }
 
-    /// A fresh state for the example `started` points past.
-    fn new_seq(&self) -> SeqTrain {
-        let (ex, weight) = match self.seq_eval {
-            Some(i) => (&self.validation[i], 1.0),
-            None => (&self.data[self.batch[self.started - 1]], self.weight),
+    /// A fresh unit for the item `started` points past (or the validation item in flight).
+    fn new_unit(&self) -> Unit {
+        let (data, i, eval) = match self.seq_eval {
+            Some(i) => (&self.validation, i, true),
+            None => (&self.data, self.batch[self.started - 1], false),
         };
-        SeqTrain::new(ex.tokens.clone(), &ex.target, self.cfg.chunk_tokens, weight)
+        let refs = self.ref_logps.get(&(eval, i)).cloned().unwrap_or_default();
+        Unit::new(
+            &data.members(i),
+            self.cfg.method,
+            self.cfg.chunk_tokens,
+            if eval { 1.0 } else { self.weight },
+            if eval { 1 } else { self.batch.len() },
+            &refs,
+            self.kv_block,
+            eval,
+        )
     }
 
-    /// Drops the sequence in flight's progress (its activations, gradients and loss) so that
-    /// it starts again from its first forward chunk: for when its KV blocks had to go.
-    /// Returns whether a sequence was in flight.
+    /// Drops the unit in flight's progress (its activations, gradients and loss) so that it
+    /// starts again from its first forward chunk: for when its KV blocks had to go. Returns
+    /// whether a unit was in flight.
     pub fn restart_sequence(&mut self) -> bool {
-        if self.seq.is_none() {
+        if self.unit.is_none() {
             return false;
         }
         self.seq_acc = GradAccum::default();
-        self.seq = Some(self.new_seq());
+        self.unit = Some(self.new_unit());
         true
     }
 
-    /// Whether a sequence is in flight past its first forward chunk (holding KV it needs).
+    /// Whether a unit is in flight past its first forward chunk (holding KV it needs).
     pub fn sequence_started(&self) -> bool {
-        self.seq
-            .as_ref()
-            .is_some_and(|s| s.phase != SeqPhase::Forward(0))
+        self.unit.as_ref().is_some_and(Unit::started)
     }
 
-    /// The next forward chunk of the sequence in flight: (chunk, first position, tokens).
-    pub fn next_forward(&mut self) -> Option<(usize, usize, Vec<u32>)> {
+    /// The next forward chunk of the unit in flight.
+    pub fn next_forward(&mut self) -> Option<ForwardChunk> {
         self.next_forward_max(usize::MAX)
     }
 
     /// The next forward chunk, at most `max` tokens (at least one; the configured chunk size
     /// is the most).
-    pub fn next_forward_max(&mut self, max: usize) -> Option<(usize, usize, Vec<u32>)> {
+    pub fn next_forward_max(&mut self, max: usize) -> Option<ForwardChunk> {
         self.current_len()?;
-        let (c, s, t) = self.seq.as_ref()?.next_forward_max(max)?;
-        Some((c, s, t.to_vec()))
+        self.unit.as_ref()?.next_forward_max(max)
     }
 
-    /// Hands back the captured activations of forward chunk `c`. Returns true when that ended
-    /// a validation example (its KV blocks may go).
+    /// Hands back the captured activations of forward chunk `id`. Returns true when that
+    /// ended a validation item (its KV blocks may go).
     pub fn finish_forward(
         &mut self,
         model: &Llama,
-        c: usize,
+        id: ChunkRef,
         inputs: Vec<candle_core::Tensor>,
     ) -> Result<bool> {
-        let seq = self
-            .seq
+        let unit = self
+            .unit
             .as_mut()
             .ok_or_else(|| ModelError::Batch("no training sequence in flight".into()))?;
-        seq.finish_forward(model, c, inputs)?;
-        self.peak = self.peak.max(seq.held_bytes());
-        if self.seq_eval.is_none() || matches!(seq.phase, SeqPhase::Forward(_)) {
+        unit.finish_forward(model, id, inputs)?;
+        self.peak = self.peak.max(unit.held_bytes());
+        if id.reference && self.cfg.method.is_dpo() {
+            let key = match self.seq_eval {
+                Some(i) => (true, i),
+                None => (false, self.batch[self.started - 1]),
+            };
+            self.ref_logps.insert(key, unit.ref_logps());
+        }
+        if self.seq_eval.is_none() || !unit.forwards_done() {
             return Ok(false);
         }
-        let (loss, targets, correct) = (seq.loss_sum, seq.targets, seq.correct);
-        self.seq = None;
+        let (loss, targets, correct) = unit.loss();
+        let pair = unit.dpo;
+        self.unit = None;
         self.seq_eval = None;
-        if let Some((step, next, sum, n, ok)) = self.eval.take() {
-            let (sum, n, ok) = (sum + loss, n + targets, ok + correct);
-            if next + 1 < self.validation.len() {
-                self.eval = Some((step, next + 1, sum, n, ok));
+        if let Some(mut e) = self.eval.take() {
+            e.loss_sum += loss;
+            e.targets += targets;
+            e.correct += correct;
+            if let Some(p) = &pair {
+                e.dpo.add(p);
+            }
+            if e.next + 1 < self.validation.len() {
+                e.next += 1;
+                self.eval = Some(e);
             } else {
+                let dpo = pair.map(|_| e.dpo);
                 self.evals.push(Eval {
-                    step,
-                    loss: sum / n.max(1) as f64,
-                    accuracy: ok as f64 / n.max(1) as f64,
+                    step: e.step,
+                    loss: match dpo {
+                        Some(d) => d.loss(),
+                        None => e.loss_sum / e.targets.max(1) as f64,
+                    },
+                    accuracy: e.correct as f64 / e.targets.max(1) as f64,
+                    dpo,
                 });
             }
         }
         Ok(true)
     }
 
-    /// Whether the sequence in flight is in its backward.
+    /// Whether the unit in flight is in its backward.
     pub fn backward_due(&self) -> bool {
-        matches!(
-            self.seq.as_ref().map(|s| s.phase),
-            Some(SeqPhase::Backward(..))
-        )
+        self.unit.as_ref().is_some_and(Unit::backward_due)
     }
 
     /// The chunk the next backward step works on: (first position, tokens).
     pub fn next_backward_chunk(&self) -> Option<(usize, usize)> {
-        let seq = self.seq.as_ref()?;
-        match seq.phase {
-            SeqPhase::Backward(_, c) => Some(seq.chunks[c]),
-            _ => None,
-        }
+        self.unit.as_ref()?.next_backward_chunk()
     }
 
-    /// One backward step of the sequence in flight (its K/V in `cache` through `block_table`);
-    /// at the end of the optimizer batch, the AdamW update.
+    /// One backward step of the unit in flight (its K/V in `cache` through `block_table`, the
+    /// unit's blocks); at the end of the optimizer batch, the AdamW update.
     pub fn backward_step(
         &mut self,
         model: &Llama,
         cache: &KvCache,
         block_table: &[u32],
     ) -> Result<Progress> {
-        let seq = self
-            .seq
+        let unit = self
+            .unit
             .as_mut()
             .ok_or_else(|| ModelError::Batch("no training sequence in flight".into()))?;
-        seq.backward_step(model, cache, block_table, &self.lora, &mut self.seq_acc)?;
-        self.peak = self.peak.max(seq.held_bytes());
-        if seq.phase != SeqPhase::Done {
+        let done = unit.backward_step(model, cache, block_table, &self.lora, &mut self.seq_acc)?;
+        self.peak = self.peak.max(unit.held_bytes());
+        if !done {
             return Ok(Progress::Stepped);
         }
         self.acc.merge(std::mem::take(&mut self.seq_acc))?;
-        self.loss += seq.loss_sum;
-        self.targets += seq.targets;
-        self.correct += seq.correct;
-        self.tokens += seq.len();
-        self.seq = None;
+        let (loss, targets, correct) = unit.loss();
+        self.loss += loss;
+        self.targets += targets;
+        self.correct += correct;
+        self.tokens += unit.tokens();
+        if let Some(p) = &unit.dpo {
+            self.dpo.add(p);
+        }
+        self.unit = None;
         if self.started < self.batch.len() {
             return Ok(Progress::SequenceDone);
         }
@@ -302,16 +414,21 @@ impl TrainingRun {
         let grads: HashMap<String, candle_core::Tensor> = std::mem::take(&mut self.acc.grads);
         let info = self.opt.step(&self.lora.named_params(), &grads, lr)?;
         self.step += 1;
+        let dpo = self.cfg.method.is_dpo().then_some(self.dpo);
         let report = StepReport {
             step: self.step,
             total_steps,
-            loss: self.loss / self.targets.max(1) as f64,
+            loss: match dpo {
+                Some(d) => d.loss(),
+                None => self.loss / self.targets.max(1) as f64,
+            },
             accuracy: self.correct as f64 / self.targets.max(1) as f64,
             lr,
             grad_norm: info.grad_norm,
             tokens: self.tokens,
             targets: self.targets,
             peak_activation_bytes: self.peak,
+            dpo,
         };
         self.started = 0;
         (
@@ -321,10 +438,18 @@ impl TrainingRun {
             self.tokens,
             self.peak,
         ) = (0.0, 0, 0, 0, 0);
+        self.dpo = DpoStats::default();
         let epoch_end =
             self.step.is_multiple_of(self.steps_per_epoch()) || self.step >= total_steps;
         if epoch_end && !self.validation.is_empty() {
-            self.eval = Some((self.step, 0, 0.0, 0, 0));
+            self.eval = Some(EvalProgress {
+                step: self.step,
+                next: 0,
+                loss_sum: 0.0,
+                targets: 0,
+                correct: 0,
+                dpo: DpoStats::default(),
+            });
         }
         Ok(Progress::OptimizerStep(report))
     }
@@ -383,7 +508,7 @@ impl TrainingRun {
     /// it recorded.
     pub fn resume(
         dir: &Path,
-        data: Vec<Example>,
+        data: impl Into<TrainData>,
         model: &ModelConfig,
         device: &Device,
     ) -> Result<(Self, Option<String>)> {
@@ -413,5 +538,18 @@ impl TrainingRun {
         run.opt.restore(step, state)?;
         run.step = step;
         Ok((run, base_model))
+    }
+}
+
+/// A run's method must fit its data.
+fn check_kind(method: &Method, data: &TrainData) -> Result<()> {
+    match (method, data) {
+        (Method::Supervised, TrainData::Supervised(_)) | (Method::Dpo { .. }, TrainData::Preference(_)) => Ok(()),
+        (Method::Dpo { .. }, TrainData::Supervised(_)) => Err(ModelError::Batch(
+            "DPO trains on preference pairs (a prompt with a preferred and a non-preferred answer), not on supervised examples".into(),
+        )),
+        (Method::Supervised, TrainData::Preference(_)) => Err(ModelError::Batch(
+            "supervised training takes examples, not preference pairs (use the dpo method)".into(),
+        )),
     }
 }

@@ -293,6 +293,16 @@ impl Llama {
         labels: &[Option<u32>],
         weight: f64,
     ) -> Result<HeadOut> {
+        self.head(x, labels, Some(weight))
+    }
+
+    /// `head_backward`'s loss without the gradient (`d_x` is empty): what a forward-only
+    /// pass (an evaluation, a DPO reference) needs, with the same arithmetic.
+    pub fn head_loss(&self, x: &Tensor, labels: &[Option<u32>]) -> Result<HeadOut> {
+        self.head(x, labels, None)
+    }
+
+    fn head(&self, x: &Tensor, labels: &[Option<u32>], weight: Option<f64>) -> Result<HeadOut> {
         let rows: Vec<u32> = (0..labels.len() as u32)
             .filter(|&i| labels[i as usize].is_some())
             .collect();
@@ -340,6 +350,14 @@ impl Llama {
             .to_dtype(DType::F64)?
             .sum_all()?
             .to_scalar::<f64>()?;
+        let Some(weight) = weight else {
+            return Ok(HeadOut {
+                loss_sum,
+                targets: rows.len(),
+                correct,
+                d_x: Tensor::zeros(0, x.dtype(), dev)?,
+            });
+        };
         let minus_one = Tensor::full(-1f32, (rows.len(), 1), dev)?;
         let dz = candle_nn::ops::softmax_last_dim(&z)?.scatter_add(&targets_t, &minus_one, 1)?;
         let dh = (dz * weight)?.to_dtype(h.dtype())?.matmul(&self.lm_head)?;

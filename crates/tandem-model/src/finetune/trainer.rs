@@ -229,8 +229,11 @@ pub struct SeqTrain {
     /// dK, dV of the layer being stepped, for every position [len, kv heads, head dim].
     d_kv: Option<(Tensor, Tensor)>,
     pub phase: SeqPhase,
-    /// The loss's weight (1 / target tokens of the whole batch).
+    /// The loss's weight (1 / target tokens of the whole batch for a supervised mean).
     weight: f64,
+    /// The weight is not known yet (DPO: it depends on the pair's log-probabilities): the
+    /// top-layer gradients are of Σ -log p, scaled by `set_weight` before the backward.
+    weight_pending: bool,
     /// Σ -log p over targets so far, their count, and how many were the argmax.
     pub loss_sum: f64,
     pub targets: usize,
@@ -259,10 +262,44 @@ impl SeqTrain {
                 SeqPhase::Forward(0)
             },
             weight,
+            weight_pending: false,
             loss_sum: 0.0,
             targets: 0,
             correct: 0,
         }
+    }
+
+    /// A sequence whose loss weight is known only once forwards are done (`set_weight`).
+    pub fn deferred(tokens: Vec<u32>, target: &[bool], chunk_tokens: usize) -> Self {
+        let mut s = Self::new(tokens, target, chunk_tokens, 1.0);
+        s.weight_pending = true;
+        s
+    }
+
+    /// Sets a deferred weight once the forward is done: the top-layer gradients, formed for
+    /// weight 1, are scaled (the backward is linear in them).
+    pub fn set_weight(&mut self, weight: f64) -> Result<()> {
+        if !self.weight_pending {
+            return Err(ModelError::Batch(
+                "the sequence's loss weight is already set".into(),
+            ));
+        }
+        if matches!(self.phase, SeqPhase::Forward(_)) {
+            return Err(ModelError::Batch(
+                "a loss weight is set after the sequence's forward".into(),
+            ));
+        }
+        for d in self.d_out.iter_mut().flatten() {
+            *d = (&*d * weight)?;
+        }
+        self.weight = weight;
+        self.weight_pending = false;
+        Ok(())
+    }
+
+    /// Σ log p of the targets run so far (the policy's log-probability of its answer).
+    pub fn logprob_sum(&self) -> f64 {
+        -self.loss_sum
     }
 
     pub fn len(&self) -> usize {
@@ -412,6 +449,11 @@ impl SeqTrain {
         let SeqPhase::Backward(l, c) = self.phase else {
             return Err(ModelError::Batch("no backward step is due".into()));
         };
+        if self.weight_pending {
+            return Err(ModelError::Batch(
+                "the sequence's loss weight is not set yet".into(),
+            ));
+        }
         let (start, len) = self.chunks[c];
         let dev = model.device();
         if self.d_kv.is_none() {
