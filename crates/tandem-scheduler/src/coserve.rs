@@ -102,6 +102,9 @@ pub struct TrainingJob {
     pub run: TrainingRun,
     /// Registry id of the live adapter.
     pub adapter_id: u32,
+    /// DPO's frozen reference: the adapter the job started from (pinned while the job runs),
+    /// or None for the base model.
+    pub reference: Option<u32>,
     /// Sequence id under which its KV blocks are held.
     pub seq_id: u64,
     pub state: JobState,

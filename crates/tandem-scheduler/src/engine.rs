@@ -9,7 +9,7 @@ use crate::scheduler::{AdmitError, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, Sequence};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use tandem_model::finetune::{Progress, TrainingRun};
+use tandem_model::finetune::{ChunkRef, Progress, TrainingRun};
 use tandem_model::{
     IncrementalDecoder, LogitsWanted, ModelRunner, SamplingParams, ScheduledBatch, TextTokenizer,
     TokenLogprobs,

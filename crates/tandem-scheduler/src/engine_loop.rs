@@ -10,7 +10,9 @@ use crate::sequence::FinishReason;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
-use tandem_model::finetune::{Eval, Example, StepReport, TrainConfig, TrainableLora, TrainingRun};
+use tandem_model::finetune::{
+    Eval, StepReport, TrainConfig, TrainData, TrainableLora, TrainingRun,
+};
 use tandem_model::{SamplingParams, TokenLogprobs};
 use tokio::sync::{mpsc, oneshot};
 
@@ -125,10 +127,14 @@ enum Command {
 pub struct JobSpec {
     /// The adapter name it trains and serves.
     pub name: String,
-    pub data: Vec<Example>,
-    /// Held-out examples whose loss is evaluated after every epoch.
-    pub validation: Vec<Example>,
+    /// Supervised examples or preference pairs (as `cfg.method` wants).
+    pub data: TrainData,
+    /// Held-out items whose loss is evaluated after every epoch.
+    pub validation: TrainData,
     pub cfg: TrainConfig,
+    /// A served adapter to start from (its weights, rank and targets); for DPO it is also
+    /// the frozen reference. None: a fresh LoRA on the base model.
+    pub init: Option<String>,
     /// Write a checkpoint into this directory every N optimizer steps (served as
     /// `<name>:ckpt-step-N`).
     pub checkpoints: Option<(PathBuf, usize)>,
@@ -577,15 +583,33 @@ fn start_job(engine: &mut LlmEngine, spec: JobSpec) -> Result<JobStart, String> 
     }
     let mut run = match resumed {
         Some(run) => run,
-        None => spec
-            .cfg
-            .spec()
-            .and_then(|lora| TrainableLora::new(&m.cfg, lora, m.device(), spec.cfg.seed))
-            .and_then(|lora| TrainingRun::new(spec.data, spec.cfg, lora))
-            .map_err(|e| e.to_string())?,
+        None => {
+            let mut cfg = spec.cfg;
+            let lora = match &spec.init {
+                Some(name) => {
+                    let reg = &engine.runner.adapters;
+                    let id = reg
+                        .id(name)
+                        .ok_or_else(|| format!("no adapter named `{name}` to start from"))?;
+                    let init = reg.adapter(id).map_err(|e| e.to_string())?;
+                    let lora =
+                        TrainableLora::from_adapter(&init, m.cfg.num_hidden_layers, m.device())
+                            .map_err(|e| e.to_string())?;
+                    cfg.adopt(&lora.spec);
+                    lora
+                }
+                None => cfg
+                    .spec()
+                    .and_then(|spec| TrainableLora::new(&m.cfg, spec, m.device(), cfg.seed))
+                    .map_err(|e| e.to_string())?,
+            };
+            TrainingRun::new(spec.data, cfg, lora).map_err(|e| e.to_string())?
+        }
     };
-    run.set_validation(spec.validation);
-    engine.start_job(&spec.name, run)?;
+    run.set_validation(spec.validation)
+        .map_err(|e| e.to_string())?;
+    let reference = spec.init.as_deref().filter(|_| run.cfg.method.is_dpo());
+    engine.start_job_with_reference(&spec.name, run, reference)?;
     if let Some((dir, every)) = spec.checkpoints {
         engine.set_job_checkpoints(&spec.name, dir, every)?;
         engine.adopt_checkpoints(&spec.name, &spec.resume_from)?;

@@ -4,65 +4,13 @@
 //! adapter is served under the job's name while and after it trains, and KV blocks come back.
 
 use candle_core::{DType, Device};
-use std::time::Duration;
 use tandem_model::finetune::{Example, Finetuner, TrainableLora, TrainingRun};
+use tandem_model::load_model;
 use tandem_model::testing::{adapter_max_abs_diff, tiny_examples, tiny_train_config, Tiny};
-use tandem_model::{load_model, ModelRunner, SamplingParams};
-use tandem_scheduler::{CoserveConfig, CoserveMode, JobState, LlmEngine, SchedulerConfig};
+use tandem_scheduler::{CoserveMode, JobState, LlmEngine};
 
-fn engine(dir: &std::path::Path, mode: CoserveMode) -> LlmEngine {
-    engine_with_blocks(dir, mode, 64)
-}
-
-fn engine_with_blocks(dir: &std::path::Path, mode: CoserveMode, num_blocks: usize) -> LlmEngine {
-    let m = load_model(Some(dir), &Device::Cpu, DType::F32).unwrap();
-    let runner = ModelRunner::new(m.model, 64, 4).unwrap();
-    let mut e = LlmEngine::new(
-        runner,
-        m.tokenizer,
-        SchedulerConfig {
-            max_num_seqs: 8,
-            max_batched_tokens: 16,
-            block_size: 4,
-            num_blocks,
-            max_model_len: 512,
-            max_loras: 4,
-            enable_prefix_caching: true,
-        },
-    );
-    e.coserve = CoserveConfig {
-        mode,
-        tpot_slo: Duration::from_millis(5),
-        temporal_every: 3,
-        ..Default::default()
-    };
-    e
-}
-
-fn requests() -> Vec<(Vec<u32>, SamplingParams)> {
-    (0..5u32)
-        .map(|k| {
-            let prompt = (0..(3 + k * 2))
-                .map(|i| (i * 11 + k * 7 + 2) % 90)
-                .collect();
-            let params = SamplingParams {
-                max_tokens: 6 + k as usize,
-                ignore_eos: true,
-                ..Default::default()
-            };
-            (prompt, params)
-        })
-        .collect()
-}
-
-/// A tiny GQA model written as an HF directory, with its vocabulary size.
-fn gqa_model() -> (Tiny, tempfile::TempDir, u32) {
-    let t = Tiny::gqa();
-    let dir = tempfile::tempdir().unwrap();
-    t.write_hf_dir(dir.path(), 3);
-    let vocab = t.vocab as u32;
-    (t, dir, vocab)
-}
+mod common;
+use common::*;
 
 /// The adapter `Finetuner` trains alone on `data` (the reference for co-served jobs).
 fn standalone(dir: &std::path::Path, data: Vec<Example>) -> tandem_model::lora::LoraAdapter {
@@ -72,25 +20,6 @@ fn standalone(dir: &std::path::Path, data: Vec<Example>) -> tandem_model::lora::
         alone.train_step().unwrap();
     }
     alone.adapter().unwrap()
-}
-
-/// Runs the engine until it is idle; returns each request's tokens.
-fn run(e: &mut LlmEngine, reqs: &[(Vec<u32>, SamplingParams)]) -> Vec<Vec<u32>> {
-    let ids: Vec<u64> = reqs
-        .iter()
-        .map(|(p, s)| e.add_request(p.clone(), s.clone(), None).unwrap())
-        .collect();
-    let mut out = vec![Vec::new(); reqs.len()];
-    let mut steps = 0;
-    while e.has_work() {
-        steps += 1;
-        assert!(steps < 20_000, "engine does not finish");
-        for o in e.step().unwrap() {
-            let i = ids.iter().position(|&x| x == o.seq_id).unwrap();
-            out[i].extend(o.token);
-        }
-    }
-    out
 }
 
 #[test]
@@ -306,7 +235,7 @@ fn validation_loss_after_each_epoch_matches_a_full_forward() {
         .take(3)
         .collect();
     let mut job = job_run(&e, tiny_examples(vocab));
-    job.set_validation(validation.clone());
+    job.set_validation(validation.clone()).unwrap();
     let epochs = job.cfg.epochs;
     let spe = job.steps_per_epoch();
     e.start_job("ft", job).unwrap();

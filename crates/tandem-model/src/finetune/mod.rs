@@ -110,6 +110,14 @@ impl TrainConfig {
         })
     }
 
+    /// Takes the shape of an adapter training starts from (rank, alpha, rsLoRA, targets).
+    pub fn adopt(&mut self, spec: &LoraSpec) {
+        self.r = spec.r;
+        self.alpha = spec.alpha;
+        self.use_rslora = spec.use_rslora;
+        self.targets = spec.targets.iter().map(|p| p.name().to_string()).collect();
+    }
+
     fn check(&self) -> Result<()> {
         let bad = |m: &str| Err(ModelError::Batch(m.to_string()));
         if self.batch_size == 0 {
@@ -194,15 +202,7 @@ impl<'m> Finetuner<'m> {
     ) -> Result<Self> {
         cfg.check()?;
         let lora = TrainableLora::from_adapter(init, model.cfg.num_hidden_layers, model.device())?;
-        cfg.r = lora.spec.r;
-        cfg.alpha = lora.spec.alpha;
-        cfg.use_rslora = lora.spec.use_rslora;
-        cfg.targets = lora
-            .spec
-            .targets
-            .iter()
-            .map(|p| p.name().to_string())
-            .collect();
+        cfg.adopt(&lora.spec);
         let reference = cfg.method.is_dpo().then_some(init);
         Self::with_run(
             model,

@@ -284,12 +284,14 @@ pub fn validate_file(contents: &str) -> std::result::Result<(FileKind, usize), S
         }
         .map_err(|(f, m)| format!("line {}: `{f}` {m}", i + 1))?;
         match kind_seen {
-            Some((k, first)) if k != this => return Err(format!(
+            Some((k, first)) if k != this => {
+                return Err(format!(
                 "line {}: a {} line in a file whose line {first} is a {} line (one kind per file)",
                 i + 1,
                 name(this),
                 name(k)
-            )),
+            ))
+            }
             None => kind_seen = Some((this, i + 1)),
             _ => {}
         }

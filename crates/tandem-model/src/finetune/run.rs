@@ -261,6 +261,11 @@ impl TrainingRun {
         self.unit.as_ref().map(Unit::kv_len)
     }
 
+    /// Tokens of the unit in flight (its sequences', unpadded); 0 when none is.
+    pub fn current_tokens(&self) -> usize {
+        self.unit.as_ref().map_or(0, Unit::tokens)
+    }
+
     /// A fresh unit for the item `started` points past (or the validation item in flight).
     fn new_unit(&self) -> Unit {
         let (data, i, eval) = match self.seq_eval {

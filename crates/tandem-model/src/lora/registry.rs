@@ -188,6 +188,19 @@ impl AdapterRegistry {
         Ok(())
     }
 
+    /// Adapter `id`'s weights: the live ones, or read from its directory (what a job that
+    /// starts from this adapter begins with).
+    pub fn adapter(&self, id: u32) -> Result<LoraAdapter> {
+        let e = self
+            .entries
+            .get(&id)
+            .ok_or_else(|| ModelError::Batch(format!("adapter {id} is not registered")))?;
+        match &e.live {
+            Some(a) => Ok(a.clone()),
+            None => self.read(&e.path),
+        }
+    }
+
     pub fn id(&self, name: &str) -> Option<u32> {
         self.by_name.get(name).copied()
     }

@@ -7,14 +7,51 @@ use super::*;
 
 impl LlmEngine {
     /// Starts finetuning `run` on a new live adapter served as `name` (usable by requests at
-    /// once: it starts as the base model, PEFT's B = 0).
+    /// once: it starts as the run's initial weights, the base model for a fresh LoRA).
     pub fn start_job(&mut self, name: &str, run: TrainingRun) -> Result<(), String> {
+        self.start_job_with_reference(name, run, None)
+    }
+
+    /// `start_job` for a DPO run whose reference is the served adapter `reference` (the one it
+    /// starts from; None: the base model). The reference stays pinned while the job runs.
+    pub fn start_job_with_reference(
+        &mut self,
+        name: &str,
+        mut run: TrainingRun,
+        reference: Option<&str>,
+    ) -> Result<(), String> {
         if self.jobs.iter().any(|j| j.name == name) || self.runner.adapters.id(name).is_some() {
             return Err(format!("an adapter or job named `{name}` already exists"));
         }
-        // A running job holds one adapter slot; requests keep at least one.
-        let holding = self.jobs.iter().filter(|j| !j.state.is_final()).count();
-        if holding + 1 >= self.runner.adapters.config().max_loras {
+        let reference = match reference {
+            None => None,
+            Some(r) => {
+                let id =
+                    self.runner.adapters.id(r).ok_or_else(|| {
+                        format!("no adapter named `{r}` to take as the reference")
+                    })?;
+                if self
+                    .jobs
+                    .iter()
+                    .any(|j| j.adapter_id == id && !j.state.is_final())
+                {
+                    return Err(format!(
+                        "`{r}` is still training; a reference must be frozen (start from one of its checkpoints, or when it has finished)"
+                    ));
+                }
+                Some(id)
+            }
+        };
+        // A running job holds one adapter slot (two with a reference); requests keep at least
+        // one.
+        let holding: usize = self
+            .jobs
+            .iter()
+            .filter(|j| !j.state.is_final())
+            .map(|j| 1 + usize::from(j.reference.is_some()))
+            .sum();
+        let wanted = 1 + usize::from(reference.is_some());
+        if holding + wanted >= self.runner.adapters.config().max_loras {
             return Err(format!(
                 "no adapter slot for another job: {holding} job(s) hold slots of --max-loras {}",
                 self.runner.adapters.config().max_loras
@@ -27,6 +64,7 @@ impl LlmEngine {
                 "LoRA rank {r} is above the server's max LoRA rank {max}"
             ));
         }
+        run.set_kv_block_size(self.scheduler.blocks().block_size());
         let blocks_needed = run.max_len().div_ceil(self.scheduler.blocks().block_size());
         if blocks_needed > self.scheduler.blocks().num_blocks() {
             return Err(format!(
@@ -43,11 +81,15 @@ impl LlmEngine {
         // A training adapter stays resident while its job runs; the scheduler admits requests
         // through one adapter fewer meanwhile.
         self.runner.adapters.pin(id);
-        self.scheduler.cfg.max_loras = self.scheduler.cfg.max_loras.saturating_sub(1);
+        if let Some(r) = reference {
+            self.runner.adapters.pin(r);
+        }
+        self.scheduler.cfg.max_loras = self.scheduler.cfg.max_loras.saturating_sub(wanted);
         self.jobs.push(TrainingJob {
             name: name.to_string(),
             run,
             adapter_id: id,
+            reference,
             seq_id: JOB_SEQ_BASE - self.jobs.len() as u64,
             state: JobState::Running,
             reports: Vec::new(),
@@ -232,7 +274,10 @@ impl LlmEngine {
         j.state = state;
         self.scheduler.blocks_mut().free(j.seq_id);
         self.runner.adapters.unpin(j.adapter_id);
-        self.scheduler.cfg.max_loras += 1;
+        if let Some(r) = j.reference {
+            self.runner.adapters.unpin(r);
+        }
+        self.scheduler.cfg.max_loras += 1 + usize::from(j.reference.is_some());
     }
 
     pub(super) fn training_due(&self) -> bool {
@@ -294,13 +339,13 @@ impl LlmEngine {
     }
 
     /// Appends job `i`'s next forward chunk to the batch if tokens and KV blocks allow; returns
-    /// the chunk index.
+    /// the chunk's name, to hand its activations back.
     pub(super) fn place_forward_chunk(
         &mut self,
         i: usize,
         sched: &mut ScheduledBatch,
         deadline: Instant,
-    ) -> Option<usize> {
+    ) -> Option<ChunkRef> {
         let used = sched.batch.num_tokens();
         let Some(len) = self.jobs[i].run.current_len() else {
             self.finish_job(i);
@@ -310,7 +355,7 @@ impl LlmEngine {
         if used > 0 && self.coserve.mode == CoserveMode::Coserve {
             // With inference in the batch, the chunk is cut to the token budget and to what the
             // cost model says fits the iteration's latency budget.
-            let (_, _, toks) = self.jobs[i].run.next_forward()?;
+            let toks = self.jobs[i].run.next_forward()?.tokens;
             let budget = self.scheduler.cfg.max_batched_tokens.saturating_sub(used);
             let inference = segment_costs(sched);
             let left = deadline
@@ -337,8 +382,15 @@ impl LlmEngine {
             limit = lo;
         }
         let j = &mut self.jobs[i];
-        let (c, start, toks) = j.run.next_forward_max(limit)?;
-        // The batch's adapters and the job's must be resident together (max_loras slots);
+        let chunk = j.run.next_forward_max(limit)?;
+        // A DPO reference pass runs through the reference (or no adapter), a policy chunk
+        // through the job's adapter.
+        let adapter = if chunk.id.reference {
+            j.reference
+        } else {
+            Some(j.adapter_id)
+        };
+        // The batch's adapters and the chunk's must be resident together (max_loras slots);
         // otherwise the chunk waits for an iteration with room.
         let mut adapters: Vec<u32> = sched
             .batch
@@ -346,7 +398,7 @@ impl LlmEngine {
             .iter()
             .filter_map(|s| s.adapter)
             .collect();
-        adapters.push(j.adapter_id);
+        adapters.extend(adapter);
         adapters.sort_unstable();
         adapters.dedup();
         if self.runner.adapters.ensure_resident(&adapters).is_err() {
@@ -363,18 +415,18 @@ impl LlmEngine {
         if !self.scheduler.blocks_mut().allocate(j.seq_id, len) {
             return None;
         }
-        let table = self.scheduler.blocks().table(j.seq_id).to_vec();
+        let table = chunk.table(self.scheduler.blocks().table(j.seq_id));
         sched.batch.push_with_adapter(
             j.seq_id,
-            &toks,
-            start,
+            &chunk.tokens,
+            chunk.start,
             table,
             LogitsWanted::None,
-            Some(j.adapter_id),
+            adapter,
         );
         sched.capture.push(sched.batch.segments.len() - 1);
-        j.forward_tokens += toks.len() as u64;
-        Some(c)
+        j.forward_tokens += chunk.tokens.len() as u64;
+        Some(chunk.id)
     }
 
     /// Backward steps of job `i` while the iteration's latency budget allows (at least one when
@@ -410,7 +462,7 @@ impl LlmEngine {
             predicted += p;
             tokens += len as u64;
             let table = self.scheduler.blocks().table(j.seq_id).to_vec();
-            let seq_len = j.run.current_len().unwrap_or(0) as u64;
+            let seq_len = j.run.current_tokens() as u64;
             let s0 = Instant::now();
             let r = j
                 .run
