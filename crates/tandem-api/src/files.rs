@@ -71,7 +71,7 @@ pub async fn upload(
             Some("file"),
         )
     })?;
-    tandem_model::finetune::validate_jsonl(text).map_err(|e| {
+    tandem_model::finetune::validate_file(text).map_err(|e| {
         ApiError::invalid(
             format!("Invalid file format for fine-tuning: {name}: {e}"),
             Some("file"),

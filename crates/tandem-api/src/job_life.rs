@@ -5,14 +5,15 @@
 //! `checkpoint_on_shutdown` makes every job checkpoint its last step.
 
 use crate::error::ApiError;
-use crate::jobs::{checkpoint_dir, file_examples};
+use crate::job_request::file_data;
+use crate::jobs::checkpoint_dir;
 use crate::store::now;
 use crate::tenants::{job_owner, Tenant};
 use crate::AppState;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_model::finetune::TrainConfig;
+use tandem_model::finetune::{Eval, StepReport, TrainConfig, TrainData};
 use tandem_scheduler::{JobSpec, JobState};
 
 /// Records an event on job `job`; false if the store refused it (a full disk), logged.
@@ -42,6 +43,41 @@ pub(crate) fn event(
     }
 }
 
+/// An optimizer step's metrics, OpenAI's names; DPO adds the rewards' accuracy and margin
+/// (TRL's `rewards/accuracies`, `rewards/margins`).
+fn step_metrics(r: &StepReport) -> Value {
+    let mut m = json!({"step": r.step, "total_steps": r.total_steps, "train_loss": r.loss,
+        "train_mean_token_accuracy": r.accuracy, "learning_rate": r.lr,
+        "grad_norm": r.grad_norm});
+    if let Some(d) = &r.dpo {
+        m["train_reward_accuracy"] = json!(d.reward_accuracy());
+        m["train_reward_margin"] = json!(d.reward_margin());
+        m["train_chosen_reward"] = json!(d.chosen_reward());
+        m["train_rejected_reward"] = json!(d.rejected_reward());
+    }
+    m
+}
+
+/// An evaluation's metrics (`valid_*`), into `m`.
+fn eval_metrics(e: &Eval, m: &mut Value) {
+    m["valid_loss"] = json!(e.loss);
+    m["valid_mean_token_accuracy"] = json!(e.accuracy);
+    if let Some(d) = &e.dpo {
+        m["valid_reward_accuracy"] = json!(d.reward_accuracy());
+        m["valid_reward_margin"] = json!(d.reward_margin());
+    }
+}
+
+fn dpo_note(d: Option<&tandem_model::finetune::DpoStats>) -> String {
+    d.map_or(String::new(), |d| {
+        format!(
+            ", reward accuracy={:.2}, margin={:.4}",
+            d.reward_accuracy(),
+            d.reward_margin()
+        )
+    })
+}
+
 /// Copies the engine's progress on `adapter` into job `id` until the job ends.
 pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
     let (mut seen, mut seen_evals, mut seen_ckpt_errors) = (0, 0, 0);
@@ -67,14 +103,13 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
                 &id,
                 "info",
                 &format!(
-                    "Step {}/{}: training loss={:.4}",
-                    r.step, r.total_steps, r.loss
+                    "Step {}/{}: training loss={:.4}{}",
+                    r.step,
+                    r.total_steps,
+                    r.loss,
+                    dpo_note(r.dpo.as_ref())
                 ),
-                Some(
-                    json!({"step": r.step, "total_steps": r.total_steps, "train_loss": r.loss,
-                    "train_mean_token_accuracy": r.accuracy, "learning_rate": r.lr,
-                    "grad_norm": r.grad_norm}),
-                ),
+                Some(step_metrics(r)),
             );
             if !ok {
                 break;
@@ -86,11 +121,17 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
                 &st,
                 &id,
                 "info",
-                &format!("Step {}: validation loss={:.4}", e.step, e.loss),
-                Some(
-                    json!({"step": e.step, "total_steps": snap.total_steps, "valid_loss": e.loss,
-                    "valid_mean_token_accuracy": e.accuracy}),
+                &format!(
+                    "Step {}: validation loss={:.4}{}",
+                    e.step,
+                    e.loss,
+                    dpo_note(e.dpo.as_ref())
                 ),
+                Some({
+                    let mut m = json!({"step": e.step, "total_steps": snap.total_steps});
+                    eval_metrics(e, &mut m);
+                    m
+                }),
             );
             if !ok {
                 break;
@@ -136,23 +177,33 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
         for c in ckpts.iter_mut() {
             let step = c["step_number"].as_u64().unwrap_or(0) as usize;
             if let Some(e) = snap.evals.iter().find(|e| e.step == step) {
-                c["metrics"]["valid_loss"] = json!(e.loss);
-                c["metrics"]["valid_mean_token_accuracy"] = json!(e.accuracy);
+                eval_metrics(e, &mut c["metrics"]);
             }
         }
         for (step, name, _) in snap.checkpoints.iter().filter(|c| c.0 > last) {
             let report = snap.reports.iter().find(|r| r.step == *step);
             let eval = snap.evals.iter().find(|e| e.step == *step);
+            let mut metrics = json!({"step": step, "train_loss": report.map(|r| r.loss),
+                "train_mean_token_accuracy": report.map(|r| r.accuracy),
+                "valid_loss": null, "valid_mean_token_accuracy": null});
+            if let Some(r) = report {
+                let m = step_metrics(r);
+                for k in ["train_reward_accuracy", "train_reward_margin"] {
+                    if !m[k].is_null() {
+                        metrics[k] = m[k].clone();
+                    }
+                }
+            }
+            if let Some(e) = eval {
+                eval_metrics(e, &mut metrics);
+            }
             ckpts.push(json!({
                 "id": format!("ftckpt-{}-{step}", &id[6..]),
                 "object": "fine_tuning.job.checkpoint",
                 "created_at": now(),
                 "fine_tuned_model_checkpoint": name,
                 "fine_tuning_job_id": id,
-                "metrics": {"step": step, "train_loss": report.map(|r| r.loss),
-                    "train_mean_token_accuracy": report.map(|r| r.accuracy),
-                    "valid_loss": eval.map(|e| e.loss),
-                    "valid_mean_token_accuracy": eval.map(|e| e.accuracy)},
+                "metrics": metrics,
                 "step_number": step,
             }));
             event(
@@ -233,7 +284,8 @@ pub async fn recover(st: Arc<AppState>) {
             return;
         }
     };
-    for job in jobs {
+    // Oldest first: a job that continues a fine-tuned model finds it served again.
+    for job in jobs.into_iter().rev() {
         let id = job["id"].as_str().unwrap_or_default().to_string();
         let adapter = job["tandem_adapter"]
             .as_str()
@@ -275,20 +327,22 @@ pub async fn recover(st: Arc<AppState>) {
             }
             "running" | "paused" | "queued" => {
                 let restart = async {
+                    let cfg: TrainConfig = serde_json::from_value(job["tandem_config"].clone())
+                        .map_err(|e| ApiError::invalid(format!("stored config: {e}"), None))?;
+                    let m = &cfg.method;
                     let file = job["training_file"].as_str().unwrap_or_default();
                     let data =
-                        file_examples(&st, &owner, file, "training_file")?.ok_or_else(|| {
+                        file_data(&st, &owner, file, "training_file", m)?.ok_or_else(|| {
                             ApiError::invalid("the training file is gone", Some("training_file"))
                         })?;
                     let validation = match job["validation_file"].as_str() {
-                        Some(v) => file_examples(&st, &owner, v, "validation_file")?.unwrap_or_else(|| {
+                        Some(v) => file_data(&st, &owner, v, "validation_file", m)?.unwrap_or_else(|| {
                             tracing::warn!(job = %id, file = v, "the validation file is gone; the job resumes without evaluation");
-                            Vec::new()
+                            TrainData::Supervised(Vec::new())
                         }),
-                        None => Vec::new(),
+                        None => TrainData::Supervised(Vec::new()),
                     };
-                    let cfg: TrainConfig = serde_json::from_value(job["tandem_config"].clone())
-                        .map_err(|e| ApiError::invalid(format!("stored config: {e}"), None))?;
+                    let init = job["tandem_init"].as_str().map(str::to_string);
                     let every = job["tandem_checkpoint_every"].as_u64().unwrap_or(1) as usize;
                     let start = st
                         .engine
@@ -297,6 +351,7 @@ pub async fn recover(st: Arc<AppState>) {
                             data,
                             validation,
                             cfg,
+                            init,
                             checkpoints: Some((checkpoint_dir(&st, &id), every)),
                             resume_from: candidates.iter().map(|(_, p)| p.clone()).collect(),
                         })

@@ -5,6 +5,7 @@
 
 use crate::error::ApiError;
 use crate::job_life::{event, watch};
+use crate::job_request::{file_data, max_seq_len, CreateJob, Lora, MethodChoice};
 use crate::store::now;
 use crate::tenants::{job_owner, Tenant};
 use crate::AppState;
@@ -13,113 +14,8 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use tandem_model::finetune::{parse_record, tokenize, Example, Hyperparameters, TrainConfig};
+use tandem_model::finetune::{Method, TrainConfig, TrainData};
 use tandem_scheduler::JobSpec;
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct Hyper {
-    n_epochs: Option<Value>,
-    batch_size: Option<Value>,
-    learning_rate_multiplier: Option<Value>,
-}
-
-#[derive(Deserialize)]
-struct Method {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    supervised: Option<Supervised>,
-}
-
-#[derive(Deserialize)]
-struct Supervised {
-    hyperparameters: Option<Hyper>,
-}
-
-#[derive(Deserialize)]
-struct Lora {
-    r: Option<usize>,
-    alpha: Option<f64>,
-    target_modules: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-pub struct CreateJob {
-    model: String,
-    training_file: String,
-    validation_file: Option<String>,
-    suffix: Option<String>,
-    seed: Option<u64>,
-    hyperparameters: Option<Hyper>,
-    method: Option<Method>,
-    lora: Option<Lora>,
-    /// OpenAI's metadata: up to 16 string pairs, kept on the job object.
-    metadata: Option<serde_json::Map<String, Value>>,
-}
-
-/// `value` as an integer in `lo..=hi`, or None for `"auto"` (or left out).
-fn int_param(
-    v: &Option<Value>,
-    name: &str,
-    lo: usize,
-    hi: usize,
-) -> Result<Option<usize>, ApiError> {
-    match v {
-        None => Ok(None),
-        Some(Value::String(s)) if s == "auto" => Ok(None),
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(x) if (lo as u64..=hi as u64).contains(&x) => Ok(Some(x as usize)),
-            _ => Err(ApiError::invalid(
-                format!("{name} must be an integer from {lo} to {hi}"),
-                Some(name),
-            )),
-        },
-        Some(_) => Err(ApiError::invalid(
-            format!("{name} must be an integer or \"auto\""),
-            Some(name),
-        )),
-    }
-}
-
-/// Longest training sequence (tokens); the same at creation and at recovery.
-fn max_seq_len(st: &AppState) -> usize {
-    st.max_model_len.min(2048)
-}
-
-/// A training or validation file's lines as tokenized examples (`field` names it in errors).
-fn examples(st: &AppState, content: &[u8], field: &str) -> Result<Vec<Example>, ApiError> {
-    let text = String::from_utf8_lossy(content);
-    let mut data = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let ex = parse_record(line)
-            .and_then(|r| tokenize(&r, &st.tokenizer, max_seq_len(st)))
-            .map_err(|(f, m)| {
-                ApiError::invalid(format!("{field} line {}: `{f}` {m}", i + 1), Some(field))
-            })?;
-        data.push(ex);
-    }
-    Ok(data)
-}
-
-/// The examples of stored file `id` (None if there is no such file, or the tenant may not see
-/// it); `field` names it in errors.
-pub(crate) fn file_examples(
-    st: &AppState,
-    t: &Tenant,
-    id: &str,
-    field: &str,
-) -> Result<Option<Vec<Example>>, ApiError> {
-    if crate::files::visible_file(st, t, id)?.is_none() {
-        return Ok(None);
-    }
-    match st.store.file_content(id)? {
-        Some(content) => examples(st, &content, field).map(Some),
-        None => Ok(None),
-    }
-}
 
 pub(crate) fn checkpoint_dir(st: &AppState, id: &str) -> std::path::PathBuf {
     match &st.data_dir {
@@ -140,80 +36,60 @@ pub async fn create(
     Extension(t): Extension<Tenant>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let req: CreateJob = serde_json::from_slice(&body)
+    let mut req: CreateJob = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("Invalid request: {e}"), None))?;
-    if req.model != st.model_name {
-        return Err(ApiError::invalid(
-            format!(
-                "Model {} is not available for fine-tuning here: the base model is {}",
-                req.model, st.model_name
-            ),
-            Some("model"),
-        ));
-    }
-    if let Some(m) = &req.method {
-        if m.kind.as_deref().is_some_and(|k| k != "supervised") {
+    // The base model, or a served adapter to continue from (a finished job's `ft:` model, a
+    // checkpoint, an adapter loaded at start): OpenAI fine-tunes fine-tuned models too.
+    let init = if req.model == st.model_name {
+        None
+    } else {
+        let stats = st.engine.stats().await.map_err(ApiError::internal)?;
+        let visible = stats.adapters.iter().any(|a| a == &req.model)
+            && t.sees(st.tenants.owner(&req.model).as_deref());
+        if !visible {
             return Err(ApiError::invalid(
-                "Only the `supervised` method is supported",
-                Some("method.type"),
+                format!(
+                    "Model {} is not available for fine-tuning here: name the base model ({}) or a fine-tuned model this server serves",
+                    req.model, st.model_name
+                ),
+                Some("model"),
             ));
         }
-    }
-    let hyper = req
-        .method
-        .and_then(|m| m.supervised)
-        .and_then(|s| s.hyperparameters)
-        .or(req.hyperparameters)
-        .unwrap_or_default();
-    let data = file_examples(&st, &t, &req.training_file, "training_file")?.ok_or_else(|| {
-        ApiError::invalid(
-            format!("Invalid training_file: {}: no such file", req.training_file),
-            Some("training_file"),
-        )
-    })?;
+        Some(req.model.clone())
+    };
+    let MethodChoice { method, hyper } = req.method()?;
+    let data =
+        file_data(&st, &t, &req.training_file, "training_file", &method)?.ok_or_else(|| {
+            ApiError::invalid(
+                format!("Invalid training_file: {}: no such file", req.training_file),
+                Some("training_file"),
+            )
+        })?;
     let validation = match &req.validation_file {
-        Some(v) => file_examples(&st, &t, v, "validation_file")?.ok_or_else(|| {
+        Some(v) => file_data(&st, &t, v, "validation_file", &method)?.ok_or_else(|| {
             ApiError::invalid(
                 format!("Invalid validation_file: {v}: no such file"),
                 Some("validation_file"),
             )
         })?,
-        None => Vec::new(),
-    };
-    let max_len = max_seq_len(&st);
-    let mult = match &hyper.learning_rate_multiplier {
-        None => None,
-        Some(Value::String(s)) if s == "auto" => None,
-        Some(Value::Number(n)) => match n.as_f64() {
-            Some(x) if x > 0.0 && x <= 100.0 => Some(x),
-            _ => {
-                return Err(ApiError::invalid(
-                    "learning_rate_multiplier must be in (0, 100]",
-                    Some("learning_rate_multiplier"),
-                ))
-            }
-        },
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "learning_rate_multiplier must be a number or \"auto\"",
-                Some("learning_rate_multiplier"),
-            ))
-        }
+        None => TrainData::Supervised(Vec::new()),
     };
     // "auto" (or left out) resolved from the data's size, as OpenAI does; the job object
     // records the resolved values.
-    let hp = Hyperparameters {
-        n_epochs: int_param(&hyper.n_epochs, "n_epochs", 1, 50)?,
-        batch_size: int_param(&hyper.batch_size, "batch_size", 1, 256)?,
-        learning_rate_multiplier: mult,
-    }
-    .resolve(data.len());
+    let hp = hyper.resolve_for(data.len(), &method);
     let (n_epochs, batch_size) = (hp.n_epochs, hp.batch_size);
-    let lora = req.lora.unwrap_or(Lora {
+    let lora = req.lora.take().unwrap_or(Lora {
         r: None,
         alpha: None,
         target_modules: None,
     });
+    if init.is_some() && (lora.r.is_some() || lora.alpha.is_some() || lora.target_modules.is_some())
+    {
+        return Err(ApiError::invalid(
+            "lora: a job that continues a fine-tuned model keeps its rank, alpha and targets",
+            Some("lora"),
+        ));
+    }
     let r = lora.r.unwrap_or(8);
     let cfg = TrainConfig {
         r,
@@ -225,8 +101,9 @@ pub async fn create(
         epochs: n_epochs,
         batch_size,
         chunk_tokens: 128,
-        max_seq_len: max_len,
+        max_seq_len: max_seq_len(&st),
         seed: req.seed.unwrap_or(42),
+        method,
         ..Default::default()
     };
     if r == 0 {
@@ -274,8 +151,12 @@ pub async fn create(
         req.suffix.as_deref().unwrap_or("tandem"),
         &id[6..14]
     );
-    let hp = json!({"n_epochs": n_epochs, "batch_size": batch_size,
+    let mut hp = json!({"n_epochs": n_epochs, "batch_size": batch_size,
         "learning_rate_multiplier": hp.learning_rate_multiplier});
+    if let Method::Dpo { beta } = method {
+        hp["beta"] = json!(beta);
+    }
+    let kind = method.name();
     let mut job = json!({
         "id": id,
         "object": "fine_tuning.job",
@@ -289,7 +170,7 @@ pub async fn create(
         "validation_file": req.validation_file,
         "training_file": req.training_file,
         "hyperparameters": hp,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "method": {"type": kind, kind: {"hyperparameters": hp}},
         "trained_tokens": 0,
         "error": null,
         "seed": cfg.seed,
@@ -301,6 +182,7 @@ pub async fn create(
         "tandem_adapter": adapter,
         "tandem_owner": t.name,
         "tandem_config": cfg,
+        "tandem_init": init,
         "tandem_checkpoint_every": data.len().div_ceil(batch_size),
     });
     // A checkpoint at the end of every epoch, written and served while the job runs.
@@ -313,6 +195,7 @@ pub async fn create(
             data,
             validation,
             cfg,
+            init,
             checkpoints: Some((ckpt_dir, every)),
             resume_from: Vec::new(),
         })
@@ -327,7 +210,7 @@ pub async fn create(
     st.tenants.set_owner(&adapter, &t.name);
     event(&st, &id, "info", "Created fine-tuning job", None);
     event(&st, &id, "info", "Fine-tuning job started", None);
-    tracing::info!(job = %id, adapter = %adapter, "fine-tuning job started");
+    tracing::info!(job = %id, adapter = %adapter, method = kind, "fine-tuning job started");
     tokio::spawn(watch(st.clone(), id.clone(), adapter));
     job["status"] = json!("running");
     Ok(Json(job))

@@ -10,6 +10,7 @@ mod completions;
 mod error;
 mod files;
 mod job_life;
+mod job_request;
 mod jobs;
 pub use job_life::checkpoint_on_shutdown;
 pub use job_life::recover as recover_jobs;

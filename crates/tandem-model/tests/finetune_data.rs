@@ -1,57 +1,10 @@
 //! Training data: the three JSONL shapes, loss masks (completion only; assistant turns only
 //! through the chat template), and errors that name the line and the field.
 
-use std::path::Path;
 use tandem_model::finetune::{load_jsonl, parse_record, tokenize, validate_jsonl, Record};
-use tandem_model::TextTokenizer;
 
-/// A word-level tokenizer over `words` (split on whitespace and punctuation) with a chat
-/// template that marks each turn with its role.
-fn tokenizer(dir: &Path) -> TextTokenizer {
-    let words = [
-        "<unk>",
-        "<",
-        ">",
-        "</",
-        "user",
-        "assistant",
-        "system",
-        "end",
-        "hello",
-        "hi",
-        "there",
-        "how",
-        "are",
-        "you",
-        "fine",
-        "thanks",
-        "be",
-        "brief",
-        "q",
-        "a",
-        "text",
-        "only",
-    ];
-    let vocab: serde_json::Map<String, serde_json::Value> = words
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w.to_string(), i.into()))
-        .collect();
-    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}});
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
-    let tpl = "{% for m in messages %}<{{ m.role }}> {{ m.content }} </end> {% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}";
-    let cfg = serde_json::json!({"chat_template": tpl, "eos_token": "end"});
-    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
-    TextTokenizer::from_hf_dir(dir, &[7]).unwrap()
-}
-
-fn words(tok: &TextTokenizer, ids: &[u32]) -> Vec<String> {
-    ids.iter()
-        .map(|&i| tok.decode(&[i], false).unwrap())
-        .collect()
-}
+mod common;
+use common::{tokenizer, words};
 
 #[test]
 fn loss_masks_follow_the_record_shape() {

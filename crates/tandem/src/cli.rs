@@ -55,7 +55,7 @@ pub struct TrainArgs {
     /// Scale alpha / sqrt(rank) (rsLoRA).
     #[arg(long)]
     pub rslora: bool,
-    /// Peak learning rate, or auto (1e-3 for LoRA, scaled up for batches past 8; see
+    /// Peak learning rate, or auto (1e-3 for LoRA, 3e-4 for DPO, scaled up for batches past 8; see
     /// docs/api.md, "auto" hyperparameters).
     #[arg(long, default_value = "auto")]
     pub lr: String,
@@ -88,6 +88,13 @@ pub struct TrainArgs {
     /// step for step with another trainer).
     #[arg(long)]
     pub no_shuffle: bool,
+    /// supervised (examples), or dpo (preference pairs: OpenAI's {"input", "preferred_output",
+    /// "non_preferred_output"} or TRL's {"prompt", "chosen", "rejected"}).
+    #[arg(long, default_value = "supervised")]
+    pub method: String,
+    /// DPO's beta (how far from the reference the preference may pull).
+    #[arg(long, default_value_t = tandem_model::finetune::DEFAULT_BETA)]
+    pub beta: f64,
 }
 
 #[derive(Args, Debug)]
@@ -109,10 +116,11 @@ pub struct FinetuneArgs {
     /// Continue the run checkpointed in this directory (its settings win over the flags).
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Start from this HF PEFT adapter (e.g. one PEFT initialised and saved) instead of a fresh
-    /// one; its rank, alpha, rsLoRA setting and target modules win over --rank, --alpha,
-    /// --rslora and --targets.
-    #[arg(long, conflicts_with = "resume")]
+    /// Start from this HF PEFT adapter (e.g. one PEFT initialised and saved, or an SFT run's
+    /// output) instead of a fresh one; its rank, alpha, rsLoRA setting and target modules win
+    /// over --rank, --alpha, --rslora and --targets. With --method dpo it is also the frozen
+    /// reference (with --resume, it only names that reference).
+    #[arg(long)]
     pub init_adapter: Option<PathBuf>,
     /// Write the tokenized examples here as JSONL ({"tokens": [...], "target": [...]}, in file
     /// order) and exit without training (to feed another trainer exactly the same tokens).
@@ -158,6 +166,31 @@ pub enum BenchCommand {
     Prefix(BenchPrefixArgs),
     /// Decode throughput with every sequence under a JSON schema vs unconstrained; mask time.
     Structured(BenchStructuredArgs),
+    /// DPO beside supervised training on the same pairs: pairs/s, tokens/s, activation memory.
+    Dpo(BenchDpoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchDpoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A preference JSONL (OpenAI's or TRL's format); without it, synthetic pairs.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Synthetic pairs: how many, and their prompt and answer lengths in tokens.
+    #[arg(long, default_value_t = 8)]
+    pub pairs: usize,
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 64)]
+    pub answer_len: usize,
+    /// Pairs per optimizer step (supervised on both sides: twice as many sequences).
+    #[arg(long, default_value_t = 2)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 128)]
+    pub chunk_tokens: usize,
+    #[arg(long, default_value_t = tandem_model::finetune::DEFAULT_BETA)]
+    pub beta: f64,
 }
 
 #[derive(Args, Debug)]

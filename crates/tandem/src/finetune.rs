@@ -6,7 +6,9 @@ use crate::generate::load;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::time::Instant;
-use tandem_model::finetune::{load_jsonl, Finetuner, Hyperparameters, TrainConfig};
+use tandem_model::finetune::{
+    load_jsonl, load_preference_jsonl, Finetuner, Hyperparameters, Method, TrainConfig, TrainData,
+};
 use tandem_model::lora::{LoraAdapter, Proj};
 
 /// `value` of `flag` as a number, or None for `auto`.
@@ -49,12 +51,22 @@ pub fn train_config(a: &TrainArgs, examples: usize) -> Result<TrainConfig> {
     if lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
         bail!("--lr must be a positive number or auto");
     }
+    let method = match a.method.as_str() {
+        "supervised" | "sft" => Method::Supervised,
+        "dpo" => {
+            if !(a.beta > 0.0 && a.beta.is_finite()) {
+                bail!("--beta must be a positive number");
+            }
+            Method::Dpo { beta: a.beta }
+        }
+        other => bail!("--method: `{other}` is not a method (supervised or dpo)"),
+    };
     let hp = Hyperparameters {
         n_epochs: auto_or("--epochs", &a.epochs)?,
         batch_size: auto_or("--batch-size", &a.batch_size)?,
         learning_rate_multiplier: None,
     }
-    .resolve(examples);
+    .resolve_for(examples, &method);
     for (flag, v) in [
         ("--epochs", hp.n_epochs),
         ("--batch-size", hp.batch_size),
@@ -66,6 +78,7 @@ pub fn train_config(a: &TrainArgs, examples: usize) -> Result<TrainConfig> {
         }
     }
     Ok(TrainConfig {
+        method,
         r: a.rank,
         alpha: a.alpha,
         targets,
@@ -91,14 +104,32 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     // Bad flags are reported before the model and data load (the autos resolve after).
     train_config(&args.train, 1)?;
     let m = load(&args.model)?;
-    let data = load_jsonl(&args.data, &m.tokenizer, args.train.max_seq_len)
-        .with_context(|| format!("cannot read training data {}", args.data.display()))?;
+    let dpo = train_config(&args.train, 1)?.method.is_dpo();
+    let max = args.train.max_seq_len;
+    let data: TrainData = if dpo {
+        load_preference_jsonl(&args.data, &m.tokenizer, max).map(TrainData::Preference)
+    } else {
+        load_jsonl(&args.data, &m.tokenizer, max).map(TrainData::Supervised)
+    }
+    .with_context(|| format!("cannot read training data {}", args.data.display()))?;
     let examples = data.len();
     if let Some(path) = &args.dump_tokens {
+        let line = |e: &tandem_model::finetune::Example| serde_json::json!({"tokens": e.tokens, "target": e.target});
         let mut out = String::new();
-        for e in &data {
-            out.push_str(&serde_json::json!({"tokens": e.tokens, "target": e.target}).to_string());
-            out.push('\n');
+        match &data {
+            TrainData::Supervised(v) => {
+                for e in v {
+                    out.push_str(&line(e).to_string());
+                    out.push('\n');
+                }
+            }
+            TrainData::Preference(v) => {
+                for p in v {
+                    let pair = serde_json::json!({"chosen": line(&p.chosen), "rejected": line(&p.rejected)});
+                    out.push_str(&pair.to_string());
+                    out.push('\n');
+                }
+            }
         }
         std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!(
@@ -108,24 +139,43 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         return Ok(());
     }
     let cfg = train_config(&args.train, examples)?;
-    let targets: usize = data.iter().map(|e| e.num_targets()).sum();
-    let mut ft = match &args.resume {
-        Some(dir) => Finetuner::resume(&m.model, data, dir)
+    let targets: usize = match &data {
+        TrainData::Supervised(v) => v.iter().map(|e| e.num_targets()).sum(),
+        TrainData::Preference(v) => v
+            .iter()
+            .map(|p| p.chosen.num_targets() + p.rejected.num_targets())
+            .sum(),
+    };
+    let init = match &args.init_adapter {
+        Some(dir) => Some(
+            LoraAdapter::load(dir, &m.model.cfg, m.model.device(), candle_core::DType::F32)
+                .with_context(|| format!("--init-adapter {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let mut ft = match (&args.resume, &init) {
+        (Some(dir), _) => Finetuner::resume(&m.model, data, dir, init.as_ref().filter(|_| dpo))
             .with_context(|| format!("cannot resume from {}", dir.display()))?,
-        None => match &args.init_adapter {
-            Some(dir) => {
-                let init =
-                    LoraAdapter::load(dir, &m.model.cfg, m.model.device(), candle_core::DType::F32)
-                        .with_context(|| format!("--init-adapter {}", dir.display()))?;
-                Finetuner::from_adapter(&m.model, data, cfg, &init, Some(m.name.clone()))
-                    .with_context(|| format!("--init-adapter {}", dir.display()))?
-            }
-            None => Finetuner::new(&m.model, data, cfg, Some(m.name.clone()))?,
-        },
+        (None, Some(init)) => {
+            Finetuner::from_adapter(&m.model, data, cfg, init, Some(m.name.clone())).with_context(
+                || {
+                    format!(
+                        "--init-adapter {}",
+                        args.init_adapter
+                            .as_deref()
+                            .unwrap_or_else(|| std::path::Path::new(""))
+                            .display()
+                    )
+                },
+            )?
+        }
+        (None, None) => Finetuner::new(&m.model, data, cfg, Some(m.name.clone()))?,
     };
     eprintln!(
-        "finetune: {} on {examples} examples ({targets} target tokens), LoRA r={} alpha={} on {}, {} epochs, {} steps of {} sequences, lr {} ({:?}), chunks of {} tokens",
+        "finetune ({}): {} on {examples} {} ({targets} target tokens), LoRA r={} alpha={} on {}, {} epochs, {} steps of {} sequences, lr {} ({:?}), chunks of {} tokens",
+        ft.cfg().method.name(),
         m.name,
+        if dpo { "pairs" } else { "examples" },
         ft.cfg().r,
         ft.cfg().alpha,
         ft.cfg().targets.join(","),
@@ -145,9 +195,16 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         let t0 = Instant::now();
         let r = ft.train_step()?;
         tokens += r.tokens;
+        let rewards = r.dpo.map_or(String::new(), |d| {
+            format!(
+                " reward_accuracy {:.4} reward_margin {:.6}",
+                d.reward_accuracy(),
+                d.reward_margin()
+            )
+        });
         writeln!(
             out,
-            "step {}/{} loss {:.6} accuracy {:.4} lr {:.3e} grad_norm {:.6} tokens {} ({:.0} tok/s)",
+            "step {}/{} loss {:.6} accuracy {:.4}{rewards} lr {:.3e} grad_norm {:.6} tokens {} ({:.0} tok/s)",
             r.step,
             r.total_steps,
             r.loss,

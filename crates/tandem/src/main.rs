@@ -5,6 +5,7 @@ mod adapter;
 mod bench;
 mod bench_attention;
 mod bench_coserve;
+mod bench_dpo;
 mod bench_finetune;
 mod bench_kernels;
 mod bench_prefix;
@@ -73,6 +74,7 @@ fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Bench(cli::BenchCommand::Logits(args)) => bench::logits(args),
         cli::Command::Bench(cli::BenchCommand::Prefix(args)) => bench_prefix::run(args),
         cli::Command::Bench(cli::BenchCommand::Structured(args)) => bench_structured::run(args),
+        cli::Command::Bench(cli::BenchCommand::Dpo(args)) => bench_dpo::run(args),
         cli::Command::Adapter(cli::AdapterCommand::Check(args)) => adapter::check(args),
         cli::Command::Finetune(args) => finetune::run(args),
     }
