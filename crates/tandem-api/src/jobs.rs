@@ -189,18 +189,24 @@ pub async fn create(
     let ckpt_dir = checkpoint_dir(&st, &id);
     std::fs::create_dir_all(&ckpt_dir).map_err(ApiError::internal)?;
     let every = data.len().div_ceil(batch_size);
-    st.engine
+    let started = st
+        .engine
         .start_job(JobSpec {
             name: adapter.clone(),
             data,
             validation,
-            cfg,
+            cfg: cfg.clone(),
             init,
             checkpoints: Some((ckpt_dir, every)),
             resume_from: Vec::new(),
         })
         .await
         .map_err(|e| ApiError::invalid(format!("Cannot start the job: {e}"), None))?;
+    if let Some(c) = started.config {
+        // Continuing a fine-tuned model: its LoRA shape.
+        job["lora"] = json!({"r": c.r, "alpha": c.alpha, "target_modules": c.targets});
+        job["tandem_config"] = json!(c);
+    }
     // Not recorded (a full disk): not acknowledged, so it must not train either.
     if let Err(e) = st.store.put_job(&job) {
         let _ = st.engine.control_job(adapter.clone(), None).await;

@@ -150,6 +150,9 @@ pub struct JobStart {
     pub resumed_from: Option<PathBuf>,
     /// Newer checkpoints that could not be read, with why.
     pub skipped: Vec<(PathBuf, String)>,
+    /// The settings the job runs with (a job that starts from an adapter takes its rank,
+    /// alpha and targets).
+    pub config: Option<TrainConfig>,
 }
 
 /// A checkpoint written on request (shutdown): job name, optimizer step, served name, where.
@@ -608,6 +611,7 @@ fn start_job(engine: &mut LlmEngine, spec: JobSpec) -> Result<JobStart, String> 
     };
     run.set_validation(spec.validation)
         .map_err(|e| e.to_string())?;
+    start.config = Some(run.cfg.clone());
     let reference = spec.init.as_deref().filter(|_| run.cfg.method.is_dpo());
     engine.start_job_with_reference(&spec.name, run, reference)?;
     if let Some((dir, every)) = spec.checkpoints {

@@ -96,6 +96,26 @@ fn job_data(vocab: usize, len: usize) -> Vec<Example> {
         .collect()
 }
 
+/// DPO pairs of `len`-token sequences: a shared first half (the prompt), different second
+/// halves (the answers, the targets).
+fn job_pairs(vocab: usize, len: usize) -> Vec<tandem_model::finetune::Pair> {
+    let half = len / 2;
+    let side = |k: usize| {
+        let mut tokens = prompt(10_000 + k, len, vocab);
+        tokens[..half].copy_from_slice(&prompt(20_000 + k / 2, half, vocab));
+        Example {
+            tokens,
+            target: (0..len).map(|i| i >= half.max(1)).collect(),
+        }
+    };
+    (0..32)
+        .map(|k| tandem_model::finetune::Pair {
+            chosen: side(2 * k),
+            rejected: side(2 * k + 1),
+        })
+        .collect()
+}
+
 /// One timed run: Poisson arrivals at `rate` req/s (none if 0) for `secs`, with a finetuning
 /// job if `job` is given.
 fn run_once(
@@ -220,23 +240,31 @@ pub fn run(args: BenchCoserveArgs) -> Result<()> {
     )?;
     let slo = Duration::from_secs_f64(args.tpot_slo_ms / 1e3);
     let new_job = |e: &LlmEngine| -> Result<TrainingRun> {
+        // A DPO job's steps hold as many sequences as a supervised one's (two per pair).
+        let dpo = args.method == "dpo";
         let cfg = TrainConfig {
             r: 16,
             alpha: 32.0,
             targets: vec!["q_proj".into(), "v_proj".into()],
-            batch_size: 4,
+            batch_size: if dpo { 2 } else { 4 },
             epochs: 100,
             chunk_tokens: args.chunk_tokens,
             lr: 1e-4,
+            method: if dpo {
+                tandem_model::finetune::Method::Dpo { beta: 0.1 }
+            } else {
+                tandem_model::finetune::Method::Supervised
+            },
             ..Default::default()
         };
         let lora =
             TrainableLora::new(&e.runner.model.cfg, cfg.spec()?, e.runner.model.device(), 0)?;
-        Ok(TrainingRun::new(
-            job_data(vocab, args.train_len),
-            cfg,
-            lora,
-        )?)
+        let data: tandem_model::finetune::TrainData = if dpo {
+            job_pairs(vocab, args.train_len).into()
+        } else {
+            job_data(vocab, args.train_len).into()
+        };
+        Ok(TrainingRun::new(data, cfg, lora)?)
     };
     // Capacity: how many requests per second inference alone sustains with a full batch.
     e.coserve = CoserveConfig {
@@ -265,12 +293,13 @@ pub fn run(args: BenchCoserveArgs) -> Result<()> {
     }
     let capacity = n as f64 / t0.elapsed().as_secs_f64();
     println!(
-        "# tandem bench coserve: {name}, prompt {} + output {} tokens per request, Poisson arrivals, {} s per run, TPOT SLO {} ms, TTFT SLO {} ms, job: LoRA r16 q/v, sequences of {} tokens in chunks of {}, threads {}",
+        "# tandem bench coserve: {name}, prompt {} + output {} tokens per request, Poisson arrivals, {} s per run, TPOT SLO {} ms, TTFT SLO {} ms, job: {} LoRA r16 q/v, sequences of {} tokens in chunks of {}, threads {}",
         args.prompt_len,
         args.output_len,
         args.secs,
         args.tpot_slo_ms,
         args.ttft_slo_ms,
+        args.method,
         args.train_len,
         args.chunk_tokens,
         candle_core::utils::get_num_threads()

@@ -264,6 +264,10 @@ pub struct BenchCoserveArgs {
     /// Tokens per training sequence of the job.
     #[arg(long, default_value_t = 128)]
     pub train_len: usize,
+    /// The job's method: supervised (batches of 4 sequences) or dpo (batches of 2 pairs of
+    /// `train_len`-token sequences sharing their first half).
+    #[arg(long, default_value = "supervised", value_parser = ["supervised", "dpo"])]
+    pub method: String,
     #[arg(long, default_value_t = 32)]
     pub chunk_tokens: usize,
     /// Temporal mode: iterations between finetuning turns (one row per value).
