@@ -5,6 +5,8 @@
 //! `checkpoint_on_shutdown` makes every job checkpoint its last step.
 
 use crate::error::ApiError;
+pub(crate) use crate::job_events::event;
+use crate::job_events::{dpo_note, eval_metrics, step_metrics};
 use crate::job_request::file_data;
 use crate::jobs::checkpoint_dir;
 use crate::store::now;
@@ -13,70 +15,8 @@ use crate::AppState;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_model::finetune::{Eval, StepReport, TrainConfig, TrainData};
+use tandem_model::finetune::{TrainConfig, TrainData};
 use tandem_scheduler::{JobSpec, JobState};
-
-/// Records an event on job `job`; false if the store refused it (a full disk), logged.
-pub(crate) fn event(
-    st: &AppState,
-    job: &str,
-    level: &str,
-    message: &str,
-    data: Option<Value>,
-) -> bool {
-    let kind = if data.is_some() { "metrics" } else { "message" };
-    let e = json!({
-        "id": format!("ftevent-{}", uuid::Uuid::new_v4().simple()),
-        "object": "fine_tuning.job.event",
-        "created_at": now(),
-        "level": level,
-        "message": message,
-        "type": kind,
-        "data": data.unwrap_or(json!({})),
-    });
-    match st.store.add_event(job, &e) {
-        Ok(()) => true,
-        Err(err) => {
-            tracing::error!(job, error = %err, "cannot record a job event");
-            false
-        }
-    }
-}
-
-/// An optimizer step's metrics, OpenAI's names; DPO adds the rewards' accuracy and margin
-/// (TRL's `rewards/accuracies`, `rewards/margins`).
-fn step_metrics(r: &StepReport) -> Value {
-    let mut m = json!({"step": r.step, "total_steps": r.total_steps, "train_loss": r.loss,
-        "train_mean_token_accuracy": r.accuracy, "learning_rate": r.lr,
-        "grad_norm": r.grad_norm});
-    if let Some(d) = &r.dpo {
-        m["train_reward_accuracy"] = json!(d.reward_accuracy());
-        m["train_reward_margin"] = json!(d.reward_margin());
-        m["train_chosen_reward"] = json!(d.chosen_reward());
-        m["train_rejected_reward"] = json!(d.rejected_reward());
-    }
-    m
-}
-
-/// An evaluation's metrics (`valid_*`), into `m`.
-fn eval_metrics(e: &Eval, m: &mut Value) {
-    m["valid_loss"] = json!(e.loss);
-    m["valid_mean_token_accuracy"] = json!(e.accuracy);
-    if let Some(d) = &e.dpo {
-        m["valid_reward_accuracy"] = json!(d.reward_accuracy());
-        m["valid_reward_margin"] = json!(d.reward_margin());
-    }
-}
-
-fn dpo_note(d: Option<&tandem_model::finetune::DpoStats>) -> String {
-    d.map_or(String::new(), |d| {
-        format!(
-            ", reward accuracy={:.2}, margin={:.4}",
-            d.reward_accuracy(),
-            d.reward_margin()
-        )
-    })
-}
 
 /// Copies the engine's progress on `adapter` into job `id` until the job ends.
 pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {

@@ -32,6 +32,7 @@ pub const KEEP_CHECKPOINTS: usize = 3;
 /// Sequence ids from here down hold finetuning jobs' KV blocks (one per job).
 pub const JOB_SEQ_BASE: u64 = u64::MAX - 1;
 
+mod job_checkpoints;
 mod jobs;
 
 /// New output of one sequence after one step.

@@ -5,10 +5,12 @@
 
 pub mod adamw;
 pub mod auto;
+mod checkpoint;
 pub mod data;
 pub mod objective;
 pub mod preference;
 pub mod run;
+pub mod seq;
 pub mod step;
 mod tool_lines;
 pub mod trainer;
@@ -23,8 +25,9 @@ pub use preference::{
     FileKind, Pair, PreferenceRecord,
 };
 pub use run::{Eval, Progress, TrainData, TrainingRun};
+pub use seq::{SeqPhase, SeqTrain};
 pub use step::{ChunkGrads, HeadOut, LayerLora};
-pub use trainer::{peft_key, GradAccum, LoraSpec, SeqPhase, SeqTrain, TrainableLora};
+pub use trainer::{peft_key, GradAccum, LoraSpec, TrainableLora};
 pub use unit::{ChunkRef, ForwardChunk, Unit};
 
 use crate::batch::{LogitsWanted, PackedBatch};
