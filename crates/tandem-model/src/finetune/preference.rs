@@ -5,7 +5,8 @@
 //! - TRL, explicit prompt: `{"prompt": "..." | [messages], "chosen": "..." | [messages],
 //!   "rejected": "..." | [messages]}`;
 //! - TRL, implicit prompt: `{"chosen": [messages], "rejected": [messages]}`, the messages both
-//!   share being the prompt.
+//!   share being the prompt; Anthropic HH-RLHF's `{"chosen": "...", "rejected": "..."}`, the
+//!   text both begin with being the prompt.
 //!
 //! Each side becomes an ordinary training record (the prompt as context, the answer as the
 //! target), tokenized as supervised lines are. Bad lines give errors naming line and field.
@@ -178,9 +179,24 @@ fn trl(obj: &serde_json::Map<String, Value>) -> std::result::Result<PreferenceRe
     match (obj.get("prompt"), chosen, rejected) {
         // Strings: a completion pair.
         (p, Value::String(c), Value::String(r)) => {
-            let prompt = match p {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(s)) => s.clone(),
+            let (prompt, c, r) = match p {
+                // Implicit prompt (Anthropic HH-RLHF's shape): the text both sides begin with,
+                // up to before the space the answers start with (as TRL's `extract_prompt`).
+                None | Some(Value::Null) => {
+                    let mut at = c
+                        .char_indices()
+                        .zip(r.chars())
+                        .find(|((_, a), b)| a != b)
+                        .map_or(c.len().min(r.len()), |((i, _), _)| i);
+                    while !c.is_char_boundary(at) {
+                        at -= 1;
+                    }
+                    if at > 0 && c[..at].ends_with(' ') {
+                        at -= 1;
+                    }
+                    (c[..at].to_string(), &c[at..], &r[at..])
+                }
+                Some(Value::String(s)) => (s.clone(), c.as_str(), r.as_str()),
                 Some(other) => {
                     return Err((
                         "prompt".into(),
