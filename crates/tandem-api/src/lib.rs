@@ -9,6 +9,7 @@ mod chat;
 mod completions;
 mod error;
 mod files;
+mod graders;
 mod job_events;
 mod job_life;
 mod job_request;

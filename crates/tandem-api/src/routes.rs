@@ -47,6 +47,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(crate::jobs::create).get(crate::jobs::list),
         )
         .route("/v1/fine_tuning/jobs/{id}", get(crate::jobs::get_one))
+        .route(
+            "/v1/fine_tuning/alpha/graders/validate",
+            post(crate::graders::validate),
+        )
+        .route(
+            "/v1/fine_tuning/alpha/graders/run",
+            post(crate::graders::run),
+        )
         .route("/v1/fine_tuning/jobs/{id}/events", get(crate::jobs::events))
         .route(
             "/v1/fine_tuning/jobs/{id}/checkpoints",

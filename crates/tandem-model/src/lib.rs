@@ -16,6 +16,7 @@ pub mod error;
 pub mod finetune;
 pub mod gguf;
 pub mod gguf_tokenizer;
+pub mod graders;
 pub mod grammar;
 pub mod kv_cache;
 pub mod llama;
