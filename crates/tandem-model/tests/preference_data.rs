@@ -137,6 +137,11 @@ fn a_file_holds_one_kind_of_line() {
     .unwrap_err();
     assert!(bad.starts_with("line 2: `input.messages`"), "{bad}");
     assert_eq!(preference_pairs(&two, &tok, 64).unwrap().len(), 2);
+    // Each parser says when a line is of the other kind.
+    let (f, msg) = parse_preference(sup).unwrap_err();
+    assert!(f == "json" && msg.contains("supervised example"), "{msg}");
+    let (f, msg) = tandem_model::finetune::parse_record(&openai_line()).unwrap_err();
+    assert!(f == "json" && msg.contains("dpo method"), "{msg}");
     let (line, field, _) = preference_pairs("\n", &tok, 64).unwrap_err();
     assert_eq!((line, field.as_str()), (0, "lines"));
 }

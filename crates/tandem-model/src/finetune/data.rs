@@ -279,6 +279,10 @@ pub fn parse_record(line: &str) -> std::result::Result<Record, (String, String)>
         (None, None) => match string_field(&obj, "text")? {
             Some(t) if !t.is_empty() => Ok(Record::Text(t)),
             Some(_) => Err(("text".into(), "is empty".into())),
+            None if super::preference::is_preference(&obj) => Err((
+                "json".into(),
+                "is a preference pair (preferred / non-preferred outputs): train on it with the dpo method (`--method dpo`)".into(),
+            )),
             None => Err((
                 "json".into(),
                 "needs `messages` (or ShareGPT's `conversations`), `prompt` and `completion`, `instruction` and `output` (Alpaca), or `text`".into(),

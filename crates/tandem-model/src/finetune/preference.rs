@@ -112,6 +112,11 @@ pub fn parse_preference(line: &str) -> std::result::Result<PreferenceRecord, Fie
         openai(&obj)?
     } else if obj.contains_key("chosen") || obj.contains_key("rejected") {
         trl(&obj)?
+    } else if parse_record(line).is_ok() {
+        return Err((
+            "json".into(),
+            "is a supervised example, not a preference pair: train on it with the supervised method, or give `input`, `preferred_output` and `non_preferred_output`".into(),
+        ));
     } else {
         return Err((
             "json".into(),
