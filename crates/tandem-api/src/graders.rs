@@ -93,6 +93,7 @@ impl ModelCall for EngineCall {
             span: tracing::Span::current(),
         };
         let engine = self.st.engine.clone();
+        let model = model.to_string();
         self.rt.block_on(async move {
             let (_, mut rx) = engine.generate(req).await.map_err(|e| e.to_string())?;
             let mut out = String::new();
@@ -100,8 +101,7 @@ impl ModelCall for EngineCall {
                 match ev {
                     Event::Token { text, .. } => out.push_str(&text),
                     Event::Finished { .. } => break,
-                    #[allow(unreachable_patterns)]
-                    _ => {}
+                    Event::Failed(e) => return Err(format!("the model `{model}` failed: {e}")),
                 }
             }
             Ok(out)

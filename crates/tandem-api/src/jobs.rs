@@ -195,7 +195,7 @@ pub async fn create(
             name: adapter.clone(),
             data,
             validation,
-            cfg: cfg.clone(),
+            cfg,
             init,
             checkpoints: Some((ckpt_dir, every)),
             resume_from: Vec::new(),
