@@ -7,7 +7,8 @@ refused with the line and field named. Started by .ci/run.
 import openai
 import pytest
 
-from test_openai import MODEL, start, upload_training_file, wait_for
+# The server and client fixtures (module-scoped: one server for this file).
+from test_openai import MODEL, client, server, upload_training_file, wait_for  # noqa: F401
 
 QA = [("What is 2 plus 3?", "5"), ("Name a primary color.", "Red"), ("What is the capital of Italy?", "Rome"),
       ("How many legs does a spider have?", "Eight"), ("What is the opposite of hot?", "Cold"),
@@ -31,19 +32,6 @@ def trl_pair(q, a):
     return {"prompt": [{"role": "user", "content": q}],
             "chosen": [{"role": "assistant", "content": f"{STYLE} {a}."}],
             "rejected": [{"role": "assistant", "content": f"{a}."}]}
-
-
-@pytest.fixture(scope="module")
-def server():
-    proc, url = start()
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused")
 
 
 def ask(client, model, q):

@@ -7,20 +7,13 @@ served model. Started by .ci/run.
 import openai
 import pytest
 
-from test_openai import MODEL, start
+# The server and client fixtures (module-scoped: one server for this file).
+from test_openai import MODEL, client, server  # noqa: F401
 
 STRING = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
           "reference": "{{item.answer}}", "operation": "ilike"}
 SIMILAR = {"type": "text_similarity", "name": "sim", "input": "{{sample.output_text}}",
            "reference": "{{item.answer}}", "evaluation_metric": "rouge_1"}
-
-
-@pytest.fixture(scope="module")
-def client():
-    proc, url = start()
-    yield openai.OpenAI(base_url=url + "/v1", api_key="unused")
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def test_validate_returns_the_grader(client):

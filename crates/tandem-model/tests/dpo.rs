@@ -22,12 +22,7 @@ const BETA: f64 = 0.5;
 
 /// Pairs: a shared prompt (not a target) and two answers of different lengths.
 fn pairs(vocab: u32) -> Vec<Pair> {
-    let ex = |prompt: &[u32], answer: &[u32]| {
-        let mut tokens = prompt.to_vec();
-        tokens.extend(answer);
-        let target = (0..tokens.len()).map(|i| i >= prompt.len()).collect();
-        Example { tokens, target }
-    };
+    let ex = Example::with_prompt;
     let t = |k: u32, n: u32| {
         (0..n)
             .map(|i| (i * 7 + 3 + k * 13) % vocab)
@@ -204,6 +199,17 @@ fn dpo_pair_terms_match_the_closed_form() {
     }
 }
 
+/// Rank 4, alpha 8, lr 5e-3: a DPO run on the tiny model that moves in a few steps.
+fn small_dpo(beta: f64) -> TrainConfig {
+    TrainConfig {
+        r: 4,
+        alpha: 8.0,
+        lr: 5e-3,
+        method: Method::Dpo { beta },
+        ..Default::default()
+    }
+}
+
 /// A DPO run from the base model raises the preferred answers' margin: the reward accuracy
 /// and margin of its steps go up and the mean DPO loss falls below log 2 (its value at the
 /// start, where policy = reference).
@@ -213,15 +219,11 @@ fn a_dpo_run_learns_the_preference() {
     let (_dir, m) = model(&t);
     let data = pairs(t.vocab as u32);
     let cfg = TrainConfig {
-        r: 4,
-        alpha: 8.0,
-        lr: 5e-3,
         epochs: 15,
         batch_size: 2,
         chunk_tokens: 4,
         shuffle: false,
-        method: Method::Dpo { beta: 0.1 },
-        ..Default::default()
+        ..small_dpo(0.1)
     };
     let mut ft = Finetuner::new(&m, data.clone(), cfg, None).unwrap();
     let mut reports = Vec::new();
@@ -262,14 +264,10 @@ fn a_resumed_dpo_run_equals_a_straight_run() {
     let (_dir, m) = model(&t);
     let data = pairs(t.vocab as u32);
     let cfg = TrainConfig {
-        r: 4,
-        alpha: 8.0,
-        lr: 5e-3,
         epochs: 3,
         batch_size: 1,
         chunk_tokens: 3,
-        method: Method::Dpo { beta: 0.3 },
-        ..Default::default()
+        ..small_dpo(0.3)
     };
     let start = lora(&m, 7).to_adapter(None).unwrap();
     for init in [None, Some(&start)] {

@@ -18,12 +18,7 @@ mod common;
 use common::*;
 
 fn pairs(vocab: u32) -> Vec<Pair> {
-    let ex = |prompt: &[u32], answer: &[u32]| {
-        let mut tokens = prompt.to_vec();
-        tokens.extend(answer);
-        let target = (0..tokens.len()).map(|i| i >= prompt.len()).collect();
-        Example { tokens, target }
-    };
+    let ex = Example::with_prompt;
     let t = |k: u32, n: u32| {
         (0..n)
             .map(|i| (i * 5 + 2 + k * 17) % vocab)

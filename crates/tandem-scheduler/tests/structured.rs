@@ -13,6 +13,9 @@ use tandem_model::testing::{
 use tandem_model::{load_model, ModelRunner, SamplingParams, TextTokenizer};
 use tandem_scheduler::{FinishReason, LlmEngine, SchedulerConfig};
 
+mod common;
+use common::run_all;
+
 struct Setup {
     _dir: tempfile::TempDir,
     path: std::path::PathBuf,
@@ -60,35 +63,6 @@ fn engine(s: &Setup, num_blocks: usize, max_num_seqs: usize, budget: usize) -> L
             enable_prefix_caching: true,
         },
     )
-}
-
-/// Runs every request to the end: (generated tokens, text, finish reason) each.
-fn run_all(
-    e: &mut LlmEngine,
-    reqs: &[(Vec<u32>, SamplingParams)],
-) -> Vec<(Vec<u32>, String, FinishReason)> {
-    let ids: Vec<u64> = reqs
-        .iter()
-        .map(|(p, s)| e.add_request(p.clone(), s.clone(), None).unwrap())
-        .collect();
-    let mut out: Vec<(Vec<u32>, String, Option<FinishReason>)> =
-        vec![(vec![], String::new(), None); reqs.len()];
-    let mut steps = 0;
-    while e.has_work() {
-        steps += 1;
-        assert!(steps < 20_000, "engine does not finish");
-        for o in e.step().unwrap() {
-            let i = ids.iter().position(|&x| x == o.seq_id).unwrap();
-            out[i].0.extend(o.token);
-            out[i].1.push_str(&o.text);
-            if o.finished.is_some() {
-                out[i].2 = o.finished;
-            }
-        }
-    }
-    out.into_iter()
-        .map(|(t, s, r)| (t, s, r.expect("finished")))
-        .collect()
 }
 
 fn schemas() -> Vec<Value> {

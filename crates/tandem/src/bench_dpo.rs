@@ -19,12 +19,7 @@ fn synthetic(prompt: usize, answer: usize, vocab: usize, k: usize) -> Pair {
             .map(|j| ((k * 7919 + salt * 31 + j * 104_729) % (vocab - 200) + 100) as u32)
             .collect()
     };
-    let side = |salt: usize| {
-        let mut tokens = toks(0, prompt);
-        tokens.extend(toks(salt, answer));
-        let target = (0..tokens.len()).map(|i| i >= prompt).collect();
-        Example { tokens, target }
-    };
+    let side = |salt: usize| Example::with_prompt(&toks(0, prompt), &toks(salt, answer));
     Pair {
         chosen: side(1),
         rejected: side(2),

@@ -41,6 +41,14 @@ pub struct Example {
 }
 
 impl Example {
+    /// `prompt` as context, then `answer` as the target.
+    pub fn with_prompt(prompt: &[u32], answer: &[u32]) -> Self {
+        let mut tokens = prompt.to_vec();
+        tokens.extend(answer);
+        let target = (0..tokens.len()).map(|i| i >= prompt.len()).collect();
+        Self { tokens, target }
+    }
+
     pub fn num_targets(&self) -> usize {
         self.target.iter().filter(|&&t| t).count()
     }
@@ -379,12 +387,17 @@ pub fn tokenize(
     Ok(ex)
 }
 
-/// Reads, checks and tokenizes a JSONL training file.
-pub fn load_jsonl(path: &Path, tok: &TextTokenizer, max_len: usize) -> Result<Vec<Example>> {
-    let contents = std::fs::read_to_string(path).map_err(|err| ModelError::Io {
+/// A data file's text (the error names the file).
+pub(super) fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|err| ModelError::Io {
         path: path.into(),
         err,
-    })?;
+    })
+}
+
+/// Reads, checks and tokenizes a JSONL training file.
+pub fn load_jsonl(path: &Path, tok: &TextTokenizer, max_len: usize) -> Result<Vec<Example>> {
+    let contents = read_text(path)?;
     let mut out = Vec::new();
     for (i, line) in contents.lines().enumerate() {
         if line.trim().is_empty() {

@@ -359,10 +359,7 @@ pub fn load_preference_jsonl(
     tok: &TextTokenizer,
     max_len: usize,
 ) -> Result<Vec<Pair>> {
-    let contents = std::fs::read_to_string(path).map_err(|err| ModelError::Io {
-        path: path.into(),
-        err,
-    })?;
+    let contents = super::data::read_text(path)?;
     preference_pairs(&contents, tok, max_len).map_err(|(line, f, m)| {
         if line == 0 {
             ModelError::field(path, f, m)

@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 use std::time::Duration;
 use tandem_model::testing::Tiny;
 use tandem_model::{load_model, ModelRunner, SamplingParams};
-use tandem_scheduler::{CoserveConfig, CoserveMode, LlmEngine, SchedulerConfig};
+use tandem_scheduler::{CoserveConfig, CoserveMode, FinishReason, LlmEngine, SchedulerConfig};
 
 pub fn engine(dir: &std::path::Path, mode: CoserveMode) -> LlmEngine {
     engine_with_blocks(dir, mode, 64)
@@ -66,21 +66,36 @@ pub fn gqa_model() -> (Tiny, tempfile::TempDir, u32) {
     (t, dir, vocab)
 }
 
-/// Runs the engine until it is idle; returns each request's tokens.
-pub fn run(e: &mut LlmEngine, reqs: &[(Vec<u32>, SamplingParams)]) -> Vec<Vec<u32>> {
+/// Runs every request to the end: (generated tokens, text, finish reason) each.
+pub fn run_all(
+    e: &mut LlmEngine,
+    reqs: &[(Vec<u32>, SamplingParams)],
+) -> Vec<(Vec<u32>, String, FinishReason)> {
     let ids: Vec<u64> = reqs
         .iter()
         .map(|(p, s)| e.add_request(p.clone(), s.clone(), None).unwrap())
         .collect();
-    let mut out = vec![Vec::new(); reqs.len()];
+    let mut out: Vec<(Vec<u32>, String, Option<FinishReason>)> =
+        vec![(vec![], String::new(), None); reqs.len()];
     let mut steps = 0;
     while e.has_work() {
         steps += 1;
         assert!(steps < 20_000, "engine does not finish");
         for o in e.step().unwrap() {
             let i = ids.iter().position(|&x| x == o.seq_id).unwrap();
-            out[i].extend(o.token);
+            out[i].0.extend(o.token);
+            out[i].1.push_str(&o.text);
+            if o.finished.is_some() {
+                out[i].2 = o.finished;
+            }
         }
     }
-    out
+    out.into_iter()
+        .map(|(t, s, r)| (t, s, r.expect("finished")))
+        .collect()
+}
+
+/// Runs the engine until it is idle; returns each request's tokens.
+pub fn run(e: &mut LlmEngine, reqs: &[(Vec<u32>, SamplingParams)]) -> Vec<Vec<u32>> {
+    run_all(e, reqs).into_iter().map(|(t, _, _)| t).collect()
 }
