@@ -26,6 +26,11 @@ pub const LORA_BASE_LR: f64 = 1e-3;
 /// after it (docs/benchmarks.md, "Defaults that teach: DPO").
 pub const DPO_BASE_LR: f64 = 3e-4;
 
+/// Reinforcement fine-tuning's learning rate for a multiplier of 1 (LoRA; GRPO's per-token
+/// weights are of the supervised mean's size, advantages being normalised). Chosen by
+/// measurement on the default model: docs/benchmarks.md, "Defaults that teach: reinforcement".
+pub const REINFORCEMENT_BASE_LR: f64 = 1e-3;
+
 /// Every linear projection, PEFT's names.
 pub fn default_targets() -> Vec<String> {
     Proj::ALL.iter().map(|p| p.name().to_string()).collect()
@@ -100,6 +105,7 @@ impl Hyperparameters {
                 * match method {
                     super::Method::Supervised => LORA_BASE_LR,
                     super::Method::Dpo { .. } => DPO_BASE_LR,
+                    super::Method::Reinforcement(_) => REINFORCEMENT_BASE_LR,
                 },
         }
     }

@@ -7,8 +7,11 @@ pub mod adamw;
 pub mod auto;
 mod checkpoint;
 pub mod data;
+pub mod grpo;
 pub mod objective;
 pub mod preference;
+pub mod prompts;
+mod ref_pass;
 pub mod run;
 pub mod seq;
 pub mod step;
@@ -24,7 +27,9 @@ pub use preference::{
     load_preference_jsonl, parse_preference, preference_pairs, tokenize_pair, validate_file,
     FileKind, Pair, PreferenceRecord,
 };
-pub use run::{Eval, Progress, TrainData, TrainingRun};
+pub use grpo::{GrpoStats, Reinforce, Rollout};
+pub use prompts::{load_prompt_jsonl, parse_prompt, prompt_items, validate_prompts, PromptItem};
+pub use run::{Answer, Eval, Progress, Prompts, RolloutRequest, TrainData, TrainingRun};
 pub use seq::{SeqPhase, SeqTrain};
 pub use step::{ChunkGrads, HeadOut, LayerLora};
 pub use trainer::{peft_key, GradAccum, LoraSpec, TrainableLora};
@@ -165,6 +170,8 @@ pub struct StepReport {
     /// DPO: the step's pairs' loss, reward accuracy and margins (`loss` is then the mean DPO
     /// loss per pair).
     pub dpo: Option<DpoStats>,
+    /// Reinforcement: the step's answers' rewards, KL and tokens sampled.
+    pub grpo: Option<GrpoStats>,
 }
 
 /// Runs optimizer steps of token-level LoRA training on its own KV cache.

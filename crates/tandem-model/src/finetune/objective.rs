@@ -8,6 +8,12 @@
 //!   `-log σ(z)`, mean over the batch's pairs. Its gradient through `π_c` is `-β σ(-z) / N`,
 //!   so `w_c = β σ(-z) / N` and `w_r = -β σ(-z) / N` on the two sequences' Σ -log p.
 //!
+//! - reinforcement (GRPO): per sampled answer `i` of `N` in the batch, advantage `A_i` (its
+//!   reward normalised in its prompt's group), per answer token `t` the policy's `l_t` and the
+//!   reference's `r_t` log-probabilities; loss `Σ_i 1/(N|o_i|) Σ_t [-A_i l_t + β KL_t]` with
+//!   `KL_t = e^(r_t - l_t) - (r_t - l_t) - 1`, so per token `w_t = (A_i - β(1 - e^(r_t - l_t)))
+//!   / (N|o_i|)`: known before the forward when β = 0, after it otherwise (`grpo.rs`).
+//!
 //! The token-level backward takes those weights as a scale on each sequence's top-layer
 //! gradient, so every method keeps its memory per token.
 
@@ -23,6 +29,9 @@ pub enum Method {
     /// Direct preference optimization on (preferred, non-preferred) pairs against a frozen
     /// reference (the base model, or the adapter the job started from).
     Dpo { beta: f64 },
+    /// Reinforcement fine-tuning (GRPO, Shao et al. 2024): answers sampled from the policy
+    /// itself, graded, weighted by their group-normalised advantage (`grpo.rs`).
+    Reinforcement(super::grpo::Reinforce),
 }
 
 /// OpenAI's and TRL's default DPO β.
@@ -33,10 +42,15 @@ impl Method {
         matches!(self, Method::Dpo { .. })
     }
 
+    pub fn is_reinforcement(&self) -> bool {
+        matches!(self, Method::Reinforcement(_))
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Method::Supervised => "supervised",
             Method::Dpo { .. } => "dpo",
+            Method::Reinforcement(_) => "reinforcement",
         }
     }
 }

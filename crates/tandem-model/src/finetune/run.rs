@@ -5,8 +5,10 @@
 //! which sequence is next, the loss weighting over the optimizer batch, gradient accumulation,
 //! AdamW and the learning-rate schedule.
 
+use super::grpo::GrpoStats;
 use super::objective::{DpoStats, Method};
 use super::preference::Pair;
+use super::prompts::PromptItem;
 use super::unit::{ChunkRef, ForwardChunk, Unit};
 use super::{
     lr_factor, AdamW, AdamWConfig, Example, GradAccum, StepReport, TrainConfig, TrainableLora,
@@ -39,13 +41,23 @@ pub struct Eval {
     pub accuracy: f64,
     /// DPO: rewards over the validation pairs.
     pub dpo: Option<DpoStats>,
+    /// Reinforcement: the validation prompts' sampled answers' rewards.
+    pub grpo: Option<GrpoStats>,
 }
 
-/// A run's examples: supervised sequences or preference pairs.
+/// A run's examples: supervised sequences, preference pairs, or prompts with a grader.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrainData {
     Supervised(Vec<Example>),
     Preference(Vec<Pair>),
+    Prompts(Prompts),
+}
+
+/// Reinforcement data: prompts, and the grader that scores answers to them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompts {
+    pub items: Vec<PromptItem>,
+    pub grader: crate::graders::Grader,
 }
 
 impl From<Vec<Example>> for TrainData {
@@ -65,6 +77,7 @@ impl TrainData {
         match self {
             TrainData::Supervised(v) => v.len(),
             TrainData::Preference(v) => v.len(),
+            TrainData::Prompts(p) => p.items.len(),
         }
     }
 
@@ -77,6 +90,8 @@ impl TrainData {
         match self {
             TrainData::Supervised(v) => vec![&v[i]],
             TrainData::Preference(v) => vec![&v[i].chosen, &v[i].rejected],
+            // Sampled answers are units, not the data's items (`reinforce.rs`).
+            TrainData::Prompts(_) => Vec::new(),
         }
     }
 
@@ -84,8 +99,12 @@ impl TrainData {
         self.members(i).iter().map(|e| e.num_targets()).sum()
     }
 
-    /// KV positions item `i` needs, in whole blocks of `block`.
-    fn kv_len(&self, i: usize, block: usize) -> usize {
+    /// KV positions item `i` needs, in whole blocks of `block` (a prompt: with the longest
+    /// answer, `answer` tokens).
+    fn kv_len(&self, i: usize, block: usize, answer: usize) -> usize {
+        if let TrainData::Prompts(p) = self {
+            return (p.items[i].prompt.len() + answer).div_ceil(block).max(1) * block;
+        }
         self.members(i)
             .iter()
             .map(|e| e.tokens.len().div_ceil(block).max(1) * block)
@@ -137,7 +156,12 @@ pub struct TrainingRun {
     kv_block: usize,
     /// DPO: the frozen reference's Σ log p per (validation?, item), computed once.
     ref_logps: HashMap<(bool, usize), Vec<Option<f64>>>,
+    /// Reinforcement: sampling, rewards and the step's answers.
+    rl: reinforce::RlState,
 }
+
+mod reinforce;
+pub use reinforce::{Answer, RolloutRequest};
 
 impl TrainingRun {
     pub fn new(data: impl Into<TrainData>, cfg: TrainConfig, lora: TrainableLora) -> Result<Self> {
@@ -152,9 +176,13 @@ impl TrainingRun {
             max_grad_norm: cfg.max_grad_norm,
             ..Default::default()
         });
-        let validation = match data {
+        let validation = match &data {
             TrainData::Supervised(_) => TrainData::Supervised(Vec::new()),
             TrainData::Preference(_) => TrainData::Preference(Vec::new()),
+            TrainData::Prompts(p) => TrainData::Prompts(Prompts {
+                items: Vec::new(),
+                grader: p.grader.clone(),
+            }),
         };
         Ok(Self {
             cfg,
@@ -180,6 +208,7 @@ impl TrainingRun {
             evals: Vec::new(),
             kv_block: 16,
             ref_logps: HashMap::new(),
+            rl: Default::default(),
         })
     }
 
@@ -193,7 +222,7 @@ impl TrainingRun {
 
     /// Every optimizer step and the last evaluation are done.
     pub fn is_done(&self) -> bool {
-        self.step >= self.total_steps() && self.eval.is_none()
+        self.step >= self.total_steps() && self.eval.is_none() && !self.rl.eval_due
     }
 
     /// Evaluates the loss on `examples` (forward only) after the last step of every epoch.
@@ -216,7 +245,16 @@ impl TrainingRun {
     /// blocks).
     pub fn max_len(&self) -> usize {
         let b = self.kv_block;
-        let most = |d: &TrainData| (0..d.len()).map(|i| d.kv_len(i, b)).max().unwrap_or(0);
+        let answer = match self.cfg.method {
+            Method::Reinforcement(r) => r.max_tokens,
+            _ => 0,
+        };
+        let most = |d: &TrainData| {
+            (0..d.len())
+                .map(|i| d.kv_len(i, b, answer))
+                .max()
+                .unwrap_or(0)
+        };
         most(&self.data).max(most(&self.validation))
     }
 
@@ -247,6 +285,9 @@ impl TrainingRun {
             if self.is_done() {
                 return None;
             }
+            if self.cfg.method.is_reinforcement() {
+                return self.rl_next_unit();
+            }
             if self.started == 0 {
                 self.batch = self.batch_indices(self.step);
                 let total: usize = self.batch.iter().map(|&i| self.data.targets(i)).sum();
@@ -265,6 +306,9 @@ impl TrainingRun {
 
     /// A fresh unit for the item `started` points past (or the validation item in flight).
     fn new_unit(&self) -> Unit {
+        if self.cfg.method.is_reinforcement() {
+            return self.rl_unit(self.batch[self.started - 1]);
+        }
         let (data, i, eval) = match self.seq_eval {
             Some(i) => (&self.validation, i, true),
             None => (&self.data, self.batch[self.started - 1], false),
@@ -359,6 +403,7 @@ impl TrainingRun {
                     },
                     accuracy: e.correct as f64 / e.targets.max(1) as f64,
                     dpo,
+                    grpo: None,
                 });
             }
         }
@@ -401,10 +446,20 @@ impl TrainingRun {
         if let Some(p) = &unit.dpo {
             self.dpo.add(p);
         }
+        if let Some(kl) = unit.kl {
+            self.rl.stats.kl_sum += kl;
+            self.rl.stats.kl_answers += 1;
+        }
         self.unit = None;
         if self.started < self.batch.len() {
             return Ok(Progress::SequenceDone);
         }
+        Ok(Progress::OptimizerStep(self.optimizer_step()?))
+    }
+
+    /// The AdamW update at the end of an optimizer batch, its report, and the evaluation due
+    /// after it.
+    fn optimizer_step(&mut self) -> Result<StepReport> {
         let total_steps = self.total_steps();
         let lr = self.cfg.lr
             * lr_factor(
@@ -414,15 +469,23 @@ impl TrainingRun {
                 total_steps,
             );
         let grads: HashMap<String, candle_core::Tensor> = std::mem::take(&mut self.acc.grads);
-        let info = self.opt.step(&self.lora.named_params(), &grads, lr)?;
+        // A reinforcement batch whose answers all got their group's reward has no gradient: the
+        // step counts, the weights stay.
+        let info = if grads.is_empty() && self.cfg.method.is_reinforcement() {
+            super::StepInfo { grad_norm: 0.0, lr }
+        } else {
+            self.opt.step(&self.lora.named_params(), &grads, lr)?
+        };
         self.step += 1;
         let dpo = self.cfg.method.is_dpo().then_some(self.dpo);
+        let grpo = self.cfg.method.is_reinforcement().then_some(self.rl.stats);
         let report = StepReport {
             step: self.step,
             total_steps,
-            loss: match dpo {
-                Some(d) => d.loss(),
-                None => self.loss / self.targets.max(1) as f64,
+            loss: match (dpo, grpo) {
+                (Some(d), _) => d.loss(),
+                (_, Some(_)) => self.rl_loss(),
+                _ => self.loss / self.targets.max(1) as f64,
             },
             accuracy: self.correct as f64 / self.targets.max(1) as f64,
             lr,
@@ -431,6 +494,7 @@ impl TrainingRun {
             targets: self.targets,
             peak_activation_bytes: self.peak,
             dpo,
+            grpo,
         };
         self.started = 0;
         (
@@ -441,6 +505,10 @@ impl TrainingRun {
             self.peak,
         ) = (0.0, 0, 0, 0, 0);
         self.dpo = DpoStats::default();
+        if self.cfg.method.is_reinforcement() {
+            self.rl_step_done();
+            return Ok(report);
+        }
         let epoch_end =
             self.step.is_multiple_of(self.steps_per_epoch()) || self.step >= total_steps;
         if epoch_end && !self.validation.is_empty() {
@@ -453,14 +521,22 @@ impl TrainingRun {
                 dpo: DpoStats::default(),
             });
         }
-        Ok(Progress::OptimizerStep(report))
+        Ok(report)
     }
 }
 
 /// A run's method must fit its data.
 fn check_kind(method: &Method, data: &TrainData) -> Result<()> {
     match (method, data) {
-        (Method::Supervised, TrainData::Supervised(_)) | (Method::Dpo { .. }, TrainData::Preference(_)) => Ok(()),
+        (Method::Supervised, TrainData::Supervised(_))
+        | (Method::Dpo { .. }, TrainData::Preference(_))
+        | (Method::Reinforcement(_), TrainData::Prompts(_)) => Ok(()),
+        (Method::Reinforcement(_), _) => Err(ModelError::Batch(
+            "reinforcement fine-tuning trains on prompts with a grader, not on examples or pairs".into(),
+        )),
+        (_, TrainData::Prompts(_)) => Err(ModelError::Batch(
+            "prompts with a grader are for the reinforcement method".into(),
+        )),
         (Method::Dpo { .. }, TrainData::Supervised(_)) => Err(ModelError::Batch(
             "DPO trains on preference pairs (a prompt with a preferred and a non-preferred answer), not on supervised examples".into(),
         )),

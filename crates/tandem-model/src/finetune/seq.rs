@@ -50,6 +50,8 @@ pub struct SeqTrain {
     pub loss_sum: f64,
     pub targets: usize,
     pub correct: usize,
+    /// log p of each target so far, in order (a per-token weight's input: GRPO's KL term).
+    pub token_logps: Vec<f32>,
 }
 
 impl SeqTrain {
@@ -78,6 +80,7 @@ impl SeqTrain {
             loss_sum: 0.0,
             targets: 0,
             correct: 0,
+            token_logps: Vec::new(),
         }
     }
 
@@ -105,6 +108,43 @@ impl SeqTrain {
             *d = (&*d * weight)?;
         }
         self.weight = weight;
+        self.weight_pending = false;
+        Ok(())
+    }
+
+    /// Sets a deferred weight per target token (in order: `token_logps`'s), once the forward
+    /// is done: each top-layer gradient row, formed for weight 1, is scaled by its token's
+    /// weight (the head's backward is row by row, the layers' linear in it).
+    pub fn set_token_weights(&mut self, weights: &[f64]) -> Result<()> {
+        if !self.weight_pending || matches!(self.phase, SeqPhase::Forward(_)) {
+            return Err(ModelError::Batch(
+                "per-token weights are set once, after the sequence's forward".into(),
+            ));
+        }
+        if weights.len() != self.targets {
+            return Err(ModelError::Batch(format!(
+                "{} token weights for {} target tokens",
+                weights.len(),
+                self.targets
+            )));
+        }
+        // Per position: the weight of the target it predicts, 0 where none.
+        let mut per_pos = vec![0f32; self.len()];
+        let mut k = 0;
+        for (p, l) in self.labels.iter().enumerate() {
+            if l.is_some() {
+                per_pos[p] = weights[k] as f32;
+                k += 1;
+            }
+        }
+        for (c, &(start, len)) in self.chunks.iter().enumerate() {
+            if let Some(d) = self.d_out[c].as_mut() {
+                let w = Tensor::new(&per_pos[start..start + len], d.device())?
+                    .to_dtype(d.dtype())?
+                    .unsqueeze(1)?;
+                *d = d.broadcast_mul(&w)?;
+            }
+        }
         self.weight_pending = false;
         Ok(())
     }
@@ -168,6 +208,7 @@ impl SeqTrain {
         self.loss_sum += head.loss_sum;
         self.targets += head.targets;
         self.correct += head.correct;
+        self.token_logps.extend_from_slice(&head.logps);
         let d = head.d_x;
         self.chunks.push((s, n));
         self.d_out.push(Some(d));

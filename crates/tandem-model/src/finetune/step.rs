@@ -106,6 +106,8 @@ pub struct HeadOut {
     pub targets: usize,
     /// Rows whose argmax is the label.
     pub correct: usize,
+    /// log p(label) per row with a label, in row order.
+    pub logps: Vec<f32>,
     /// d loss / d x, [len, hidden] (zero on rows without a label).
     pub d_x: Tensor,
 }
@@ -311,6 +313,7 @@ impl Llama {
                 loss_sum: 0.0,
                 targets: 0,
                 correct: 0,
+                logps: Vec::new(),
                 d_x: x.zeros_like()?,
             });
         }
@@ -346,15 +349,15 @@ impl Llama {
             .to_dtype(DType::U32)?
             .sum_all()?
             .to_scalar::<u32>()? as usize;
-        let loss_sum = (lse - picked)?
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        let nll = (lse - picked)?;
+        let logps: Vec<f32> = nll.neg()?.flatten_all()?.to_vec1()?;
+        let loss_sum = nll.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         let Some(weight) = weight else {
             return Ok(HeadOut {
                 loss_sum,
                 targets: rows.len(),
                 correct,
+                logps,
                 d_x: Tensor::zeros(0, x.dtype(), dev)?,
             });
         };
@@ -372,6 +375,7 @@ impl Llama {
             loss_sum,
             targets: rows.len(),
             correct,
+            logps,
             d_x,
         })
     }

@@ -4,12 +4,18 @@
 //! the cache together: their weights are known only once both forwards are done, and each
 //! backward reads its own K/V.
 //!
+//! A GRPO unit is one sampled answer: its weight per token is its advantage's (known before
+//! the forward) plus, with a KL penalty, a term of the policy's and the reference's
+//! log-probabilities of the token, set once its reference pass and policy forward are done.
+//!
 //! A DPO member first runs a reference pass (forward only, the reference adapter: the base
 //! model or the frozen adapter the job started from), which yields Σ log p of its answer; then
 //! its policy forward (captured, as a supervised sequence's), whose top-layer gradients are
 //! those of Σ -log p, scaled by the pair's DPO weight before the backward (`objective.rs`).
 
+use super::grpo::{kl_k3, token_weights};
 use super::objective::{DpoPair, Method};
+use super::ref_pass::RefPass;
 use super::{Example, GradAccum, SeqPhase, SeqTrain, TrainableLora};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
@@ -46,66 +52,21 @@ impl ForwardChunk {
     }
 }
 
-/// A forward-only pass that sums log-probabilities of the targets.
-struct RefPass {
-    tokens: Vec<u32>,
-    labels: Vec<Option<u32>>,
-    done: usize,
-    chunks: usize,
-    chunk_tokens: usize,
-    loss_sum: f64,
-}
-
-impl RefPass {
-    fn new(ex: &Example, chunk_tokens: usize) -> Self {
-        let n = ex.tokens.len();
-        let labels = (0..n)
-            .map(|i| (i + 1 < n && ex.target[i + 1]).then(|| ex.tokens[i + 1]))
-            .collect();
-        Self {
-            tokens: ex.tokens.clone(),
-            labels,
-            done: 0,
-            chunks: 0,
-            chunk_tokens: chunk_tokens.max(1),
-            loss_sum: 0.0,
-        }
-    }
-
-    fn next(&self, max: usize) -> (usize, usize, &[u32]) {
-        let n = self
-            .chunk_tokens
-            .min(max)
-            .max(1)
-            .min(self.tokens.len() - self.done);
-        (
-            self.chunks,
-            self.done,
-            &self.tokens[self.done..self.done + n],
-        )
-    }
-
-    /// Takes chunk `c`'s top-layer output; returns whether the pass is done.
-    fn finish(&mut self, model: &Llama, c: usize, top: &Tensor) -> Result<bool> {
-        let n = top.dim(0)?;
-        if c != self.chunks || n == 0 || self.done + n > self.tokens.len() {
-            return Err(ModelError::Batch(format!(
-                "reference chunk {c} of {n} tokens is not the next one"
-            )));
-        }
-        let head = model.head_loss(top, &self.labels[self.done..self.done + n])?;
-        self.loss_sum += head.loss_sum;
-        self.done += n;
-        self.chunks += 1;
-        Ok(self.done == self.tokens.len())
-    }
-}
-
 struct Member {
     seq: SeqTrain,
     reference: Option<RefPass>,
     ref_logp: Option<f64>,
+    /// The reference's log p per target (GRPO's KL term).
+    ref_tokens: Option<Vec<f32>>,
     blocks: Range<usize>,
+}
+
+/// A GRPO answer's terms: its advantage, the batch's answers, the KL weight.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Rl {
+    advantage: f64,
+    answers: usize,
+    beta: f64,
 }
 
 /// One supervised sequence or one DPO pair, from its first forward chunk to its last
@@ -118,6 +79,9 @@ pub struct Unit {
     pairs: usize,
     /// The pair's DPO quantities, once its forwards are done.
     pub dpo: Option<DpoPair>,
+    rl: Option<Rl>,
+    /// GRPO with a KL penalty: the answer's mean token KL to the reference, once known.
+    pub kl: Option<f64>,
     kv_block: usize,
 }
 
@@ -138,7 +102,7 @@ impl Unit {
     ) -> Self {
         let beta = match method {
             Method::Dpo { beta } => Some(beta),
-            Method::Supervised => None,
+            Method::Supervised | Method::Reinforcement(_) => None,
         };
         let mut at = 0;
         let members = examples
@@ -157,6 +121,7 @@ impl Unit {
                     reference: (beta.is_some() && ref_logp.is_none())
                         .then(|| RefPass::new(ex, chunk_tokens)),
                     ref_logp,
+                    ref_tokens: None,
                     blocks: range,
                 }
             })
@@ -167,8 +132,58 @@ impl Unit {
             beta,
             pairs,
             dpo: None,
+            rl: None,
+            kl: None,
             kv_block: kv_block.max(1),
         }
+    }
+
+    /// A GRPO unit: sampled answer `ex` (prompt as context) with `advantage`, one of `answers`
+    /// in the optimizer batch; with `beta` > 0 a reference pass first (unless `ref_tokens`, the
+    /// reference's log p per answer token, is known).
+    pub fn rollout(
+        ex: &Example,
+        chunk_tokens: usize,
+        advantage: f64,
+        answers: usize,
+        beta: f64,
+        ref_tokens: Option<Vec<f32>>,
+        kv_block: usize,
+    ) -> Self {
+        let kl = beta != 0.0;
+        let seq = if kl {
+            SeqTrain::deferred(ex.tokens.clone(), &ex.target, chunk_tokens)
+        } else {
+            let w = advantage / (answers.max(1) * ex.num_targets().max(1)) as f64;
+            SeqTrain::new(ex.tokens.clone(), &ex.target, chunk_tokens, w)
+        };
+        let blocks = ex.tokens.len().div_ceil(kv_block.max(1)).max(1);
+        let member = Member {
+            seq,
+            reference: (kl && ref_tokens.is_none()).then(|| RefPass::new(ex, chunk_tokens)),
+            ref_logp: None,
+            ref_tokens,
+            blocks: 0..blocks,
+        };
+        Self {
+            members: vec![member],
+            eval: false,
+            beta: None,
+            pairs: 1,
+            dpo: None,
+            rl: Some(Rl {
+                advantage,
+                answers,
+                beta,
+            }),
+            kl: None,
+            kv_block: kv_block.max(1),
+        }
+    }
+
+    /// GRPO: the reference's log p per answer token, once its pass is done.
+    pub fn ref_tokens(&self) -> Option<&[f32]> {
+        self.members.first()?.ref_tokens.as_deref()
     }
 
     /// KV positions the unit needs (its members' whole blocks).
@@ -248,6 +263,7 @@ impl Unit {
                 .ok_or_else(|| ModelError::Batch("no captured activations".into()))?;
             if r.finish(model, id.chunk, &top)? {
                 m.ref_logp = Some(-r.loss_sum);
+                m.ref_tokens = Some(std::mem::take(&mut r.logps));
                 m.reference = None;
             }
         } else {
@@ -258,6 +274,37 @@ impl Unit {
                 self.weigh_pair(beta)?;
             }
         }
+        if let Some(rl) = self.rl.filter(|r| r.beta != 0.0) {
+            if self.forwards_done() && self.kl.is_none() {
+                self.weigh_answer(rl)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A GRPO answer's per-token weights with its KL term.
+    fn weigh_answer(&mut self, rl: Rl) -> Result<()> {
+        let m = &mut self.members[0];
+        let reference = m.ref_tokens.as_deref().ok_or_else(|| {
+            ModelError::Batch("the answer's reference log-probabilities are missing".into())
+        })?;
+        let policy = &m.seq.token_logps;
+        if reference.len() != policy.len() {
+            return Err(ModelError::Batch(format!(
+                "{} reference log-probabilities for {} answer tokens",
+                reference.len(),
+                policy.len()
+            )));
+        }
+        let w = token_weights(rl.advantage, policy, reference, rl.beta, rl.answers);
+        let kl: f64 = policy
+            .iter()
+            .zip(reference)
+            .map(|(&l, &r)| kl_k3(l as f64, r as f64))
+            .sum::<f64>()
+            / policy.len().max(1) as f64;
+        m.seq.set_token_weights(&w)?;
+        self.kl = Some(kl);
         Ok(())
     }
 
