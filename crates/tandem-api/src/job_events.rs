@@ -1,6 +1,6 @@
 //! A fine-tuning job's events: recorded in the store (`message` and `metrics` events, OpenAI's
 //! shape), and the metrics of an optimizer step or an evaluation under OpenAI's names (DPO's
-//! reward accuracy and margin beside them).
+//! reward accuracy and margin, reinforcement's rewards, KL and tokens sampled beside them).
 
 use crate::store::now;
 use crate::AppState;
@@ -46,11 +46,25 @@ pub(crate) fn step_metrics(r: &StepReport) -> Value {
         m["train_chosen_reward"] = json!(d.chosen_reward());
         m["train_rejected_reward"] = json!(d.rejected_reward());
     }
+    if let Some(g) = &r.grpo {
+        m["train_mean_reward"] = json!(g.mean_reward());
+        m["train_reward_std"] = json!(g.reward_std());
+        m["train_kl"] = json!(g.mean_kl());
+        m["train_answers"] = json!(g.samples);
+        m["train_tokens_sampled"] = json!(g.tokens_sampled);
+    }
     m
 }
 
 /// An evaluation's metrics (`valid_*`), into `m`.
 pub(crate) fn eval_metrics(e: &Eval, m: &mut Value) {
+    if let Some(g) = &e.grpo {
+        // A reinforcement evaluation samples answers: rewards, no loss.
+        m["valid_mean_reward"] = json!(g.mean_reward());
+        m["valid_reward_std"] = json!(g.reward_std());
+        m["valid_answers"] = json!(g.samples);
+        return;
+    }
     m["valid_loss"] = json!(e.loss);
     m["valid_mean_token_accuracy"] = json!(e.accuracy);
     if let Some(d) = &e.dpo {
@@ -59,12 +73,23 @@ pub(crate) fn eval_metrics(e: &Eval, m: &mut Value) {
     }
 }
 
-pub(crate) fn dpo_note(d: Option<&tandem_model::finetune::DpoStats>) -> String {
-    d.map_or(String::new(), |d| {
-        format!(
+/// DPO's reward accuracy and margin, or a reinforcement job's mean reward, for a message.
+pub(crate) fn method_note(
+    d: Option<&tandem_model::finetune::DpoStats>,
+    g: Option<&tandem_model::finetune::GrpoStats>,
+) -> String {
+    match (d, g) {
+        (Some(d), _) => format!(
             ", reward accuracy={:.2}, margin={:.4}",
             d.reward_accuracy(),
             d.reward_margin()
-        )
-    })
+        ),
+        (_, Some(g)) => format!(
+            ", mean reward={:.4} (std {:.4}, {} answers)",
+            g.mean_reward(),
+            g.reward_std(),
+            g.samples
+        ),
+        _ => String::new(),
+    }
 }

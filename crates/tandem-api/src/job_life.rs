@@ -6,7 +6,7 @@
 
 use crate::error::ApiError;
 pub(crate) use crate::job_events::event;
-use crate::job_events::{dpo_note, eval_metrics, step_metrics};
+use crate::job_events::{eval_metrics, method_note, step_metrics};
 use crate::job_request::file_data;
 use crate::jobs::checkpoint_dir;
 use crate::store::now;
@@ -47,7 +47,7 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
                     r.step,
                     r.total_steps,
                     r.loss,
-                    dpo_note(r.dpo.as_ref())
+                    method_note(r.dpo.as_ref(), r.grpo.as_ref())
                 ),
                 Some(step_metrics(r)),
             );
@@ -61,12 +61,21 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
                 &st,
                 &id,
                 "info",
-                &format!(
-                    "Step {}: validation loss={:.4}{}",
-                    e.step,
-                    e.loss,
-                    dpo_note(e.dpo.as_ref())
-                ),
+                &match &e.grpo {
+                    Some(g) => format!(
+                        "Step {}: validation mean reward={:.4} (std {:.4}, {} answers)",
+                        e.step,
+                        g.mean_reward(),
+                        g.reward_std(),
+                        g.samples
+                    ),
+                    None => format!(
+                        "Step {}: validation loss={:.4}{}",
+                        e.step,
+                        e.loss,
+                        method_note(e.dpo.as_ref(), None)
+                    ),
+                },
                 Some({
                     let mut m = json!({"step": e.step, "total_steps": snap.total_steps});
                     eval_metrics(e, &mut m);
@@ -128,7 +137,11 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
                 "valid_loss": null, "valid_mean_token_accuracy": null});
             if let Some(r) = report {
                 let m = step_metrics(r);
-                for k in ["train_reward_accuracy", "train_reward_margin"] {
+                for k in [
+                    "train_reward_accuracy",
+                    "train_reward_margin",
+                    "train_mean_reward",
+                ] {
                     if !m[k].is_null() {
                         metrics[k] = m[k].clone();
                     }
@@ -270,13 +283,20 @@ pub async fn recover(st: Arc<AppState>) {
                     let cfg: TrainConfig = serde_json::from_value(job["tandem_config"].clone())
                         .map_err(|e| ApiError::invalid(format!("stored config: {e}"), None))?;
                     let m = &cfg.method;
+                    let grader = match &job["method"]["reinforcement"]["grader"] {
+                        Value::Null => None,
+                        g => Some(tandem_model::graders::Grader::parse(g, "grader.").map_err(
+                            |(f, e)| ApiError::invalid(format!("stored grader: `{f}` {e}"), None),
+                        )?),
+                    };
+                    let g = grader.as_ref();
                     let file = job["training_file"].as_str().unwrap_or_default();
                     let data =
-                        file_data(&st, &owner, file, "training_file", m)?.ok_or_else(|| {
+                        file_data(&st, &owner, file, "training_file", m, g)?.ok_or_else(|| {
                             ApiError::invalid("the training file is gone", Some("training_file"))
                         })?;
                     let validation = match job["validation_file"].as_str() {
-                        Some(v) => file_data(&st, &owner, v, "validation_file", m)?.unwrap_or_else(|| {
+                        Some(v) => file_data(&st, &owner, v, "validation_file", m, g)?.unwrap_or_else(|| {
                             tracing::warn!(job = %id, file = v, "the validation file is gone; the job resumes without evaluation");
                             TrainData::Supervised(Vec::new())
                         }),

@@ -1,18 +1,20 @@
-//! What `POST /v1/fine_tuning/jobs` asks for, checked: OpenAI's `method` (`supervised` or
-//! `dpo`, each with its hyperparameters, any of which may be `"auto"`; the deprecated top-level
-//! `hyperparameters` too), tandem's `lora` shape, and the training / validation files read as
-//! the method needs them (supervised examples or preference pairs), with errors that name the
-//! field, the line and the line's field.
+//! What `POST /v1/fine_tuning/jobs` asks for, checked: OpenAI's `method` (`supervised`, `dpo`
+//! or `reinforcement` with its grader, each with its hyperparameters, any of which may be
+//! `"auto"`; the deprecated top-level `hyperparameters` too), tandem's `lora` shape, and the
+//! training / validation files read as the method needs them (supervised examples, preference
+//! pairs, or prompts), with errors that name the field, the line and the line's field.
 
 use crate::error::ApiError;
 use crate::tenants::Tenant;
 use crate::AppState;
 use serde::Deserialize;
 use serde_json::Value;
+use tandem_model::finetune::grpo::{Reinforce, DEFAULT_GROUP};
 use tandem_model::finetune::{
-    parse_record, preference_pairs, tokenize, FileKind, Hyperparameters, Method, TrainData,
-    DEFAULT_BETA,
+    parse_record, preference_pairs, prompt_items, tokenize, FileKind, Hyperparameters, Method,
+    Prompts, TrainData, DEFAULT_BETA,
 };
+use tandem_model::graders::Grader;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -30,7 +32,31 @@ pub(crate) struct MethodReq {
     kind: Option<String>,
     supervised: Option<WithHyper>,
     dpo: Option<WithHyper>,
-    reinforcement: Option<Value>,
+    reinforcement: Option<RlReq>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RlReq {
+    grader: Option<Value>,
+    hyperparameters: Option<RlHyper>,
+}
+
+/// OpenAI's reinforcement hyperparameters, and tandem's (`beta`: the KL penalty's weight,
+/// `max_completion_tokens`: the longest sampled answer, `temperature`: the answers').
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RlHyper {
+    n_epochs: Option<Value>,
+    batch_size: Option<Value>,
+    learning_rate_multiplier: Option<Value>,
+    compute_multiplier: Option<Value>,
+    eval_interval: Option<Value>,
+    eval_samples: Option<Value>,
+    reasoning_effort: Option<Value>,
+    beta: Option<Value>,
+    max_completion_tokens: Option<Value>,
+    temperature: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -107,6 +133,82 @@ fn positive_param(v: &Option<Value>, name: &str, hi: f64) -> Result<Option<f64>,
 pub(crate) struct MethodChoice {
     pub method: Method,
     pub hyper: Hyperparameters,
+    /// Reinforcement: the grader, checked, and as given.
+    pub grader: Option<(Grader, Value)>,
+}
+
+/// A non-negative number, or None for `"auto"` (or left out).
+fn number_param(v: &Option<Value>, name: &str, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(Value::String(s)) if s == "auto" => Ok(None),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(x) if (lo..=hi).contains(&x) => Ok(Some(x)),
+            _ => Err(ApiError::invalid(
+                format!("{name} must be in [{lo}, {hi}]"),
+                Some(name),
+            )),
+        },
+        Some(_) => Err(ApiError::invalid(
+            format!("{name} must be a number or \"auto\""),
+            Some(name),
+        )),
+    }
+}
+
+/// Parses a reinforcement method: its grader (required) and hyperparameters.
+fn reinforcement(r: Option<RlReq>) -> Result<MethodChoice, ApiError> {
+    let r = r.ok_or_else(|| {
+        ApiError::invalid(
+            "method.reinforcement is missing: a reinforcement job needs {\"grader\": {...}}",
+            Some("method.reinforcement"),
+        )
+    })?;
+    let g = r.grader.ok_or_else(|| {
+        ApiError::invalid(
+            "method.reinforcement.grader is missing: the grader scores the sampled answers",
+            Some("method.reinforcement.grader"),
+        )
+    })?;
+    let grader = Grader::parse(&g, "method.reinforcement.grader.").map_err(|(f, m)| {
+        ApiError::invalid(format!("Invalid grader: `{f}` {m}"), Some(f.as_str()))
+    })?;
+    let h = r.hyperparameters.unwrap_or_default();
+    if let Some(e) = &h.reasoning_effort {
+        if !["default", "low", "medium", "high"].iter().any(|k| e == k) {
+            return Err(ApiError::invalid(
+                "reasoning_effort must be one of default, low, medium, high",
+                Some("reasoning_effort"),
+            ));
+        }
+    }
+    let multiplier = number_param(&h.compute_multiplier, "compute_multiplier", 0.1, 16.0)?;
+    let d = Reinforce::default();
+    let rl = Reinforce {
+        group: multiplier.map_or(DEFAULT_GROUP, |m| {
+            ((DEFAULT_GROUP as f64 * m).round() as usize).clamp(2, 64)
+        }),
+        beta: number_param(&h.beta, "beta", 0.0, 10.0)?.unwrap_or(d.beta),
+        max_tokens: int_param(&h.max_completion_tokens, "max_completion_tokens", 1, 4096)?
+            .unwrap_or(d.max_tokens),
+        temperature: number_param(&h.temperature, "temperature", 0.0, 2.0)?
+            .unwrap_or(d.temperature),
+        eval_interval: int_param(&h.eval_interval, "eval_interval", 1, 10_000)?.unwrap_or(0),
+        eval_samples: int_param(&h.eval_samples, "eval_samples", 1, 64)?.unwrap_or(1),
+    };
+    Ok(MethodChoice {
+        method: Method::Reinforcement(rl),
+        hyper: Hyperparameters {
+            n_epochs: int_param(&h.n_epochs, "n_epochs", 1, 50)?,
+            batch_size: int_param(&h.batch_size, "batch_size", 1, 256)?,
+            learning_rate_multiplier: positive_param(
+                &h.learning_rate_multiplier,
+                "learning_rate_multiplier",
+                100.0,
+            )?,
+        },
+        grader: Some((grader, g)),
+    })
 }
 
 impl CreateJob {
@@ -124,13 +226,12 @@ impl CreateJob {
         let (hyper, dpo) = match kind.as_str() {
             "supervised" => (m.and_then(|m| m.supervised), false),
             "dpo" => (m.and_then(|m| m.dpo), true),
-            "reinforcement" => return Err(ApiError::invalid(
-                "The `reinforcement` method is not supported yet (supported: `supervised`, `dpo`)",
-                Some("method.type"),
-            )),
+            "reinforcement" => return reinforcement(m.and_then(|m| m.reinforcement)),
             other => {
                 return Err(ApiError::invalid(
-                    format!("Unknown method `{other}` (supported: `supervised`, `dpo`)"),
+                    format!(
+                        "Unknown method `{other}` (supported: `supervised`, `dpo`, `reinforcement`)"
+                    ),
                     Some("method.type"),
                 ))
             }
@@ -162,6 +263,7 @@ impl CreateJob {
                     100.0,
                 )?,
             },
+            grader: None,
         })
     }
 }
@@ -171,17 +273,33 @@ pub(crate) fn max_seq_len(st: &AppState) -> usize {
     st.max_model_len.min(2048)
 }
 
-/// A training or validation file's lines as the method's data (`field` names it in errors).
+/// A training or validation file's lines as the method's data (`field` names it in errors);
+/// reinforcement prompts come with the job's grader.
 fn read_data(
     st: &AppState,
     content: &[u8],
     field: &str,
     method: &Method,
+    grader: Option<&Grader>,
 ) -> Result<TrainData, ApiError> {
     let text = String::from_utf8_lossy(content);
     let bad = |msg: String| ApiError::invalid(format!("{field}: {msg}"), Some(field));
     let kind = tandem_model::finetune::validate_file(&text).map_err(bad)?.0;
+    if let (Method::Reinforcement(_), Some(g)) = (method, grader) {
+        if kind == FileKind::Preference {
+            return Err(bad("the reinforcement method trains on prompts: lines of {\"messages\": [...], ...the fields the grader reads}".into()));
+        }
+        let items = prompt_items(&text, &st.tokenizer, max_seq_len(st))
+            .map_err(|(line, f, m)| bad(format!("line {line}: `{f}` {m}")))?;
+        return Ok(TrainData::Prompts(Prompts {
+            items,
+            grader: g.clone(),
+        }));
+    }
     match (method, kind) {
+        (_, FileKind::Prompts) => {
+            return Err(bad("the file holds prompts without answers: train on it with method {\"type\": \"reinforcement\"} and a grader".into()))
+        }
         (Method::Dpo { .. }, FileKind::Supervised) => {
             return Err(bad("the dpo method trains on preference pairs: lines of {\"input\": {\"messages\": [...]}, \"preferred_output\": [...], \"non_preferred_output\": [...]}".into()))
         }
@@ -217,12 +335,13 @@ pub(crate) fn file_data(
     id: &str,
     field: &str,
     method: &Method,
+    grader: Option<&Grader>,
 ) -> Result<Option<TrainData>, ApiError> {
     if crate::files::visible_file(st, t, id)?.is_none() {
         return Ok(None);
     }
     match st.store.file_content(id)? {
-        Some(content) => read_data(st, &content, field, method).map(Some),
+        Some(content) => read_data(st, &content, field, method, grader).map(Some),
         None => Ok(None),
     }
 }

@@ -14,7 +14,9 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
+use tandem_model::finetune::grpo::DEFAULT_GROUP;
 use tandem_model::finetune::{Method, TrainConfig, TrainData};
+use tandem_model::graders::Grader;
 use tandem_scheduler::JobSpec;
 
 pub(crate) fn checkpoint_dir(st: &AppState, id: &str) -> std::path::PathBuf {
@@ -57,16 +59,24 @@ pub async fn create(
         }
         Some(req.model.clone())
     };
-    let MethodChoice { method, hyper } = req.method()?;
+    let MethodChoice {
+        method,
+        hyper,
+        grader,
+    } = req.method()?;
+    if let Some((g, _)) = &grader {
+        check_grader_models(&st, &t, g).await?;
+    }
+    let g = grader.as_ref().map(|(g, _)| g);
     let data =
-        file_data(&st, &t, &req.training_file, "training_file", &method)?.ok_or_else(|| {
+        file_data(&st, &t, &req.training_file, "training_file", &method, g)?.ok_or_else(|| {
             ApiError::invalid(
                 format!("Invalid training_file: {}: no such file", req.training_file),
                 Some("training_file"),
             )
         })?;
     let validation = match &req.validation_file {
-        Some(v) => file_data(&st, &t, v, "validation_file", &method)?.ok_or_else(|| {
+        Some(v) => file_data(&st, &t, v, "validation_file", &method, g)?.ok_or_else(|| {
             ApiError::invalid(
                 format!("Invalid validation_file: {v}: no such file"),
                 Some("validation_file"),
@@ -156,7 +166,23 @@ pub async fn create(
     if let Method::Dpo { beta } = method {
         hp["beta"] = json!(beta);
     }
+    if let Method::Reinforcement(r) = method {
+        hp["compute_multiplier"] = json!(r.group as f64 / DEFAULT_GROUP as f64);
+        hp["eval_interval"] = if r.eval_interval == 0 {
+            json!(data.len().div_ceil(batch_size))
+        } else {
+            json!(r.eval_interval)
+        };
+        hp["eval_samples"] = json!(r.eval_samples);
+        hp["beta"] = json!(r.beta);
+        hp["max_completion_tokens"] = json!(r.max_tokens);
+        hp["temperature"] = json!(r.temperature);
+    }
     let kind = method.name();
+    let mut method_json = json!({"type": kind, kind: {"hyperparameters": hp}});
+    if let Some((_, g)) = &grader {
+        method_json[kind]["grader"] = g.clone();
+    }
     let mut job = json!({
         "id": id,
         "object": "fine_tuning.job",
@@ -170,7 +196,7 @@ pub async fn create(
         "validation_file": req.validation_file,
         "training_file": req.training_file,
         "hyperparameters": hp,
-        "method": {"type": kind, kind: {"hyperparameters": hp}},
+        "method": method_json,
         "trained_tokens": 0,
         "error": null,
         "seed": cfg.seed,
@@ -220,6 +246,28 @@ pub async fn create(
     tokio::spawn(watch(st.clone(), id.clone(), adapter));
     job["status"] = json!("running");
     Ok(Json(job))
+}
+
+/// A `score_model` grader (or one inside a `multi`) must name the base model or a served
+/// adapter the tenant sees.
+async fn check_grader_models(st: &AppState, t: &Tenant, g: &Grader) -> Result<(), ApiError> {
+    let mut models = Vec::new();
+    g.models(&mut models);
+    if models.iter().all(|m| *m == st.model_name) {
+        return Ok(());
+    }
+    let stats = st.engine.stats().await.map_err(ApiError::internal)?;
+    for m in models {
+        let ok = m == st.model_name
+            || (stats.adapters.contains(&m) && t.sees(st.tenants.owner(&m).as_deref()));
+        if !ok {
+            return Err(ApiError::invalid(
+                format!("Invalid grader: the model `{m}` does not exist here"),
+                Some("method.reinforcement.grader.model"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]

@@ -176,7 +176,10 @@ fn advantages_and_weights_match_the_closed_form() {
     assert!((w[0] - want(-1.0, -1.5)).abs() < 1e-9);
     assert!((w[1] - want(-2.0, -1.0)).abs() < 1e-9);
     // Without β the reference is not needed.
-    assert_eq!(token_weights(0.8, &[-1.0, -2.0], &[], 0.0, 4), vec![0.1, 0.1]);
+    assert_eq!(
+        token_weights(0.8, &[-1.0, -2.0], &[], 0.0, 4),
+        vec![0.1, 0.1]
+    );
     // k3 is zero at equality, positive elsewhere.
     assert_eq!(kl_k3(-1.0, -1.0), 0.0);
     assert!(kl_k3(-1.0, -2.0) > 0.0 && kl_k3(-2.0, -1.0) > 0.0);

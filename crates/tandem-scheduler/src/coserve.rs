@@ -120,4 +120,11 @@ pub struct TrainingJob {
     pub checkpoints: Vec<(usize, String, std::path::PathBuf)>,
     /// Checkpoints that could not be written (a full disk): (step, why). Training goes on.
     pub checkpoint_errors: Vec<(usize, String)>,
+    /// Reinforcement: the answers being sampled (or graded) now.
+    pub rollouts: Option<crate::engine::RolloutBatch>,
+    /// Reinforcement: answer tokens sampled, answers graded, and seconds from queuing a
+    /// batch of answers to its rewards, since the job started.
+    pub sampled_tokens: u64,
+    pub answers_sampled: u64,
+    pub sampling_seconds: f64,
 }

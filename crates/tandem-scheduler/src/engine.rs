@@ -34,6 +34,9 @@ pub const JOB_SEQ_BASE: u64 = u64::MAX - 1;
 
 mod job_checkpoints;
 mod jobs;
+mod rollouts;
+
+pub use rollouts::RolloutBatch;
 
 /// New output of one sequence after one step.
 #[derive(Debug, Clone, PartialEq)]
@@ -207,6 +210,7 @@ impl LlmEngine {
     pub fn step(&mut self) -> tandem_model::Result<Vec<RequestOutput>> {
         let t0 = Instant::now();
         self.iterations += 1;
+        self.start_rollouts();
         self.relieve_kv_pressure();
         let mut sched = self.scheduler.schedule();
         let inference = !sched.batch.segments.is_empty();
@@ -297,6 +301,7 @@ impl LlmEngine {
             o.logprobs = out.logprobs.get(&id).cloned();
             outputs.push(o);
         }
+        self.collect_rollouts(&mut outputs);
         self.release_finished()?;
         report.predicted = Duration::from_secs_f64(predicted);
         report.budget = budget.saturating_duration_since(t0);

@@ -612,7 +612,13 @@ fn start_job(engine: &mut LlmEngine, spec: JobSpec) -> Result<JobStart, String> 
     run.set_validation(spec.validation)
         .map_err(|e| e.to_string())?;
     start.config = Some(run.cfg.clone());
-    let reference = spec.init.as_deref().filter(|_| run.cfg.method.is_dpo());
+    // DPO's reference, and a reinforcement run's for its KL term: the adapter it starts from.
+    let kl =
+        matches!(run.cfg.method, tandem_model::finetune::Method::Reinforcement(r) if r.beta != 0.0);
+    let reference = spec
+        .init
+        .as_deref()
+        .filter(|_| run.cfg.method.is_dpo() || kl);
     engine.start_job_with_reference(&spec.name, run, reference)?;
     if let Some((dir, every)) = spec.checkpoints {
         engine.set_job_checkpoints(&spec.name, dir, every)?;

@@ -133,7 +133,16 @@ impl Scheduler {
                 total: self.cfg.num_blocks,
             });
         }
-        self.waiting.push_back(seq);
+        // A client's request goes ahead of engine-made (background) work still waiting.
+        let at = if seq.background {
+            self.waiting.len()
+        } else {
+            self.waiting
+                .iter()
+                .position(|s| s.background)
+                .unwrap_or(self.waiting.len())
+        };
+        self.waiting.insert(at, seq);
         Ok(())
     }
 
@@ -145,9 +154,13 @@ impl Scheduler {
         self.waiting.len()
     }
 
-    /// How long the longest-waiting queued request has waited.
+    /// How long the longest-waiting queued client request has waited.
     pub fn longest_wait(&self) -> Option<std::time::Duration> {
-        self.waiting.iter().map(|s| s.arrival.elapsed()).max()
+        self.waiting
+            .iter()
+            .filter(|s| !s.background)
+            .map(|s| s.arrival.elapsed())
+            .max()
     }
 
     /// KV blocks the next iteration wants beyond the free ones: every running sequence's next

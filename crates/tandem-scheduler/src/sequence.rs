@@ -46,6 +46,9 @@ pub struct Sequence {
     pub cache_key: Option<(crate::block_manager::BlockHash, u64)>,
     /// Prompt tokens found in the prefix cache when it was first scheduled.
     pub cached_tokens: usize,
+    /// Engine-made work (a reinforcement job's sampled answers): queued behind every client
+    /// request, and not counted as a client waiting.
+    pub background: bool,
 }
 
 impl Sequence {
@@ -64,6 +67,7 @@ impl Sequence {
             cache_salt: None,
             cache_key: None,
             cached_tokens: 0,
+            background: false,
         }
     }
 

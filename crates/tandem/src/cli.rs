@@ -88,13 +88,27 @@ pub struct TrainArgs {
     /// step for step with another trainer).
     #[arg(long)]
     pub no_shuffle: bool,
-    /// supervised (examples), or dpo (preference pairs: OpenAI's {"input", "preferred_output",
-    /// "non_preferred_output"} or TRL's {"prompt", "chosen", "rejected"}).
+    /// supervised (examples), dpo (preference pairs: OpenAI's {"input", "preferred_output",
+    /// "non_preferred_output"} or TRL's {"prompt", "chosen", "rejected"}), or grpo
+    /// (reinforcement: prompts as OpenAI's {"messages": [...], ...} lines, answers sampled
+    /// by the engine and scored by --grader).
     #[arg(long, default_value = "supervised")]
     pub method: String,
     /// DPO's beta (how far from the reference the preference may pull).
     #[arg(long, default_value_t = tandem_model::finetune::DEFAULT_BETA)]
     pub beta: f64,
+    /// GRPO: answers sampled per prompt (the group its advantages are normalised in).
+    #[arg(long, default_value_t = tandem_model::finetune::grpo::DEFAULT_GROUP)]
+    pub group: usize,
+    /// GRPO: the KL penalty's weight toward the reference (the base model, or --init-adapter).
+    #[arg(long, default_value_t = 0.0)]
+    pub kl: f64,
+    /// GRPO: the longest sampled answer, in tokens.
+    #[arg(long, default_value_t = tandem_model::finetune::grpo::DEFAULT_MAX_TOKENS)]
+    pub max_answer_tokens: usize,
+    /// GRPO: the answers' sampling temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
 }
 
 #[derive(Args, Debug)]
@@ -126,6 +140,14 @@ pub struct FinetuneArgs {
     /// order) and exit without training (to feed another trainer exactly the same tokens).
     #[arg(long)]
     pub dump_tokens: Option<PathBuf>,
+    /// GRPO: the grader, a JSON file holding one of OpenAI's graders (string_check,
+    /// text_similarity, score_model on the model being trained's base, multi).
+    #[arg(long)]
+    pub grader: Option<PathBuf>,
+    /// Held-out data (GRPO: prompts whose mean reward is evaluated before the first step,
+    /// every epoch and after the last).
+    #[arg(long)]
+    pub validation: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::time::Instant;
 use tandem_model::finetune::{
-    load_jsonl, load_preference_jsonl, Finetuner, Hyperparameters, Method, TrainConfig, TrainData,
+    load_jsonl, load_preference_jsonl, Finetuner, Hyperparameters, Method, Reinforce, TrainConfig,
+    TrainData,
 };
 use tandem_model::lora::{LoraAdapter, Proj};
 
@@ -59,7 +60,28 @@ pub fn train_config(a: &TrainArgs, examples: usize) -> Result<TrainConfig> {
             }
             Method::Dpo { beta: a.beta }
         }
-        other => bail!("--method: `{other}` is not a method (supervised or dpo)"),
+        "grpo" | "reinforcement" => {
+            if !(a.kl >= 0.0 && a.kl.is_finite()) {
+                bail!("--kl must be a number of at least 0");
+            }
+            if a.group < 2 {
+                bail!("--group must be at least 2 (advantages compare answers to one prompt)");
+            }
+            if a.max_answer_tokens == 0 {
+                bail!("--max-answer-tokens must be at least 1");
+            }
+            if !(0.0..=2.0).contains(&a.temperature) {
+                bail!("--temperature must be in [0, 2]");
+            }
+            Method::Reinforcement(Reinforce {
+                group: a.group,
+                beta: a.kl,
+                max_tokens: a.max_answer_tokens,
+                temperature: a.temperature,
+                ..Default::default()
+            })
+        }
+        other => bail!("--method: `{other}` is not a method (supervised, dpo or grpo)"),
     };
     let hp = Hyperparameters {
         n_epochs: auto_or("--epochs", &a.epochs)?,
@@ -102,9 +124,15 @@ pub fn train_config(a: &TrainArgs, examples: usize) -> Result<TrainConfig> {
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
     // Bad flags are reported before the model and data load (the autos resolve after).
-    train_config(&args.train, 1)?;
+    let method = train_config(&args.train, 1)?.method;
+    if method.is_reinforcement() {
+        return crate::finetune_rl::run(args);
+    }
+    if args.grader.is_some() {
+        bail!("--grader is for --method grpo");
+    }
     let m = load(&args.model)?;
-    let dpo = train_config(&args.train, 1)?.method.is_dpo();
+    let dpo = method.is_dpo();
     let max = args.train.max_seq_len;
     let data: TrainData = if dpo {
         load_preference_jsonl(&args.data, &m.tokenizer, max).map(TrainData::Preference)
@@ -130,6 +158,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
                     out.push('\n');
                 }
             }
+            TrainData::Prompts(_) => {}
         }
         std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!(
@@ -145,6 +174,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             .iter()
             .map(|p| p.chosen.num_targets() + p.rejected.num_targets())
             .sum(),
+        TrainData::Prompts(_) => 0,
     };
     let init = match &args.init_adapter {
         Some(dir) => Some(

@@ -12,6 +12,7 @@ mod bench_prefix;
 mod bench_structured;
 mod cli;
 mod finetune;
+mod finetune_rl;
 mod generate;
 mod serve;
 

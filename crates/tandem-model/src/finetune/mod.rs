@@ -22,12 +22,12 @@ pub mod unit;
 pub use adamw::{lr_factor, AdamW, AdamWConfig, Schedule, StepInfo};
 pub use auto::{Hyperparameters, Resolved, LORA_BASE_LR};
 pub use data::{load_jsonl, parse_record, tokenize, validate_jsonl, Example, Record};
+pub use grpo::{GrpoStats, Reinforce, Rollout};
 pub use objective::{DpoPair, DpoStats, Method, DEFAULT_BETA};
 pub use preference::{
     load_preference_jsonl, parse_preference, preference_pairs, tokenize_pair, validate_file,
     FileKind, Pair, PreferenceRecord,
 };
-pub use grpo::{GrpoStats, Reinforce, Rollout};
 pub use prompts::{load_prompt_jsonl, parse_prompt, prompt_items, validate_prompts, PromptItem};
 pub use run::{Answer, Eval, Progress, Prompts, RolloutRequest, TrainData, TrainingRun};
 pub use seq::{SeqPhase, SeqTrain};

@@ -283,6 +283,9 @@ pub fn tokenize_pair(
 pub enum FileKind {
     Supervised,
     Preference,
+    /// Prompts without an answer to learn (reinforcement fine-tuning's lines), perhaps with
+    /// supervised lines (whose assistant answers a reinforcement job drops).
+    Prompts,
 }
 
 /// Checks every line of a JSONL file's contents, supervised or preference lines (not both);
@@ -301,10 +304,21 @@ pub fn validate_file(contents: &str) -> std::result::Result<(FileKind, usize), S
         let this = if pref {
             parse_preference(line).map(|_| FileKind::Preference)
         } else {
-            parse_record(line).map(|_| FileKind::Supervised)
+            parse_record(line)
+                .map(|_| FileKind::Supervised)
+                .or_else(|e| {
+                    super::prompts::parse_prompt(line)
+                        .map(|_| FileKind::Prompts)
+                        .map_err(|_| e)
+                })
         }
         .map_err(|(f, m)| format!("line {}: `{f}` {m}", i + 1))?;
         match kind_seen {
+            // Supervised lines are prompts too (their answers dropped).
+            Some((FileKind::Supervised, first)) if this == FileKind::Prompts => {
+                kind_seen = Some((this, first))
+            }
+            Some((FileKind::Prompts, _)) if this == FileKind::Supervised => {}
             Some((k, first)) if k != this => {
                 return Err(format!(
                 "line {}: a {} line in a file whose line {first} is a {} line (one kind per file)",
@@ -328,6 +342,7 @@ fn name(k: FileKind) -> &'static str {
     match k {
         FileKind::Supervised => "supervised",
         FileKind::Preference => "preference",
+        FileKind::Prompts => "prompt",
     }
 }
 

@@ -133,7 +133,11 @@ pub fn prompt_items(
 }
 
 /// Reads, checks and tokenizes a prompt JSONL file.
-pub fn load_prompt_jsonl(path: &Path, tok: &TextTokenizer, max_len: usize) -> Result<Vec<PromptItem>> {
+pub fn load_prompt_jsonl(
+    path: &Path,
+    tok: &TextTokenizer,
+    max_len: usize,
+) -> Result<Vec<PromptItem>> {
     let contents = read_text(path)?;
     prompt_items(&contents, tok, max_len).map_err(|(line, f, m)| {
         if line == 0 {

@@ -64,4 +64,3 @@ impl RefPass {
         Ok(self.done == self.tokens.len())
     }
 }
-

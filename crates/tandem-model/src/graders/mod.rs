@@ -235,6 +235,15 @@ impl Grader {
         }
     }
 
+    /// The models `score_model` graders (here or inside a `multi`) ask.
+    pub fn models(&self, out: &mut Vec<String>) {
+        match self {
+            Grader::ScoreModel { model, .. } => out.push(model.clone()),
+            Grader::Multi { graders, .. } => graders.values().for_each(|g| g.models(out)),
+            _ => {}
+        }
+    }
+
     pub fn name(&self) -> &str {
         match self {
             Grader::StringCheck { name, .. }

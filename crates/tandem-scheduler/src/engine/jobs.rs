@@ -99,6 +99,10 @@ impl LlmEngine {
             checkpoint: None,
             checkpoints: Vec::new(),
             checkpoint_errors: Vec::new(),
+            rollouts: None,
+            sampled_tokens: 0,
+            answers_sampled: 0,
+            sampling_seconds: 0.0,
         });
         Ok(())
     }
@@ -133,6 +137,7 @@ impl LlmEngine {
     }
 
     pub(super) fn end_job(&mut self, i: usize, state: JobState) {
+        self.drop_rollouts(i);
         let j = &mut self.jobs[i];
         j.state = state;
         self.scheduler.blocks_mut().free(j.seq_id);
@@ -145,7 +150,10 @@ impl LlmEngine {
 
     pub(super) fn training_due(&self) -> bool {
         self.coserve.mode != CoserveMode::InferenceOnly
-            && self.jobs.iter().any(|j| j.state.is_active())
+            && self
+                .jobs
+                .iter()
+                .any(|j| j.state.is_active() && !j.run.awaiting_answers())
     }
 
     /// When the next iteration's inference wants more KV blocks than are free, jobs give theirs
@@ -198,7 +206,7 @@ impl LlmEngine {
         // Round robin over running jobs, one per iteration.
         (0..n)
             .map(|k| (self.iterations as usize + k) % n)
-            .find(|&i| self.jobs[i].state.is_active())
+            .find(|&i| self.jobs[i].state.is_active() && !self.jobs[i].run.awaiting_answers())
     }
 
     /// Appends job `i`'s next forward chunk to the batch if tokens and KV blocks allow; returns
@@ -211,7 +219,10 @@ impl LlmEngine {
     ) -> Option<ChunkRef> {
         let used = sched.batch.num_tokens();
         let Some(len) = self.jobs[i].run.current_len() else {
-            self.finish_job(i);
+            // A reinforcement run between its answers' rewards and its next request waits.
+            if self.jobs[i].run.is_done() {
+                self.finish_job(i);
+            }
             return None;
         };
         let mut limit = usize::MAX;
@@ -345,26 +356,7 @@ impl LlmEngine {
                 Ok(Progress::OptimizerStep(report)) => {
                     j.trained_tokens += seq_len;
                     self.scheduler.blocks_mut().free(j.seq_id);
-                    tracing::info!(job = %j.name, step = report.step, loss = report.loss, "finetuning step");
-                    j.reports.push(report);
-                    let id = j.adapter_id;
-                    let adapter = j.run.lora.to_adapter(None);
-                    let done = j.run.is_done();
-                    // Cached K/V of the old weights must not serve requests from now on.
-                    self.scheduler.adapter_weights_changed(id);
-                    if let Err(e) = adapter.and_then(|a| self.runner.adapters.replace_live(id, a)) {
-                        self.fail_job(i, e.to_string());
-                        break;
-                    }
-                    if let Err(e) = self.checkpoint(i, report.step) {
-                        tracing::warn!(job = %self.jobs[i].name, error = %e, "cannot write a checkpoint");
-                        self.jobs[i].checkpoint_errors.push((report.step, e));
-                    }
-                    if done {
-                        self.finish_job(i);
-                        break;
-                    }
-                    if unlimited && inference {
+                    if self.after_optimizer_step(i, report) || (unlimited && inference) {
                         break;
                     }
                 }

@@ -82,9 +82,19 @@ impl TrainingRun {
         }
         let (eval, data, idx, samples) = if self.rl.eval_due {
             let n = self.validation.len();
-            (true, &self.validation, (0..n).collect(), r.eval_samples.max(1))
+            (
+                true,
+                &self.validation,
+                (0..n).collect(),
+                r.eval_samples.max(1),
+            )
         } else if self.step < self.total_steps() && self.started == 0 {
-            (false, &self.data, self.batch_indices(self.step), r.group.max(1))
+            (
+                false,
+                &self.data,
+                self.batch_indices(self.step),
+                r.group.max(1),
+            )
         } else {
             return None;
         };
@@ -249,11 +259,15 @@ impl TrainingRun {
     }
 
     /// After a step's update: its answers go; an evaluation is due every `eval_interval`
-    /// steps and after the last.
+    /// steps (every epoch when 0) and after the last.
     pub(super) fn rl_step_done(&mut self) {
         self.rl.rollouts = None;
         self.rl.stats = GrpoStats::default();
-        let interval = self.reinforce().map_or(0, |r| r.eval_interval);
+        // "auto" (0): every epoch.
+        let interval = match self.reinforce().map_or(0, |r| r.eval_interval) {
+            0 => self.steps_per_epoch(),
+            n => n,
+        };
         let last = self.step >= self.total_steps();
         self.rl.eval_due = !self.validation.is_empty()
             && (last || (interval > 0 && self.step.is_multiple_of(interval)));
