@@ -52,6 +52,8 @@ pub struct Metrics {
     kv_evictions: IntCounter,
     job_trained_tokens: IntCounterVec,
     job_loss: GaugeVec,
+    job_sampled_tokens: IntCounterVec,
+    job_reward: GaugeVec,
     job_progress: GaugeVec,
     jobs: IntGaugeVec,
     /// Engine totals as of the last scrape (counters advance by the difference).
@@ -70,6 +72,7 @@ struct Totals {
     backward_steps: u64,
     mixed: u64,
     jobs: HashMap<String, u64>,
+    sampled: HashMap<String, u64>,
 }
 
 /// vLLM's request latency buckets.
@@ -275,6 +278,20 @@ impl Metrics {
                 ),
                 &["job"],
             ))?,
+            job_sampled_tokens: add(reg, IntCounterVec::new(
+                opts(
+                    "tandem:finetune_job_sampled_tokens_total",
+                    "Answer tokens a reinforcement job sampled (its rollouts), by job.",
+                ),
+                &["job"],
+            ))?,
+            job_reward: add(reg, GaugeVec::new(
+                opts(
+                    "tandem:finetune_mean_reward",
+                    "Mean grader reward of a reinforcement job's last optimizer step's answers.",
+                ),
+                &["job"],
+            ))?,
             job_progress: add(reg, GaugeVec::new(
                 opts(
                     "tandem:finetune_progress_ratio",
@@ -415,11 +432,19 @@ impl Metrics {
                 let l = last.jobs.entry(j.name.clone()).or_default();
                 let counter = self.job_trained_tokens.with_label_values(&[&j.name]);
                 adv(&counter, l, j.trained_tokens);
+                if j.sampled_tokens > 0 {
+                    let l = last.sampled.entry(j.name.clone()).or_default();
+                    let counter = self.job_sampled_tokens.with_label_values(&[&j.name]);
+                    adv(&counter, l, j.sampled_tokens);
+                }
             }
         }
         for j in &s.jobs {
             if let Some(loss) = j.loss {
                 self.job_loss.with_label_values(&[&j.name]).set(loss);
+            }
+            if let Some(r) = j.mean_reward {
+                self.job_reward.with_label_values(&[&j.name]).set(r);
             }
             let p = j.step as f64 / j.total_steps.max(1) as f64;
             self.job_progress.with_label_values(&[&j.name]).set(p);

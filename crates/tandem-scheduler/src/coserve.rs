@@ -127,4 +127,10 @@ pub struct TrainingJob {
     pub sampled_tokens: u64,
     pub answers_sampled: u64,
     pub sampling_seconds: f64,
+    /// Reinforcement: the last graded batch, its request, answers and rewards (for reports).
+    pub last_rollouts: Option<(
+        tandem_model::finetune::RolloutRequest,
+        Vec<tandem_model::finetune::Answer>,
+        Vec<f64>,
+    )>,
 }

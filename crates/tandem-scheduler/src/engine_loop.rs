@@ -87,6 +87,9 @@ pub struct JobStat {
     pub loss: Option<f64>,
     pub step: usize,
     pub total_steps: usize,
+    /// Reinforcement: answer tokens sampled, and the last step's mean reward.
+    pub sampled_tokens: u64,
+    pub mean_reward: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -560,6 +563,12 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
                         loss: j.reports.last().map(|r| r.loss),
                         step: j.run.step,
                         total_steps: j.run.total_steps(),
+                        sampled_tokens: j.sampled_tokens,
+                        mean_reward: j
+                            .reports
+                            .last()
+                            .and_then(|r| r.grpo)
+                            .map(|g| g.mean_reward()),
                     })
                     .collect(),
             });

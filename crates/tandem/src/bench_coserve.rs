@@ -9,7 +9,11 @@ use anyhow::Result;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use tandem_model::finetune::{Example, TrainConfig, TrainableLora, TrainingRun};
+use tandem_model::finetune::{
+    Example, Method, PromptItem, Prompts, Reinforce, TrainConfig, TrainData, TrainableLora,
+    TrainingRun,
+};
+use tandem_model::graders::Grader;
 use tandem_model::lora::RegistryConfig;
 use tandem_model::SamplingParams;
 use tandem_scheduler::{CoserveConfig, CoserveMode, LlmEngine};
@@ -24,6 +28,11 @@ struct Outcome {
     trained_tokens: u64,
     secs: f64,
     iterations: Vec<Iteration>,
+    /// A reinforcement job's answers graded, answer tokens sampled, and seconds with answers
+    /// in flight.
+    answers: u64,
+    sampled_tokens: u64,
+    sampling_secs: f64,
 }
 
 /// What the bench keeps of each iteration's report.
@@ -72,6 +81,17 @@ fn breakdown(o: &Outcome) -> String {
     )
 }
 
+/// A reinforcement job's sampling figures.
+fn rollouts(o: &Outcome) -> String {
+    format!(
+        "{:.2} answers/s, {:.1} sampled tok/s, {:.1} trained tok/s, answers in flight {:.0}% of the wall time",
+        o.answers as f64 / o.secs,
+        o.sampled_tokens as f64 / o.secs,
+        o.trained_tokens as f64 / o.secs,
+        100.0 * o.sampling_secs / o.secs
+    )
+}
+
 fn pct(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -114,6 +134,25 @@ fn job_pairs(vocab: usize, len: usize) -> Vec<tandem_model::finetune::Pair> {
             rejected: side(2 * k + 1),
         })
         .collect()
+}
+
+/// Prompts of `len` tokens and a fuzzy-match grader against a fixed text (rewards vary
+/// between any two answers, so every step trains).
+fn job_prompts(vocab: usize, len: usize) -> Result<TrainData> {
+    let grader = Grader::parse(
+        &serde_json::json!({"type": "text_similarity", "name": "bench",
+            "input": "{{sample.output_text}}", "reference": "the quick brown fox",
+            "evaluation_metric": "fuzzy_match"}),
+        "",
+    )
+    .map_err(|(f, m)| anyhow::anyhow!("{f}: {m}"))?;
+    let items = (0..32)
+        .map(|k| PromptItem {
+            prompt: prompt(30_000 + k, len.max(1), vocab),
+            item: serde_json::json!({}),
+        })
+        .collect();
+    Ok(TrainData::Prompts(Prompts { items, grader }))
 }
 
 /// One timed run: Poisson arrivals at `rate` req/s (none if 0) for `secs`, with a finetuning
@@ -161,6 +200,9 @@ fn run_once(
         trained_tokens: 0,
         secs: 0.0,
         iterations: Vec::new(),
+        answers: 0,
+        sampled_tokens: 0,
+        sampling_secs: 0.0,
     };
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = seen.clone();
@@ -219,6 +261,12 @@ fn run_once(
     if has_job {
         let j = e.jobs.last().expect("started above");
         out.trained_tokens = j.trained_tokens;
+        out.answers = j.answers_sampled;
+        out.sampled_tokens = j.sampled_tokens;
+        out.sampling_secs = j.sampling_seconds
+            + j.rollouts
+                .as_ref()
+                .map_or(0.0, |b| b.started.elapsed().as_secs_f64());
         e.cancel_job("bench").ok();
         e.jobs.clear();
         e.runner.adapters.unregister("bench").ok();
@@ -242,27 +290,32 @@ pub fn run(args: BenchCoserveArgs) -> Result<()> {
     let new_job = |e: &LlmEngine| -> Result<TrainingRun> {
         // A DPO job's steps hold as many sequences as a supervised one's (two per pair).
         let dpo = args.method == "dpo";
+        let grpo = args.method == "grpo";
+        let method = match args.method.as_str() {
+            "dpo" => Method::Dpo { beta: 0.1 },
+            "grpo" => Method::Reinforcement(Reinforce {
+                max_tokens: (args.train_len / 2).max(1),
+                ..Default::default()
+            }),
+            _ => Method::Supervised,
+        };
         let cfg = TrainConfig {
             r: 16,
             alpha: 32.0,
             targets: vec!["q_proj".into(), "v_proj".into()],
-            batch_size: if dpo { 2 } else { 4 },
+            batch_size: if dpo || grpo { 2 } else { 4 },
             epochs: 100,
             chunk_tokens: args.chunk_tokens,
             lr: 1e-4,
-            method: if dpo {
-                tandem_model::finetune::Method::Dpo { beta: 0.1 }
-            } else {
-                tandem_model::finetune::Method::Supervised
-            },
+            method,
             ..Default::default()
         };
         let lora =
             TrainableLora::new(&e.runner.model.cfg, cfg.spec()?, e.runner.model.device(), 0)?;
-        let data: tandem_model::finetune::TrainData = if dpo {
-            job_pairs(vocab, args.train_len).into()
-        } else {
-            job_data(vocab, args.train_len).into()
+        let data: TrainData = match args.method.as_str() {
+            "dpo" => job_pairs(vocab, args.train_len).into(),
+            "grpo" => job_prompts(vocab, args.train_len / 2)?,
+            _ => job_data(vocab, args.train_len).into(),
         };
         Ok(TrainingRun::new(data, cfg, lora)?)
     };
@@ -311,6 +364,10 @@ pub fn run(args: BenchCoserveArgs) -> Result<()> {
     let alone = run_once(&mut e, &args, 0.0, Some(job), 0)?;
     let alone_tps = alone.trained_tokens as f64 / alone.secs;
     println!("# finetune-only throughput: {alone_tps:.1} trained tokens/s");
+    let grpo = args.method == "grpo";
+    if grpo {
+        println!("# finetune-only {}", rollouts(&alone));
+    }
     println!("\n| load | rate req/s | mode | requests done | TTFT p50 / p99 ms | TPOT p50 / p99 ms | token gap p99 ms | TPOT SLO attainment | TTFT SLO attainment | finetune tok/s | share of finetune-only | iteration time: predicted / measured, median abs error |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (label, frac) in args.loads.iter().map(|l| l.rate()) {
@@ -360,6 +417,9 @@ pub fn run(args: BenchCoserveArgs) -> Result<()> {
                 100.0 * tps / alone_tps.max(1e-9),
                 pct(&err, 0.5),
             );
+            if grpo && mode != CoserveMode::InferenceOnly {
+                println!("|  |  | {name}: {} |", rollouts(&o));
+            }
             if std::env::var_os("TANDEM_BENCH_VERBOSE").is_some() {
                 eprintln!("{label} {name}: {}", breakdown(&o));
                 let c = &e.cost;

@@ -286,9 +286,11 @@ pub struct BenchCoserveArgs {
     /// Tokens per training sequence of the job.
     #[arg(long, default_value_t = 128)]
     pub train_len: usize,
-    /// The job's method: supervised (batches of 4 sequences) or dpo (batches of 2 pairs of
-    /// `train_len`-token sequences sharing their first half).
-    #[arg(long, default_value = "supervised", value_parser = ["supervised", "dpo"])]
+    /// The job's method: supervised (batches of 4 sequences), dpo (batches of 2 pairs of
+    /// `train_len`-token sequences sharing their first half) or grpo (batches of 2 prompts of
+    /// `train_len / 2` tokens, 4 answers of up to `train_len / 2` tokens sampled per prompt by
+    /// the engine, graded by fuzzy match against a fixed text).
+    #[arg(long, default_value = "supervised", value_parser = ["supervised", "dpo", "grpo"])]
     pub method: String,
     #[arg(long, default_value_t = 32)]
     pub chunk_tokens: usize,

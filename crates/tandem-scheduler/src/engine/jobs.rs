@@ -103,6 +103,7 @@ impl LlmEngine {
             sampled_tokens: 0,
             answers_sampled: 0,
             sampling_seconds: 0.0,
+            last_rollouts: None,
         });
         Ok(())
     }

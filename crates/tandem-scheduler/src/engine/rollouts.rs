@@ -234,6 +234,7 @@ impl LlmEngine {
         let j = &mut self.jobs[i];
         j.answers_sampled += b.answers.len() as u64;
         j.sampling_seconds += b.started.elapsed().as_secs_f64();
+        j.last_rollouts = Some((b.request, b.answers.clone(), rewards.clone()));
         match j.run.take_answers(b.answers, rewards) {
             Ok(Some(report)) => {
                 self.after_optimizer_step(i, report);

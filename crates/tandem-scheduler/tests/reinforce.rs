@@ -1,0 +1,219 @@
+//! Reinforcement jobs co-served: a job's answers are what ordinary requests through its adapter
+//! sample (same prompts, sampling parameters and seeds), graded by its grader, never handed out
+//! as request outputs; each step trains on them; client requests go ahead of answers still
+//! waiting; a cancelled job's answers stop.
+
+use serde_json::json;
+use tandem_model::finetune::{
+    Method, PromptItem, Prompts, Reinforce, TrainConfig, TrainData, TrainableLora, TrainingRun,
+};
+use tandem_model::graders::{Grader, ModelCall};
+use tandem_model::SamplingParams;
+use tandem_scheduler::{CoserveMode, JobState, Scheduler, SchedulerConfig, Sequence};
+
+mod common;
+use common::*;
+
+fn grader() -> Grader {
+    Grader::parse(
+        &json!({"type": "text_similarity", "name": "g", "input": "{{sample.output_text}}",
+            "reference": "{{item.ref}}", "evaluation_metric": "fuzzy_match"}),
+        "",
+    )
+    .unwrap()
+}
+
+fn prompts(vocab: u32) -> TrainData {
+    let items = (0..4u32)
+        .map(|k| PromptItem {
+            prompt: (0..3 + k).map(|i| (i * 7 + k * 13 + 1) % vocab).collect(),
+            item: json!({"ref": format!("w{} w{}", k + 3, k + 9)}),
+        })
+        .collect();
+    TrainData::Prompts(Prompts {
+        items,
+        grader: grader(),
+    })
+}
+
+fn run(e: &tandem_scheduler::LlmEngine, group: usize, epochs: usize) -> TrainingRun {
+    let cfg = TrainConfig {
+        r: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+        lr: 1e-2,
+        epochs,
+        batch_size: 2,
+        chunk_tokens: 5,
+        method: Method::Reinforcement(Reinforce {
+            group,
+            max_tokens: 5,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let m = &e.runner.model;
+    let lora = TrainableLora::new(&m.cfg, cfg.spec().unwrap(), m.device(), 1).unwrap();
+    TrainingRun::new(prompts(m.cfg.vocab_size as u32), cfg, lora).unwrap()
+}
+
+struct NoModel;
+impl ModelCall for NoModel {
+    fn call(
+        &self,
+        _: &str,
+        _: &[(String, String)],
+        _: &serde_json::Value,
+    ) -> Result<String, String> {
+        Err("no model".into())
+    }
+}
+
+#[test]
+fn answers_are_requests_through_the_job_adapter_and_each_step_trains_on_them() {
+    let (_t, dir, vocab) = gqa_model();
+    let mut e = engine(dir.path(), CoserveMode::Coserve);
+    let job = run(&e, 3, 1);
+    e.start_job("rl", job).unwrap();
+    // A client request beside the job: its outputs are the only ones handed out.
+    let user = e
+        .add_request(
+            vec![5, 6, 7],
+            SamplingParams {
+                max_tokens: 40,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+    let mut steps_seen = 0;
+    let mut n = 0;
+    while !e.jobs[0].state.is_final() {
+        for o in e.step().unwrap() {
+            assert_eq!(
+                o.seq_id, user,
+                "an answer was handed out as a request output"
+            );
+        }
+        n += 1;
+        assert!(n < 5000, "the job does not finish");
+        let j = &e.jobs[0];
+        if j.reports.len() > steps_seen {
+            steps_seen = j.reports.len();
+            let (req, answers, rewards) = j.last_rollouts.clone().unwrap();
+            let r = j.reports.last().unwrap();
+            let g = r.grpo.unwrap();
+            assert_eq!((g.samples, req.samples, req.prompts.len()), (6, 3, 2));
+            assert!(answers.iter().all(|a| !a.tokens.is_empty()));
+            assert_eq!(
+                g.tokens_sampled,
+                answers.iter().map(|a| a.tokens.len()).sum::<usize>()
+            );
+            // The rewards are the grader's on the answers' texts.
+            let TrainData::Prompts(p) = prompts(vocab) else {
+                unreachable!()
+            };
+            for (a, rw) in answers.iter().zip(&rewards) {
+                let want = p
+                    .grader
+                    .grade(&a.text, &p.items[a.item].item, &NoModel)
+                    .unwrap()
+                    .reward;
+                assert!((want - rw).abs() < 1e-12);
+            }
+            if steps_seen == 1 {
+                // Before the first step the adapter is the base model (B = 0): the answers are
+                // what plain requests with the same prompts, parameters and seeds sample.
+                let mut plain = engine(dir.path(), CoserveMode::InferenceOnly);
+                let reqs: Vec<(Vec<u32>, SamplingParams)> = req
+                    .prompts
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(pi, (_, prompt))| {
+                        (0..req.samples).map(move |k| {
+                            let params = SamplingParams {
+                                max_tokens: req.max_tokens,
+                                temperature: req.temperature as f32,
+                                seed: Some(req.seed + (pi * req.samples + k) as u64),
+                                ..Default::default()
+                            };
+                            (prompt.clone(), params)
+                        })
+                    })
+                    .collect();
+                let want = run_all(&mut plain, &reqs);
+                for (a, (toks, text, _)) in answers.iter().zip(&want) {
+                    assert_eq!(&a.tokens, toks);
+                    assert_eq!(&a.text, text);
+                }
+            }
+        }
+    }
+    assert_eq!(e.jobs[0].state, JobState::Succeeded);
+    assert_eq!(steps_seen, 2);
+    let j = &e.jobs[0];
+    assert_eq!(j.answers_sampled, 12);
+    assert!(j.trained_tokens > 0 && j.reports.iter().all(|r| r.grad_norm > 0.0));
+    // The adapter moved off the base model.
+    let moved = j.run.lora.named_params().iter().any(|(n, v)| {
+        n.contains("lora_B")
+            && v.as_tensor()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+    });
+    assert!(moved);
+}
+
+#[test]
+fn a_cancelled_job_stops_its_answers() {
+    let (_t, dir, _) = gqa_model();
+    let mut e = engine(dir.path(), CoserveMode::Coserve);
+    let job = run(&e, 4, 1);
+    e.start_job("rl", job).unwrap();
+    e.step().unwrap();
+    assert!(e.jobs[0].rollouts.is_some() && e.scheduler.has_work());
+    e.cancel_job("rl").unwrap();
+    assert!(e.jobs[0].rollouts.is_none());
+    assert!(
+        !e.scheduler.has_work(),
+        "answers of a cancelled job still run"
+    );
+    assert!(!e.has_work());
+}
+
+#[test]
+fn client_requests_go_ahead_of_waiting_answers() {
+    let cfg = SchedulerConfig {
+        max_num_seqs: 1,
+        max_batched_tokens: 64,
+        block_size: 4,
+        num_blocks: 64,
+        max_model_len: 512,
+        max_loras: 4,
+        enable_prefix_caching: false,
+    };
+    let mut s = Scheduler::new(cfg.clone());
+    let p = SamplingParams::default();
+    for id in 0..3 {
+        let mut q = Sequence::new(id, vec![1, 2, 3], p.clone(), None);
+        q.background = true;
+        s.add(q).unwrap();
+    }
+    s.add(Sequence::new(9, vec![4, 5], p.clone(), None))
+        .unwrap();
+    // Only the client's request counts as waiting for the TTFT check.
+    assert!(s.longest_wait().is_some());
+    let first = s.schedule();
+    assert_eq!(first.batch.segments[0].seq_id, 9);
+    let mut only_bg = Scheduler::new(cfg);
+    let mut q = Sequence::new(0, vec![1], p, None);
+    q.background = true;
+    only_bg.add(q).unwrap();
+    assert_eq!(only_bg.longest_wait(), None);
+}
