@@ -345,3 +345,44 @@ pub(crate) fn file_data(
         None => Ok(None),
     }
 }
+
+/// A `score_model` grader (or one inside a `multi`) must name the base model or a served
+/// adapter the tenant sees.
+pub(crate) async fn check_grader_models(
+    st: &AppState,
+    t: &Tenant,
+    g: &Grader,
+) -> Result<(), ApiError> {
+    let mut models = Vec::new();
+    g.models(&mut models);
+    if models.iter().all(|m| *m == st.model_name) {
+        return Ok(());
+    }
+    let stats = st.engine.stats().await.map_err(ApiError::internal)?;
+    for m in models {
+        let ok = m == st.model_name
+            || (stats.adapters.contains(&m) && t.sees(st.tenants.owner(&m).as_deref()));
+        if !ok {
+            return Err(ApiError::invalid(
+                format!("Invalid grader: the model `{m}` does not exist here"),
+                Some("method.reinforcement.grader.model"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A reinforcement job's resolved hyperparameters, as the job object reports them (`"auto"`
+/// eval_interval: one epoch of `steps_per_epoch`).
+pub(crate) fn reinforcement_hyperparameters(r: &Reinforce, steps_per_epoch: usize, hp: &mut Value) {
+    hp["compute_multiplier"] = serde_json::json!(r.group as f64 / DEFAULT_GROUP as f64);
+    hp["eval_interval"] = serde_json::json!(if r.eval_interval == 0 {
+        steps_per_epoch
+    } else {
+        r.eval_interval
+    });
+    hp["eval_samples"] = serde_json::json!(r.eval_samples);
+    hp["beta"] = serde_json::json!(r.beta);
+    hp["max_completion_tokens"] = serde_json::json!(r.max_tokens);
+    hp["temperature"] = serde_json::json!(r.temperature);
+}

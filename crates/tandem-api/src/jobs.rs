@@ -5,7 +5,10 @@
 
 use crate::error::ApiError;
 use crate::job_life::{event, watch};
-use crate::job_request::{file_data, max_seq_len, CreateJob, Lora, MethodChoice};
+use crate::job_request::{
+    check_grader_models, file_data, max_seq_len, reinforcement_hyperparameters, CreateJob, Lora,
+    MethodChoice,
+};
 use crate::store::now;
 use crate::tenants::{job_owner, Tenant};
 use crate::AppState;
@@ -14,9 +17,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use tandem_model::finetune::grpo::DEFAULT_GROUP;
 use tandem_model::finetune::{Method, TrainConfig, TrainData};
-use tandem_model::graders::Grader;
 use tandem_scheduler::JobSpec;
 
 pub(crate) fn checkpoint_dir(st: &AppState, id: &str) -> std::path::PathBuf {
@@ -167,16 +168,7 @@ pub async fn create(
         hp["beta"] = json!(beta);
     }
     if let Method::Reinforcement(r) = method {
-        hp["compute_multiplier"] = json!(r.group as f64 / DEFAULT_GROUP as f64);
-        hp["eval_interval"] = if r.eval_interval == 0 {
-            json!(data.len().div_ceil(batch_size))
-        } else {
-            json!(r.eval_interval)
-        };
-        hp["eval_samples"] = json!(r.eval_samples);
-        hp["beta"] = json!(r.beta);
-        hp["max_completion_tokens"] = json!(r.max_tokens);
-        hp["temperature"] = json!(r.temperature);
+        reinforcement_hyperparameters(&r, data.len().div_ceil(batch_size), &mut hp);
     }
     let kind = method.name();
     let mut method_json = json!({"type": kind, kind: {"hyperparameters": hp}});
@@ -246,28 +238,6 @@ pub async fn create(
     tokio::spawn(watch(st.clone(), id.clone(), adapter));
     job["status"] = json!("running");
     Ok(Json(job))
-}
-
-/// A `score_model` grader (or one inside a `multi`) must name the base model or a served
-/// adapter the tenant sees.
-async fn check_grader_models(st: &AppState, t: &Tenant, g: &Grader) -> Result<(), ApiError> {
-    let mut models = Vec::new();
-    g.models(&mut models);
-    if models.iter().all(|m| *m == st.model_name) {
-        return Ok(());
-    }
-    let stats = st.engine.stats().await.map_err(ApiError::internal)?;
-    for m in models {
-        let ok = m == st.model_name
-            || (stats.adapters.contains(&m) && t.sees(st.tenants.owner(&m).as_deref()));
-        if !ok {
-            return Err(ApiError::invalid(
-                format!("Invalid grader: the model `{m}` does not exist here"),
-                Some("method.reinforcement.grader.model"),
-            ));
-        }
-    }
-    Ok(())
 }
 
 #[derive(Deserialize)]

@@ -217,3 +217,110 @@ fn client_requests_go_ahead_of_waiting_answers() {
     only_bg.add(q).unwrap();
     assert_eq!(only_bg.longest_wait(), None);
 }
+
+/// `score_model` through a plain engine: the chat template, greedy, as the grader routes do.
+struct PlainCall(std::cell::RefCell<tandem_scheduler::LlmEngine>);
+
+impl ModelCall for PlainCall {
+    fn call(
+        &self,
+        _model: &str,
+        messages: &[(String, String)],
+        params: &serde_json::Value,
+    ) -> Result<String, String> {
+        let mut e = self.0.borrow_mut();
+        let msgs: Vec<tandem_model::ChatMessage> = messages
+            .iter()
+            .map(|(r, c)| tandem_model::ChatMessage::new(r.clone(), c.clone()))
+            .collect();
+        let text = e
+            .tokenizer
+            .apply_chat_template(&msgs, true)
+            .map_err(|x| x.to_string())?;
+        let prompt = e
+            .tokenizer
+            .encode(&text, false)
+            .map_err(|x| x.to_string())?;
+        let max = params
+            .get("max_tokens")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(64) as usize;
+        let p = SamplingParams {
+            max_tokens: max,
+            temperature: 0.0,
+            ..Default::default()
+        };
+        Ok(run_all(&mut e, &[(prompt, p)]).remove(0).1)
+    }
+}
+
+#[test]
+fn score_model_graders_ask_the_served_model_through_the_engine() {
+    let (_t, dir, vocab) = gqa_model();
+    // A chat template for the grader's messages (the word-level vocabulary's words).
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        json!({"chat_template": "{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}"})
+            .to_string(),
+    )
+    .unwrap();
+    let mut e = engine(dir.path(), CoserveMode::Coserve);
+    // A multi of a score_model (the base model asked about the answer; the first number of its
+    // reply, in [0, 100]) and a text similarity.
+    let g = Grader::parse(
+        &json!({"type": "multi", "name": "m", "calculate_output": "score / 100 + 0.5 * sim",
+            "graders": {
+                "score": {"type": "score_model", "name": "score", "model": "base", "range": [0, 100],
+                    "sampling_params": {"max_tokens": 3},
+                    "input": [{"role": "user", "content": "rate {{sample.output_text}} for {{item.ref}}"}]},
+                "sim": {"type": "text_similarity", "name": "sim", "input": "{{sample.output_text}}",
+                    "reference": "{{item.ref}}", "evaluation_metric": "fuzzy_match"}}}),
+        "",
+    )
+    .unwrap();
+    let mut job = run(&e, 2, 1);
+    let TrainData::Prompts(mut p) = prompts(vocab) else {
+        unreachable!()
+    };
+    p.grader = g.clone();
+    job = TrainingRun::new(TrainData::Prompts(p.clone()), job.cfg.clone(), job.lora).unwrap();
+    e.start_job("rl", job).unwrap();
+    let plain = PlainCall(std::cell::RefCell::new(engine(
+        dir.path(),
+        CoserveMode::InferenceOnly,
+    )));
+    let mut n = 0;
+    let mut checked = 0;
+    let mut scored = false;
+    while !e.jobs[0].state.is_final() {
+        e.step().unwrap();
+        n += 1;
+        assert!(n < 5000);
+        let j = &e.jobs[0];
+        if j.reports.len() > checked {
+            checked = j.reports.len();
+            let (_, answers, rewards) = j.last_rollouts.clone().unwrap();
+            for (a, rw) in answers.iter().zip(&rewards) {
+                let want = g.grade(&a.text, &p.items[a.item].item, &plain).unwrap();
+                scored |= want.sub_rewards["score"] > 0.0;
+                assert!(
+                    (want.reward - rw).abs() < 1e-12,
+                    "{} vs {rw} for {:?}",
+                    want.reward,
+                    a.text
+                );
+            }
+        }
+    }
+    assert_eq!(
+        e.jobs[0].state,
+        JobState::Succeeded,
+        "{:?}",
+        e.jobs[0].state
+    );
+    assert_eq!(checked, 2);
+    assert!(
+        scored,
+        "the model's replies never held a number: the check is empty"
+    );
+}

@@ -3,17 +3,14 @@
 //! in-process on the engine. Reports TTFT and TPOT p50/p99, TPOT SLO attainment, and finetuning
 //! throughput (tokens of sequences whose backward completed, per second) beside the job alone.
 
+use crate::bench_coserve_jobs::{new_job, prompt};
 use crate::cli::BenchCoserveArgs;
 use crate::generate::{engine, load};
 use anyhow::Result;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use tandem_model::finetune::{
-    Example, Method, PromptItem, Prompts, Reinforce, TrainConfig, TrainData, TrainableLora,
-    TrainingRun,
-};
-use tandem_model::graders::Grader;
+use tandem_model::finetune::TrainingRun;
 use tandem_model::lora::RegistryConfig;
 use tandem_model::SamplingParams;
 use tandem_scheduler::{CoserveConfig, CoserveMode, LlmEngine};
@@ -99,60 +96,6 @@ fn pct(v: &[f64], p: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     s[((s.len() - 1) as f64 * p).round() as usize]
-}
-
-fn prompt(k: usize, len: usize, vocab: usize) -> Vec<u32> {
-    (0..len)
-        .map(|j| ((k * 7919 + j * 104_729) % (vocab - 200) + 100) as u32)
-        .collect()
-}
-
-fn job_data(vocab: usize, len: usize) -> Vec<Example> {
-    (0..64)
-        .map(|k| Example {
-            tokens: prompt(10_000 + k, len, vocab),
-            target: (0..len).map(|i| i > 0).collect(),
-        })
-        .collect()
-}
-
-/// DPO pairs of `len`-token sequences: a shared first half (the prompt), different second
-/// halves (the answers, the targets).
-fn job_pairs(vocab: usize, len: usize) -> Vec<tandem_model::finetune::Pair> {
-    let half = len / 2;
-    let side = |k: usize| {
-        let mut tokens = prompt(10_000 + k, len, vocab);
-        tokens[..half].copy_from_slice(&prompt(20_000 + k / 2, half, vocab));
-        Example {
-            tokens,
-            target: (0..len).map(|i| i >= half.max(1)).collect(),
-        }
-    };
-    (0..32)
-        .map(|k| tandem_model::finetune::Pair {
-            chosen: side(2 * k),
-            rejected: side(2 * k + 1),
-        })
-        .collect()
-}
-
-/// Prompts of `len` tokens and a fuzzy-match grader against a fixed text (rewards vary
-/// between any two answers, so every step trains).
-fn job_prompts(vocab: usize, len: usize) -> Result<TrainData> {
-    let grader = Grader::parse(
-        &serde_json::json!({"type": "text_similarity", "name": "bench",
-            "input": "{{sample.output_text}}", "reference": "the quick brown fox",
-            "evaluation_metric": "fuzzy_match"}),
-        "",
-    )
-    .map_err(|(f, m)| anyhow::anyhow!("{f}: {m}"))?;
-    let items = (0..32)
-        .map(|k| PromptItem {
-            prompt: prompt(30_000 + k, len.max(1), vocab),
-            item: serde_json::json!({}),
-        })
-        .collect();
-    Ok(TrainData::Prompts(Prompts { items, grader }))
 }
 
 /// One timed run: Poisson arrivals at `rate` req/s (none if 0) for `secs`, with a finetuning
@@ -287,38 +230,7 @@ pub fn run(args: BenchCoserveArgs) -> Result<()> {
         RegistryConfig::default(),
     )?;
     let slo = Duration::from_secs_f64(args.tpot_slo_ms / 1e3);
-    let new_job = |e: &LlmEngine| -> Result<TrainingRun> {
-        // A DPO job's steps hold as many sequences as a supervised one's (two per pair).
-        let dpo = args.method == "dpo";
-        let grpo = args.method == "grpo";
-        let method = match args.method.as_str() {
-            "dpo" => Method::Dpo { beta: 0.1 },
-            "grpo" => Method::Reinforcement(Reinforce {
-                max_tokens: (args.train_len / 2).max(1),
-                ..Default::default()
-            }),
-            _ => Method::Supervised,
-        };
-        let cfg = TrainConfig {
-            r: 16,
-            alpha: 32.0,
-            targets: vec!["q_proj".into(), "v_proj".into()],
-            batch_size: if dpo || grpo { 2 } else { 4 },
-            epochs: 100,
-            chunk_tokens: args.chunk_tokens,
-            lr: 1e-4,
-            method,
-            ..Default::default()
-        };
-        let lora =
-            TrainableLora::new(&e.runner.model.cfg, cfg.spec()?, e.runner.model.device(), 0)?;
-        let data: TrainData = match args.method.as_str() {
-            "dpo" => job_pairs(vocab, args.train_len).into(),
-            "grpo" => job_prompts(vocab, args.train_len / 2)?,
-            _ => job_data(vocab, args.train_len).into(),
-        };
-        Ok(TrainingRun::new(data, cfg, lora)?)
-    };
+    let new_job = |e: &LlmEngine| new_job(e, &args);
     // Capacity: how many requests per second inference alone sustains with a full batch.
     e.coserve = CoserveConfig {
         mode: CoserveMode::InferenceOnly,

@@ -5,6 +5,7 @@ mod adapter;
 mod bench;
 mod bench_attention;
 mod bench_coserve;
+mod bench_coserve_jobs;
 mod bench_dpo;
 mod bench_finetune;
 mod bench_kernels;

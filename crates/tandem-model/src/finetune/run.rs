@@ -7,12 +7,8 @@
 
 use super::grpo::GrpoStats;
 use super::objective::{DpoStats, Method};
-use super::preference::Pair;
-use super::prompts::PromptItem;
 use super::unit::{ChunkRef, ForwardChunk, Unit};
-use super::{
-    lr_factor, AdamW, AdamWConfig, Example, GradAccum, StepReport, TrainConfig, TrainableLora,
-};
+use super::{lr_factor, AdamW, AdamWConfig, GradAccum, StepReport, TrainConfig, TrainableLora};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::llama::Llama;
@@ -43,73 +39,6 @@ pub struct Eval {
     pub dpo: Option<DpoStats>,
     /// Reinforcement: the validation prompts' sampled answers' rewards.
     pub grpo: Option<GrpoStats>,
-}
-
-/// A run's examples: supervised sequences, preference pairs, or prompts with a grader.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TrainData {
-    Supervised(Vec<Example>),
-    Preference(Vec<Pair>),
-    Prompts(Prompts),
-}
-
-/// Reinforcement data: prompts, and the grader that scores answers to them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Prompts {
-    pub items: Vec<PromptItem>,
-    pub grader: crate::graders::Grader,
-}
-
-impl From<Vec<Example>> for TrainData {
-    fn from(v: Vec<Example>) -> Self {
-        TrainData::Supervised(v)
-    }
-}
-
-impl From<Vec<Pair>> for TrainData {
-    fn from(v: Vec<Pair>) -> Self {
-        TrainData::Preference(v)
-    }
-}
-
-impl TrainData {
-    pub fn len(&self) -> usize {
-        match self {
-            TrainData::Supervised(v) => v.len(),
-            TrainData::Preference(v) => v.len(),
-            TrainData::Prompts(p) => p.items.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Item `i`'s sequences.
-    fn members(&self, i: usize) -> Vec<&Example> {
-        match self {
-            TrainData::Supervised(v) => vec![&v[i]],
-            TrainData::Preference(v) => vec![&v[i].chosen, &v[i].rejected],
-            // Sampled answers are units, not the data's items (`reinforce.rs`).
-            TrainData::Prompts(_) => Vec::new(),
-        }
-    }
-
-    fn targets(&self, i: usize) -> usize {
-        self.members(i).iter().map(|e| e.num_targets()).sum()
-    }
-
-    /// KV positions item `i` needs, in whole blocks of `block` (a prompt: with the longest
-    /// answer, `answer` tokens).
-    fn kv_len(&self, i: usize, block: usize, answer: usize) -> usize {
-        if let TrainData::Prompts(p) = self {
-            return (p.items[i].prompt.len() + answer).div_ceil(block).max(1) * block;
-        }
-        self.members(i)
-            .iter()
-            .map(|e| e.tokens.len().div_ceil(block).max(1) * block)
-            .sum()
-    }
 }
 
 /// An evaluation in progress.
@@ -161,7 +90,10 @@ pub struct TrainingRun {
 }
 
 mod reinforce;
+mod train_data;
 pub use reinforce::{Answer, RolloutRequest};
+use train_data::check_kind;
+pub use train_data::{Prompts, TrainData};
 
 impl TrainingRun {
     pub fn new(data: impl Into<TrainData>, cfg: TrainConfig, lora: TrainableLora) -> Result<Self> {
@@ -522,26 +454,5 @@ impl TrainingRun {
             });
         }
         Ok(report)
-    }
-}
-
-/// A run's method must fit its data.
-fn check_kind(method: &Method, data: &TrainData) -> Result<()> {
-    match (method, data) {
-        (Method::Supervised, TrainData::Supervised(_))
-        | (Method::Dpo { .. }, TrainData::Preference(_))
-        | (Method::Reinforcement(_), TrainData::Prompts(_)) => Ok(()),
-        (Method::Reinforcement(_), _) => Err(ModelError::Batch(
-            "reinforcement fine-tuning trains on prompts with a grader, not on examples or pairs".into(),
-        )),
-        (_, TrainData::Prompts(_)) => Err(ModelError::Batch(
-            "prompts with a grader are for the reinforcement method".into(),
-        )),
-        (Method::Dpo { .. }, TrainData::Supervised(_)) => Err(ModelError::Batch(
-            "DPO trains on preference pairs (a prompt with a preferred and a non-preferred answer), not on supervised examples".into(),
-        )),
-        (Method::Supervised, TrainData::Preference(_)) => Err(ModelError::Batch(
-            "supervised training takes examples, not preference pairs (use the dpo method)".into(),
-        )),
     }
 }
