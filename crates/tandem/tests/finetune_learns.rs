@@ -145,3 +145,42 @@ fn bad_training_data_names_the_line_and_field() {
         "{err}"
     );
 }
+
+#[test]
+fn grpo_without_a_good_grader_or_prompts_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &data,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"answer\": \"Hello\"}\n{\"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}\n",
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let out = tandem()
+            .args(["finetune", "--method", "grpo", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(dir.path().join("o"))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = run(&[]);
+    assert!(err.contains("--grader"), "{err}");
+    let grader = dir.path().join("g.json");
+    std::fs::write(&grader, r#"{"type": "python", "name": "p", "source": "x"}"#).unwrap();
+    let g = grader.to_str().unwrap();
+    let err = run(&["--grader", g]);
+    assert!(err.contains("g.json") && err.contains("`type`") && err.contains("python"), "{err}");
+    std::fs::write(
+        &grader,
+        r#"{"type": "string_check", "name": "s", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "like"}"#,
+    )
+    .unwrap();
+    let err = run(&["--grader", g]);
+    assert!(err.contains("prompts.jsonl") && err.contains("line 2") && err.contains("role"), "{err}");
+    let err = run(&["--grader", g, "--group", "1"]);
+    assert!(err.contains("--group"), "{err}");
+}
