@@ -140,7 +140,7 @@ def test_method_and_data_must_agree(client):
         (dict(training_file=pref, method={"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}), "beta"),
         (dict(training_file=pref, method={"type": "dpo", "dpo": {"hyperparameters": {"beta": "big"}}}), "beta"),
         (dict(training_file=sup, hyperparameters={"beta": 0.1}), "beta"),
-        (dict(training_file=sup, method={"type": "reinforcement"}), "method.type"),
+        (dict(training_file=sup, method={"type": "reinforcement"}), "method.reinforcement"),
         (dict(training_file=sup, method={"type": "ppo"}), "method.type"),
     ]
     for kwargs, param in cases:
