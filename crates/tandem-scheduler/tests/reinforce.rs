@@ -359,8 +359,13 @@ fn a_resumed_reinforcement_job_equals_a_straight_one() {
     }
     drop(first);
     let m = load_model_for(dir.path());
-    let (resumed, _) =
-        TrainingRun::resume(&ck.path().join("step-2"), prompts(vocab), &m.cfg, m.device()).unwrap();
+    let (resumed, _) = TrainingRun::resume(
+        &ck.path().join("step-2"),
+        prompts(vocab),
+        &m.cfg,
+        m.device(),
+    )
+    .unwrap();
     assert_eq!(resumed.step, 2);
     // Steps 3 and 4 move the adapter: the equality below is not that of doing nothing.
     let at2 = resumed.lora.to_adapter(None).unwrap();
@@ -373,7 +378,11 @@ fn a_resumed_reinforcement_job_equals_a_straight_one() {
 }
 
 fn load_model_for(dir: &std::path::Path) -> tandem_model::Llama {
-    tandem_model::load_model(Some(dir), &candle_core::Device::Cpu, candle_core::DType::F32)
-        .unwrap()
-        .model
+    tandem_model::load_model(
+        Some(dir),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap()
+    .model
 }

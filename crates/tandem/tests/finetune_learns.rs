@@ -173,14 +173,20 @@ fn grpo_without_a_good_grader_or_prompts_is_a_clear_error() {
     std::fs::write(&grader, r#"{"type": "python", "name": "p", "source": "x"}"#).unwrap();
     let g = grader.to_str().unwrap();
     let err = run(&["--grader", g]);
-    assert!(err.contains("g.json") && err.contains("`type`") && err.contains("python"), "{err}");
+    assert!(
+        err.contains("g.json") && err.contains("`type`") && err.contains("python"),
+        "{err}"
+    );
     std::fs::write(
         &grader,
         r#"{"type": "string_check", "name": "s", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "like"}"#,
     )
     .unwrap();
     let err = run(&["--grader", g]);
-    assert!(err.contains("prompts.jsonl") && err.contains("line 2") && err.contains("role"), "{err}");
+    assert!(
+        err.contains("prompts.jsonl") && err.contains("line 2") && err.contains("role"),
+        "{err}"
+    );
     let err = run(&["--grader", g, "--group", "1"]);
     assert!(err.contains("--group"), "{err}");
 }
