@@ -375,6 +375,39 @@ fn a_resumed_reinforcement_job_equals_a_straight_one() {
     let got = finish(&mut second);
     let d = tandem_model::testing::adapter_max_abs_diff(&want, &got);
     assert!(d <= 1e-6, "resumed vs straight: {d}");
+    // With validation prompts: evaluated before the first step and after each epoch (steps 0,
+    // 2, 4); resumed after step 2, a run evaluates after step 4 only.
+    let with_validation = |e: &tandem_scheduler::LlmEngine| {
+        let mut r = run(e, 2, 2);
+        r.set_validation(prompts(vocab)).unwrap();
+        r
+    };
+    let mut full = engine(dir.path(), CoserveMode::Coserve);
+    let job = with_validation(&full);
+    full.start_job("rl", job).unwrap();
+    full.set_job_checkpoints("rl", ck.path().join("v"), 2)
+        .unwrap();
+    finish(&mut full);
+    let steps: Vec<usize> = full.jobs[0].run.evals.iter().map(|e| e.step).collect();
+    assert_eq!(steps, vec![0, 2, 4]);
+    assert!(full.jobs[0]
+        .run
+        .evals
+        .iter()
+        .all(|e| e.grpo.unwrap().samples == 4));
+    let (mut again, _) = TrainingRun::resume(
+        &ck.path().join("v/step-2"),
+        prompts(vocab),
+        &m.cfg,
+        m.device(),
+    )
+    .unwrap();
+    again.set_validation(prompts(vocab)).unwrap();
+    let mut third = engine(dir.path(), CoserveMode::Coserve);
+    third.start_job("rl", again).unwrap();
+    finish(&mut third);
+    let steps: Vec<usize> = third.jobs[0].run.evals.iter().map(|e| e.step).collect();
+    assert_eq!(steps, vec![4], "a resumed run evaluates again at resume");
 }
 
 fn load_model_for(dir: &std::path::Path) -> tandem_model::Llama {

@@ -74,8 +74,9 @@ impl TrainingRun {
     pub fn rollout_request(&mut self) -> Option<RolloutRequest> {
         let r = self.reinforce()?;
         if !self.rl.started {
+            // The baseline evaluation, before the first step (a resumed run had it already).
             self.rl.started = true;
-            self.rl.eval_due = !self.validation.is_empty();
+            self.rl.eval_due = !self.validation.is_empty() && self.step == 0;
         }
         if self.rl.asked.is_some() || self.unit.is_some() || self.rl.rollouts.is_some() {
             return None;
