@@ -11,6 +11,7 @@ pub mod block_manager;
 pub mod coserve;
 pub mod cost_model;
 pub mod engine;
+pub mod engine_handle;
 pub mod engine_loop;
 pub mod scheduler;
 pub mod sequence;
@@ -19,7 +20,7 @@ pub use block_manager::BlockManager;
 pub use coserve::{CoserveConfig, CoserveMode, JobState, TrainingJob};
 pub use cost_model::CostModel;
 pub use engine::{IterationCounters, IterationObserver, IterationReport, LlmEngine, RequestOutput};
-pub use engine_loop::{
+pub use engine_handle::{
     CheckpointWritten, EngineError, EngineHandle, EngineStats, Event, GenerateRequest, JobSnapshot,
     JobSpec, JobStart, JobStat,
 };

@@ -70,7 +70,7 @@ impl LlmEngine {
 
     /// Checkpoints every running or paused job at its last optimizer step (unless it has one
     /// there already): a shutdown then loses no optimizer step. Returns what was written.
-    pub fn checkpoint_active_jobs(&mut self) -> Vec<crate::engine_loop::CheckpointWritten> {
+    pub fn checkpoint_active_jobs(&mut self) -> Vec<crate::engine_handle::CheckpointWritten> {
         let mut out = Vec::new();
         for i in 0..self.jobs.len() {
             let j = &self.jobs[i];
@@ -83,7 +83,7 @@ impl LlmEngine {
                 continue;
             }
             match self.write_checkpoint(i, step) {
-                Ok((name, path)) => out.push(crate::engine_loop::CheckpointWritten {
+                Ok((name, path)) => out.push(crate::engine_handle::CheckpointWritten {
                     job: self.jobs[i].name.clone(),
                     step,
                     name,
