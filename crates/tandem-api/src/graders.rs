@@ -12,9 +12,7 @@ use axum::{Extension, Json};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Instant;
-use tandem_model::chat_template::ChatMessage;
-use tandem_model::graders::{Grader, ModelCall};
-use tandem_model::SamplingParams;
+use tandem_model::graders::{score_model_request, Grader, ModelCall};
 use tandem_scheduler::{Event, GenerateRequest};
 
 fn body(bytes: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
@@ -61,30 +59,7 @@ impl ModelCall for EngineCall {
         } else {
             return Err(format!("the model `{model}` does not exist"));
         };
-        let msgs: Vec<ChatMessage> = messages
-            .iter()
-            .map(|(r, c)| ChatMessage::new(r.clone(), c.clone()))
-            .collect();
-        let text = self
-            .st
-            .tokenizer
-            .apply_chat_template(&msgs, true)
-            .map_err(|e| e.to_string())?;
-        let prompt = self
-            .st
-            .tokenizer
-            .encode(&text, false)
-            .map_err(|e| e.to_string())?;
-        let num = |k: &str| params.get(k).and_then(Value::as_f64);
-        let sampling = SamplingParams {
-            max_tokens: num("max_completions_tokens")
-                .or(num("max_tokens"))
-                .map_or(64, |m| (m as usize).clamp(1, 1024)),
-            temperature: num("temperature").unwrap_or(0.0) as f32,
-            top_p: num("top_p").unwrap_or(1.0) as f32,
-            seed: params.get("seed").and_then(Value::as_u64),
-            ..Default::default()
-        };
+        let (prompt, sampling) = score_model_request(&self.st.tokenizer, messages, params)?;
         let req = GenerateRequest {
             prompt,
             params: sampling,

@@ -7,7 +7,7 @@ use serde_json::json;
 use tandem_model::finetune::{
     Method, PromptItem, Prompts, Reinforce, TrainConfig, TrainData, TrainableLora, TrainingRun,
 };
-use tandem_model::graders::{Grader, ModelCall};
+use tandem_model::graders::{score_model_request, Grader, ModelCall};
 use tandem_model::SamplingParams;
 use tandem_scheduler::{CoserveMode, JobState, Scheduler, SchedulerConfig, Sequence};
 
@@ -218,7 +218,7 @@ fn client_requests_go_ahead_of_waiting_answers() {
     assert_eq!(only_bg.longest_wait(), None);
 }
 
-/// `score_model` through a plain engine: the chat template, greedy, as the grader routes do.
+/// `score_model` through a plain engine, as the grader routes run it.
 struct PlainCall(std::cell::RefCell<tandem_scheduler::LlmEngine>);
 
 impl ModelCall for PlainCall {
@@ -229,27 +229,7 @@ impl ModelCall for PlainCall {
         params: &serde_json::Value,
     ) -> Result<String, String> {
         let mut e = self.0.borrow_mut();
-        let msgs: Vec<tandem_model::ChatMessage> = messages
-            .iter()
-            .map(|(r, c)| tandem_model::ChatMessage::new(r.clone(), c.clone()))
-            .collect();
-        let text = e
-            .tokenizer
-            .apply_chat_template(&msgs, true)
-            .map_err(|x| x.to_string())?;
-        let prompt = e
-            .tokenizer
-            .encode(&text, false)
-            .map_err(|x| x.to_string())?;
-        let max = params
-            .get("max_tokens")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(64) as usize;
-        let p = SamplingParams {
-            max_tokens: max,
-            temperature: 0.0,
-            ..Default::default()
-        };
+        let (prompt, p) = score_model_request(&e.tokenizer, messages, params)?;
         Ok(run_all(&mut e, &[(prompt, p)]).remove(0).1)
     }
 }

@@ -61,6 +61,34 @@ pub trait ModelCall {
     ) -> Result<String, String>;
 }
 
+/// What a `score_model` call runs: the messages through the chat template, tokenized, and the
+/// grader's `sampling_params` (greedy, 64 tokens unless they say otherwise; at most 1024).
+pub fn score_model_request(
+    tok: &crate::tokenizer::TextTokenizer,
+    messages: &[(String, String)],
+    params: &Value,
+) -> Result<(Vec<u32>, crate::sampling::SamplingParams), String> {
+    let msgs: Vec<crate::chat_template::ChatMessage> = messages
+        .iter()
+        .map(|(r, c)| crate::chat_template::ChatMessage::new(r.clone(), c.clone()))
+        .collect();
+    let text = tok
+        .apply_chat_template(&msgs, true)
+        .map_err(|e| e.to_string())?;
+    let prompt = tok.encode(&text, false).map_err(|e| e.to_string())?;
+    let num = |k: &str| params.get(k).and_then(Value::as_f64);
+    let sampling = crate::sampling::SamplingParams {
+        max_tokens: num("max_completions_tokens")
+            .or(num("max_tokens"))
+            .map_or(64, |m| (m as usize).clamp(1, 1024)),
+        temperature: num("temperature").unwrap_or(0.0) as f32,
+        top_p: num("top_p").unwrap_or(1.0) as f32,
+        seed: params.get("seed").and_then(Value::as_u64),
+        ..Default::default()
+    };
+    Ok((prompt, sampling))
+}
+
 /// A grader's result.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grade {

@@ -8,8 +8,7 @@
 use super::*;
 use std::cell::RefCell;
 use tandem_model::finetune::{Answer, RolloutRequest, StepReport};
-use tandem_model::graders::ModelCall;
-use tandem_model::ChatMessage;
+use tandem_model::graders::{score_model_request, ModelCall};
 
 /// A job's answers in flight.
 pub struct RolloutBatch {
@@ -251,28 +250,8 @@ impl LlmEngine {
             texts: vec![String::new(); calls.len()],
         };
         for (k, (model, messages, params)) in calls.into_iter().enumerate() {
-            let msgs: Vec<ChatMessage> = messages
-                .into_iter()
-                .map(|(r, c)| ChatMessage::new(r, c))
-                .collect();
-            let text = self
-                .tokenizer
-                .apply_chat_template(&msgs, true)
+            let (prompt, sampling) = score_model_request(&self.tokenizer, &messages, &params)
                 .map_err(|e| format!("score_model grader: {e}"))?;
-            let prompt = self
-                .tokenizer
-                .encode(&text, false)
-                .map_err(|e| format!("score_model grader: {e}"))?;
-            let num = |key: &str| params.get(key).and_then(serde_json::Value::as_f64);
-            let sampling = SamplingParams {
-                max_tokens: num("max_completions_tokens")
-                    .or(num("max_tokens"))
-                    .map_or(64, |m| (m as usize).clamp(1, 1024)),
-                temperature: num("temperature").unwrap_or(0.0) as f32,
-                top_p: num("top_p").unwrap_or(1.0) as f32,
-                seed: params.get("seed").and_then(serde_json::Value::as_u64),
-                ..Default::default()
-            };
             let adapter = self.runner.adapters.id(&model);
             let id = self
                 .add_background(prompt, sampling, adapter)
