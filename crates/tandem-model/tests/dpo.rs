@@ -13,7 +13,7 @@ use tandem_model::finetune::{
     Unit,
 };
 use tandem_model::testing::Tiny;
-use tandem_model::{Llama, LogitsWanted, PackedBatch};
+use tandem_model::Llama;
 
 mod common;
 use common::*;
@@ -123,25 +123,7 @@ fn token_level(
             false,
         );
         assert!(unit.kv_len() <= table.len() * 4);
-        while let Some(c) = unit.next_forward_max(usize::MAX) {
-            let adapter = if c.id.reference {
-                reference
-            } else {
-                Some(train)
-            };
-            let mut batch = PackedBatch::default();
-            batch.push_with_adapter(
-                0,
-                &c.tokens,
-                c.start,
-                c.table(&table),
-                LogitsWanted::None,
-                adapter,
-            );
-            let (_, mut caps) = m.forward_packed(&batch, &cache, Some(&reg), &[0]).unwrap();
-            unit.finish_forward(m, c.id, caps.pop().unwrap().inputs)
-                .unwrap();
-        }
+        run_forwards(m, &cache, &reg, &mut unit, &table, train, reference);
         assert!(unit.forwards_done() && unit.backward_due());
         loss += unit.dpo.unwrap().loss;
         while unit.backward_due() {

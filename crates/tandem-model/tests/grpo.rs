@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use tandem_model::finetune::grpo::{advantages, kl_k3, token_weights};
 use tandem_model::finetune::{Example, GradAccum, LayerLora, TrainableLora, Unit};
 use tandem_model::testing::Tiny;
-use tandem_model::{Llama, LogitsWanted, PackedBatch};
+use tandem_model::Llama;
 
 mod common;
 use common::*;
@@ -105,25 +105,7 @@ fn token_level(
     for (k, (ex, adv)) in data.iter().enumerate() {
         let table: Vec<u32> = (k as u32 * 10..k as u32 * 10 + 10).collect();
         let mut unit = Unit::rollout(ex, chunk, *adv, data.len(), beta, None, 4);
-        while let Some(c) = unit.next_forward_max(usize::MAX) {
-            let adapter = if c.id.reference {
-                reference
-            } else {
-                Some(train)
-            };
-            let mut batch = PackedBatch::default();
-            batch.push_with_adapter(
-                0,
-                &c.tokens,
-                c.start,
-                c.table(&table),
-                LogitsWanted::None,
-                adapter,
-            );
-            let (_, mut caps) = m.forward_packed(&batch, &cache, Some(&reg), &[0]).unwrap();
-            unit.finish_forward(m, c.id, caps.pop().unwrap().inputs)
-                .unwrap();
-        }
+        run_forwards(m, &cache, &reg, &mut unit, &table, train, reference);
         assert!(unit.forwards_done() && unit.backward_due());
         kls.push(unit.kl);
         while unit.backward_due() {

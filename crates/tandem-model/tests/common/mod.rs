@@ -5,10 +5,10 @@
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
-use tandem_model::finetune::{LoraSpec, TrainableLora};
+use tandem_model::finetune::{LoraSpec, TrainableLora, Unit};
 use tandem_model::lora::{AdapterRegistry, Proj, RegistryConfig};
 use tandem_model::testing::Tiny;
-use tandem_model::{load_checkpoint, KvCache, Llama, TextTokenizer};
+use tandem_model::{load_checkpoint, KvCache, Llama, LogitsWanted, PackedBatch, TextTokenizer};
 
 pub fn model(t: &Tiny) -> (tempfile::TempDir, Llama) {
     let dir = tempfile::tempdir().unwrap();
@@ -74,6 +74,38 @@ pub fn cache_and_registry(
         DType::F32,
     );
     (cache, reg)
+}
+
+/// Runs every forward chunk of `unit` (its KV through `table`): reference passes through
+/// `reference` (None: the base model), policy chunks through `train`.
+pub fn run_forwards(
+    m: &Llama,
+    cache: &KvCache,
+    reg: &AdapterRegistry,
+    unit: &mut Unit,
+    table: &[u32],
+    train: u32,
+    reference: Option<u32>,
+) {
+    while let Some(c) = unit.next_forward_max(usize::MAX) {
+        let adapter = if c.id.reference {
+            reference
+        } else {
+            Some(train)
+        };
+        let mut batch = PackedBatch::default();
+        batch.push_with_adapter(
+            0,
+            &c.tokens,
+            c.start,
+            c.table(table),
+            LogitsWanted::None,
+            adapter,
+        );
+        let (_, mut caps) = m.forward_packed(&batch, cache, Some(reg), &[0]).unwrap();
+        unit.finish_forward(m, c.id, caps.pop().unwrap().inputs)
+            .unwrap();
+    }
 }
 
 /// max |t| as f32.
