@@ -28,7 +28,7 @@ pub use preference::{
     load_preference_jsonl, parse_preference, preference_pairs, tokenize_pair, validate_file,
     FileKind, Pair, PreferenceRecord,
 };
-pub use prompts::{load_prompt_jsonl, parse_prompt, prompt_items, validate_prompts, PromptItem};
+pub use prompts::{load_prompt_jsonl, parse_prompt, prompt_items, PromptItem};
 pub use run::{Answer, Eval, Progress, Prompts, RolloutRequest, TrainData, TrainingRun};
 pub use seq::{SeqPhase, SeqTrain};
 pub use step::{ChunkGrads, HeadOut, LayerLora};

@@ -94,22 +94,6 @@ pub fn tokenize_prompt(
     })
 }
 
-/// Checks every line of prompt JSONL contents; returns the number of prompts.
-pub fn validate_prompts(contents: &str) -> std::result::Result<usize, String> {
-    let mut n = 0;
-    for (i, line) in contents.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        parse_prompt(line).map_err(|(f, m)| format!("line {}: `{f}` {m}", i + 1))?;
-        n += 1;
-    }
-    if n == 0 {
-        return Err("the file has no prompts".into());
-    }
-    Ok(n)
-}
-
 /// Parses and tokenizes prompt JSONL contents; errors are (line, field, message).
 pub fn prompt_items(
     contents: &str,
