@@ -122,6 +122,18 @@ impl ApiError {
     }
 
     /// 500 with a generic message; the cause is logged.
+    /// 503: the shared store cannot be reached now (restarting, network); nothing was done.
+    pub fn store_unavailable(cause: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "the store is unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "The server's database is unavailable; nothing was done. Retry shortly.",
+            None,
+            Some("store_unavailable"),
+        )
+    }
+
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
         Self::new(

@@ -19,6 +19,8 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         if e.is_disk_full() {
             ApiError::insufficient_storage(e)
+        } else if e.is_unavailable() {
+            ApiError::store_unavailable(e)
         } else {
             ApiError::internal(e)
         }
@@ -77,7 +79,7 @@ pub async fn upload(
             Some("file"),
         )
     })?;
-    let f = st.store.add_file(&t.name, &name, &purpose, &data)?;
+    let f = st.store.add_file(&t.name, &name, &purpose, &data).await?;
     tracing::info!(file = %f.id, bytes = f.bytes, "file uploaded");
     Ok(Json(f))
 }
@@ -94,7 +96,8 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let data: Vec<FileObject> = st
         .store
-        .files(q.purpose.as_deref())?
+        .files(q.purpose.as_deref())
+        .await?
         .into_iter()
         .filter(|f| t.sees(Some(&f.owner)))
         .collect();
@@ -106,8 +109,12 @@ fn missing(id: &str) -> ApiError {
 }
 
 /// File `id` if it exists and the tenant may see it (another tenant's file is a 404 too).
-pub fn visible_file(st: &AppState, t: &Tenant, id: &str) -> Result<Option<FileObject>, ApiError> {
-    Ok(st.store.file(id)?.filter(|f| t.sees(Some(&f.owner))))
+pub async fn visible_file(
+    st: &AppState,
+    t: &Tenant,
+    id: &str,
+) -> Result<Option<FileObject>, ApiError> {
+    Ok(st.store.file(id).await?.filter(|f| t.sees(Some(&f.owner))))
 }
 
 pub async fn get_one(
@@ -115,7 +122,9 @@ pub async fn get_one(
     Extension(t): Extension<Tenant>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let f = visible_file(&st, &t, &id)?.ok_or_else(|| missing(&id))?;
+    let f = visible_file(&st, &t, &id)
+        .await?
+        .ok_or_else(|| missing(&id))?;
     Ok(Json(f).into_response())
 }
 
@@ -124,8 +133,14 @@ pub async fn content(
     Extension(t): Extension<Tenant>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    visible_file(&st, &t, &id)?.ok_or_else(|| missing(&id))?;
-    let data = st.store.file_content(&id)?.ok_or_else(|| missing(&id))?;
+    visible_file(&st, &t, &id)
+        .await?
+        .ok_or_else(|| missing(&id))?;
+    let data = st
+        .store
+        .file_content(&id)
+        .await?
+        .ok_or_else(|| missing(&id))?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
         data,
@@ -138,7 +153,7 @@ pub async fn delete(
     Extension(t): Extension<Tenant>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if visible_file(&st, &t, &id)?.is_none() || !st.store.delete_file(&id)? {
+    if visible_file(&st, &t, &id).await?.is_none() || !st.store.delete_file(&id).await? {
         return Err(missing(&id));
     }
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})).into_response())

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use tandem_model::finetune::{Eval, StepReport};
 
 /// Records an event on job `job`; false if the store refused it (a full disk), logged.
-pub(crate) fn event(
+pub(crate) async fn event(
     st: &AppState,
     job: &str,
     level: &str,
@@ -25,7 +25,7 @@ pub(crate) fn event(
         "type": kind,
         "data": data.unwrap_or(json!({})),
     });
-    match st.store.add_event(job, &e) {
+    match st.store.add_event(job, &e).await {
         Ok(()) => true,
         Err(err) => {
             tracing::error!(job, error = %err, "cannot record a job event");

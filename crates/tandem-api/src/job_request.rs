@@ -329,7 +329,7 @@ fn read_data(
 
 /// The data of stored file `id` for `method` (None if there is no such file, or the tenant may
 /// not see it); `field` names it in errors.
-pub(crate) fn file_data(
+pub(crate) async fn file_data(
     st: &AppState,
     t: &Tenant,
     id: &str,
@@ -337,10 +337,10 @@ pub(crate) fn file_data(
     method: &Method,
     grader: Option<&Grader>,
 ) -> Result<Option<TrainData>, ApiError> {
-    if crate::files::visible_file(st, t, id)?.is_none() {
+    if crate::files::visible_file(st, t, id).await?.is_none() {
         return Ok(None);
     }
-    match st.store.file_content(id)? {
+    match st.store.file_content(id).await? {
         Some(content) => read_data(st, &content, field, method, grader).map(Some),
         None => Ok(None),
     }

@@ -4,11 +4,12 @@
 //! progress (steps, losses, final state) into them.
 
 use crate::error::ApiError;
-use crate::job_life::{event, watch};
+use crate::job_life::event;
 use crate::job_request::{
     check_grader_models, file_data, max_seq_len, reinforcement_hyperparameters, CreateJob, Lora,
     MethodChoice,
 };
+use crate::job_watch::watch;
 use crate::store::now;
 use crate::tenants::{job_owner, Tenant};
 use crate::AppState;
@@ -16,15 +17,24 @@ use axum::extract::{Path, Query, State};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::path::PathBuf;
 use std::sync::Arc;
 use tandem_model::finetune::{Method, TrainConfig, TrainData};
 use tandem_scheduler::JobSpec;
 
-pub(crate) fn checkpoint_dir(st: &AppState, id: &str) -> std::path::PathBuf {
-    match &st.data_dir {
+/// Job `id`'s checkpoints: in the adapter store (`--adapter-store`), else the data dir, else a
+/// temporary folder.
+pub(crate) fn checkpoint_dir(st: &AppState, id: &str) -> PathBuf {
+    match st.adapter_dir.as_ref().or(st.data_dir.as_ref()) {
         Some(d) => d.join("checkpoints").join(id),
         None => std::env::temp_dir().join("tandem-checkpoints").join(id),
     }
+}
+
+/// Where job `id`'s finished adapter is kept (none without a data dir or adapter store).
+pub(crate) fn fine_tuned_dir(st: &AppState, id: &str) -> Option<PathBuf> {
+    let root = st.adapter_dir.as_ref().or(st.data_dir.as_ref())?;
+    Some(root.join("fine_tuned").join(id))
 }
 
 fn missing(id: &str) -> ApiError {
@@ -46,6 +56,7 @@ pub async fn create(
     let init = if req.model == st.model_name {
         None
     } else {
+        crate::cluster::ensure_served(&st, &req.model).await?;
         let stats = st.engine.stats().await.map_err(ApiError::internal)?;
         let visible = stats.adapters.iter().any(|a| a == &req.model)
             && t.sees(st.tenants.owner(&req.model).as_deref());
@@ -69,20 +80,23 @@ pub async fn create(
         check_grader_models(&st, &t, g).await?;
     }
     let g = grader.as_ref().map(|(g, _)| g);
-    let data =
-        file_data(&st, &t, &req.training_file, "training_file", &method, g)?.ok_or_else(|| {
+    let data = file_data(&st, &t, &req.training_file, "training_file", &method, g)
+        .await?
+        .ok_or_else(|| {
             ApiError::invalid(
                 format!("Invalid training_file: {}: no such file", req.training_file),
                 Some("training_file"),
             )
         })?;
     let validation = match &req.validation_file {
-        Some(v) => file_data(&st, &t, v, "validation_file", &method, g)?.ok_or_else(|| {
-            ApiError::invalid(
-                format!("Invalid validation_file: {v}: no such file"),
-                Some("validation_file"),
-            )
-        })?,
+        Some(v) => file_data(&st, &t, v, "validation_file", &method, g)
+            .await?
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    format!("Invalid validation_file: {v}: no such file"),
+                    Some("validation_file"),
+                )
+            })?,
         None => TrainData::Supervised(Vec::new()),
     };
     // "auto" (or left out) resolved from the data's size, as OpenAI does; the job object
@@ -203,6 +217,16 @@ pub async fn create(
         "tandem_init": init,
         "tandem_checkpoint_every": data.len().div_ceil(batch_size),
     });
+    if st.store.is_shared() {
+        // Replicas share the store: the job waits in it for one with room to claim it.
+        job["status"] = json!("queued");
+        st.store.put_job(&job).await?;
+        st.tenants.set_owner(&adapter, &t.name);
+        event(&st, &id, "info", "Created fine-tuning job", None).await;
+        tracing::info!(job = %id, adapter = %adapter, method = kind, "fine-tuning job queued");
+        crate::cluster::wake(&st);
+        return Ok(Json(job));
+    }
     // A checkpoint at the end of every epoch, written and served while the job runs.
     let ckpt_dir = checkpoint_dir(&st, &id);
     std::fs::create_dir_all(&ckpt_dir).map_err(ApiError::internal)?;
@@ -226,14 +250,14 @@ pub async fn create(
         job["tandem_config"] = json!(c);
     }
     // Not recorded (a full disk): not acknowledged, so it must not train either.
-    if let Err(e) = st.store.put_job(&job) {
+    if let Err(e) = st.store.put_job(&job).await {
         let _ = st.engine.control_job(adapter.clone(), None).await;
         let _ = st.engine.unload_adapter(adapter.clone()).await;
         return Err(e.into());
     }
     st.tenants.set_owner(&adapter, &t.name);
-    event(&st, &id, "info", "Created fine-tuning job", None);
-    event(&st, &id, "info", "Fine-tuning job started", None);
+    event(&st, &id, "info", "Created fine-tuning job", None).await;
+    event(&st, &id, "info", "Fine-tuning job started", None).await;
     tracing::info!(job = %id, adapter = %adapter, method = kind, "fine-tuning job started");
     tokio::spawn(watch(st.clone(), id.clone(), adapter));
     job["status"] = json!("running");
@@ -276,7 +300,8 @@ pub async fn list(
         .collect();
     let jobs = st
         .store
-        .jobs()?
+        .jobs()
+        .await?
         .into_iter()
         .filter(|j| t.sees(Some(job_owner(j))))
         .filter(|j| {
@@ -289,9 +314,10 @@ pub async fn list(
 }
 
 /// Job `id` if the tenant may see it (another tenant's job is a 404, like a missing one).
-fn visible_job(st: &AppState, t: &Tenant, id: &str) -> Result<Value, ApiError> {
+async fn visible_job(st: &AppState, t: &Tenant, id: &str) -> Result<Value, ApiError> {
     st.store
-        .job(id)?
+        .job(id)
+        .await?
         .filter(|j| t.sees(Some(job_owner(j))))
         .ok_or_else(|| missing(id))
 }
@@ -301,7 +327,7 @@ pub async fn get_one(
     Extension(t): Extension<Tenant>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(visible_job(&st, &t, &id)?))
+    Ok(Json(visible_job(&st, &t, &id).await?))
 }
 
 pub async fn events(
@@ -310,8 +336,8 @@ pub async fn events(
     Path(id): Path<String>,
     Query(p): Query<Page>,
 ) -> Result<Json<Value>, ApiError> {
-    visible_job(&st, &t, &id)?;
-    Ok(page(st.store.events(&id)?, &p))
+    visible_job(&st, &t, &id).await?;
+    Ok(page(st.store.events(&id).await?, &p))
 }
 
 pub async fn checkpoints(
@@ -320,7 +346,7 @@ pub async fn checkpoints(
     Path(id): Path<String>,
     Query(p): Query<Page>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = visible_job(&st, &t, &id)?;
+    let job = visible_job(&st, &t, &id).await?;
     // Newest first, as OpenAI lists them.
     let mut items: Vec<Value> = job["tandem_checkpoints"]
         .as_array()
@@ -336,11 +362,14 @@ async fn control(
     id: String,
     pause: Option<bool>,
 ) -> Result<Json<Value>, ApiError> {
-    let mut job = visible_job(&st, &t, &id)?;
+    let mut job = visible_job(&st, &t, &id).await?;
     let adapter = job["tandem_adapter"]
         .as_str()
         .unwrap_or_default()
         .to_string();
+    if st.store.is_shared() {
+        return crate::cluster::control(&st, job, pause).await.map(Json);
+    }
     st.engine
         .control_job(adapter, pause)
         .await
@@ -354,8 +383,8 @@ async fn control(
     if pause.is_none() {
         job["finished_at"] = json!(now());
     }
-    st.store.put_job(&job)?;
-    event(&st, &id, "info", msg, None);
+    st.store.put_job(&job).await?;
+    event(&st, &id, "info", msg, None).await;
     Ok(Json(job))
 }
 

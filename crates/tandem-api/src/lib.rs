@@ -6,6 +6,7 @@
 //! tensors or scheduling policy — requests go to the engine thread through `EngineHandle`.
 
 mod chat;
+pub mod cluster;
 mod completions;
 mod error;
 mod files;
@@ -13,6 +14,7 @@ mod graders;
 mod job_events;
 mod job_life;
 mod job_request;
+mod job_watch;
 mod jobs;
 pub use job_life::checkpoint_on_shutdown;
 pub use job_life::recover as recover_jobs;
@@ -56,10 +58,16 @@ pub struct AppState {
     pub pending: std::sync::atomic::AtomicUsize,
     /// Where adapters loaded at run time are recorded (`--data-dir`), if anywhere.
     pub adapter_store: Option<persist::AdapterStore>,
-    /// Files (and, next, fine-tuning jobs): SQLite in the data dir, or in memory.
+    /// Files, fine-tuning jobs and their events: SQLite in the data dir (or in memory), or a
+    /// PostgreSQL database replicas share.
     pub store: store::Store,
     /// `--data-dir`: finished jobs' adapters go to `fine_tuned/<job id>` in it.
     pub data_dir: Option<std::path::PathBuf>,
+    /// `--adapter-store DIR`: jobs' checkpoints and finished adapters go here instead (a
+    /// folder every replica shares).
+    pub adapter_dir: Option<std::path::PathBuf>,
+    /// This replica's part when replicas share the store (`--database-url`); None: alone.
+    pub cluster: Option<cluster::Cluster>,
     /// Compiles structured-output constraints over the model's vocabulary.
     pub grammars: Arc<tandem_model::grammar::GrammarCompiler>,
 }

@@ -56,6 +56,7 @@ pub struct Metrics {
     job_reward: GaugeVec,
     job_progress: GaugeVec,
     jobs: IntGaugeVec,
+    job_replica: IntGaugeVec,
     /// Engine totals as of the last scrape (counters advance by the difference).
     last: Mutex<Totals>,
 }
@@ -306,6 +307,13 @@ impl Metrics {
                 ),
                 &["status"],
             ))?,
+            job_replica: add(reg, IntGaugeVec::new(
+                opts(
+                    "tandem:finetune_job_replica",
+                    "1 for each fine-tuning job this replica trains (replicas sharing a store).",
+                ),
+                &["job", "replica"],
+            ))?,
             last: Mutex::new(Totals::default()),
             base_model: model_name.to_string(),
             ttft_slo,
@@ -381,6 +389,15 @@ impl Metrics {
     }
 
     /// Prometheus text, with the engine gauges as of now.
+    /// Job `job` is trained by this replica (`on`), or no longer.
+    pub fn job_replica(&self, job: &str, replica: &str, on: bool) {
+        if on {
+            self.job_replica.with_label_values(&[job, replica]).set(1);
+        } else {
+            let _ = self.job_replica.remove_label_values(&[job, replica]);
+        }
+    }
+
     pub fn render(&self, s: &EngineStats) -> String {
         self.running.set(s.running as i64);
         self.waiting.set(s.waiting as i64);

@@ -20,6 +20,7 @@ use std::sync::Arc;
 async fn model_list(st: &AppState, t: &Tenant) -> Result<Vec<Value>, ApiError> {
     let stats = st.engine.stats().await.map_err(ApiError::internal)?;
     let created = now();
+    let unloaded = crate::cluster::unloaded_adapters(st, &stats.adapters).await?;
     let mut data = vec![
         json!({"id": st.model_name, "object": "model", "created": created, "owned_by": "tandem",
         "root": st.model_name, "parent": null, "max_model_len": st.max_model_len}),
@@ -29,6 +30,12 @@ async fn model_list(st: &AppState, t: &Tenant) -> Result<Vec<Value>, ApiError> {
         if t.sees(owner.as_deref()) {
             let by = owner.unwrap_or_else(|| "tandem".into());
             data.push(json!({"id": a, "object": "model", "created": created, "owned_by": by, "root": a, "parent": st.model_name}));
+        }
+    }
+    // Another replica's fine-tuned models: served here at the first request.
+    for (a, owner) in unloaded {
+        if t.sees(Some(&owner)) {
+            data.push(json!({"id": a, "object": "model", "created": created, "owned_by": owner, "root": a, "parent": st.model_name}));
         }
     }
     Ok(data)
@@ -203,6 +210,7 @@ pub(crate) async fn resolve_model(
     if model == st.model_name {
         return Ok(None);
     }
+    crate::cluster::ensure_served(st, model).await?;
     if !t.sees(st.tenants.owner(model).as_deref()) {
         return Err(ApiError::model_not_found(model));
     }

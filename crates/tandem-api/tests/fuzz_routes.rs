@@ -71,6 +71,8 @@ fn state(dir: &std::path::Path) -> Arc<AppState> {
         adapter_store: None,
         store: tandem_api::store::Store::open(None).unwrap(),
         data_dir: None,
+        adapter_dir: None,
+        cluster: None,
     })
 }
 

@@ -531,6 +531,25 @@ pub struct ServeArgs {
     /// Keep state here: adapters loaded at run time are recorded and served again after a restart.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Keep files, jobs and events in this PostgreSQL database (`postgres://user:pass@host/db`)
+    /// instead of SQLite in --data-dir: replicas given the same one (and the same
+    /// --adapter-store) act as one server, and jobs go to replicas with room.
+    #[arg(long, env = "TANDEM_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Write jobs' checkpoints and finished adapters here (a folder every replica shares, e.g. a
+    /// ReadWriteMany volume) instead of --data-dir; replicas load them from here on demand.
+    #[arg(long, value_name = "DIR")]
+    pub adapter_store: Option<PathBuf>,
+    /// This replica's name in job leases and metrics (default: the host name and process id).
+    #[arg(long, env = "TANDEM_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// With --database-url: a job's lease lapses this long after its replica's last heartbeat,
+    /// and another replica takes the job over.
+    #[arg(long, default_value_t = 10.0)]
+    pub lease_seconds: f64,
+    /// With --database-url: jobs this replica trains at once at most.
+    #[arg(long, default_value_t = 1)]
+    pub max_jobs: usize,
     /// LoRA adapters resident at once.
     #[arg(long, default_value_t = 4)]
     pub max_loras: usize,

@@ -91,15 +91,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
         None => None,
     };
-    let store = tandem_api::store::Store::open(args.data_dir.as_deref()).with_context(|| {
-        format!(
-            "cannot open the store in --data-dir {}",
-            args.data_dir
-                .as_deref()
-                .unwrap_or(std::path::Path::new("(memory)"))
-                .display()
-        )
-    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (store, cluster) = open_store(&rt, &args)?;
     let metrics = tandem_api::metrics::Metrics::new(&name, e.coserve.ttft_slo, e.coserve.tpot_slo)
         .context("cannot set up metrics")?;
     e.on_iteration = Some(metrics.iteration_observer());
@@ -123,13 +118,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         adapter_store,
         store,
         data_dir: args.data_dir.clone(),
+        adapter_dir: args.adapter_store.clone(),
+        cluster,
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     rt.block_on(async move {
         // Jobs from before a restart: finished adapters served again, running ones continued.
         tandem_api::recover_jobs(state.clone()).await;
+        // Replicas sharing a store: jobs are claimed from it.
+        tokio::spawn(tandem_api::cluster::claim_loop(state.clone()));
         reload_keys_on_sighup(state.clone());
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr)
@@ -149,6 +145,64 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .await?;
         Ok(())
     })
+}
+
+/// The store: PostgreSQL with --database-url (and this replica's part in sharing it), else
+/// SQLite in --data-dir (or in memory).
+fn open_store(
+    rt: &tokio::runtime::Runtime,
+    args: &ServeArgs,
+) -> Result<(
+    tandem_api::store::Store,
+    Option<tandem_api::cluster::Cluster>,
+)> {
+    let Some(url) = &args.database_url else {
+        if args.adapter_store.is_some() {
+            bail!("--adapter-store goes with --database-url (replicas that share a store)");
+        }
+        let store =
+            tandem_api::store::Store::open(args.data_dir.as_deref()).with_context(|| {
+                format!(
+                    "cannot open the store in --data-dir {}",
+                    args.data_dir
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("(memory)"))
+                        .display()
+                )
+            })?;
+        return Ok((store, None));
+    };
+    let Some(dir) = &args.adapter_store else {
+        bail!("--database-url needs --adapter-store DIR: a folder every replica shares, where jobs' checkpoints and adapters go");
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("--adapter-store {}", dir.display()))?;
+    if !(args.lease_seconds.is_finite() && args.lease_seconds >= 1.0) {
+        bail!("--lease-seconds must be at least 1");
+    }
+    let store = rt
+        .block_on(tandem_api::store::Store::connect(url))
+        .context("--database-url: cannot open the store")?;
+    let replica = match &args.replica_id {
+        Some(r) if !r.is_empty() => r.clone(),
+        _ => format!("{}-{}", host_name(), std::process::id()),
+    };
+    tracing::info!(%replica, "sharing the store with other replicas");
+    let lease = std::time::Duration::from_secs_f64(args.lease_seconds);
+    let cluster = tandem_api::cluster::Cluster::new(replica, lease, args.max_jobs);
+    Ok((store, Some(cluster)))
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tandem".into())
 }
 
 /// SIGHUP reads the --api-keys file again; a bad file keeps the keys in force.

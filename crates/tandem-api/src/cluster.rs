@@ -1,0 +1,325 @@
+//! Replicas as one server: with a shared store (`--database-url`) and a shared adapter store
+//! (`--adapter-store`), every replica answers every call alike. A created job waits `queued` in
+//! the store; a replica with room claims it (an idle one at once, a busy one only when nobody
+//! idle has for a while), trains it under a lease that its watcher renews at every write, and
+//! gives it up when the job ends or the replica stops. A replica that dies stops renewing; once
+//! the lease lapses another claims the job and resumes it from its newest checkpoint in the
+//! adapter store. A replica that lost a lease (the store unreachable, or it was too slow) stops
+//! training at its next write, which the store refuses. Cancel, pause and resume from any
+//! replica reach the holder through the store. Adapters another replica trained are loaded from
+//! the adapter store the first time a request names them.
+//!
+//! Without a shared store every call here is the single server's plain behaviour.
+
+use crate::error::ApiError;
+use crate::job_events::event;
+use crate::jobs::{checkpoint_dir, fine_tuned_dir};
+use crate::store::{now, Heartbeat, StoreError};
+use crate::tenants::job_owner;
+use crate::AppState;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How often an idle replica looks for jobs to claim.
+const POLL: Duration = Duration::from_secs(1);
+
+/// This replica's part in a shared store.
+pub struct Cluster {
+    /// Its name in leases and metrics (`--replica-id`).
+    pub replica: String,
+    /// A lease lapses this long after its holder's last write (`--lease-seconds`).
+    pub lease: Duration,
+    /// Jobs trained here at once at most (`--max-jobs`).
+    pub max_jobs: usize,
+    wake: tokio::sync::Notify,
+    /// The jobs this replica holds now.
+    here: Mutex<BTreeSet<String>>,
+    /// Inference tokens the engine had run at the last look (busy: it ran some since).
+    inference_seen: std::sync::atomic::AtomicU64,
+}
+
+impl Cluster {
+    pub fn new(replica: String, lease: Duration, max_jobs: usize) -> Self {
+        Self {
+            replica,
+            lease,
+            max_jobs: max_jobs.max(1),
+            wake: Default::default(),
+            here: Default::default(),
+            inference_seen: Default::default(),
+        }
+    }
+
+    fn here(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.here.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A lease holder's write, as it went.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Held {
+    /// Written; a control another replica asked for, if any.
+    Yes(Option<String>),
+    /// Another replica holds the job now: this one must stop training it.
+    Lost,
+}
+
+/// Writes a running job's record: plainly for a server alone, as the lease holder's heartbeat
+/// in a shared store (recording the replica that trains it).
+pub(crate) async fn write_job(st: &AppState, job: &Value) -> Result<Held, StoreError> {
+    let Some(c) = &st.cluster else {
+        st.store.put_job(job).await?;
+        return Ok(Held::Yes(None));
+    };
+    let mut job = job.clone();
+    job["tandem_replica"] = json!(c.replica);
+    Ok(match st.store.heartbeat(&c.replica, &job, c.lease).await? {
+        Heartbeat::Held(w) => Held::Yes(w),
+        Heartbeat::Lost => Held::Lost,
+    })
+}
+
+/// Writes a job's last record (it ended, or could not start) and gives its lease up.
+pub(crate) async fn write_final(st: &AppState, job: &Value) -> Result<(), StoreError> {
+    let Some(c) = &st.cluster else {
+        return st.store.put_job(job).await;
+    };
+    if !st.store.release(&c.replica, job).await? {
+        tracing::warn!(job = %job["id"], "the job's end is not recorded: another replica holds it now");
+    }
+    Ok(())
+}
+
+/// Marks job `id` as trained here (or no longer), for `tandem:finetune_job_replica`.
+pub(crate) fn trained_here(st: &AppState, id: &str, on: bool) {
+    if let Some(c) = &st.cluster {
+        if on {
+            c.here().insert(id.to_string());
+        } else {
+            c.here().remove(id);
+        }
+        st.metrics.job_replica(id, &c.replica, on);
+    }
+}
+
+/// The holder applies a control another replica left for it.
+pub(crate) async fn apply_wanted(st: &AppState, id: &str, adapter: &str, action: &str) {
+    let (pause, msg) = match action {
+        "pause" => (Some(true), Some("The job was paused")),
+        "resume" => (Some(false), Some("The job was resumed")),
+        // A cancelled job's watcher records the end (and says so) at its next pass.
+        _ => (None, None),
+    };
+    match st.engine.control_job(adapter.to_string(), pause).await {
+        Ok(()) => {
+            if let Some(msg) = msg {
+                event(st, id, "info", msg, None).await;
+            }
+        }
+        Err(e) => tracing::warn!(job = %id, action, error = %e, "cannot apply a job control"),
+    }
+    if let Err(e) = st.store.done_wanted(id, action).await {
+        tracing::warn!(job = %id, error = %e, "cannot clear an applied job control");
+    }
+}
+
+/// This replica lost job `id`'s lease: it stops training it and stops serving its adapter.
+pub(crate) async fn lost(st: &AppState, id: &str, adapter: &str) {
+    tracing::warn!(job = %id, "another replica holds the job now; training stops here");
+    let _ = st.engine.control_job(adapter.to_string(), None).await;
+    let _ = st.engine.unload_adapter(adapter.to_string()).await;
+    trained_here(st, id, false);
+}
+
+/// Cancel, pause or resume a job in a shared store: a job nobody trains now (queued, or its
+/// trainer gone) is changed here; a trained one is changed by its holder, asked through the
+/// store. The job object as it will be.
+pub(crate) async fn control(
+    st: &AppState,
+    mut job: Value,
+    pause: Option<bool>,
+) -> Result<Value, ApiError> {
+    let id = job["id"].as_str().unwrap_or_default().to_string();
+    let status = job["status"].as_str().unwrap_or_default().to_string();
+    if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
+        return Err(ApiError::invalid(
+            format!("Cannot change job {id}: it has already {status}"),
+            None,
+        ));
+    }
+    let (action, new_status, msg) = match pause {
+        None => ("cancel", "cancelled", "The job was cancelled"),
+        Some(true) => ("pause", "paused", "The job was paused"),
+        Some(false) => ("resume", "running", "The job was resumed"),
+    };
+    job["status"] = json!(new_status);
+    if pause.is_none() {
+        job["finished_at"] = json!(now());
+    }
+    if st.store.put_job_unleased(&job).await? {
+        event(st, &id, "info", msg, None).await;
+        return Ok(job);
+    }
+    st.store.want(&id, action).await?;
+    tracing::info!(job = %id, action, "job control left for the replica that trains it");
+    Ok(job)
+}
+
+/// Room for one more job here: None if this replica trains as many as it may; otherwise the
+/// age a job must have before this replica takes it (none when idle; busy replicas leave new
+/// jobs to idle ones for a few lease periods).
+async fn room(st: &AppState, c: &Cluster) -> Option<Duration> {
+    if c.here().len() >= c.max_jobs {
+        return None;
+    }
+    let stats = st.engine.stats().await.ok()?;
+    let ran = stats.counters.decode_tokens + stats.counters.prefill_tokens;
+    let before = c
+        .inference_seen
+        .swap(ran, std::sync::atomic::Ordering::Relaxed);
+    Some(if stats.running + stats.waiting == 0 && ran == before {
+        Duration::ZERO
+    } else {
+        c.lease * 3
+    })
+}
+
+/// Asks the claim loop to look now (a job was created here).
+pub(crate) fn wake(st: &AppState) {
+    if let Some(c) = &st.cluster {
+        c.wake.notify_one();
+    }
+}
+
+/// The replica's claim loop: runs for the server's life.
+pub async fn claim_loop(st: Arc<AppState>) {
+    let Some(c) = &st.cluster else { return };
+    let why = format!("on replica {}", c.replica);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = c.wake.notified() => {},
+            _ = tokio::time::sleep(POLL) => {},
+        }
+        let Some(min_age) = room(&st, c).await else {
+            continue;
+        };
+        match st.store.claim(&c.replica, c.lease, min_age).await {
+            Ok(Some(job)) => {
+                failing = false;
+                let id = job["id"].as_str().unwrap_or_default().to_string();
+                tracing::info!(job = %id, replica = %c.replica, "job claimed");
+                trained_here(&st, &id, true);
+                crate::job_life::start_record(&st, job, &why).await;
+                // There may be more: look again at once.
+                c.wake.notify_one();
+            }
+            Ok(None) => failing = false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot claim jobs from the store; retrying");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+/// At shutdown: every job held here is given up, so that another replica claims it at once.
+pub async fn release_all(st: &AppState) {
+    let Some(c) = &st.cluster else { return };
+    let ids: Vec<String> = c.here().iter().cloned().collect();
+    for id in ids {
+        match st.store.job(&id).await {
+            Ok(Some(job)) => match st.store.release(&c.replica, &job).await {
+                Ok(_) => tracing::info!(job = %id, "job released at shutdown"),
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "cannot release the job; its lease lapses")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(job = %id, error = %e, "cannot release the job; its lease lapses")
+            }
+        }
+        trained_here(st, &id, false);
+    }
+}
+
+/// The adapters jobs in the store made: (model name, the folder it is in, its owner), each
+/// finished job's model and every checkpoint still on disk.
+async fn stored_adapters(st: &AppState) -> Result<Vec<(String, PathBuf, String)>, ApiError> {
+    let mut out = Vec::new();
+    for job in st.store.jobs().await? {
+        let id = job["id"].as_str().unwrap_or_default();
+        let owner = job_owner(&job).to_string();
+        if let (Some(name), Some(dir)) = (job["fine_tuned_model"].as_str(), fine_tuned_dir(st, id))
+        {
+            out.push((name.to_string(), dir, owner.clone()));
+        }
+        for c in job["tandem_checkpoints"].as_array().into_iter().flatten() {
+            if let (Some(name), Some(step)) = (
+                c["fine_tuned_model_checkpoint"].as_str(),
+                c["step_number"].as_u64(),
+            ) {
+                let dir = checkpoint_dir(st, id).join(format!("step-{step}"));
+                out.push((name.to_string(), dir, owner.clone()));
+            }
+        }
+    }
+    out.retain(|(_, dir, _)| dir.exists());
+    Ok(out)
+}
+
+/// The adapters a shared store's jobs made that this replica does not serve yet, with their
+/// owners (the model list shows every replica's).
+pub(crate) async fn unloaded_adapters(
+    st: &AppState,
+    served: &[String],
+) -> Result<Vec<(String, String)>, ApiError> {
+    if st.cluster.is_none() {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<(String, String)> = stored_adapters(st)
+        .await?
+        .into_iter()
+        .filter(|(n, _, _)| !served.contains(n))
+        .map(|(n, _, o)| (n, o))
+        .collect();
+    out.dedup();
+    Ok(out)
+}
+
+/// In a shared store, makes sure `model` is served here if a job made it (another replica may
+/// have trained it): loads it from the adapter store. Anything else is left to the caller.
+pub(crate) async fn ensure_served(st: &AppState, model: &str) -> Result<(), ApiError> {
+    if st.cluster.is_none() || model == st.model_name {
+        return Ok(());
+    }
+    let served = |s: &tandem_scheduler::EngineStats| s.adapters.iter().any(|a| a == model);
+    if served(&st.engine.stats().await.map_err(ApiError::internal)?) {
+        return Ok(());
+    }
+    let Some((name, dir, owner)) = stored_adapters(st)
+        .await?
+        .into_iter()
+        .find(|(n, _, _)| n == model)
+    else {
+        return Ok(());
+    };
+    st.tenants.set_owner(&name, &owner);
+    if let Err(e) = st.engine.load_adapter(name.clone(), dir.clone()).await {
+        // A request beside this one may have loaded it first.
+        if !served(&st.engine.stats().await.map_err(ApiError::internal)?) {
+            return Err(ApiError::internal(format!(
+                "cannot load {name} from {}: {e}",
+                dir.display()
+            )));
+        }
+    }
+    tracing::info!(adapter = %name, path = %dir.display(), "adapter loaded from the adapter store");
+    Ok(())
+}

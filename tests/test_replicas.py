@@ -1,0 +1,247 @@
+"""Replicas as one server: three `tandem serve` processes on loopback ports sharing one real
+PostgreSQL server (Debian's, started here in a temporary folder) and one adapter store, driven
+through the official `openai` client. Files and jobs made on one are seen by all; a job is
+trained by exactly one; its model and checkpoints answer on the others; kill -9 of the trainer
+hands the job to another, which resumes it from its last checkpoint; an idle replica takes jobs
+from a busy one; PostgreSQL restarted mid-run gives clear 503s and no crash. Started by .ci/run.
+"""
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from test_openai import MODEL, free_port, metric_in, start, upload_training_file, wait_for
+
+LEASE = "3"
+Q = [{"role": "user", "content": "What is 2 plus 3?"}]
+
+
+def pg_bin(name):
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
+    if not found:
+        pytest.skip(f"PostgreSQL's {name} is not installed")
+    return found
+
+
+class Postgres:
+    """A PostgreSQL server of its own, in a temporary folder, on a free loopback port."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="tandem-pg-")
+        self.port = free_port()
+        # initdb and postgres refuse to run as root: run them as Debian's postgres user then.
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.dir, "postgres")
+        subprocess.run([*self.as_user, pg_bin("initdb"), "-D", self.dir + "/data", "-U", "tandem",
+                        "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
+        self.url = f"postgres://tandem@127.0.0.1:{self.port}/postgres"
+
+    def ctl(self, *args):
+        subprocess.run([*self.as_user, pg_bin("pg_ctl"), "-D", self.dir + "/data", "-l", self.dir + "/log",
+                        "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "-w", *args],
+                       check=True, capture_output=True)
+
+    def start(self):
+        self.ctl("start")
+
+    def stop(self):
+        self.ctl("stop", "-m", "fast")
+
+
+@pytest.fixture(scope="module")
+def pg():
+    p = Postgres()
+    p.start()
+    yield p
+    try:
+        p.stop()
+    except subprocess.CalledProcessError:
+        pass
+    shutil.rmtree(p.dir, ignore_errors=True)
+
+
+class Replica:
+    def __init__(self, name, pg, store, *extra):
+        self.name, self.pg, self.store = name, pg, store
+        self.proc, self.url = start("--database-url", pg.url, "--adapter-store", store,
+                                    "--data-dir", tempfile.mkdtemp(prefix=f"tandem-{name}-"),
+                                    "--replica-id", name, "--lease-seconds", LEASE, *extra, runtime_lora=False)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def metrics(self):
+        return httpx.get(self.url + "/metrics", timeout=10).text
+
+    def stop(self):
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def replicas(pg):
+    store = tempfile.mkdtemp(prefix="tandem-adapters-")
+    rs = [Replica(f"r{i}", pg, store) for i in range(3)]
+    yield rs
+    for r in rs:
+        r.stop()
+
+
+TEACH = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                       {"role": "assistant", "content": f"BANANA! {a + b}."}]}
+         for a, b in [(2, 3), (1, 1), (4, 2), (3, 3), (5, 1), (2, 2), (6, 1), (4, 4)]]
+
+
+def trainer(replicas, job_id):
+    """The replicas whose metrics say they train the job now."""
+    return [r for r in replicas if r.alive() and metric_in(r.metrics(), "tandem:finetune_job_replica", job=job_id) == 1]
+
+
+def wait_trained_by_one(replicas, job_id, timeout=120):
+    for _ in range(timeout * 4):
+        t = trainer(replicas, job_id)
+        if t:
+            return t
+        time.sleep(0.25)
+    raise AssertionError(f"no replica trains {job_id}")
+
+
+def ask(r, model):
+    return r.client.chat.completions.create(model=model, messages=Q, temperature=0, max_tokens=12).choices[0].message.content
+
+
+def test_files_jobs_and_models_are_shared_and_a_job_is_trained_by_one(replicas):
+    a, b, c = replicas
+    fid = upload_training_file(a.client, TEACH)
+    for r in replicas:
+        assert r.client.files.retrieve(fid).filename == "train.jsonl"
+        assert fid in [f.id for f in r.client.files.list()]
+    job = b.client.fine_tuning.jobs.create(model=MODEL, training_file=fid,
+                                           hyperparameters={"n_epochs": 2, "batch_size": 4})
+    for r in replicas:
+        assert r.client.fine_tuning.jobs.retrieve(job.id).training_file == fid
+    trainers = wait_trained_by_one(replicas, job.id)
+    assert len(trainers) == 1, [t.name for t in trainers]
+    done = wait_for(c.client, job.id, ("succeeded", "failed", "cancelled"), timeout=600)
+    assert done.status == "succeeded", done.error
+    t = trainers[0]
+    assert done.model_extra["tandem_replica"] == t.name
+    events = [e.message for e in c.client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert f"Fine-tuning job started on replica {t.name}" in events, events
+    others = [r for r in replicas if r is not t]
+    # The model and its checkpoints answer on replicas that did not train it, as on the trainer.
+    expected = ask(t, done.fine_tuned_model)
+    for r in others:
+        assert done.fine_tuned_model in [m.id for m in r.client.models.list()]
+        assert ask(r, done.fine_tuned_model) == expected
+    ckpts = list(others[0].client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert [c.step_number for c in ckpts] == [2]  # the end of epoch 1 (epoch 2 ends the job)
+    name = next(c.fine_tuned_model_checkpoint for c in ckpts if c.step_number == 2)
+    assert ask(others[1], name) == ask(t, name)
+
+
+def test_kill_9_of_the_trainer_hands_the_job_to_another_that_resumes_it(replicas):
+    a = replicas[0]
+    fid = upload_training_file(a.client, TEACH)
+    job = a.client.fine_tuning.jobs.create(model=MODEL, training_file=fid,
+                                           hyperparameters={"n_epochs": 4, "batch_size": 4})
+    [t] = wait_trained_by_one(replicas, job.id)
+    # Once its first checkpoint is recorded, the trainer dies.
+    for _ in range(2400):
+        j = a.client.fine_tuning.jobs.retrieve(job.id)
+        if j.model_extra.get("tandem_checkpoints"):
+            break
+        time.sleep(0.25)
+    t.proc.send_signal(signal.SIGKILL)
+    t.proc.wait()
+    rest = [r for r in replicas if r is not t]
+    done = wait_for(rest[0].client, job.id, ("succeeded", "failed", "cancelled"), timeout=600)
+    assert done.status == "succeeded", done.error
+    assert done.model_extra["tandem_replica"] != t.name
+    events = list(reversed(list(rest[1].client.fine_tuning.jobs.list_events(job.id, limit=200))))
+    msgs = [e.message for e in events]
+    resumed = [i for i, m in enumerate(msgs) if m.startswith("Resumed on replica")]
+    assert len(resumed) == 1, msgs
+    from_step = int(msgs[resumed[0]].rsplit(" ", 1)[1])
+    assert from_step >= 2
+    steps = [(i, e.data["step"]) for i, e in enumerate(events) if e.type == "metrics"]
+    before = [s for i, s in steps if i < resumed[0]]
+    after = [s for i, s in steps if i > resumed[0]]
+    # Every step the dead replica recorded, in order; then the new one from its checkpoint on.
+    assert before == list(range(1, len(before) + 1)) and len(before) >= from_step, steps
+    assert after == list(range(from_step + 1, 9)), steps
+    ckpts = [c["step_number"] for c in done.model_extra["tandem_checkpoints"]]
+    assert ckpts == sorted(set(ckpts)) and ckpts[-1] == 6, ckpts
+    assert rest[0].client.files.retrieve(fid).id == fid
+    assert ask(rest[1], done.fine_tuned_model)
+    # The dead replica comes back as a fresh process.
+    replicas[replicas.index(t)] = Replica(t.name, t.pg, t.store)
+
+
+def test_an_idle_replica_takes_the_jobs_of_a_busy_one(replicas):
+    busy = replicas[0]
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                busy.client.chat.completions.create(model=MODEL, messages=Q, max_tokens=64)
+            except openai.APIError:
+                pass
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for th in threads:
+        th.start()
+    try:
+        time.sleep(1)
+        fid = upload_training_file(busy.client, TEACH)
+        jobs = [busy.client.fine_tuning.jobs.create(model=MODEL, training_file=fid,
+                                                    hyperparameters={"n_epochs": 1, "batch_size": 4}) for _ in range(2)]
+        names = set()
+        for j in jobs:
+            [t] = wait_trained_by_one(replicas, j.id)
+            names.add(t.name)
+        assert busy.name not in names and len(names) == 2, names
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    for j in jobs:
+        assert wait_for(busy.client, j.id, ("succeeded", "failed", "cancelled"), timeout=600).status == "succeeded"
+
+
+def test_postgres_restarted_mid_run_gives_503s_then_recovers(replicas, pg):
+    a, b, _ = replicas
+    fid = upload_training_file(a.client, TEACH)
+    job = a.client.fine_tuning.jobs.create(model=MODEL, training_file=fid,
+                                           hyperparameters={"n_epochs": 2, "batch_size": 4})
+    wait_trained_by_one(replicas, job.id)
+    pg.stop()
+    try:
+        r = httpx.get(b.url + "/v1/files", timeout=30)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "store_unavailable"
+        with pytest.raises(openai.InternalServerError):
+            b.client.fine_tuning.jobs.retrieve(job.id)
+        # Inference does not need the store.
+        assert ask(b, MODEL)
+    finally:
+        pg.start()
+    assert all(r.alive() for r in replicas)
+    assert b.client.files.retrieve(fid).id == fid
+    done = wait_for(b.client, job.id, ("succeeded", "failed", "cancelled"), timeout=600)
+    assert done.status == "succeeded", done.error
