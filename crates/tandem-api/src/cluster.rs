@@ -67,6 +67,59 @@ pub(crate) enum Held {
     Lost,
 }
 
+/// Keeps a held job from training past its lease: when the store has refused the holder's
+/// writes for half a lease (it cannot be reached), training pauses here, and it goes on once a
+/// write succeeds (the lease still ours); if another replica took the job meanwhile, the write
+/// says so and this one stops.
+pub(crate) struct Keeper {
+    last_ok: std::time::Instant,
+    held_off: bool,
+}
+
+impl Keeper {
+    pub(crate) fn new() -> Self {
+        Self {
+            last_ok: std::time::Instant::now(),
+            held_off: false,
+        }
+    }
+
+    /// The status to record: a job paused here for the store is still running to the others.
+    pub(crate) fn status<'a>(&self, status: &'a str) -> &'a str {
+        if self.held_off {
+            "running"
+        } else {
+            status
+        }
+    }
+
+    pub(crate) async fn written(&mut self, st: &AppState, id: &str, adapter: &str) {
+        self.last_ok = std::time::Instant::now();
+        if std::mem::take(&mut self.held_off) {
+            tracing::info!(job = %id, "the store answers again; training goes on");
+            let _ = st
+                .engine
+                .control_job(adapter.to_string(), Some(false))
+                .await;
+        }
+    }
+
+    pub(crate) async fn failed(&mut self, st: &AppState, id: &str, adapter: &str, running: bool) {
+        let Some(c) = &st.cluster else { return };
+        if !self.held_off && running && self.last_ok.elapsed() > c.lease / 2 {
+            tracing::warn!(job = %id, "the store cannot be reached; training pauses until it can");
+            if st
+                .engine
+                .control_job(adapter.to_string(), Some(true))
+                .await
+                .is_ok()
+            {
+                self.held_off = true;
+            }
+        }
+    }
+}
+
 /// Writes a running job's record: plainly for a server alone, as the lease holder's heartbeat
 /// in a shared store (recording the replica that trains it).
 pub(crate) async fn write_job(st: &AppState, job: &Value) -> Result<Held, StoreError> {

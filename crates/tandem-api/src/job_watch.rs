@@ -18,6 +18,7 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
     // Progress since this watcher started, for estimated_finish.
     let started = std::time::Instant::now();
     let mut first_step: Option<usize> = None;
+    let mut keeper = cluster::Keeper::new();
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let Ok(jobs) = st.engine.jobs().await else {
@@ -173,7 +174,7 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
             JobState::Failed(_) => "failed",
             JobState::Cancelled => "cancelled",
         };
-        job["status"] = json!(status);
+        job["status"] = json!(keeper.status(status));
         if snap.state.is_final() {
             job["finished_at"] = json!(now());
             match &snap.state {
@@ -219,13 +220,21 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
             return;
         }
         match cluster::write_job(&st, &job).await {
-            Ok(Held::Yes(None)) => {}
-            Ok(Held::Yes(Some(action))) => cluster::apply_wanted(&st, &id, &adapter, &action).await,
+            Ok(Held::Yes(wanted)) => {
+                keeper.written(&st, &id, &adapter).await;
+                if let Some(action) = wanted {
+                    cluster::apply_wanted(&st, &id, &adapter, &action).await;
+                }
+            }
             Ok(Held::Lost) => {
                 cluster::lost(&st, &id, &adapter).await;
                 return;
             }
-            Err(e) => tracing::error!(job = %id, error = %e, "cannot record the job"),
+            Err(e) => {
+                tracing::error!(job = %id, error = %e, "cannot record the job");
+                let running = snap.state == JobState::Running;
+                keeper.failed(&st, &id, &adapter, running).await;
+            }
         }
     }
 }
