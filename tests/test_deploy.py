@@ -20,8 +20,11 @@ def load(path):
         return [d for d in yaml.safe_load_all(f) if d]
 
 
-def manifests():
-    return sorted(os.path.join(K8S, f) for f in os.listdir(K8S) if f.endswith(".yaml"))
+def manifests(folder=K8S):
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".yaml"))
+
+
+REPLICAS = os.path.join(K8S, "replicas")
 
 
 def test_kubernetes_manifests_validate_against_the_schemas():
@@ -30,10 +33,11 @@ def test_kubernetes_manifests_validate_against_the_schemas():
         if os.environ.get("CI"):
             pytest.fail("kubernetes-validate is not installed (pip install kubernetes-validate)")
         pytest.skip("kubernetes-validate is not installed")
+    every = manifests() + manifests(REPLICAS)
     for version in ["1.31.0", "1.37.0"]:
-        r = subprocess.run([exe, "--strict", "-k", version, *manifests()], capture_output=True, text=True)
+        r = subprocess.run([exe, "--strict", "-k", version, *every], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
-        for m in manifests():
+        for m in every:
             if not m.endswith("servicemonitor.yaml"):
                 assert f"{m} passed" in r.stdout, (m, r.stdout)
 
@@ -62,6 +66,38 @@ def test_manifests_fit_together():
     assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     ep = mon["spec"]["endpoints"][0]
     assert ep["port"] == svc["spec"]["ports"][0]["name"] and ep["path"] == "/metrics"
+
+
+def test_replica_manifests_share_one_store():
+    """deploy/k8s/replicas: N replicas with one PostgreSQL URL (from a secret that names the
+    PostgreSQL Service), one ReadWriteMany adapter store, the pod name as replica id; the Service
+    and ServiceMonitor of deploy/k8s select them."""
+    docs = [d for m in manifests(REPLICAS) for d in load(m)]
+    kinds = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    dep = kinds[("Deployment", "tandem")]
+    assert dep["spec"]["replicas"] >= 2
+    pod = dep["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    args, env = c["args"], {e["name"]: e for e in c["env"]}
+    assert args[0] == "serve" and "--device=cuda" in args
+    assert env["TANDEM_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "tandem-db", "key": "url"}
+    assert env["TANDEM_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    store = next(a.split("=", 1)[1] for a in args if a.startswith("--adapter-store="))
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == store)
+    vol = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    pvc = kinds[("PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"])]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    for probe in ["readinessProbe", "livenessProbe", "startupProbe"]:
+        assert c[probe]["httpGet"]["path"] == "/health"
+    # The secret's URL (documented in postgres.yaml) names the PostgreSQL Service and its port.
+    pg_svc = kinds[("Service", "tandem-postgres")]
+    pg = kinds[("StatefulSet", "tandem-postgres")]
+    assert pg_svc["spec"]["selector"].items() <= pg["spec"]["template"]["metadata"]["labels"].items()
+    text = open(os.path.join(REPLICAS, "postgres.yaml")).read()
+    assert f"@tandem-postgres:{pg_svc['spec']['ports'][0]['port']}/tandem" in text
+    # deploy/k8s's Service (and so its ServiceMonitor) selects these pods too.
+    (svc,) = load(os.path.join(K8S, "service.yaml"))
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
 
 
 def test_compose_mounts_existing_files_and_prometheus_scrapes_tandem():
