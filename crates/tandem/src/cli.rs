@@ -190,6 +190,18 @@ pub enum BenchCommand {
     Structured(BenchStructuredArgs),
     /// DPO beside supervised training on the same pairs: pairs/s, tokens/s, activation memory.
     Dpo(BenchDpoArgs),
+    /// The store's cost per fine-tuning watcher pass: SQLite beside PostgreSQL (--database-url).
+    Store(BenchStoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchStoreArgs {
+    /// A PostgreSQL database to measure beside SQLite (a job row and its events are left in it).
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Watcher passes timed per store (each once without and once with a step's event).
+    #[arg(long, default_value_t = 500)]
+    pub passes: usize,
 }
 
 #[derive(Args, Debug)]
