@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from test_openai import MODEL, free_port, metric_in, start, upload_training_file, wait_for
+from test_openai import MODEL, free_port, metric_in, start, upload_training_file, wait_for, write_adapter
 
 LEASE = "3"
 Q = [{"role": "user", "content": "What is 2 plus 3?"}]
@@ -74,7 +74,7 @@ class Replica:
         self.name, self.pg, self.store = name, pg, store
         self.proc, self.url = start("--database-url", pg.url, "--adapter-store", store,
                                     "--data-dir", tempfile.mkdtemp(prefix=f"tandem-{name}-"),
-                                    "--replica-id", name, "--lease-seconds", LEASE, *extra, runtime_lora=False)
+                                    "--replica-id", name, "--lease-seconds", LEASE, *extra)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
 
     def alive(self):
@@ -152,6 +152,30 @@ def test_files_jobs_and_models_are_shared_and_a_job_is_trained_by_one(replicas):
     assert [c.step_number for c in ckpts] == [2]  # the end of epoch 1 (epoch 2 ends the job)
     name = next(c.fine_tuned_model_checkpoint for c in ckpts if c.step_number == 2)
     assert ask(others[1], name) == ask(t, name)
+
+
+def test_adapters_loaded_at_run_time_are_served_by_every_replica(replicas):
+    a, b, c = replicas
+    d = tempfile.mkdtemp()
+    load = lambda r, path: httpx.post(r.url + "/v1/load_lora_adapter", json={"lora_name": "shared-rand", "lora_path": path})
+    write_adapter(os.path.join(d, "v1"), zero_b=False, seed=1)
+    write_adapter(os.path.join(d, "v2"), zero_b=False, seed=2)
+    assert load(a, os.path.join(d, "v1")).status_code == 200
+    first = ask(a, "shared-rand")
+    assert first != ask(a, MODEL)
+    assert "shared-rand" in [m.id for m in b.client.models.list()]
+    assert ask(b, "shared-rand") == first
+    # New weights under the same name on another replica: every replica serves the new ones.
+    assert load(c, os.path.join(d, "v2")).status_code == 200
+    second = ask(c, "shared-rand")
+    assert second != first
+    assert ask(a, "shared-rand") == second and ask(b, "shared-rand") == second
+    # Unloaded on one: gone from all.
+    assert httpx.post(b.url + "/v1/unload_lora_adapter", json={"lora_name": "shared-rand"}).status_code == 200
+    for r in replicas:
+        with pytest.raises(openai.NotFoundError):
+            ask(r, "shared-rand")
+        assert "shared-rand" not in [m.id for m in r.client.models.list()]
 
 
 def test_kill_9_of_the_trainer_hands_the_job_to_another_that_resumes_it(replicas):

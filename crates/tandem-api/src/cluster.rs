@@ -6,20 +6,16 @@
 //! the lease lapses another claims the job and resumes it from its newest checkpoint in the
 //! adapter store. A replica that lost a lease (the store unreachable, or it was too slow) stops
 //! training at its next write, which the store refuses. Cancel, pause and resume from any
-//! replica reach the holder through the store. Adapters another replica trained are loaded from
-//! the adapter store the first time a request names them.
+//! replica reach the holder through the store. Adapters are shared by `shared_adapters.rs`.
 //!
 //! Without a shared store every call here is the single server's plain behaviour.
 
 use crate::error::ApiError;
 use crate::job_events::event;
-use crate::jobs::{checkpoint_dir, fine_tuned_dir};
 use crate::store::{now, Heartbeat, StoreError};
-use crate::tenants::job_owner;
 use crate::AppState;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +35,9 @@ pub struct Cluster {
     here: Mutex<BTreeSet<String>>,
     /// Inference tokens the engine had run at the last look (busy: it ran some since).
     inference_seen: std::sync::atomic::AtomicU64,
+    /// Adapters loaded at run time that this replica serves from the shared registry, and the
+    /// version it loaded.
+    pub(crate) loaded: Mutex<std::collections::HashMap<String, i64>>,
 }
 
 impl Cluster {
@@ -50,6 +49,7 @@ impl Cluster {
             wake: Default::default(),
             here: Default::default(),
             inference_seen: Default::default(),
+            loaded: Default::default(),
         }
     }
 
@@ -300,79 +300,4 @@ pub async fn release_all(st: &AppState) {
         }
         trained_here(st, &id, false);
     }
-}
-
-/// The adapters jobs in the store made: (model name, the folder it is in, its owner), each
-/// finished job's model and every checkpoint still on disk.
-async fn stored_adapters(st: &AppState) -> Result<Vec<(String, PathBuf, String)>, ApiError> {
-    let mut out = Vec::new();
-    for job in st.store.jobs().await? {
-        let id = job["id"].as_str().unwrap_or_default();
-        let owner = job_owner(&job).to_string();
-        if let (Some(name), Some(dir)) = (job["fine_tuned_model"].as_str(), fine_tuned_dir(st, id))
-        {
-            out.push((name.to_string(), dir, owner.clone()));
-        }
-        for c in job["tandem_checkpoints"].as_array().into_iter().flatten() {
-            if let (Some(name), Some(step)) = (
-                c["fine_tuned_model_checkpoint"].as_str(),
-                c["step_number"].as_u64(),
-            ) {
-                let dir = checkpoint_dir(st, id).join(format!("step-{step}"));
-                out.push((name.to_string(), dir, owner.clone()));
-            }
-        }
-    }
-    out.retain(|(_, dir, _)| dir.exists());
-    Ok(out)
-}
-
-/// The adapters a shared store's jobs made that this replica does not serve yet, with their
-/// owners (the model list shows every replica's).
-pub(crate) async fn unloaded_adapters(
-    st: &AppState,
-    served: &[String],
-) -> Result<Vec<(String, String)>, ApiError> {
-    if st.cluster.is_none() {
-        return Ok(Vec::new());
-    }
-    let mut out: Vec<(String, String)> = stored_adapters(st)
-        .await?
-        .into_iter()
-        .filter(|(n, _, _)| !served.contains(n))
-        .map(|(n, _, o)| (n, o))
-        .collect();
-    out.dedup();
-    Ok(out)
-}
-
-/// In a shared store, makes sure `model` is served here if a job made it (another replica may
-/// have trained it): loads it from the adapter store. Anything else is left to the caller.
-pub(crate) async fn ensure_served(st: &AppState, model: &str) -> Result<(), ApiError> {
-    if st.cluster.is_none() || model == st.model_name {
-        return Ok(());
-    }
-    let served = |s: &tandem_scheduler::EngineStats| s.adapters.iter().any(|a| a == model);
-    if served(&st.engine.stats().await.map_err(ApiError::internal)?) {
-        return Ok(());
-    }
-    let Some((name, dir, owner)) = stored_adapters(st)
-        .await?
-        .into_iter()
-        .find(|(n, _, _)| n == model)
-    else {
-        return Ok(());
-    };
-    st.tenants.set_owner(&name, &owner);
-    if let Err(e) = st.engine.load_adapter(name.clone(), dir.clone()).await {
-        // A request beside this one may have loaded it first.
-        if !served(&st.engine.stats().await.map_err(ApiError::internal)?) {
-            return Err(ApiError::internal(format!(
-                "cannot load {name} from {}: {e}",
-                dir.display()
-            )));
-        }
-    }
-    tracing::info!(adapter = %name, path = %dir.display(), "adapter loaded from the adapter store");
-    Ok(())
 }

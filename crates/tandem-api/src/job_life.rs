@@ -130,7 +130,7 @@ pub(crate) async fn start_record(st: &Arc<AppState>, job: Value, why: &str) {
         };
         let init = job["tandem_init"].as_str().map(str::to_string);
         if let Some(init) = &init {
-            crate::cluster::ensure_served(st, init).await?;
+            crate::shared_adapters::ensure_served(st, init).await?;
         }
         let every = job["tandem_checkpoint_every"].as_u64().unwrap_or(1) as usize;
         let dir = checkpoint_dir(st, &id);

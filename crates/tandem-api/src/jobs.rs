@@ -56,7 +56,7 @@ pub async fn create(
     let init = if req.model == st.model_name {
         None
     } else {
-        crate::cluster::ensure_served(&st, &req.model).await?;
+        crate::shared_adapters::ensure_served(&st, &req.model).await?;
         let stats = st.engine.stats().await.map_err(ApiError::internal)?;
         let visible = stats.adapters.iter().any(|a| a == &req.model)
             && t.sees(st.tenants.owner(&req.model).as_deref());

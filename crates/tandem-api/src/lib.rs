@@ -24,6 +24,7 @@ mod openai;
 pub mod persist;
 mod respond;
 mod routes;
+mod shared_adapters;
 mod sse;
 pub mod store;
 mod structured;

@@ -20,12 +20,12 @@ use std::sync::Arc;
 async fn model_list(st: &AppState, t: &Tenant) -> Result<Vec<Value>, ApiError> {
     let stats = st.engine.stats().await.map_err(ApiError::internal)?;
     let created = now();
-    let unloaded = crate::cluster::unloaded_adapters(st, &stats.adapters).await?;
+    let (unloaded, gone) = crate::shared_adapters::unloaded_adapters(st, &stats.adapters).await?;
     let mut data = vec![
         json!({"id": st.model_name, "object": "model", "created": created, "owned_by": "tandem",
         "root": st.model_name, "parent": null, "max_model_len": st.max_model_len}),
     ];
-    for a in stats.adapters {
+    for a in stats.adapters.into_iter().filter(|a| !gone.contains(a)) {
         let owner = st.tenants.owner(&a);
         if t.sees(owner.as_deref()) {
             let by = owner.unwrap_or_else(|| "tandem".into());
@@ -34,8 +34,9 @@ async fn model_list(st: &AppState, t: &Tenant) -> Result<Vec<Value>, ApiError> {
     }
     // Another replica's fine-tuned models: served here at the first request.
     for (a, owner) in unloaded {
-        if t.sees(Some(&owner)) {
-            data.push(json!({"id": a, "object": "model", "created": created, "owned_by": owner, "root": a, "parent": st.model_name}));
+        if t.sees(owner.as_deref()) {
+            let by = owner.unwrap_or_else(|| "tandem".into());
+            data.push(json!({"id": a, "object": "model", "created": created, "owned_by": by, "root": a, "parent": st.model_name}));
         }
     }
     Ok(data)
@@ -136,6 +137,14 @@ pub(crate) async fn load_adapter(
     if let Some(o) = &owner {
         st.tenants.set_owner(&req.lora_name, o);
     }
+    // Replicas sharing a store: recorded for all of them.
+    if let Err(e) =
+        crate::shared_adapters::record_loaded(&st, &req.lora_name, &path, owner.as_deref()).await
+    {
+        st.tenants.forget(&req.lora_name);
+        let _ = st.engine.unload_adapter(req.lora_name.clone()).await;
+        return Err(e);
+    }
     if let Some(store) = &st.adapter_store {
         // Acknowledged means recorded: if the record cannot be written, the load is undone.
         if let Err(e) = store.put(&req.lora_name, &path, owner.as_deref()) {
@@ -160,6 +169,8 @@ pub(crate) async fn unload_adapter(
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: UnloadAdapterRequest = openai::parse(&body(b)?)?;
+    // Loaded on another replica sharing the store: served here first, then unloaded for all.
+    crate::shared_adapters::ensure_served(&st, &req.lora_name).await?;
     let known = st
         .engine
         .stats()
@@ -188,6 +199,7 @@ pub(crate) async fn unload_adapter(
         .await
         .map_err(|e| ApiError::invalid(e.to_string(), Some("lora_name")))?;
     st.tenants.forget(&req.lora_name);
+    crate::shared_adapters::record_unloaded(&st, &req.lora_name).await?;
     if let Some(store) = &st.adapter_store {
         if let Err(e) = store.remove(&req.lora_name) {
             tracing::error!(error = %e, adapter = %req.lora_name, "cannot update the adapter record");
@@ -210,7 +222,7 @@ pub(crate) async fn resolve_model(
     if model == st.model_name {
         return Ok(None);
     }
-    crate::cluster::ensure_served(st, model).await?;
+    crate::shared_adapters::ensure_served(st, model).await?;
     if !t.sees(st.tenants.owner(model).as_deref()) {
         return Err(ApiError::model_not_found(model));
     }

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use tandem_api::store::{now, Heartbeat, Lease, Store};
+use tandem_api::store::{now, AdapterRecord, Heartbeat, Lease, Store};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -151,6 +151,29 @@ async fn leases_and_records(s: &Store) {
         .map(|e| e["n"].as_i64().unwrap())
         .collect();
     assert_eq!(ns, [2, 1, 0]);
+
+    // The registry of adapters loaded at run time: a new version at every load of a name.
+    assert_eq!(s.put_adapter("x", "/a/x1", Some("alice")).await.unwrap(), 1);
+    assert_eq!(s.put_adapter("y", "/a/y", None).await.unwrap(), 1);
+    assert_eq!(s.put_adapter("x", "/a/x2", None).await.unwrap(), 2);
+    let x = AdapterRecord {
+        path: "/a/x2".into(),
+        owner: None,
+        version: 2,
+    };
+    assert_eq!(s.adapter("x").await.unwrap(), Some(x.clone()));
+    let names: Vec<String> = s
+        .adapters()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names, ["x", "y"]);
+    assert!(s.remove_adapter("x").await.unwrap());
+    assert!(!s.remove_adapter("x").await.unwrap());
+    assert_eq!(s.adapter("x").await.unwrap(), None);
+    assert_eq!(s.put_adapter("x", "/a/x3", None).await.unwrap(), 1);
 }
 
 #[tokio::test]

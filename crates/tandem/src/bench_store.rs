@@ -104,18 +104,21 @@ pub fn run(args: BenchStoreArgs) -> Result<()> {
     let sqlite = Store::open(Some(&dir)).context("SQLite store")?;
     rows.push(("sqlite", rt.block_on(run_one(&sqlite, args.passes))?));
     if let Some(url) = &args.database_url {
-        let pg = rt
-            .block_on(Store::connect(url))
-            .context("--database-url")?;
+        let pg = rt.block_on(Store::connect(url)).context("--database-url")?;
         rows.push(("postgres", rt.block_on(run_one(&pg, args.passes))?));
     }
     let _ = std::fs::remove_dir_all(&dir);
-    println!("store cost per watcher pass, {} passes each (ms: mean / p50 / p99)", args.passes);
+    println!(
+        "store cost per watcher pass, {} passes each (ms: mean / p50 / p99)",
+        args.passes
+    );
     let mut base = None;
     for (name, mut t) in rows {
         let (pm, p50, p99) = summary(&mut t.pass);
         let (sm, s50, s99) = summary(&mut t.step);
-        let ratio = base.map_or(String::new(), |b: f64| format!("  ({:.2}x SQLite per step)", sm / b));
+        let ratio = base.map_or(String::new(), |b: f64| {
+            format!("  ({:.2}x SQLite per step)", sm / b)
+        });
         base.get_or_insert(sm);
         println!(
             "{name:9} pass {pm:.3} / {p50:.3} / {p99:.3}   pass with a step {sm:.3} / {s50:.3} / {s99:.3}{ratio}"

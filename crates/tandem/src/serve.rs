@@ -64,7 +64,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         (Some(_), false) => bail!("--lora-root goes with --allow-runtime-lora"),
         _ => None,
     };
-    let adapter_store = match &args.data_dir {
+    // Replicas sharing a store record adapters loaded at run time in it instead.
+    let local_record = args
+        .data_dir
+        .as_ref()
+        .filter(|_| args.database_url.is_none());
+    let adapter_store = match local_record {
         Some(dir) => {
             let store = tandem_api::persist::AdapterStore::open(dir)
                 .with_context(|| format!("--data-dir {}", dir.display()))?;

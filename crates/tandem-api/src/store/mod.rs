@@ -105,6 +105,16 @@ pub struct Lease {
     pub live: bool,
 }
 
+/// An adapter loaded at run time (`POST /v1/load_lora_adapter`), as every replica sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterRecord {
+    pub path: String,
+    /// The tenant that loaded it; None: shared.
+    pub owner: Option<String>,
+    /// Bumped by every load under the name: a replica serving an older version reloads.
+    pub version: i64,
+}
+
 enum Backend {
     Sqlite(sqlite::Sqlite),
     Postgres(postgres::Pg),
@@ -272,6 +282,29 @@ impl Store {
     /// The holder has applied `action`.
     pub async fn done_wanted(&self, id: &str, action: &str) -> Result<(), StoreError> {
         both!(self, b => b.done_wanted(id, action))
+    }
+
+    /// Records adapter `name` at `path` (replacing one of that name); its new version.
+    pub async fn put_adapter(
+        &self,
+        name: &str,
+        path: &str,
+        owner: Option<&str>,
+    ) -> Result<i64, StoreError> {
+        both!(self, b => b.put_adapter(name, path, owner))
+    }
+
+    /// True if it was recorded.
+    pub async fn remove_adapter(&self, name: &str) -> Result<bool, StoreError> {
+        both!(self, b => b.remove_adapter(name))
+    }
+
+    pub async fn adapter(&self, name: &str) -> Result<Option<AdapterRecord>, StoreError> {
+        both!(self, b => b.adapter(name))
+    }
+
+    pub async fn adapters(&self) -> Result<Vec<(String, AdapterRecord)>, StoreError> {
+        both!(self, b => b.adapters())
     }
 
     /// Who holds job `id`'s lease.

@@ -3,7 +3,7 @@
 //! replicas starting together apply each once); two tables' worth of schema does not need a
 //! migration framework. Lease times are the database's clock, never a replica's.
 
-use super::{FileObject, Heartbeat, Lease, StoreError, CLAIMABLE};
+use super::{AdapterRecord, FileObject, Heartbeat, Lease, StoreError, CLAIMABLE};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::time::Duration;
 use tokio_postgres::NoTls;
@@ -13,7 +13,8 @@ pub(super) struct Pg {
 }
 
 /// Every schema change, in order; `tandem_schema` records how many were applied.
-const MIGRATIONS: [&str; 1] = ["
+const MIGRATIONS: [&str; 2] = [
+    "
 CREATE TABLE files (
     id TEXT PRIMARY KEY,
     seq BIGSERIAL,
@@ -41,7 +42,16 @@ CREATE TABLE events (
     object TEXT NOT NULL
 );
 CREATE INDEX events_job ON events (job_id, seq);
-"];
+",
+    "
+CREATE TABLE adapters (
+    name TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    owner TEXT,
+    version BIGINT NOT NULL
+);
+",
+];
 
 /// The database's clock in milliseconds.
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
@@ -352,6 +362,78 @@ impl Pg {
             )
             .await?;
         Ok(())
+    }
+
+    pub(super) async fn put_adapter(
+        &self,
+        name: &str,
+        path: &str,
+        owner: Option<&str>,
+    ) -> Result<i64, StoreError> {
+        let row = self
+            .pool
+            .get()
+            .await?
+            .query_one(
+                "INSERT INTO adapters (name, path, owner, version) VALUES ($1, $2, $3, 1)
+                 ON CONFLICT (name) DO UPDATE SET path = excluded.path, owner = excluded.owner,
+                 version = adapters.version + 1 RETURNING version",
+                &[&name, &path, &owner],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    pub(super) async fn remove_adapter(&self, name: &str) -> Result<bool, StoreError> {
+        let n = self
+            .pool
+            .get()
+            .await?
+            .execute("DELETE FROM adapters WHERE name = $1", &[&name])
+            .await?;
+        Ok(n > 0)
+    }
+
+    pub(super) async fn adapter(&self, name: &str) -> Result<Option<AdapterRecord>, StoreError> {
+        let row = self
+            .pool
+            .get()
+            .await?
+            .query_opt(
+                "SELECT path, owner, version FROM adapters WHERE name = $1",
+                &[&name],
+            )
+            .await?;
+        Ok(row.map(|r| AdapterRecord {
+            path: r.get(0),
+            owner: r.get(1),
+            version: r.get(2),
+        }))
+    }
+
+    pub(super) async fn adapters(&self) -> Result<Vec<(String, AdapterRecord)>, StoreError> {
+        let rows = self
+            .pool
+            .get()
+            .await?
+            .query(
+                "SELECT name, path, owner, version FROM adapters ORDER BY name",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    AdapterRecord {
+                        path: r.get(1),
+                        owner: r.get(2),
+                        version: r.get(3),
+                    },
+                )
+            })
+            .collect())
     }
 
     pub(super) async fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {

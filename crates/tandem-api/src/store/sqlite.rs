@@ -1,7 +1,7 @@
 //! The embedded store: SQLite, `tandem.db` in the data dir (WAL, synchronous writes), or in
 //! memory without one. One connection behind a mutex: one server is its only user.
 
-use super::{FileObject, Heartbeat, Lease, StoreError, CLAIMABLE};
+use super::{AdapterRecord, FileObject, Heartbeat, Lease, StoreError, CLAIMABLE};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 use std::sync::Mutex;
@@ -23,6 +23,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     created_at INTEGER NOT NULL,
     object TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS adapters (
+    name TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    owner TEXT,
+    version INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -275,6 +281,61 @@ impl Sqlite {
             params![id, action],
         )?;
         Ok(())
+    }
+
+    pub(super) fn put_adapter(
+        &self,
+        name: &str,
+        path: &str,
+        owner: Option<&str>,
+    ) -> Result<i64, StoreError> {
+        Ok(self.conn().query_row(
+            "INSERT INTO adapters (name, path, owner, version) VALUES (?1, ?2, ?3, 1)
+             ON CONFLICT(name) DO UPDATE SET path = excluded.path, owner = excluded.owner,
+             version = adapters.version + 1 RETURNING version",
+            params![name, path, owner],
+            |r| r.get(0),
+        )?)
+    }
+
+    pub(super) fn remove_adapter(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM adapters WHERE name = ?1", params![name])?
+            > 0)
+    }
+
+    pub(super) fn adapter(&self, name: &str) -> Result<Option<AdapterRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT path, owner, version FROM adapters WHERE name = ?1",
+                params![name],
+                |r| {
+                    Ok(AdapterRecord {
+                        path: r.get(0)?,
+                        owner: r.get(1)?,
+                        version: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub(super) fn adapters(&self) -> Result<Vec<(String, AdapterRecord)>, StoreError> {
+        let c = self.conn();
+        let mut st = c.prepare("SELECT name, path, owner, version FROM adapters ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                AdapterRecord {
+                    path: r.get(1)?,
+                    owner: r.get(2)?,
+                    version: r.get(3)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub(super) fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
