@@ -266,7 +266,9 @@ pub async fn claim_loop(st: Arc<AppState>) {
                 let id = job["id"].as_str().unwrap_or_default().to_string();
                 tracing::info!(job = %id, replica = %c.replica, "job claimed");
                 trained_here(&st, &id, true);
-                crate::job_life::start_record(&st, job, &why).await;
+                if !crate::job_life::start_record(&st, job, &why).await {
+                    trained_here(&st, &id, false);
+                }
                 // There may be more: look again at once.
                 c.wake.notify_one();
             }

@@ -91,8 +91,9 @@ pub async fn recover(st: Arc<AppState>) {
 
 /// Starts the job `job` describes, from its newest checkpoint that loads (from the start if
 /// none), and its watcher; `why` goes into the event ("after a restart", "on replica r1"). A
-/// job that cannot start is recorded failed.
-pub(crate) async fn start_record(st: &Arc<AppState>, job: Value, why: &str) {
+/// job that cannot start is recorded failed, unless the store could not be read (it is tried
+/// again later). True if it started.
+pub(crate) async fn start_record(st: &Arc<AppState>, job: Value, why: &str) -> bool {
     let id = job["id"].as_str().unwrap_or_default().to_string();
     let adapter = job["tandem_adapter"]
         .as_str()
@@ -185,6 +186,11 @@ pub(crate) async fn start_record(st: &Arc<AppState>, job: Value, why: &str) {
                 }
             }
             tokio::spawn(watch(st.clone(), id.clone(), adapter.clone()));
+            true
+        }
+        Err(e) if e.status == axum::http::StatusCode::SERVICE_UNAVAILABLE => {
+            tracing::warn!(job = %id, "the store cannot be read; the job is tried again later");
+            false
         }
         Err(e) => {
             let msg = e.body.error.message.clone();
@@ -197,6 +203,7 @@ pub(crate) async fn start_record(st: &Arc<AppState>, job: Value, why: &str) {
             }
             let msg = format!("Cannot start the job {why}: {msg}");
             event(st, &id, "error", &msg, None).await;
+            false
         }
     }
 }

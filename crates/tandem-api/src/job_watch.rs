@@ -27,8 +27,17 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
         let Some(snap) = jobs.into_iter().find(|j| j.name == adapter) else {
             return;
         };
-        let Ok(Some(mut job)) = st.store.job(&id).await else {
-            return;
+        let mut job = match st.store.job(&id).await {
+            Ok(Some(job)) => job,
+            Ok(None) => return,
+            Err(e) => {
+                // The store cannot be read now: try again next pass (a shared store's lease is
+                // kept from lapsing under a job that trains on).
+                tracing::warn!(job = %id, error = %e, "cannot read the job's record");
+                let running = snap.state == JobState::Running;
+                keeper.failed(&st, &id, &adapter, running).await;
+                continue;
+            }
         };
         // Each list is recorded in order up to the first event the store refuses (a full disk);
         // the rest are tried again on the next pass.
