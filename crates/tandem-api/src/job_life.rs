@@ -118,6 +118,14 @@ pub(crate) async fn start_record(st: &Arc<AppState>, job: Value, why: &str) -> b
                 )?),
             };
         let g = grader.as_ref();
+        // A score_model grader's model is served here before answers are graded.
+        let mut graders_models = Vec::new();
+        if let Some(g) = g {
+            g.models(&mut graders_models);
+        }
+        for m in &graders_models {
+            crate::shared_adapters::ensure_served(st, m).await?;
+        }
         let file = job["training_file"].as_str().unwrap_or_default();
         let data = file_data(st, &owner, file, "training_file", m, g)
             .await?

@@ -358,6 +358,9 @@ pub(crate) async fn check_grader_models(
     if models.iter().all(|m| *m == st.model_name) {
         return Ok(());
     }
+    for m in &models {
+        crate::shared_adapters::ensure_served(st, m).await?;
+    }
     let stats = st.engine.stats().await.map_err(ApiError::internal)?;
     for m in models {
         let ok = m == st.model_name
