@@ -6,7 +6,8 @@
 use super::{AdapterRecord, FileObject, Heartbeat, Lease, StoreError, CLAIMABLE};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::time::Duration;
-use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
 
 pub(super) struct Pg {
     pool: Pool,
@@ -70,6 +71,26 @@ fn file_row(r: &tokio_postgres::Row) -> FileObject {
 }
 
 impl Pg {
+    async fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+        Ok(self.pool.get().await?.execute(sql, params).await?)
+    }
+
+    async fn opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        Ok(self.pool.get().await?.query_opt(sql, params).await?)
+    }
+
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        Ok(self.pool.get().await?.query(sql, params).await?)
+    }
+
     pub(super) async fn connect(url: &str) -> Result<Self, StoreError> {
         let cfg: tokio_postgres::Config = url
             .parse()
@@ -118,32 +139,26 @@ impl Pg {
     }
 
     pub(super) async fn add_file(&self, f: &FileObject, content: &[u8]) -> Result<(), StoreError> {
-        self.pool
-            .get()
-            .await?
-            .execute(
-                "INSERT INTO files (id, filename, purpose, bytes, created_at, owner, content)
+        self.exec(
+            "INSERT INTO files (id, filename, purpose, bytes, created_at, owner, content)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                &[
-                    &f.id,
-                    &f.filename,
-                    &f.purpose,
-                    &(f.bytes as i64),
-                    &f.created_at,
-                    &f.owner,
-                    &content,
-                ],
-            )
-            .await?;
+            &[
+                &f.id,
+                &f.filename,
+                &f.purpose,
+                &(f.bytes as i64),
+                &f.created_at,
+                &f.owner,
+                &content,
+            ],
+        )
+        .await?;
         Ok(())
     }
 
     pub(super) async fn files(&self, purpose: Option<&str>) -> Result<Vec<FileObject>, StoreError> {
         let rows = self
-            .pool
-            .get()
-            .await?
-            .query(
+            .rows(
                 "SELECT id, filename, purpose, bytes, created_at, owner FROM files
                  WHERE $1::TEXT IS NULL OR purpose = $1 ORDER BY created_at DESC, seq DESC",
                 &[&purpose],
@@ -154,10 +169,7 @@ impl Pg {
 
     pub(super) async fn file(&self, id: &str) -> Result<Option<FileObject>, StoreError> {
         let row = self
-            .pool
-            .get()
-            .await?
-            .query_opt(
+            .opt(
                 "SELECT id, filename, purpose, bytes, created_at, owner FROM files WHERE id = $1",
                 &[&id],
             )
@@ -167,21 +179,13 @@ impl Pg {
 
     pub(super) async fn file_content(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let row = self
-            .pool
-            .get()
-            .await?
-            .query_opt("SELECT content FROM files WHERE id = $1", &[&id])
+            .opt("SELECT content FROM files WHERE id = $1", &[&id])
             .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
     pub(super) async fn delete_file(&self, id: &str) -> Result<bool, StoreError> {
-        let n = self
-            .pool
-            .get()
-            .await?
-            .execute("DELETE FROM files WHERE id = $1", &[&id])
-            .await?;
+        let n = self.exec("DELETE FROM files WHERE id = $1", &[&id]).await?;
         Ok(n > 0)
     }
 
@@ -192,15 +196,12 @@ impl Pg {
         status: &str,
         object: &str,
     ) -> Result<(), StoreError> {
-        self.pool
-            .get()
-            .await?
-            .execute(
-                "INSERT INTO jobs (id, created_at, object, status) VALUES ($1, $2, $3, $4)
+        self.exec(
+            "INSERT INTO jobs (id, created_at, object, status) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (id) DO UPDATE SET object = excluded.object, status = excluded.status",
-                &[&id, &created, &object, &status],
-            )
-            .await?;
+            &[&id, &created, &object, &status],
+        )
+        .await?;
         Ok(())
     }
 
@@ -211,10 +212,7 @@ impl Pg {
         object: &str,
     ) -> Result<bool, StoreError> {
         let n = self
-            .pool
-            .get()
-            .await?
-            .execute(
+            .exec(
                 &format!(
                     "UPDATE jobs SET object = $2, status = $3 WHERE id = $1
                      AND (lease_owner IS NULL OR lease_until < {NOW_MS})"
@@ -227,20 +225,14 @@ impl Pg {
 
     pub(super) async fn job(&self, id: &str) -> Result<Option<String>, StoreError> {
         let row = self
-            .pool
-            .get()
-            .await?
-            .query_opt("SELECT object FROM jobs WHERE id = $1", &[&id])
+            .opt("SELECT object FROM jobs WHERE id = $1", &[&id])
             .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
     pub(super) async fn jobs(&self) -> Result<Vec<String>, StoreError> {
         let rows = self
-            .pool
-            .get()
-            .await?
-            .query(
+            .rows(
                 "SELECT object FROM jobs ORDER BY created_at DESC, seq DESC",
                 &[],
             )
@@ -249,23 +241,17 @@ impl Pg {
     }
 
     pub(super) async fn add_event(&self, job_id: &str, event: &str) -> Result<(), StoreError> {
-        self.pool
-            .get()
-            .await?
-            .execute(
-                "INSERT INTO events (job_id, object) VALUES ($1, $2)",
-                &[&job_id, &event],
-            )
-            .await?;
+        self.exec(
+            "INSERT INTO events (job_id, object) VALUES ($1, $2)",
+            &[&job_id, &event],
+        )
+        .await?;
         Ok(())
     }
 
     pub(super) async fn events(&self, job_id: &str) -> Result<Vec<String>, StoreError> {
         let rows = self
-            .pool
-            .get()
-            .await?
-            .query(
+            .rows(
                 "SELECT object FROM events WHERE job_id = $1 ORDER BY seq DESC",
                 &[&job_id],
             )
@@ -282,10 +268,7 @@ impl Pg {
         let statuses = CLAIMABLE.map(|s| format!("'{s}'")).join(", ");
         // SKIP LOCKED: replicas claiming at once each get a different job, or none.
         let row = self
-            .pool
-            .get()
-            .await?
-            .query_opt(
+            .opt(
                 &format!(
                     "UPDATE jobs SET lease_owner = $1, lease_until = {NOW_MS} + $2 WHERE id = (
                        SELECT id FROM jobs WHERE status IN ({statuses})
@@ -309,10 +292,7 @@ impl Pg {
         ttl_ms: i64,
     ) -> Result<Heartbeat, StoreError> {
         let row = self
-            .pool
-            .get()
-            .await?
-            .query_opt(
+            .opt(
                 &format!(
                     "UPDATE jobs SET object = $3, status = $4, lease_until = {NOW_MS} + $5
                      WHERE id = $1 AND lease_owner = $2 RETURNING wanted"
@@ -331,10 +311,7 @@ impl Pg {
         object: &str,
     ) -> Result<bool, StoreError> {
         let n = self
-            .pool
-            .get()
-            .await?
-            .execute(
+            .exec(
                 "UPDATE jobs SET object = $3, status = $4, lease_owner = NULL, lease_until = NULL
                  WHERE id = $1 AND lease_owner = $2",
                 &[&id, &me, &object, &status],
@@ -344,23 +321,17 @@ impl Pg {
     }
 
     pub(super) async fn want(&self, id: &str, action: &str) -> Result<(), StoreError> {
-        self.pool
-            .get()
-            .await?
-            .execute("UPDATE jobs SET wanted = $2 WHERE id = $1", &[&id, &action])
+        self.exec("UPDATE jobs SET wanted = $2 WHERE id = $1", &[&id, &action])
             .await?;
         Ok(())
     }
 
     pub(super) async fn done_wanted(&self, id: &str, action: &str) -> Result<(), StoreError> {
-        self.pool
-            .get()
-            .await?
-            .execute(
-                "UPDATE jobs SET wanted = NULL WHERE id = $1 AND wanted = $2",
-                &[&id, &action],
-            )
-            .await?;
+        self.exec(
+            "UPDATE jobs SET wanted = NULL WHERE id = $1 AND wanted = $2",
+            &[&id, &action],
+        )
+        .await?;
         Ok(())
     }
 
@@ -386,20 +357,14 @@ impl Pg {
 
     pub(super) async fn remove_adapter(&self, name: &str) -> Result<bool, StoreError> {
         let n = self
-            .pool
-            .get()
-            .await?
-            .execute("DELETE FROM adapters WHERE name = $1", &[&name])
+            .exec("DELETE FROM adapters WHERE name = $1", &[&name])
             .await?;
         Ok(n > 0)
     }
 
     pub(super) async fn adapter(&self, name: &str) -> Result<Option<AdapterRecord>, StoreError> {
         let row = self
-            .pool
-            .get()
-            .await?
-            .query_opt(
+            .opt(
                 "SELECT path, owner, version FROM adapters WHERE name = $1",
                 &[&name],
             )
@@ -413,10 +378,7 @@ impl Pg {
 
     pub(super) async fn adapters(&self) -> Result<Vec<(String, AdapterRecord)>, StoreError> {
         let rows = self
-            .pool
-            .get()
-            .await?
-            .query(
+            .rows(
                 "SELECT name, path, owner, version FROM adapters ORDER BY name",
                 &[],
             )
@@ -438,10 +400,7 @@ impl Pg {
 
     pub(super) async fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
         let row = self
-            .pool
-            .get()
-            .await?
-            .query_opt(
+            .opt(
                 &format!(
                     "SELECT lease_owner, lease_until >= {NOW_MS} FROM jobs
                      WHERE id = $1 AND lease_owner IS NOT NULL"
