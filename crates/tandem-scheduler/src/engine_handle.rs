@@ -112,6 +112,13 @@ pub(crate) enum Command {
     StartJob(Box<JobSpec>, oneshot::Sender<Result<JobStart, String>>),
     /// Stop training and checkpoint every active job now (shutdown).
     CheckpointJobs(oneshot::Sender<Vec<CheckpointWritten>>),
+    /// Checkpoint one job at its last optimizer step (it is handed to another replica).
+    CheckpointJob(
+        String,
+        oneshot::Sender<Result<Option<CheckpointWritten>, String>>,
+    ),
+    /// Stop a job and forget it here (another replica trains it).
+    ReleaseJob(String, oneshot::Sender<Result<(), String>>),
     Jobs(oneshot::Sender<Vec<JobSnapshot>>),
     /// Cancel (None), pause (Some(true)) or resume (Some(false)).
     ControlJob(String, Option<bool>, oneshot::Sender<Result<(), String>>),
@@ -259,6 +266,35 @@ impl EngineHandle {
             .send(Command::CheckpointJobs(reply))
             .map_err(|_| EngineError::Stopped)?;
         answer.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Writes a checkpoint of job `name` at its last optimizer step unless it has one there:
+    /// what was written, if anything.
+    pub async fn checkpoint_job(
+        &self,
+        name: String,
+    ) -> Result<Option<CheckpointWritten>, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::CheckpointJob(name, reply))
+            .map_err(|_| EngineError::Stopped)?;
+        answer
+            .await
+            .map_err(|_| EngineError::Stopped)?
+            .map_err(EngineError::Adapter)
+    }
+
+    /// Stops job `name` if it is active and forgets it, its adapter no longer served under
+    /// its name (another replica trains it now); refused while requests use the adapter.
+    pub async fn release_job(&self, name: String) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::ReleaseJob(name, reply))
+            .map_err(|_| EngineError::Stopped)?;
+        answer
+            .await
+            .map_err(|_| EngineError::Stopped)?
+            .map_err(EngineError::Adapter)
     }
 
     pub async fn jobs(&self) -> Result<Vec<JobSnapshot>, EngineError> {

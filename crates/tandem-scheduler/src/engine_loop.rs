@@ -191,6 +191,12 @@ fn handle(engine: &mut LlmEngine, live: &mut HashMap<u64, Live>, cmd: Command) {
             engine.coserve.mode = crate::coserve::CoserveMode::InferenceOnly;
             let _ = reply.send(engine.checkpoint_active_jobs());
         }
+        Command::CheckpointJob(name, reply) => {
+            let _ = reply.send(engine.checkpoint_job(&name));
+        }
+        Command::ReleaseJob(name, reply) => {
+            let _ = reply.send(engine.release_job(&name));
+        }
         Command::Jobs(reply) => {
             let snaps = engine
                 .jobs

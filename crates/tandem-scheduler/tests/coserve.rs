@@ -162,6 +162,57 @@ fn jobs_pause_resume_and_cancel() {
     assert!(e.cancel_job("nope").is_err());
 }
 
+/// A job handed to another replica: paused, checkpointed at its last step (not again when it
+/// has one there), released (stopped, its name free, its blocks and slot back), then started
+/// again under the same name from that checkpoint, as the replica that claims it does; it
+/// ends with the adapter of a job that ran straight through.
+#[test]
+fn a_released_job_resumes_from_its_last_step_under_the_same_name() {
+    let t = Tiny::tied_mha();
+    let dir = tempfile::tempdir().unwrap();
+    t.write_hf_dir(dir.path(), 4);
+    let data = tiny_examples(t.vocab as u32);
+    let want = standalone(dir.path(), data.clone());
+    let ck = tempfile::tempdir().unwrap();
+    let mut e = engine(dir.path(), CoserveMode::FinetuneOnly);
+    e.start_job("a", job_run(&e, data.clone())).unwrap();
+    e.set_job_checkpoints("a", ck.path().to_path_buf(), 1000)
+        .unwrap();
+    while e.jobs[0].reports.len() < 2 {
+        e.step().unwrap();
+    }
+    e.pause_job("a", true).unwrap();
+    let w = e.checkpoint_job("a").unwrap().unwrap();
+    assert_eq!((w.step, w.name.as_str()), (2, "a:ckpt-step-2"));
+    assert_eq!(w.path, ck.path().join("step-2"));
+    assert!(
+        e.checkpoint_job("a").unwrap().is_none(),
+        "one there already"
+    );
+    e.release_job("a").unwrap();
+    assert!(e.jobs.is_empty());
+    assert!(e.runner.adapters.id("a").is_none());
+    assert!(
+        e.runner.adapters.id("a:ckpt-step-2").is_some(),
+        "still served"
+    );
+    assert_eq!(e.scheduler.cfg.max_loras, 4);
+    assert_eq!(e.scheduler.blocks().num_free(), 64);
+    assert!(e.release_job("a").is_err());
+
+    let m = load_model(Some(dir.path()), &Device::Cpu, DType::F32).unwrap();
+    let (resumed, _) = TrainingRun::resume(&w.path, data, &m.model.cfg, &Device::Cpu).unwrap();
+    assert_eq!(resumed.step, 2);
+    e.start_job("a", resumed).unwrap();
+    while !e.jobs[0].state.is_final() {
+        e.step().unwrap();
+    }
+    assert_eq!(e.jobs[0].state, JobState::Succeeded);
+    let got = e.jobs[0].run.lora.to_adapter(None).unwrap();
+    let d = adapter_max_abs_diff(&want, &got);
+    assert!(d <= 1e-5, "released and resumed vs straight: {d}");
+}
+
 fn job_run(e: &LlmEngine, data: Vec<Example>) -> TrainingRun {
     let spec = tiny_train_config().spec().unwrap();
     let lora = TrainableLora::new(&e.runner.model.cfg, spec, &Device::Cpu, 5).unwrap();

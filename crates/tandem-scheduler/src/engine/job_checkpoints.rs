@@ -71,31 +71,48 @@ impl LlmEngine {
     /// Checkpoints every running or paused job at its last optimizer step (unless it has one
     /// there already): a shutdown then loses no optimizer step. Returns what was written.
     pub fn checkpoint_active_jobs(&mut self) -> Vec<crate::engine_handle::CheckpointWritten> {
-        let mut out = Vec::new();
-        for i in 0..self.jobs.len() {
-            let j = &self.jobs[i];
-            let step = j.run.step;
-            if j.state.is_final()
-                || j.checkpoint.is_none()
-                || step == 0
-                || j.checkpoints.iter().any(|c| c.0 == step)
-            {
-                continue;
-            }
-            match self.write_checkpoint(i, step) {
-                Ok((name, path)) => out.push(crate::engine_handle::CheckpointWritten {
-                    job: self.jobs[i].name.clone(),
-                    step,
-                    name,
-                    path,
-                }),
-                Err(e) => {
-                    tracing::error!(job = %self.jobs[i].name, error = %e, "cannot write a checkpoint");
-                    self.jobs[i].checkpoint_errors.push((step, e));
-                }
+        (0..self.jobs.len())
+            .filter_map(|i| self.checkpoint_last_step(i))
+            .collect()
+    }
+
+    /// Checkpoints job `name` at its last optimizer step (unless it has one there, has not
+    /// stepped, has ended or writes none): what was written, if anything. A job handed to
+    /// another replica loses no step this way.
+    pub fn checkpoint_job(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<crate::engine_handle::CheckpointWritten>, String> {
+        let i = self.job_index(name)?;
+        Ok(self.checkpoint_last_step(i))
+    }
+
+    fn checkpoint_last_step(
+        &mut self,
+        i: usize,
+    ) -> Option<crate::engine_handle::CheckpointWritten> {
+        let j = &self.jobs[i];
+        let step = j.run.step;
+        if j.state.is_final()
+            || j.checkpoint.is_none()
+            || step == 0
+            || j.checkpoints.iter().any(|c| c.0 == step)
+        {
+            return None;
+        }
+        match self.write_checkpoint(i, step) {
+            Ok((name, path)) => Some(crate::engine_handle::CheckpointWritten {
+                job: self.jobs[i].name.clone(),
+                step,
+                name,
+                path,
+            }),
+            Err(e) => {
+                tracing::error!(job = %self.jobs[i].name, error = %e, "cannot write a checkpoint");
+                self.jobs[i].checkpoint_errors.push((step, e));
+                None
             }
         }
-        out
     }
 
     /// Writes job `i`'s state at `step` to `<dir>/step-<step>` and serves it as

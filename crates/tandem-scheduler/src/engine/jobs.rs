@@ -118,6 +118,29 @@ impl LlmEngine {
         Ok(())
     }
 
+    /// Forgets job `name` here (another replica trains it now, or will): it stops if still
+    /// active, leaves the job list and stops being served under its name, so that this engine
+    /// can start it again later. Its checkpoints stay served. Refused while requests use its
+    /// adapter (the job is then stopped but still listed; try again).
+    pub fn release_job(&mut self, name: &str) -> Result<(), String> {
+        let i = self.job_index(name)?;
+        if !self.jobs[i].state.is_final() {
+            self.end_job(i, JobState::Cancelled);
+        }
+        let id = self.jobs[i].adapter_id;
+        if self.scheduler.uses_adapter(id) {
+            return Err(format!(
+                "the adapter `{name}` is in use by queued or running requests"
+            ));
+        }
+        self.runner
+            .adapters
+            .unregister(name)
+            .map_err(|e| e.to_string())?;
+        self.jobs.remove(i);
+        Ok(())
+    }
+
     /// Pauses or resumes a running job (a paused job keeps its state and KV blocks).
     pub fn pause_job(&mut self, name: &str, pause: bool) -> Result<(), String> {
         let i = self.job_index(name)?;
