@@ -85,17 +85,35 @@ async fn leases_and_records(s: &Store) {
     );
 
     // Released: no lease, and claimable again (still running).
-    assert!(s.release("r1", &a).await.unwrap());
-    assert!(!s.release("r1", &a).await.unwrap());
+    assert_eq!(s.release("r1", &a).await.unwrap(), Heartbeat::Held(None));
+    assert_eq!(s.release("r1", &a).await.unwrap(), Heartbeat::Lost);
     assert_eq!(s.lease("a").await.unwrap(), None);
     assert_eq!(
         claim_id(s, "r3", HOUR, Duration::ZERO).await.as_deref(),
         Some("a")
     );
+    // A control left just before a release comes back with it, and is cleared.
+    s.want("a", "resume").await.unwrap();
+    let paused = job("a", t - 20, "paused");
+    assert_eq!(
+        s.release("r3", &paused).await.unwrap(),
+        Heartbeat::Held(Some("resume".into()))
+    );
+    // A paused job nobody holds is nobody's to train: not claimable until resumed.
+    assert_eq!(claim_id(s, "r3", HOUR, Duration::ZERO).await, None);
+    assert!(s.put_job_unleased(&a).await.unwrap());
+    assert_eq!(
+        claim_id(s, "r3", HOUR, Duration::ZERO).await.as_deref(),
+        Some("a")
+    );
+    assert_eq!(
+        s.heartbeat("r3", &a, HOUR).await.unwrap(),
+        Heartbeat::Held(None)
+    );
 
     // A lapsed lease goes to the next claimer; the old holder's writes are refused.
     let mut b = job("b", t - 10, "running");
-    assert!(s.release("r2", &b).await.unwrap());
+    assert_eq!(s.release("r2", &b).await.unwrap(), Heartbeat::Held(None));
     let short = Duration::from_millis(1);
     assert_eq!(
         claim_id(s, "r2", short, Duration::ZERO).await.as_deref(),

@@ -86,8 +86,9 @@ pub fn now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Job statuses a replica may claim (with no live lease on them).
-pub const CLAIMABLE: [&str; 4] = ["validating_files", "queued", "running", "paused"];
+/// Job statuses a replica may claim (with no live lease on them). A paused job is handed back
+/// to the store and waits there, holding no replica's slot, until it is resumed (`running`).
+pub const CLAIMABLE: [&str; 3] = ["validating_files", "queued", "running"];
 
 /// What the lease holder learns at a heartbeat.
 #[derive(Debug, Clone, PartialEq)]
@@ -267,9 +268,10 @@ impl Store {
         both!(self, b => b.heartbeat(me, id, status, &job.to_string(), ttl))
     }
 
-    /// The holder writes its job and gives the lease up (the job ended, or this replica stops).
-    /// False if it no longer held it.
-    pub async fn release(&self, me: &str, job: &Value) -> Result<bool, StoreError> {
+    /// The holder writes its job and gives the lease up (the job ended, was paused, or this
+    /// replica stops): `Held` with the control left for the holder until then (cleared), or
+    /// `Lost` if it no longer held it.
+    pub async fn release(&self, me: &str, job: &Value) -> Result<Heartbeat, StoreError> {
         let (id, _, status) = job_key(job);
         both!(self, b => b.release(me, id, status, &job.to_string()))
     }

@@ -309,15 +309,19 @@ impl Pg {
         id: &str,
         status: &str,
         object: &str,
-    ) -> Result<bool, StoreError> {
-        let n = self
-            .exec(
-                "UPDATE jobs SET object = $3, status = $4, lease_owner = NULL, lease_until = NULL
-                 WHERE id = $1 AND lease_owner = $2",
+    ) -> Result<Heartbeat, StoreError> {
+        // The control left until now comes back with the release (the row locked between).
+        let row = self
+            .opt(
+                "UPDATE jobs SET object = $3, status = $4, lease_owner = NULL, lease_until = NULL,
+                   wanted = NULL
+                 FROM (SELECT wanted AS w FROM jobs WHERE id = $1 AND lease_owner = $2
+                       FOR UPDATE) old
+                 WHERE id = $1 AND lease_owner = $2 RETURNING old.w",
                 &[&id, &me, &object, &status],
             )
             .await?;
-        Ok(n > 0)
+        Ok(row.map_or(Heartbeat::Lost, |r| Heartbeat::Held(r.get(0))))
     }
 
     pub(super) async fn want(&self, id: &str, action: &str) -> Result<(), StoreError> {

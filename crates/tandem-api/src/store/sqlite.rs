@@ -259,12 +259,25 @@ impl Sqlite {
         id: &str,
         status: &str,
         object: &str,
-    ) -> Result<bool, StoreError> {
-        Ok(self.conn().execute(
-            "UPDATE jobs SET object = ?3, status = ?4, lease_owner = NULL, lease_until = NULL
-             WHERE id = ?1 AND lease_owner = ?2",
+    ) -> Result<Heartbeat, StoreError> {
+        // One connection behind the lock: nothing writes between the two statements.
+        let c = self.conn();
+        let wanted: Option<Option<String>> = c
+            .query_row(
+                "SELECT wanted FROM jobs WHERE id = ?1 AND lease_owner = ?2",
+                params![id, me],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(wanted) = wanted else {
+            return Ok(Heartbeat::Lost);
+        };
+        c.execute(
+            "UPDATE jobs SET object = ?3, status = ?4, lease_owner = NULL, lease_until = NULL,
+             wanted = NULL WHERE id = ?1 AND lease_owner = ?2",
             params![id, me, object, status],
-        )? > 0)
+        )?;
+        Ok(Heartbeat::Held(wanted))
     }
 
     pub(super) fn want(&self, id: &str, action: &str) -> Result<(), StoreError> {
