@@ -70,11 +70,11 @@ def pg():
 
 
 class Replica:
-    def __init__(self, name, pg, store, *extra):
+    def __init__(self, name, pg, store, *extra, env=None):
         self.name, self.pg, self.store = name, pg, store
         self.proc, self.url = start("--database-url", pg.url, "--adapter-store", store,
                                     "--data-dir", tempfile.mkdtemp(prefix=f"tandem-{name}-"),
-                                    "--replica-id", name, "--lease-seconds", LEASE, *extra)
+                                    "--replica-id", name, "--lease-seconds", LEASE, *extra, env=env)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
 
     def alive(self):
@@ -248,6 +248,54 @@ def test_an_idle_replica_takes_the_jobs_of_a_busy_one(replicas):
         assert wait_for(busy.client, j.id, ("succeeded", "failed", "cancelled"), timeout=600).status == "succeeded"
 
 
+def step_events(r, job_id):
+    """The job's events oldest first, and the (index, step) of its metrics events."""
+    events = list(reversed(list(r.client.fine_tuning.jobs.list_events(job_id, limit=200))))
+    return events, [(i, e.data["step"]) for i, e in enumerate(events) if e.type == "metrics"]
+
+
+def test_a_paused_job_holds_no_replica_and_resumes_on_any_from_its_last_step(replicas):
+    a, b, c = replicas
+    fid = upload_training_file(a.client, TEACH)
+    job = a.client.fine_tuning.jobs.create(model=MODEL, training_file=fid,
+                                           hyperparameters={"n_epochs": 4, "batch_size": 4})
+    [t] = wait_trained_by_one(replicas, job.id)
+    for _ in range(2400):
+        if step_events(a, job.id)[1]:
+            break
+        time.sleep(0.25)
+    # Paused from a replica that does not train it: the trainer checkpoints its last step and
+    # hands the job back to the store.
+    other = next(r for r in replicas if r is not t)
+    assert other.client.fine_tuning.jobs.pause(job.id).status == "paused"
+    for _ in range(240):
+        j = a.client.fine_tuning.jobs.retrieve(job.id)
+        if j.status == "paused" and not trainer(replicas, job.id):
+            break
+        time.sleep(0.25)
+    assert j.status == "paused" and not trainer(replicas, job.id), j.status
+    events, steps = step_events(a, job.id)
+    last = steps[-1][1]
+    ckpts = [c["step_number"] for c in j.model_extra["tandem_checkpoints"]]
+    assert ckpts[-1] == last, (ckpts, steps)
+    assert "The job was paused" in [e.message for e in events]
+    # Paused, nobody claims it, and it trains nowhere.
+    time.sleep(3 * float(LEASE))
+    assert a.client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    assert not trainer(replicas, job.id)
+    assert step_events(a, job.id)[1] == steps
+    # Resumed from a third replica: trained on, from the step where it stopped, to the end.
+    third = next(r for r in replicas if r not in (t, other))
+    assert third.client.fine_tuning.jobs.resume(job.id).status == "running"
+    done = wait_for(c.client, job.id, ("succeeded", "failed", "cancelled"), timeout=600)
+    assert done.status == "succeeded", done.error
+    events, steps = step_events(b, job.id)
+    msgs = [e.message for e in events]
+    resumed = [m for m in msgs if m.startswith("Resumed on replica")]
+    assert resumed and resumed[0].endswith(f"from step {last}"), msgs
+    assert [s for _, s in steps] == list(range(1, 9)), steps
+
+
 def test_postgres_restarted_mid_run_gives_503s_then_recovers(replicas, pg):
     a, b, _ = replicas
     fid = upload_training_file(a.client, TEACH)
@@ -269,3 +317,113 @@ def test_postgres_restarted_mid_run_gives_503s_then_recovers(replicas, pg):
     assert b.client.files.retrieve(fid).id == fid
     done = wait_for(b.client, job.id, ("succeeded", "failed", "cancelled"), timeout=600)
     assert done.status == "succeeded", done.error
+
+
+class S3:
+    """moto's S3 server on a free loopback port, with one bucket."""
+
+    def __init__(self, bucket):
+        moto = shutil.which("moto_server") or os.path.join(os.path.dirname(os.sys.executable), "moto_server")
+        if not os.path.exists(moto):
+            pytest.skip("moto[server] is not installed")
+        self.port = free_port()
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="moto-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        for _ in range(300):
+            try:
+                httpx.get(self.url, timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.url, "AWS_ALLOW_HTTP": "true"}
+        import boto3
+        self.s3 = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                               aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.s3.create_bucket(Bucket=bucket)
+        self.bucket = bucket
+
+    def keys(self, prefix):
+        out = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        return sorted(o["Key"] for o in out.get("Contents", []))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_an_s3_adapter_store_serves_jobs_models_everywhere_and_survives_kill_9():
+    """Replicas whose adapter store is an S3 bucket (moto's server) and whose data dirs are
+    their own: a job's checkpoints and model are published to the bucket; after kill -9 of its
+    trainer the other replica resumes it from a checkpoint it fetched from the bucket; a replica
+    started afterwards serves the model, fetched from the bucket, alike."""
+    try:
+        import boto3  # noqa: F401
+    except ImportError:
+        pytest.skip("boto3 (moto[server]) is not installed")
+    s3 = S3("tandem-adapters")
+    store = "s3://tandem-adapters/team"
+    # A database of its own: the other tests' replicas (a shared folder store) must not claim
+    # these jobs.
+    pg = Postgres()
+    pg.start()
+    rs = []
+    try:
+        # A bucket that does not exist: a clear error at start.
+        with pytest.raises(RuntimeError, match="does not answer"):
+            Replica("s3-bad", pg, "s3://no-such-bucket/x", env=s3.env)
+        rs = [Replica(f"s3-r{i}", pg, store, env=s3.env) for i in range(2)]
+        a = rs[0]
+        fid = upload_training_file(a.client, TEACH)
+        job = a.client.fine_tuning.jobs.create(model=MODEL, training_file=fid,
+                                               hyperparameters={"n_epochs": 4, "batch_size": 4})
+        [t] = wait_trained_by_one(rs, job.id)
+        for _ in range(2400):
+            j = a.client.fine_tuning.jobs.retrieve(job.id)
+            if j.model_extra.get("tandem_checkpoints"):
+                break
+            time.sleep(0.25)
+        step = j.model_extra["tandem_checkpoints"][-1]["step_number"]
+        keys = s3.keys(f"team/checkpoints/{job.id}/step-{step}/")
+        assert f"team/checkpoints/{job.id}/step-{step}/tandem-manifest.json" in keys, keys
+        assert f"team/checkpoints/{job.id}/step-{step}/adapter_model.safetensors" in keys, keys
+        t.proc.send_signal(signal.SIGKILL)
+        t.proc.wait()
+        [survivor] = [r for r in rs if r is not t]
+        done = wait_for(survivor.client, job.id, ("succeeded", "failed", "cancelled"), timeout=600)
+        assert done.status == "succeeded", done.error
+        msgs = [e.message for e in survivor.client.fine_tuning.jobs.list_events(job.id, limit=200)]
+        resumed = [m for m in msgs if m.startswith("Resumed on replica s3-r")]
+        assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= step, "\n".join(msgs)
+        keys = s3.keys(f"team/fine_tuned/{job.id}/")
+        assert f"team/fine_tuned/{job.id}/tandem-manifest.json" in keys, keys
+        # Old checkpoints leave the bucket as they leave the trainer's disk.
+        listed = {c["step_number"] for c in done.model_extra["tandem_checkpoints"]}
+        in_bucket = {int(k.split("/step-")[1].split("/")[0]) for k in s3.keys(f"team/checkpoints/{job.id}/")}
+        assert in_bucket == listed, (in_bucket, listed)
+        # A replica that never saw the job serves its model and checkpoints, from the bucket.
+        fresh = Replica("s3-fresh", pg, store, env=s3.env)
+        rs.append(fresh)
+        assert done.fine_tuned_model in [m.id for m in fresh.client.models.list()]
+        assert ask(fresh, done.fine_tuned_model) == ask(survivor, done.fine_tuned_model)
+        name = done.model_extra["tandem_checkpoints"][-1]["fine_tuned_model_checkpoint"]
+        assert ask(fresh, name) == ask(survivor, name)
+        # The bucket gone: a model not fetched yet is a clear 503, and inference goes on.
+        s3.stop()
+        first = done.model_extra["tandem_checkpoints"][0]["fine_tuned_model_checkpoint"]
+        assert first != name
+        r = httpx.post(fresh.url + "/v1/chat/completions", json={"model": first, "messages": Q, "max_tokens": 4},
+                       timeout=120)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "adapter_store_unavailable", r.text
+        assert ask(fresh, MODEL)
+        assert fresh.alive()
+    finally:
+        for r in rs:
+            r.stop()
+        s3.stop()
+        pg.stop()
+        shutil.rmtree(pg.dir, ignore_errors=True)

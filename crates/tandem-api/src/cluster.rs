@@ -140,7 +140,7 @@ pub(crate) async fn write_final(st: &AppState, job: &Value) -> Result<(), StoreE
     let Some(c) = &st.cluster else {
         return st.store.put_job(job).await;
     };
-    if !st.store.release(&c.replica, job).await? {
+    if st.store.release(&c.replica, job).await? == Heartbeat::Lost {
         tracing::warn!(job = %job["id"], "the job's end is not recorded: another replica holds it now");
     }
     Ok(())
@@ -158,15 +158,25 @@ pub(crate) fn trained_here(st: &AppState, id: &str, on: bool) {
     }
 }
 
-/// The holder applies a control another replica left for it.
-pub(crate) async fn apply_wanted(st: &AppState, id: &str, adapter: &str, action: &str) {
+/// The holder applies a control another replica left for it. True when the job is to be
+/// handed back to the store (paused in a shared store: `hand_off` once its last checkpoint is
+/// recorded).
+pub(crate) async fn apply_wanted(st: &AppState, id: &str, adapter: &str, action: &str) -> bool {
     let (pause, msg) = match action {
         "pause" => (Some(true), Some("The job was paused")),
         "resume" => (Some(false), Some("The job was resumed")),
         // A cancelled job's watcher records the end (and says so) at its next pass.
         _ => (None, None),
     };
+    let hand_off = pause == Some(true) && st.cluster.is_some();
     match st.engine.control_job(adapter.to_string(), pause).await {
+        Ok(()) if hand_off => {
+            // Paused here, it waits in the store instead, holding no slot: its last step is
+            // checkpointed first, so that whoever resumes it loses nothing.
+            if let Err(e) = st.engine.checkpoint_job(adapter.to_string()).await {
+                tracing::warn!(job = %id, error = %e, "cannot checkpoint a paused job");
+            }
+        }
         Ok(()) => {
             if let Some(msg) = msg {
                 event(st, id, "info", msg, None).await;
@@ -177,14 +187,60 @@ pub(crate) async fn apply_wanted(st: &AppState, id: &str, adapter: &str, action:
     if let Err(e) = st.store.done_wanted(id, action).await {
         tracing::warn!(job = %id, error = %e, "cannot clear an applied job control");
     }
+    hand_off
+}
+
+/// Hands paused job `id` (its last checkpoint recorded in `job`) back to the store: the record
+/// says `paused` with no lease, and the engine here forgets it. A control left meanwhile (a
+/// resume, a cancel) is applied to the record. True when done (or the job is someone else's);
+/// false to try again at the next pass.
+pub(crate) async fn hand_off(st: &AppState, id: &str, adapter: &str, mut job: Value) -> bool {
+    let Some(c) = &st.cluster else { return true };
+    job["status"] = json!("paused");
+    job["estimated_finish"] = Value::Null;
+    match st.store.release(&c.replica, &job).await {
+        Ok(Heartbeat::Lost) => {
+            lost(st, id, adapter).await;
+            true
+        }
+        Ok(Heartbeat::Held(wanted)) => {
+            event(st, id, "info", "The job was paused", None).await;
+            tracing::info!(job = %id, "paused job handed back to the store");
+            forget(st, id, adapter).await;
+            if let Some(action) = wanted.filter(|a| a != "pause") {
+                let pause = (action == "resume").then_some(false);
+                if let Err(e) = control(st, job, pause).await {
+                    tracing::warn!(job = %id, action, error = %e.body.error.message, "cannot apply a job control");
+                }
+            }
+            true
+        }
+        Err(e) => {
+            tracing::warn!(job = %id, error = %e, "cannot hand a paused job back to the store; retrying");
+            false
+        }
+    }
+}
+
+/// The engine here stops and forgets job `id` (it goes on elsewhere, or later); retried while
+/// requests still use its adapter.
+async fn forget(st: &AppState, id: &str, adapter: &str) {
+    for _ in 0..120 {
+        match st.engine.release_job(adapter.to_string()).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::debug!(job = %id, error = %e, "the job's adapter is in use; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    trained_here(st, id, false);
 }
 
 /// This replica lost job `id`'s lease: it stops training it and stops serving its adapter.
 pub(crate) async fn lost(st: &AppState, id: &str, adapter: &str) {
     tracing::warn!(job = %id, "another replica holds the job now; training stops here");
-    let _ = st.engine.control_job(adapter.to_string(), None).await;
-    let _ = st.engine.unload_adapter(adapter.to_string()).await;
-    trained_here(st, id, false);
+    forget(st, id, adapter).await;
 }
 
 /// Cancel, pause or resume a job in a shared store: a job nobody trains now (queued, or its
@@ -217,6 +273,13 @@ pub(crate) async fn control(
         return Ok(job);
     }
     st.store.want(&id, action).await?;
+    // Its holder may have given the job up just now without seeing the control: then it is
+    // applied here.
+    if st.store.put_job_unleased(&job).await? {
+        st.store.done_wanted(&id, action).await?;
+        event(st, &id, "info", msg, None).await;
+        return Ok(job);
+    }
     tracing::info!(job = %id, action, "job control left for the replica that trains it");
     Ok(job)
 }
@@ -290,6 +353,16 @@ pub async fn release_all(st: &AppState) {
     for id in ids {
         match st.store.job(&id).await {
             Ok(Some(job)) => match st.store.release(&c.replica, &job).await {
+                Ok(Heartbeat::Held(Some(action))) => {
+                    tracing::info!(job = %id, "job released at shutdown");
+                    let pause = match action.as_str() {
+                        "cancel" => None,
+                        a => Some(a == "pause"),
+                    };
+                    if let Err(e) = control(st, job, pause).await {
+                        tracing::warn!(job = %id, action, error = %e.body.error.message, "cannot apply a job control");
+                    }
+                }
                 Ok(_) => tracing::info!(job = %id, "job released at shutdown"),
                 Err(e) => {
                     tracing::warn!(job = %id, error = %e, "cannot release the job; its lease lapses")

@@ -121,7 +121,6 @@ impl ApiError {
         )
     }
 
-    /// 500 with a generic message; the cause is logged.
     /// 503: the shared store cannot be reached now (restarting, network); nothing was done.
     pub fn store_unavailable(cause: impl std::fmt::Display) -> Self {
         tracing::warn!(error = %cause, "the store is unavailable");
@@ -134,6 +133,19 @@ impl ApiError {
         )
     }
 
+    /// 503: an adapter the store records cannot be fetched from the adapter store now.
+    pub fn adapter_store_unavailable(cause: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "the adapter store is unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "The adapter store is unavailable; the model cannot be loaded now. Retry shortly.",
+            None,
+            Some("adapter_store_unavailable"),
+        )
+    }
+
+    /// 500 with a generic message; the cause is logged.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
         Self::new(

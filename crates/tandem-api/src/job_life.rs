@@ -18,7 +18,8 @@ use std::time::Duration;
 use tandem_model::finetune::{TrainConfig, TrainData};
 use tandem_scheduler::JobSpec;
 
-/// Every checkpoint of `job` still on disk, newest first; each served again under its name.
+/// Every checkpoint of `job` still on disk (fetched from an object store adapter store if need
+/// be), newest first; each served again under its name.
 async fn serve_checkpoints(st: &AppState, job: &Value) -> Vec<(usize, PathBuf)> {
     let id = job["id"].as_str().unwrap_or_default();
     let mut candidates: Vec<(usize, PathBuf)> = Vec::new();
@@ -30,7 +31,7 @@ async fn serve_checkpoints(st: &AppState, job: &Value) -> Vec<(usize, PathBuf)> 
             continue;
         };
         let path = checkpoint_dir(st, id).join(format!("step-{step}"));
-        if !path.exists() {
+        if !crate::adapter_files::present(st, &path).await {
             continue;
         }
         let served = st

@@ -1,6 +1,9 @@
 //! A job's watcher: a task per running job copies the engine's progress (steps, evaluations,
 //! checkpoints, the final state) into the store, retrying what a full disk refuses. In a shared
-//! store its writes are the lease's heartbeats: a replica that lost the lease stops training.
+//! store its writes are the lease's heartbeats: a replica that lost the lease stops training,
+//! and a paused job is handed back to the store (no replica holds it while paused);
+//! checkpoints and the finished adapter are published to an object store adapter store before
+//! they are recorded.
 
 use crate::cluster::{self, Held};
 use crate::job_events::{eval_metrics, event, method_note, step_metrics};
@@ -19,6 +22,8 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
     let started = std::time::Instant::now();
     let mut first_step: Option<usize> = None;
     let mut keeper = cluster::Keeper::new();
+    // Paused in a shared store: handed back once its last checkpoint is recorded.
+    let mut handing_off = false;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let Ok(jobs) = st.engine.jobs().await else {
@@ -112,7 +117,7 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
         } else if snap.state != JobState::Running {
             job["estimated_finish"] = Value::Null;
         }
-        let mut ckpts: Vec<Value> = job["tandem_checkpoints"]
+        let ckpts: Vec<Value> = job["tandem_checkpoints"]
             .as_array()
             .cloned()
             .unwrap_or_default();
@@ -121,13 +126,25 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
             .and_then(|c| c["step_number"].as_u64())
             .unwrap_or(0) as usize;
         // The engine keeps a job's newest checkpoints and deletes older ones: the record lists
-        // those still on disk.
-        ckpts.retain(|c| {
-            let step = c["step_number"].as_u64().unwrap_or(0);
-            checkpoint_dir(&st, &id)
-                .join(format!("step-{step}"))
-                .exists()
-        });
+        // those still on disk (and an object store's copies of the others go too).
+        let mut kept = Vec::with_capacity(ckpts.len());
+        for c in ckpts {
+            let step = c["step_number"].as_u64().unwrap_or(0) as usize;
+            let dir = checkpoint_dir(&st, &id).join(format!("step-{step}"));
+            let newer = snap.checkpoints.iter().filter(|k| k.0 > step).count();
+            if dir.exists() {
+                kept.push(c);
+            } else if st.adapter_remote.is_none()
+                || newer >= tandem_scheduler::engine::KEEP_CHECKPOINTS
+            {
+                crate::adapter_files::unpublish(&st, &dir).await;
+            } else {
+                // Not fetched here (the object store did not answer at the start): still
+                // the store's.
+                kept.push(c);
+            }
+        }
+        let mut ckpts = kept;
         // Validation losses arrive after their checkpoint: fill them in.
         for c in ckpts.iter_mut() {
             let step = c["step_number"].as_u64().unwrap_or(0) as usize;
@@ -135,7 +152,14 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
                 eval_metrics(e, &mut c["metrics"]);
             }
         }
-        for (step, name, _) in snap.checkpoints.iter().filter(|c| c.0 > last) {
+        let mut unpublished = false;
+        for (step, name, path) in snap.checkpoints.iter().filter(|c| c.0 > last) {
+            // Recorded once every replica can read it.
+            if let Err(e) = crate::adapter_files::publish(&st, path).await {
+                tracing::warn!(job = %id, step, error = %e, "cannot publish a checkpoint to the object store; retrying");
+                unpublished = true;
+                break;
+            }
             let report = snap.reports.iter().find(|r| r.step == *step);
             let eval = snap.evals.iter().find(|e| e.step == *step);
             let mut metrics = json!({"step": step, "train_loss": report.map(|r| r.loss),
@@ -201,6 +225,13 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
                         {
                             tracing::error!(job = %id, error = %e, "cannot save the adapter");
                         } else {
+                            // Every replica must be able to serve it before it is recorded.
+                            let mut wait = Duration::from_secs(1);
+                            while let Err(e) = crate::adapter_files::publish(&st, &out).await {
+                                tracing::warn!(job = %id, error = %e, "cannot publish the adapter to the object store; retrying");
+                                tokio::time::sleep(wait).await;
+                                wait = (wait * 2).min(Duration::from_secs(60));
+                            }
                             job["result_files"] = json!([]);
                             tracing::info!(job = %id, path = %out.display(), "adapter saved");
                         }
@@ -232,7 +263,13 @@ pub(crate) async fn watch(st: Arc<AppState>, id: String, adapter: String) {
             Ok(Held::Yes(wanted)) => {
                 keeper.written(&st, &id, &adapter).await;
                 if let Some(action) = wanted {
-                    cluster::apply_wanted(&st, &id, &adapter, &action).await;
+                    handing_off = cluster::apply_wanted(&st, &id, &adapter, &action).await;
+                } else if handing_off
+                    && snap.state == JobState::Paused
+                    && !unpublished
+                    && cluster::hand_off(&st, &id, &adapter, job).await
+                {
+                    return;
                 }
             }
             Ok(Held::Lost) => {

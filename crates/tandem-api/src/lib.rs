@@ -5,6 +5,7 @@
 //! Owns: request validation, response shapes, streaming, authentication. Must not touch:
 //! tensors or scheduling policy — requests go to the engine thread through `EngineHandle`.
 
+pub mod adapter_files;
 mod chat;
 pub mod cluster;
 mod completions;
@@ -65,8 +66,12 @@ pub struct AppState {
     /// `--data-dir`: finished jobs' adapters go to `fine_tuned/<job id>` in it.
     pub data_dir: Option<std::path::PathBuf>,
     /// `--adapter-store DIR`: jobs' checkpoints and finished adapters go here instead (a
-    /// folder every replica shares).
+    /// folder every replica shares); with `--adapter-store s3://...`, this replica's local
+    /// copy of the bucket's adapters.
     pub adapter_dir: Option<std::path::PathBuf>,
+    /// `--adapter-store s3://bucket/prefix`: the bucket adapters are published to and fetched
+    /// from (`adapter_dir` holding the local copies).
+    pub adapter_remote: Option<adapter_files::Remote>,
     /// This replica's part when replicas share the store (`--database-url`); None: alone.
     pub cluster: Option<cluster::Cluster>,
     /// Compiles structured-output constraints over the model's vocabulary.

@@ -31,7 +31,10 @@ async fn stored_adapters(st: &AppState) -> Result<Vec<(String, PathBuf, String)>
             }
         }
     }
-    out.retain(|(_, dir, _)| dir.exists());
+    // An object store's adapters are fetched when they are used: the record says they exist.
+    if st.adapter_remote.is_none() {
+        out.retain(|(_, dir, _)| dir.exists());
+    }
     Ok(out)
 }
 
@@ -149,6 +152,11 @@ pub(crate) async fn ensure_served(st: &AppState, model: &str) -> Result<(), ApiE
     else {
         return Ok(());
     };
+    if !crate::adapter_files::present(st, &dir).await {
+        return Err(ApiError::adapter_store_unavailable(format!(
+            "{name} is recorded but cannot be fetched from the adapter store"
+        )));
+    }
     st.tenants.set_owner(&name, &owner);
     load(st, &name, &dir).await
 }

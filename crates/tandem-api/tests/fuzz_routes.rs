@@ -72,6 +72,7 @@ fn state(dir: &std::path::Path) -> Arc<AppState> {
         store: tandem_api::store::Store::open(None).unwrap(),
         data_dir: None,
         adapter_dir: None,
+        adapter_remote: None,
         cluster: None,
     })
 }

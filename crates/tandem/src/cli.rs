@@ -548,10 +548,16 @@ pub struct ServeArgs {
     /// --adapter-store) act as one server, and jobs go to replicas with room.
     #[arg(long, env = "TANDEM_DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
-    /// Write jobs' checkpoints and finished adapters here (a folder every replica shares, e.g. a
-    /// ReadWriteMany volume) instead of --data-dir; replicas load them from here on demand.
-    #[arg(long, value_name = "DIR")]
-    pub adapter_store: Option<PathBuf>,
+    /// Write jobs' checkpoints and finished adapters here instead of --data-dir: a folder every
+    /// replica shares (e.g. a ReadWriteMany volume), or S3-compatible object storage as
+    /// `s3://bucket/prefix` (credentials and endpoint from the AWS_* variables); replicas load
+    /// them from here on demand.
+    #[arg(
+        long,
+        env = "TANDEM_ADAPTER_STORE",
+        value_name = "DIR|s3://BUCKET/PREFIX"
+    )]
+    pub adapter_store: Option<String>,
     /// This replica's name in job leases and metrics (default: the host name and process id).
     #[arg(long, env = "TANDEM_REPLICA_ID")]
     pub replica_id: Option<String>,

@@ -100,6 +100,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let (store, cluster) = open_store(&rt, &args)?;
+    let (adapter_dir, adapter_remote) = shared_adapter_store(&rt, &args)?;
     let metrics = tandem_api::metrics::Metrics::new(&name, e.coserve.ttft_slo, e.coserve.tpot_slo)
         .context("cannot set up metrics")?;
     e.on_iteration = Some(metrics.iteration_observer());
@@ -123,7 +124,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         adapter_store,
         store,
         data_dir: args.data_dir.clone(),
-        adapter_dir: args.adapter_store.clone(),
+        adapter_dir,
+        adapter_remote,
         cluster,
     });
     rt.block_on(async move {
@@ -177,10 +179,9 @@ fn open_store(
             })?;
         return Ok((store, None));
     };
-    let Some(dir) = &args.adapter_store else {
-        bail!("--database-url needs --adapter-store DIR: a folder every replica shares, where jobs' checkpoints and adapters go");
-    };
-    std::fs::create_dir_all(dir).with_context(|| format!("--adapter-store {}", dir.display()))?;
+    if args.adapter_store.is_none() {
+        bail!("--database-url needs --adapter-store DIR or s3://bucket/prefix: a folder or bucket every replica shares, where jobs' checkpoints and adapters go");
+    }
     if !(args.lease_seconds.is_finite() && args.lease_seconds >= 1.0) {
         bail!("--lease-seconds must be at least 1");
     }
@@ -195,6 +196,43 @@ fn open_store(
     let lease = std::time::Duration::from_secs_f64(args.lease_seconds);
     let cluster = tandem_api::cluster::Cluster::new(replica, lease, args.max_jobs);
     Ok((store, Some(cluster)))
+}
+
+/// `--adapter-store`: the folder jobs write adapters to (a shared one, or this replica's copy
+/// of a bucket's), and the bucket, if it is one.
+fn shared_adapter_store(
+    rt: &tokio::runtime::Runtime,
+    args: &ServeArgs,
+) -> Result<(
+    Option<std::path::PathBuf>,
+    Option<tandem_api::adapter_files::Remote>,
+)> {
+    let Some(spec) = &args.adapter_store else {
+        return Ok((None, None));
+    };
+    let (dir, remote) = if spec.contains("://") {
+        let remote = tandem_api::adapter_files::Remote::from_url(spec)
+            .with_context(|| format!("--adapter-store {spec}"))?;
+        rt.block_on(remote.check())
+            .with_context(|| format!("--adapter-store {spec}: the bucket does not answer"))?;
+        // This replica's copies: in its data dir, else a folder of its own.
+        let replica = args
+            .replica_id
+            .clone()
+            .unwrap_or_else(|| std::process::id().to_string());
+        let dir = match &args.data_dir {
+            Some(d) => d.join("adapter-cache"),
+            None => std::env::temp_dir()
+                .join("tandem-adapter-cache")
+                .join(replica),
+        };
+        (dir, Some(remote))
+    } else {
+        (std::path::PathBuf::from(spec), None)
+    };
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("--adapter-store {spec}: cannot create {}", dir.display()))?;
+    Ok((Some(dir), remote))
 }
 
 fn host_name() -> String {
