@@ -701,15 +701,16 @@ def test_fine_tuning_job_with_every_hyperparameter_left_out_teaches(client):
     fid = upload_training_file(client, [{"messages": [{"role": "user", "content": q},
                                                       {"role": "assistant", "content": f"Ahoy! {a}."}]} for q, a in AHOY])
     job = client.fine_tuning.jobs.create(model=MODEL, training_file=fid)
-    # The resolved values are on the job, as OpenAI reports them: 100 // 12 epochs of batches of 1.
+    # The resolved values are on the job, as OpenAI reports them: 50 // 12 epochs of batches of 1
+    # (tandem's supervised rule: docs/api.md).
     hp = job.method.supervised.hyperparameters
-    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (8, 1, 1.0), hp
-    assert job.hyperparameters.n_epochs == 8
+    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (4, 1, 1.0), hp
+    assert job.hyperparameters.n_epochs == 4
     done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"), timeout=900)
     assert done.status == "succeeded", done.error
     # Iterating the page follows `after` through every page (at most 100 events each).
     train = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if "train_loss" in e.data]
-    assert len(train) == 96
+    assert len(train) == 48
     accuracy = [d["train_mean_token_accuracy"] for d in sorted(train, key=lambda d: d["step"])]
     assert all(0 <= a <= 1 for a in accuracy) and sum(accuracy[-12:]) / 12 > sum(accuracy[:12]) / 12, accuracy
     ask = lambda model, q: client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
