@@ -276,8 +276,8 @@ SIMPLE_WEATHER = {"type": "function", "function": {"name": "get_weather", "descr
 
 
 def test_a_fine_tuning_job_teaches_the_model_to_call_a_function(client):
-    """Sixteen tool-call examples in OpenAI's format, one epoch (the default "auto" six epochs
-    teach it too, in six times the CI time): on held-out cities the fine-tuned model calls
+    """Sixteen tool-call examples in OpenAI's format, one epoch (six epochs, the "auto" of an
+    earlier rule, taught it too, in six times the CI time): on held-out cities the fine-tuned model calls
     get_weather with tool_choice auto; the base model does not."""
     lines = [{"messages": [{"role": "user", "content": QUESTIONS[i % 4].format(city)},
                            {"role": "assistant", "tool_calls": [{"id": f"call_{i}", "type": "function", "function": {
