@@ -158,15 +158,33 @@ pub(crate) fn trained_here(st: &AppState, id: &str, on: bool) {
     }
 }
 
+/// A control's engine call: pause (Some(true)), resume (Some(false)) or cancel (None).
+fn pause_of(action: &str) -> Option<bool> {
+    match action {
+        "pause" => Some(true),
+        "resume" => Some(false),
+        _ => None,
+    }
+}
+
+/// Applies `action`, left for this replica just as it gave job `job` up, to the record.
+async fn control_unleased(st: &AppState, job: Value, action: &str) {
+    let id = job["id"].as_str().unwrap_or_default().to_string();
+    if let Err(e) = control(st, job, pause_of(action)).await {
+        tracing::warn!(job = %id, action, error = %e.body.error.message, "cannot apply a job control");
+    }
+}
+
 /// The holder applies a control another replica left for it. True when the job is to be
 /// handed back to the store (paused in a shared store: `hand_off` once its last checkpoint is
 /// recorded).
 pub(crate) async fn apply_wanted(st: &AppState, id: &str, adapter: &str, action: &str) -> bool {
-    let (pause, msg) = match action {
-        "pause" => (Some(true), Some("The job was paused")),
-        "resume" => (Some(false), Some("The job was resumed")),
+    let pause = pause_of(action);
+    let msg = match pause {
+        Some(true) => Some("The job was paused"),
+        Some(false) => Some("The job was resumed"),
         // A cancelled job's watcher records the end (and says so) at its next pass.
-        _ => (None, None),
+        None => None,
     };
     let hand_off = pause == Some(true) && st.cluster.is_some();
     match st.engine.control_job(adapter.to_string(), pause).await {
@@ -208,10 +226,7 @@ pub(crate) async fn hand_off(st: &AppState, id: &str, adapter: &str, mut job: Va
             tracing::info!(job = %id, "paused job handed back to the store");
             forget(st, id, adapter).await;
             if let Some(action) = wanted.filter(|a| a != "pause") {
-                let pause = (action == "resume").then_some(false);
-                if let Err(e) = control(st, job, pause).await {
-                    tracing::warn!(job = %id, action, error = %e.body.error.message, "cannot apply a job control");
-                }
+                control_unleased(st, job, &action).await;
             }
             true
         }
@@ -355,13 +370,7 @@ pub async fn release_all(st: &AppState) {
             Ok(Some(job)) => match st.store.release(&c.replica, &job).await {
                 Ok(Heartbeat::Held(Some(action))) => {
                     tracing::info!(job = %id, "job released at shutdown");
-                    let pause = match action.as_str() {
-                        "cancel" => None,
-                        a => Some(a == "pause"),
-                    };
-                    if let Err(e) = control(st, job, pause).await {
-                        tracing::warn!(job = %id, action, error = %e.body.error.message, "cannot apply a job control");
-                    }
+                    control_unleased(st, job, &action).await;
                 }
                 Ok(_) => tracing::info!(job = %id, "job released at shutdown"),
                 Err(e) => {
