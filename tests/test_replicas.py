@@ -120,6 +120,16 @@ def wait_trained_by_one(replicas, job_id, timeout=120):
     raise AssertionError(f"no replica trains {job_id}")
 
 
+def wait_first_checkpoint(r, job_id):
+    """The job once its first checkpoint is recorded."""
+    for _ in range(2400):
+        j = r.client.fine_tuning.jobs.retrieve(job_id)
+        if j.model_extra.get("tandem_checkpoints"):
+            return j
+        time.sleep(0.25)
+    raise AssertionError(f"{job_id} recorded no checkpoint")
+
+
 def ask(r, model):
     return r.client.chat.completions.create(model=model, messages=Q, temperature=0, max_tokens=12).choices[0].message.content
 
@@ -185,11 +195,7 @@ def test_kill_9_of_the_trainer_hands_the_job_to_another_that_resumes_it(replicas
                                            hyperparameters={"n_epochs": 4, "batch_size": 4})
     [t] = wait_trained_by_one(replicas, job.id)
     # Once its first checkpoint is recorded, the trainer dies.
-    for _ in range(2400):
-        j = a.client.fine_tuning.jobs.retrieve(job.id)
-        if j.model_extra.get("tandem_checkpoints"):
-            break
-        time.sleep(0.25)
+    wait_first_checkpoint(a, job.id)
     t.proc.send_signal(signal.SIGKILL)
     t.proc.wait()
     rest = [r for r in replicas if r is not t]
@@ -381,11 +387,7 @@ def test_an_s3_adapter_store_serves_jobs_models_everywhere_and_survives_kill_9()
         job = a.client.fine_tuning.jobs.create(model=MODEL, training_file=fid,
                                                hyperparameters={"n_epochs": 4, "batch_size": 4})
         [t] = wait_trained_by_one(rs, job.id)
-        for _ in range(2400):
-            j = a.client.fine_tuning.jobs.retrieve(job.id)
-            if j.model_extra.get("tandem_checkpoints"):
-                break
-            time.sleep(0.25)
+        j = wait_first_checkpoint(a, job.id)
         step = j.model_extra["tandem_checkpoints"][-1]["step_number"]
         keys = s3.keys(f"team/checkpoints/{job.id}/step-{step}/")
         assert f"team/checkpoints/{job.id}/step-{step}/tandem-manifest.json" in keys, keys
