@@ -9,8 +9,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use tandem_model::finetune::{
     lr_factor, AdamW, AdamWConfig, Finetuner, GradAccum, Schedule, SeqPhase, SeqTrain,
-    TrainableLora,
+    TrainableLora, TrainingRun, Unit,
 };
+use tandem_model::finetune::{Example, Method};
 use tandem_model::lora::Proj;
 use tandem_model::testing::{
     adapter_max_abs_diff, random_adapter, tiny_examples, tiny_train_config, Tiny,
@@ -187,6 +188,208 @@ fn token_level_gradients_equal_autograd_sliding_window() {
         llama3_rope: false,
         ..Tiny::gqa()
     });
+}
+
+/// Short sequences packed into one unit: their forwards in one packed batch, then one
+/// backward step per layer over all their rows (`SeqTrain::packed_backward_step`, attention
+/// kept within each sequence). The gradients equal candle autograd over each whole sequence,
+/// and the steps over each sequence alone.
+fn check_packed(t: Tiny) {
+    let (_dir, m) = model(&t);
+    let l = lora(&m, 4);
+    let seqs = sequences(t.vocab as u32);
+    let want = reference(&m, &l, &seqs);
+    let total: usize = seqs
+        .iter()
+        .map(|(_, t)| t.iter().filter(|&&b| b).count())
+        .sum();
+    let (cache, mut reg) = cache_and_registry(&m, 64, 1);
+    let train = reg
+        .register_live("train", l.to_adapter(None).unwrap())
+        .unwrap();
+    let mut members: Vec<SeqTrain> = seqs
+        .iter()
+        .map(|(toks, target)| SeqTrain::new(toks.clone(), target, 16, 1.0 / total as f64))
+        .collect();
+    let mut batch = PackedBatch::default();
+    for (k, s) in members.iter().enumerate() {
+        let (_, start, toks) = s.next_forward().unwrap();
+        let table = (k as u32 * 10..k as u32 * 10 + 10).collect();
+        batch.push_with_adapter(
+            k as u64,
+            toks,
+            start,
+            table,
+            LogitsWanted::None,
+            Some(train),
+        );
+    }
+    let (_, caps) = m
+        .forward_packed(&batch, &cache, Some(&reg), &[0, 1, 2])
+        .unwrap();
+    for (s, cap) in members.iter_mut().zip(caps) {
+        s.finish_forward(&m, 0, cap.inputs).unwrap();
+    }
+    let mut acc = GradAccum::default();
+    let mut steps = 0;
+    while members[0].phase != SeqPhase::Done {
+        let mut refs: Vec<&mut SeqTrain> = members.iter_mut().collect();
+        SeqTrain::packed_backward_step(&mut refs, &m, &l, &mut acc).unwrap();
+        steps += 1;
+    }
+    assert_eq!(steps, m.cfg.num_hidden_layers, "one packed step per layer");
+    assert!(members.iter().all(|s| s.phase == SeqPhase::Done));
+    let err = max_rel_err(&acc.grads, &want);
+    assert!(err <= 1e-4, "packed vs autograd: max rel err {err}");
+    let alone = token_level(&m, &l, &seqs, 16, false);
+    let err = max_rel_err(&acc.grads, &alone);
+    assert!(err <= 1e-5, "packed vs one sequence at a time: {err}");
+    // The same unit with its forward graphs kept: no recompute, the same gradients.
+    let examples: Vec<Example> = seqs
+        .iter()
+        .map(|(tokens, target)| Example {
+            tokens: tokens.clone(),
+            target: target.clone(),
+        })
+        .collect();
+    let refs: Vec<&Example> = examples.iter().collect();
+    let mut unit = Unit::new(
+        &refs,
+        Method::Supervised,
+        16,
+        1.0 / total as f64,
+        1,
+        &[],
+        4,
+        false,
+    );
+    assert!(unit.can_keep());
+    assert!(unit.kept_bytes(&m.cfg) > 0);
+    unit.forward_kept(&m, &l).unwrap();
+    assert!(!unit.can_keep(), "a unit's forward runs once");
+    assert!(unit.held_bytes() > 0);
+    let mut kept = GradAccum::default();
+    let mut steps = 0;
+    while !unit.backward_step(&m, &cache, &[], &l, &mut kept).unwrap() {
+        steps += 1;
+    }
+    assert_eq!(steps + 1, m.cfg.num_hidden_layers, "one step per layer");
+    let err = max_rel_err(&kept.grads, &want);
+    assert!(err <= 1e-4, "kept graphs vs autograd: max rel err {err}");
+    let err = max_rel_err(&kept.grads, &acc.grads);
+    assert!(err <= 1e-5, "kept graphs vs recomputed packed steps: {err}");
+    // A sequence of two chunks, or one at another layer, cannot join a packed step.
+    let (toks, target) = &seqs[0];
+    let mut long = SeqTrain::new(toks.clone(), target, 8, 1.0);
+    let (c, start, t1) = long.next_forward().unwrap();
+    let mut b = PackedBatch::default();
+    b.push_with_adapter(
+        0,
+        t1,
+        start,
+        (0..10).collect(),
+        LogitsWanted::None,
+        Some(train),
+    );
+    let (_, mut caps) = m.forward_packed(&b, &cache, Some(&reg), &[0]).unwrap();
+    long.finish_forward(&m, c, caps.pop().unwrap().inputs)
+        .unwrap();
+    let (c, start, t2) = long.next_forward().unwrap();
+    let mut b = PackedBatch::default();
+    b.push_with_adapter(
+        0,
+        t2,
+        start,
+        (0..10).collect(),
+        LogitsWanted::None,
+        Some(train),
+    );
+    let (_, mut caps) = m.forward_packed(&b, &cache, Some(&reg), &[0]).unwrap();
+    long.finish_forward(&m, c, caps.pop().unwrap().inputs)
+        .unwrap();
+    assert_eq!(long.packable_layer(), None);
+    let mut refs = vec![&mut long];
+    assert!(SeqTrain::packed_backward_step(&mut refs, &m, &l, &mut acc).is_err());
+}
+
+#[test]
+fn packed_backward_steps_equal_autograd() {
+    check_packed(Tiny::gqa());
+    check_packed(Tiny::tied_mha());
+    check_packed(Tiny {
+        arch: "MistralForCausalLM",
+        sliding_window: Some(5),
+        llama3_rope: false,
+        ..Tiny::gqa()
+    });
+}
+
+/// Packing a batch's short examples changes nothing but rounding: a run with packing and one
+/// without, from the same start and order, give the same losses and adapter.
+#[test]
+fn packed_runs_equal_unpacked_runs() {
+    let t = Tiny::gqa();
+    let (_dir, m) = model(&t);
+    let data = tiny_examples(t.vocab as u32);
+    // Chunks of 16: batches of three 5-8 token examples make a unit of two and one of one.
+    let cfg = tandem_model::finetune::TrainConfig {
+        chunk_tokens: 16,
+        ..tiny_train_config()
+    };
+    assert!(cfg.pack);
+    let mut probe = TrainingRun::new(
+        data.clone(),
+        cfg.clone(),
+        TrainableLora::new(&m.cfg, cfg.spec().unwrap(), &Device::Cpu, 0).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        probe.next_forwards().len(),
+        2,
+        "the first two examples are one unit"
+    );
+    let run = |pack: bool, keep: bool| {
+        let mut f = Finetuner::new(
+            &m,
+            data.clone(),
+            tandem_model::finetune::TrainConfig {
+                pack,
+                ..cfg.clone()
+            },
+            None,
+        )
+        .unwrap();
+        if !keep {
+            f.keep_budget = 0;
+        }
+        let mut losses = Vec::new();
+        while !f.is_done() {
+            let r = f.train_step().unwrap();
+            losses.push((r.loss, r.grad_norm, r.tokens, r.targets));
+        }
+        (losses, f.adapter().unwrap())
+    };
+    let (unpacked, b) = run(false, false);
+    for (name, (packed, a)) in [
+        ("packed, recomputed", run(true, false)),
+        ("packed, graphs kept", run(true, true)),
+        ("one per unit, graphs kept", run(false, true)),
+    ] {
+        assert_eq!(packed.len(), unpacked.len());
+        for (p, u) in packed.iter().zip(&unpacked) {
+            assert!(
+                (p.0 - u.0).abs() <= 1e-5 * u.0.abs(),
+                "{name}: loss {p:?} vs {u:?}"
+            );
+            assert!(
+                (p.1 - u.1).abs() <= 1e-4 * u.1.abs(),
+                "{name}: grad norm {p:?} vs {u:?}"
+            );
+            assert_eq!((p.2, p.3), (u.2, u.3), "{name}");
+        }
+        let d = adapter_max_abs_diff(&a, &b);
+        assert!(d <= 1e-5, "{name} vs unpacked adapters: max abs diff {d}");
+    }
 }
 
 /// The differentiable layer the backward recomputes is the inference forward: logits through

@@ -88,6 +88,18 @@ pub struct TrainArgs {
     /// step for step with another trainer).
     #[arg(long)]
     pub no_shuffle: bool,
+    /// Train every example as a unit of its own instead of packing a batch's short examples
+    /// into shared (layer, chunk) steps (same gradients up to rounding; for comparisons).
+    #[arg(long)]
+    pub no_pack: bool,
+    /// The most tokens of one pack of short examples (each example at most --chunk-tokens).
+    #[arg(long, default_value_t = 512)]
+    pub pack_tokens: usize,
+    /// Keep no forward graphs: every backward step recomputes its layer from the saved input
+    /// (least memory). By default a unit of one-chunk examples keeps its graphs when they fit
+    /// a quarter of the memory available, and its backward recomputes nothing.
+    #[arg(long)]
+    pub recompute: bool,
     /// supervised (examples), dpo (preference pairs: OpenAI's {"input", "preferred_output",
     /// "non_preferred_output"} or TRL's {"prompt", "chosen", "rejected"}), or grpo
     /// (reinforcement: prompts as OpenAI's {"messages": [...], ...} lines, answers sampled

@@ -93,6 +93,7 @@ pub fn train_config(a: &TrainArgs, examples: usize) -> Result<TrainConfig> {
         ("--epochs", hp.n_epochs),
         ("--batch-size", hp.batch_size),
         ("--chunk-tokens", a.chunk_tokens),
+        ("--pack-tokens", a.pack_tokens),
         ("--max-seq-len", a.max_seq_len),
     ] {
         if v == 0 {
@@ -119,6 +120,8 @@ pub fn train_config(a: &TrainArgs, examples: usize) -> Result<TrainConfig> {
         max_seq_len: a.max_seq_len,
         seed: a.seed,
         shuffle: !a.no_shuffle,
+        pack: !a.no_pack,
+        pack_tokens: Some(a.pack_tokens),
     })
 }
 
@@ -201,6 +204,9 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         }
         (None, None) => Finetuner::new(&m.model, data, cfg, Some(m.name.clone()))?,
     };
+    if args.train.recompute {
+        ft.keep_budget = 0;
+    }
     eprintln!(
         "finetune ({}): {} on {examples} {} ({targets} target tokens), LoRA r={} alpha={} on {}, {} epochs, {} steps of {} sequences, lr {} ({:?}), chunks of {} tokens",
         ft.cfg().method.name(),

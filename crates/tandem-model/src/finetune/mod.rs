@@ -8,6 +8,7 @@ pub mod auto;
 mod checkpoint;
 pub mod data;
 pub mod grpo;
+mod head;
 pub mod objective;
 pub mod preference;
 pub mod prompts;
@@ -23,6 +24,7 @@ pub use adamw::{lr_factor, AdamW, AdamWConfig, Schedule, StepInfo};
 pub use auto::{Hyperparameters, Resolved, LORA_BASE_LR};
 pub use data::{load_jsonl, parse_record, tokenize, validate_jsonl, Example, Record};
 pub use grpo::{GrpoStats, Reinforce, Rollout};
+pub use head::HeadOut;
 pub use objective::{DpoPair, DpoStats, Method, DEFAULT_BETA};
 pub use preference::{
     load_preference_jsonl, parse_preference, preference_pairs, tokenize_pair, validate_file,
@@ -31,7 +33,7 @@ pub use preference::{
 pub use prompts::{load_prompt_jsonl, parse_prompt, prompt_items, PromptItem};
 pub use run::{Answer, Eval, Progress, Prompts, RolloutRequest, TrainData, TrainingRun};
 pub use seq::{SeqPhase, SeqTrain};
-pub use step::{ChunkGrads, HeadOut, LayerLora};
+pub use step::{ChunkGrads, LayerLora, Segment};
 pub use trainer::{peft_key, GradAccum, LoraSpec, TrainableLora};
 pub use unit::{ChunkRef, ForwardChunk, Unit};
 
@@ -67,6 +69,15 @@ pub struct TrainConfig {
     /// The objective: supervised, or DPO with its β.
     #[serde(default)]
     pub method: Method,
+    /// Pack short supervised examples of an optimizer batch into one unit (one backward step
+    /// per layer for all of them); false: one example per unit.
+    #[serde(default = "yes")]
+    pub pack: bool,
+    /// The most tokens of one packed unit (None: `chunk_tokens`, so that every backward step
+    /// stays a chunk's size, as co-serving's latency budget needs; `tandem finetune`, alone on
+    /// the machine, packs more for larger, faster steps).
+    #[serde(default)]
+    pub pack_tokens: Option<usize>,
 }
 
 fn yes() -> bool {
@@ -92,6 +103,8 @@ impl Default for TrainConfig {
             seed: 0,
             shuffle: true,
             method: Method::Supervised,
+            pack: true,
+            pack_tokens: None,
         }
     }
 }
@@ -136,6 +149,9 @@ impl TrainConfig {
         }
         if self.chunk_tokens == 0 {
             return bad("chunk tokens must be at least 1");
+        }
+        if self.pack_tokens == Some(0) {
+            return bad("pack tokens must be at least 1");
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad("learning rate must be a positive number");
@@ -185,6 +201,25 @@ pub struct Finetuner<'m> {
     cache: KvCache,
     block_table: Vec<u32>,
     base_model: Option<String>,
+    /// Bytes a unit's kept forward graphs may take (`TrainingRun::forward_kept`); 0 keeps
+    /// none, and every backward step recomputes its layer from the saved input.
+    pub keep_budget: usize,
+}
+
+/// A quarter of the memory the system reports available (Linux's MemAvailable), for kept
+/// forward graphs on the CPU; 0 where that cannot be read, or on another device.
+pub fn default_keep_budget(device: &candle_core::Device) -> usize {
+    if !device.is_cpu() {
+        return 0;
+    }
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+        return 0;
+    };
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(0, |kb| kb * 1024 / 4)
 }
 
 const BLOCK: usize = 16;
@@ -263,6 +298,7 @@ impl<'m> Finetuner<'m> {
             cache,
             block_table: (0..blocks as u32).collect(),
             base_model,
+            keep_budget: default_keep_budget(model.device()),
         })
     }
 
@@ -290,26 +326,45 @@ impl<'m> Finetuner<'m> {
     /// by step, then AdamW; the new weights go into the registry slot.
     pub fn train_step(&mut self) -> Result<StepReport> {
         loop {
-            while let Some(chunk) = self.run.next_forward() {
+            self.run.forward_kept(self.model, self.keep_budget)?;
+            loop {
+                // Every sequence of the unit that has a forward chunk due, in one batch; a
+                // DPO reference pass alone, first (its log-probabilities are cached across
+                // epochs, so the policy forwards must batch the same way whether or not it ran:
+                // a resumed run then continues exactly).
+                let mut chunks = self.run.next_forwards();
+                if let Some(r) = chunks.iter().position(|c| c.id.reference) {
+                    chunks = vec![chunks.swap_remove(r)];
+                }
+                if chunks.is_empty() {
+                    break;
+                }
                 let mut batch = PackedBatch::default();
-                let adapter = if chunk.id.reference {
-                    self.reference_id
-                } else {
-                    Some(self.adapter_id)
-                };
-                batch.push_with_adapter(
-                    0,
-                    &chunk.tokens,
-                    chunk.start,
-                    chunk.table(&self.block_table),
-                    LogitsWanted::None,
-                    adapter,
-                );
-                let (_, mut caps) =
-                    self.model
-                        .forward_packed(&batch, &self.cache, Some(&self.registry), &[0])?;
-                let inputs = caps.pop().map(|c| c.inputs).unwrap_or_default();
-                self.run.finish_forward(self.model, chunk.id, inputs)?;
+                for (k, chunk) in chunks.iter().enumerate() {
+                    let adapter = if chunk.id.reference {
+                        self.reference_id
+                    } else {
+                        Some(self.adapter_id)
+                    };
+                    batch.push_with_adapter(
+                        k as u64,
+                        &chunk.tokens,
+                        chunk.start,
+                        chunk.table(&self.block_table),
+                        LogitsWanted::None,
+                        adapter,
+                    );
+                }
+                let capture: Vec<usize> = (0..chunks.len()).collect();
+                let (_, caps) = self.model.forward_packed(
+                    &batch,
+                    &self.cache,
+                    Some(&self.registry),
+                    &capture,
+                )?;
+                for (chunk, cap) in chunks.iter().zip(caps) {
+                    self.run.finish_forward(self.model, chunk.id, cap.inputs)?;
+                }
             }
             if !self.run.backward_due() {
                 if self.run.current_len().is_some() {

@@ -62,6 +62,9 @@ pub struct TrainingRun {
     /// Items of the optimizer step in progress, and how many have started.
     batch: Vec<usize>,
     started: usize,
+    /// Positions in `batch` of the unit in flight's items (several short examples packed
+    /// into one unit, or one item).
+    unit_items: std::ops::Range<usize>,
     weight: f64,
     unit: Option<Unit>,
     /// Gradients of the optimizer step so far, and of the unit in flight (kept apart so
@@ -124,6 +127,7 @@ impl TrainingRun {
             step: 0,
             batch: Vec::new(),
             started: 0,
+            unit_items: 0..0,
             weight: 0.0,
             unit: None,
             acc: GradAccum::default(),
@@ -187,7 +191,14 @@ impl TrainingRun {
                 .max()
                 .unwrap_or(0)
         };
-        most(&self.data).max(most(&self.validation))
+        let single = most(&self.data).max(most(&self.validation));
+        if !self.cfg.pack || !matches!(self.data, TrainData::Supervised(_)) {
+            return single;
+        }
+        // A packed unit: at most the pack budget's tokens, each member in whole blocks.
+        let budget = self.pack_budget();
+        let members = self.cfg.batch_size.min(budget);
+        single.max((budget.div_ceil(b) + members) * b)
     }
 
     /// The items of optimizer step `step` (0-based): each epoch visits every item once, in an
@@ -225,10 +236,44 @@ impl TrainingRun {
                 let total: usize = self.batch.iter().map(|&i| self.data.targets(i)).sum();
                 self.weight = 1.0 / total.max(1) as f64;
             }
-            self.started += 1;
+            let first = self.started;
+            self.started += self.pack_len(first);
+            self.unit_items = first..self.started;
             self.unit = Some(self.new_unit());
         }
         self.unit.as_ref().map(Unit::kv_len)
+    }
+
+    /// How many items of the optimizer batch from position `first` go into one unit: short
+    /// supervised examples (each at most one chunk) are packed while their tokens fit the pack
+    /// budget together, and the unit's backward runs one packed step per layer for all of
+    /// them; anything else is a unit of its own.
+    fn pack_len(&self, first: usize) -> usize {
+        let TrainData::Supervised(examples) = &self.data else {
+            return 1;
+        };
+        if !self.cfg.pack {
+            return 1;
+        }
+        let budget = self.pack_budget();
+        let chunk = self.cfg.chunk_tokens;
+        let len = |p: usize| examples[self.batch[p]].tokens.len();
+        let mut total = len(first);
+        let mut k = 1;
+        while total <= chunk
+            && first + k < self.batch.len()
+            && len(first + k) <= chunk
+            && total + len(first + k) <= budget
+        {
+            total += len(first + k);
+            k += 1;
+        }
+        k
+    }
+
+    /// The most tokens of a packed unit.
+    fn pack_budget(&self) -> usize {
+        self.cfg.pack_tokens.unwrap_or(self.cfg.chunk_tokens).max(1)
     }
 
     /// Tokens of the unit in flight (its sequences', unpadded); 0 when none is.
@@ -246,8 +291,16 @@ impl TrainingRun {
             None => (&self.data, self.batch[self.started - 1], false),
         };
         let refs = self.ref_logps.get(&(eval, i)).cloned().unwrap_or_default();
+        let members = match eval {
+            true => data.members(i),
+            false => self
+                .unit_items
+                .clone()
+                .flat_map(|p| data.members(self.batch[p]))
+                .collect(),
+        };
         Unit::new(
-            &data.members(i),
+            &members,
             self.cfg.method,
             self.cfg.chunk_tokens,
             if eval { 1.0 } else { self.weight },
@@ -273,6 +326,36 @@ impl TrainingRun {
     /// Whether a unit is in flight past its first forward chunk (holding KV it needs).
     pub fn sequence_started(&self) -> bool {
         self.unit.as_ref().is_some_and(Unit::started)
+    }
+
+    /// Runs the whole forward of the unit in flight with its layers' graphs kept, if it can
+    /// (`Unit::can_keep`: supervised, each sequence one chunk) and their estimated bytes fit
+    /// `budget`; returns whether it did. Its backward steps then recompute nothing: memory is
+    /// spent to save a third of the arithmetic, only where memory allows.
+    pub fn forward_kept(&mut self, model: &Llama, budget: usize) -> Result<bool> {
+        if self.current_len().is_none() {
+            return Ok(false);
+        }
+        let Some(unit) = self.unit.as_mut() else {
+            return Ok(false);
+        };
+        if !unit.can_keep() || unit.kept_bytes(&model.cfg) > budget {
+            return Ok(false);
+        }
+        unit.forward_kept(model, &self.lora)?;
+        self.peak = self.peak.max(unit.held_bytes());
+        Ok(true)
+    }
+
+    /// The next forward chunk of every sequence of the unit in flight that has one: what one
+    /// packed batch can run together (a packed unit's examples, a pair's two sequences).
+    pub fn next_forwards(&mut self) -> Vec<ForwardChunk> {
+        if self.current_len().is_none() {
+            return Vec::new();
+        }
+        self.unit
+            .as_ref()
+            .map_or_else(Vec::new, |u| u.next_forwards_max(usize::MAX))
     }
 
     /// The next forward chunk of the unit in flight.

@@ -6,7 +6,11 @@
 //!   back-propagate the gradient of its output plus the dK/dV that later chunks left for this
 //!   chunk's keys and values; out come the gradient for the layer below, the dK/dV for earlier
 //!   tokens, and the layer's LoRA gradients. The graph lives only for the step;
-//! - `head_backward`: cross-entropy at the top for a chunk and its gradient.
+//! - `layer_backward_packed`: the same step for several whole short sequences at once (their
+//!   rows packed into one chunk, attention kept within each), so that short examples share one
+//!   step's projections instead of paying a step each.
+//!
+//! The top, cross-entropy and its gradient, is `head.rs`.
 
 use crate::error::Result;
 use crate::llama::Llama;
@@ -77,7 +81,7 @@ impl CustomOp1 for FrozenLinear {
 /// `x · Wᵀ` for a frozen weight through `FrozenLinear` (CPU, and CUDA builds); elsewhere, or
 /// if the op cannot take these operands, candle's matmul (same values, plus a weight gradient
 /// that is thrown away).
-fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub(super) fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let on_op = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
     if on_op {
         match x.contiguous()?.apply_op1(FrozenLinear(w.clone())) {
@@ -96,20 +100,6 @@ fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 #[derive(Default, Clone)]
 pub struct LayerLora {
     pub modules: HashMap<Proj, (Var, Var, f64)>,
-}
-
-/// What `head_backward` gives for a chunk.
-pub struct HeadOut {
-    /// Σ -log p(label) over the rows with a label.
-    pub loss_sum: f64,
-    /// Rows with a label.
-    pub targets: usize,
-    /// Rows whose argmax is the label.
-    pub correct: usize,
-    /// log p(label) per row with a label, in row order.
-    pub logps: Vec<f32>,
-    /// d loss / d x, [len, hidden] (zero on rows without a label).
-    pub d_x: Tensor,
 }
 
 /// What one (layer, chunk) step gives.
@@ -136,6 +126,31 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[r1, r2], 2)?)
 }
 
+/// One sequence's rows in a (layer, chunk) step: `len` rows at positions `start..start + len`
+/// of that sequence, attending to `k_prev` / `v_prev` [start, kv heads, head dim], the keys
+/// (after RoPE) and values of its positions before `start`. Several segments in one step are
+/// short sequences packed together: the projections run once over all their rows, attention
+/// stays within each segment.
+#[derive(Clone, Copy)]
+pub struct Segment<'a> {
+    pub len: usize,
+    pub start: usize,
+    pub k_prev: Option<&'a Tensor>,
+    pub v_prev: Option<&'a Tensor>,
+}
+
+impl Segment<'_> {
+    /// A whole sequence of `len` tokens from position 0.
+    pub fn whole(len: usize) -> Self {
+        Self {
+            len,
+            start: 0,
+            k_prev: None,
+            v_prev: None,
+        }
+    }
+}
+
 impl Llama {
     /// Decoder layer `l` on a chunk: `x` [len, hidden] at positions `start..start + len`, with
     /// `k_prev` / `v_prev` [start, kv heads, head dim] the keys (after RoPE) and values of the
@@ -150,8 +165,32 @@ impl Llama {
         v_prev: Option<&Tensor>,
         lora: &LayerLora,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let seg = Segment {
+            len: x.dim(0)?,
+            start,
+            k_prev,
+            v_prev,
+        };
+        self.layer_segments(l, x, &[seg], lora)
+    }
+
+    /// Decoder layer `l` on the rows of `x` [Σ len, hidden], segment after segment. Returns the
+    /// output [Σ len, hidden] and the segments' own keys and values [Σ len, kv heads, head dim].
+    pub fn layer_segments(
+        &self,
+        l: usize,
+        x: &Tensor,
+        segs: &[Segment],
+        lora: &LayerLora,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let layer = &self.layers[l];
         let (t, _) = x.dims2()?;
+        if segs.iter().map(|s| s.len).sum::<usize>() != t || segs.is_empty() {
+            return Err(crate::error::ModelError::Batch(format!(
+                "segments of {:?} rows over a chunk of {t}",
+                segs.iter().map(|s| s.len).collect::<Vec<_>>()
+            )));
+        }
         let (nh, nkv, hd) = (
             self.cfg.num_attention_heads,
             self.cfg.num_key_value_heads,
@@ -172,8 +211,17 @@ impl Llama {
                 None => Ok(y),
             }
         };
-        let cos = self.cos.narrow(0, start, t)?;
-        let sin = self.sin.narrow(0, start, t)?;
+        let rows = |table: &Tensor| -> Result<Tensor> {
+            let parts = segs
+                .iter()
+                .map(|s| table.narrow(0, s.start, s.len))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(match parts.len() {
+                1 => parts.into_iter().next().expect("one segment"),
+                _ => Tensor::cat(&parts, 0)?,
+            })
+        };
+        let (cos, sin) = (rows(&self.cos)?, rows(&self.sin)?);
         let h = candle_nn::ops::rms_norm_slow(x, &layer.input_norm, eps)?;
         let q = rope(
             &lin(Proj::Q, &layer.q, &h)?.reshape((t, nh, hd))?,
@@ -186,9 +234,39 @@ impl Llama {
             &sin,
         )?;
         let v = lin(Proj::V, &layer.v, &h)?.reshape((t, nkv, hd))?;
-        let (k_all, v_all) = match (k_prev, v_prev) {
+        let mut outs = Vec::with_capacity(segs.len());
+        let mut off = 0;
+        for s in segs {
+            let narrow = |a: &Tensor| a.narrow(0, off, s.len);
+            outs.push(self.attend(&narrow(&q)?, &narrow(&k)?, &narrow(&v)?, s)?);
+            off += s.len;
+        }
+        let o = match outs.len() {
+            1 => outs.pop().expect("one segment"),
+            _ => Tensor::cat(&outs, 0)?,
+        }
+        .to_dtype(x.dtype())?;
+        let x = (x + lin(Proj::O, &layer.o, &o)?)?;
+        let h = candle_nn::ops::rms_norm_slow(&x, &layer.post_norm, eps)?;
+        let mlp = (candle_nn::ops::silu(&lin(Proj::Gate, &layer.gate, &h)?)?
+            * lin(Proj::Up, &layer.up, &h)?)?;
+        let out = (&x + lin(Proj::Down, &layer.down, &mlp)?)?;
+        Ok((out, k, v))
+    }
+
+    /// Causal attention of one segment: q, k, v [len, heads, head dim] (after RoPE) at
+    /// positions `s.start..`, over its earlier keys and values and its own. Returns
+    /// [len, heads · head dim] in f32.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, s: &Segment) -> Result<Tensor> {
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let (t, start) = (s.len, s.start);
+        let (k_all, v_all) = match (s.k_prev, s.v_prev) {
             (Some(kp), Some(vp)) if kp.dim(0)? > 0 => {
-                (Tensor::cat(&[kp, &k], 0)?, Tensor::cat(&[vp, &v], 0)?)
+                (Tensor::cat(&[kp, k], 0)?, Tensor::cat(&[vp, v], 0)?)
             }
             _ => (k.clone(), v.clone()),
         };
@@ -216,22 +294,15 @@ impl Llama {
                 }
             }));
         }
-        let mask = Tensor::from_vec(mask, (1, t, ctx), x.device())?;
+        let mask = Tensor::from_vec(mask, (1, t, ctx), q.device())?;
         let qs = q.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
         let att = (qs.matmul(&expand(&k_all)?.t()?)? * scale)?.broadcast_add(&mask)?;
         let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-        let o = att
+        Ok(att
             .matmul(&expand(&v_all)?)?
             .transpose(0, 1)?
-            .to_dtype(x.dtype())?
-            .reshape((t, nh * hd))?;
-        let x = (x + lin(Proj::O, &layer.o, &o)?)?;
-        let h = candle_nn::ops::rms_norm_slow(&x, &layer.post_norm, eps)?;
-        let mlp = (candle_nn::ops::silu(&lin(Proj::Gate, &layer.gate, &h)?)?
-            * lin(Proj::Up, &layer.up, &h)?)?;
-        let out = (&x + lin(Proj::Down, &layer.down, &mlp)?)?;
-        Ok((out, k, v))
+            .reshape((t, nh * hd))?)
     }
 
     /// One (layer, chunk) step of the backward. `x` is the chunk's saved input to layer `l`,
@@ -262,140 +333,81 @@ impl Llama {
             vp.as_ref().map(|v| v.as_tensor()),
             lora,
         )?;
-        let dot = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
-            Ok((a.to_dtype(DType::F32)? * b.to_dtype(DType::F32)?)?.sum_all()?)
-        };
         let objective = ((dot(&out, d_out)? + dot(&k, d_k)?)? + dot(&v, d_v)?)?;
         let grads = objective.backward()?;
-        let grad = |v: &Tensor| -> Result<Tensor> {
-            Ok(match grads.get(v) {
-                Some(g) => g.clone(),
-                None => v.zeros_like()?,
-            })
-        };
-        let mut lora_grads = HashMap::new();
-        for (p, (a, b, _)) in &lora.modules {
-            lora_grads.insert(*p, (grad(a.as_tensor())?, grad(b.as_tensor())?));
-        }
+        let grad = |v: &Tensor| grad_of(&grads, v);
         Ok(ChunkGrads {
             d_x: grad(xv.as_tensor())?.to_dtype(x.dtype())?,
             d_k_prev: kp.map(|k| grad(k.as_tensor())).transpose()?,
             d_v_prev: vp.map(|v| grad(v.as_tensor())).transpose()?,
-            lora: lora_grads,
+            lora: lora_grads(&grads, lora)?,
         })
     }
 
-    /// Cross-entropy at the top for a chunk: `x` [len, hidden] is the last layer's output,
-    /// `labels[i]` the token that row i predicts (None: not a target). The loss is
-    /// `weight · Σ -log p(label)`; returns (Σ -log p(label) unweighted, number of targets, and
-    /// the gradient of the weighted loss w.r.t. `x`).
-    pub fn head_backward(
+    /// One layer's backward step for whole short sequences packed into one chunk: `x`
+    /// [Σ lens, hidden] their saved inputs to layer `l` one after the other, `d_out` the
+    /// gradients of their outputs. Each sequence is a single chunk from position 0, so no
+    /// other chunk's keys or values enter: the step is the sum of the sequences' own steps.
+    pub fn layer_backward_packed(
         &self,
+        l: usize,
         x: &Tensor,
-        labels: &[Option<u32>],
-        weight: f64,
-    ) -> Result<HeadOut> {
-        self.head(x, labels, Some(weight))
+        lens: &[usize],
+        d_out: &Tensor,
+        lora: &LayerLora,
+    ) -> Result<ChunkGrads> {
+        let xv = Var::from_tensor(x)?;
+        let segs: Vec<Segment> = lens.iter().map(|&n| Segment::whole(n)).collect();
+        let (out, _, _) = self.layer_segments(l, xv.as_tensor(), &segs, lora)?;
+        kept_layer_backward(&xv, &out, d_out, lora)
     }
+}
 
-    /// `head_backward`'s loss without the gradient (`d_x` is empty): what a forward-only
-    /// pass (an evaluation, a DPO reference) needs, with the same arithmetic.
-    pub fn head_loss(&self, x: &Tensor, labels: &[Option<u32>]) -> Result<HeadOut> {
-        self.head(x, labels, None)
-    }
+/// The backward of a layer whose forward ran with its graph kept (`x` the layer's input as a
+/// variable, `out` its output, from `Llama::layer_segments` over whole sequences): the
+/// gradients `layer_backward_packed` gives, without recomputing the forward.
+pub fn kept_layer_backward(
+    x: &Var,
+    out: &Tensor,
+    d_out: &Tensor,
+    lora: &LayerLora,
+) -> Result<ChunkGrads> {
+    let grads = dot(out, d_out)?.backward()?;
+    Ok(ChunkGrads {
+        d_x: grad_of(&grads, x.as_tensor())?.to_dtype(x.dtype())?,
+        d_k_prev: None,
+        d_v_prev: None,
+        lora: lora_grads(&grads, lora)?,
+    })
+}
 
-    fn head(&self, x: &Tensor, labels: &[Option<u32>], weight: Option<f64>) -> Result<HeadOut> {
-        let rows: Vec<u32> = (0..labels.len() as u32)
-            .filter(|&i| labels[i as usize].is_some())
-            .collect();
-        if rows.is_empty() {
-            return Ok(HeadOut {
-                loss_sum: 0.0,
-                targets: 0,
-                correct: 0,
-                logps: Vec::new(),
-                d_x: x.zeros_like()?,
-            });
-        }
-        let targets: Vec<u32> = labels.iter().filter_map(|l| *l).collect();
-        let dev = x.device();
-        let rows_t = Tensor::new(rows.as_slice(), dev)?;
-        let targets_t = Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?;
-        let sel = Var::from_tensor(&x.index_select(&rows_t, 0)?)?;
-        let h = candle_nn::ops::rms_norm_slow(
-            sel.as_tensor(),
-            &self.norm,
-            self.cfg.rms_norm_eps as f32,
-        )?;
-        // Cross-entropy and its gradient in closed form, without a graph over the [rows, vocab]
-        // logits: loss = logsumexp(z) - z[label], d loss / dz = softmax(z) - onehot(label).
-        let z = h
-            .detach()
-            .matmul(&self.lm_head.t()?)?
-            .to_dtype(DType::F32)?;
-        let max = z.max_keepdim(D::Minus1)?;
-        let lse = (z
-            .broadcast_sub(&max)?
-            .exp()?
-            .sum_keepdim(D::Minus1)?
-            .log()?
-            + &max)?;
-        let picked = z.gather(&targets_t, 1)?;
-        // Token accuracy: rows whose most likely token is the label (ties to the first index,
-        // as torch's argmax).
-        let correct = z
-            .argmax_keepdim(D::Minus1)?
-            .eq(&targets_t)?
-            .to_dtype(DType::U32)?
-            .sum_all()?
-            .to_scalar::<u32>()? as usize;
-        let nll = (lse - picked)?;
-        let logps: Vec<f32> = nll.neg()?.flatten_all()?.to_vec1()?;
-        let loss_sum = nll.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-        let Some(weight) = weight else {
-            return Ok(HeadOut {
-                loss_sum,
-                targets: rows.len(),
-                correct,
-                logps,
-                d_x: Tensor::zeros(0, x.dtype(), dev)?,
-            });
-        };
-        let minus_one = Tensor::full(-1f32, (rows.len(), 1), dev)?;
-        let dz = candle_nn::ops::softmax_last_dim(&z)?.scatter_add(&targets_t, &minus_one, 1)?;
-        let dh = (dz * weight)?.to_dtype(h.dtype())?.matmul(&self.lm_head)?;
-        // Through the final norm by autograd on the (small) [rows, hidden] part only.
-        let grads = (h * dh.detach())?.sum_all()?.backward()?;
-        let d_sel = match grads.get(sel.as_tensor()) {
-            Some(g) => g.to_dtype(x.dtype())?,
-            None => sel.as_tensor().zeros_like()?,
-        };
-        let d_x = x.zeros_like()?.index_add(&rows_t, &d_sel, 0)?;
-        Ok(HeadOut {
-            loss_sum,
-            targets: rows.len(),
-            correct,
-            logps,
-            d_x,
-        })
-    }
+/// Σ a·b in f32.
+fn dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok((a.to_dtype(DType::F32)? * b.to_dtype(DType::F32)?)?.sum_all()?)
+}
 
-    /// Σ -log p(label) over the rows of `x` [len, hidden] (last layer's output) that have a
-    /// label, as a differentiable f32 scalar, with the number of such rows; None if none has.
-    pub fn head_nll(&self, x: &Tensor, labels: &[Option<u32>]) -> Result<Option<(Tensor, usize)>> {
-        let rows: Vec<u32> = (0..labels.len() as u32)
-            .filter(|&i| labels[i as usize].is_some())
-            .collect();
-        let targets: Vec<u32> = labels.iter().filter_map(|l| *l).collect();
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        let dev = x.device();
-        let sel = x.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
-        let h = candle_nn::ops::rms_norm_slow(&sel, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        let logits = frozen_linear(&h, &self.lm_head)?.to_dtype(DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let picked = logp.gather(&Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?, 1)?;
-        Ok(Some((picked.neg()?.sum_all()?, rows.len())))
+/// The gradient of `v` (zeros if it did not enter the objective).
+fn grad_of(grads: &candle_core::backprop::GradStore, v: &Tensor) -> Result<Tensor> {
+    Ok(match grads.get(v) {
+        Some(g) => g.clone(),
+        None => v.zeros_like()?,
+    })
+}
+
+/// Per trained projection of the layer: (dA, dB).
+fn lora_grads(
+    grads: &candle_core::backprop::GradStore,
+    lora: &LayerLora,
+) -> Result<HashMap<Proj, (Tensor, Tensor)>> {
+    let mut out = HashMap::new();
+    for (p, (a, b, _)) in &lora.modules {
+        out.insert(
+            *p,
+            (
+                grad_of(grads, a.as_tensor())?,
+                grad_of(grads, b.as_tensor())?,
+            ),
+        );
     }
+    Ok(out)
 }

@@ -16,11 +16,12 @@
 use super::grpo::{kl_k3, token_weights};
 use super::objective::{DpoPair, Method};
 use super::ref_pass::RefPass;
+use super::step::Segment;
 use super::{Example, GradAccum, SeqPhase, SeqTrain, TrainableLora};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::llama::Llama;
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use std::ops::Range;
 
 /// Names a forward chunk handed out by `TrainingRun::next_forward_max`, to hand it back.
@@ -83,6 +84,11 @@ pub struct Unit {
     /// GRPO with a KL penalty: the answer's mean token KL to the reference, once known.
     pub kl: Option<f64>,
     kv_block: usize,
+    /// Per layer, from a forward that kept its graphs (`forward_kept`): the layer's input over
+    /// the members' rows as a variable, and its output. Empty otherwise.
+    kept: Vec<Option<(Var, Tensor)>>,
+    /// Estimated bytes of one kept layer's graph.
+    kept_layer_bytes: usize,
 }
 
 impl Unit {
@@ -135,6 +141,8 @@ impl Unit {
             rl: None,
             kl: None,
             kv_block: kv_block.max(1),
+            kept: Vec::new(),
+            kept_layer_bytes: 0,
         }
     }
 
@@ -178,6 +186,8 @@ impl Unit {
             }),
             kl: None,
             kv_block: kv_block.max(1),
+            kept: Vec::new(),
+            kept_layer_bytes: 0,
         }
     }
 
@@ -241,6 +251,37 @@ impl Unit {
             }
         }
         None
+    }
+
+    /// The next forward chunk of every member that has one (each member's chunks run in
+    /// order, members are independent): what one packed batch can run together.
+    pub fn next_forwards_max(&self, max: usize) -> Vec<ForwardChunk> {
+        let mut out = Vec::new();
+        for (k, m) in self.members.iter().enumerate() {
+            let next = match &m.reference {
+                Some(r) => {
+                    let (chunk, start, toks) = r.next(max);
+                    Some((chunk, start, toks, true))
+                }
+                None => m
+                    .seq
+                    .next_forward_max(max)
+                    .map(|(chunk, start, toks)| (chunk, start, toks, false)),
+            };
+            if let Some((chunk, start, toks, reference)) = next {
+                out.push(ForwardChunk {
+                    id: ChunkRef {
+                        member: k,
+                        chunk,
+                        reference,
+                    },
+                    start,
+                    tokens: toks.to_vec(),
+                    blocks: m.blocks.clone(),
+                });
+            }
+        }
+        out
     }
 
     /// Hands back forward chunk `id`'s captured layer inputs (the last is the top output).
@@ -348,12 +389,113 @@ impl Unit {
             .position(|m| matches!(m.seq.phase, SeqPhase::Backward(..)))
     }
 
+    /// Whether `forward_kept` can run the unit's forward: supervised members not started,
+    /// each one chunk long.
+    pub fn can_keep(&self) -> bool {
+        !self.eval
+            && self.beta.is_none()
+            && self.rl.is_none()
+            && self.kept.is_empty()
+            && self.members.iter().all(|m| {
+                m.reference.is_none()
+                    && m.seq.phase == SeqPhase::Forward(0)
+                    && m.seq.fits_one_chunk()
+                    && !m.seq.is_empty()
+            })
+    }
+
+    /// The whole forward of the unit's members, packed, through the differentiable layers
+    /// with every layer's graph kept for the backward, which then needs no recompute (a third
+    /// less arithmetic than recomputing from saved inputs, for the memory of the graphs:
+    /// `kept_bytes`). No K/V goes into a cache: each member is one chunk.
+    pub fn forward_kept(&mut self, model: &Llama, lora: &TrainableLora) -> Result<()> {
+        if !self.can_keep() {
+            return Err(ModelError::Batch(
+                "a kept-graph forward needs a supervised unit of one-chunk sequences not started"
+                    .into(),
+            ));
+        }
+        let tokens: Vec<u32> = self
+            .members
+            .iter()
+            .flat_map(|m| m.seq.tokens.iter().copied())
+            .collect();
+        let segs: Vec<Segment> = self
+            .members
+            .iter()
+            .map(|m| Segment::whole(m.seq.len()))
+            .collect();
+        let mut x = model.embed(&tokens)?;
+        let mut kept = Vec::with_capacity(model.cfg.num_hidden_layers);
+        for (l, layer_lora) in lora.layers.iter().enumerate() {
+            let xv = Var::from_tensor(&x)?;
+            let (out, _, _) = model.layer_segments(l, xv.as_tensor(), &segs, layer_lora)?;
+            x = out.detach();
+            kept.push(Some((xv, out)));
+        }
+        let mut off = 0;
+        for m in &mut self.members {
+            let n = m.seq.len();
+            m.seq.finish_forward(model, 0, vec![x.narrow(0, off, n)?])?;
+            off += n;
+        }
+        self.kept = kept;
+        self.kept_layer_bytes = self.kept_layer_estimate(&model.cfg);
+        Ok(())
+    }
+
+    /// Estimated bytes a kept-graph forward of this unit would hold (all layers).
+    pub fn kept_bytes(&self, cfg: &crate::config::ModelConfig) -> usize {
+        self.kept_layer_estimate(cfg) * cfg.num_hidden_layers
+    }
+
+    /// What autograd keeps of one layer's intermediates for the unit's rows, in f32: the
+    /// norms, projections before and after RoPE, the MLP's four wide tensors, and each
+    /// member's attention scores and probabilities.
+    fn kept_layer_estimate(&self, cfg: &crate::config::ModelConfig) -> usize {
+        let h = cfg.hidden_size;
+        let qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim;
+        let per_row = 6 * h + 3 * qkv + 4 * cfg.intermediate_size;
+        let (rows, att) = self.members.iter().fold((0, 0), |(r, a), m| {
+            let n = m.seq.len();
+            (r + n, a + 2 * cfg.num_attention_heads * n * n)
+        });
+        (rows * per_row + att) * 4
+    }
+
+    /// The layer all members step together, when the unit has several members and each is a
+    /// single chunk at that layer (short sequences packed into one unit, or a short DPO pair):
+    /// one packed step then does the work of one step per member.
+    fn packed_layer(&self) -> Option<usize> {
+        if self.members.len() < 2 || self.backward_member().is_none() {
+            return None;
+        }
+        let l = self.members[0].seq.packable_layer()?;
+        self.members
+            .iter()
+            .all(|m| m.seq.packable_layer() == Some(l))
+            .then_some(l)
+    }
+
+    /// The layer of the next step when all members take it together: a packed unit, or one
+    /// whose graphs were kept.
+    fn joint_layer(&self) -> Option<usize> {
+        if self.kept.is_empty() {
+            return self.packed_layer();
+        }
+        self.backward_member()?;
+        self.members[0].seq.packable_layer()
+    }
+
     pub fn backward_due(&self) -> bool {
         self.backward_member().is_some()
     }
 
     /// The chunk the next backward step works on: (first position, tokens).
     pub fn next_backward_chunk(&self) -> Option<(usize, usize)> {
+        if self.joint_layer().is_some() {
+            return Some((0, self.tokens()));
+        }
         let seq = &self.members[self.backward_member()?].seq;
         match seq.phase {
             SeqPhase::Backward(_, c) => Some(seq.chunks[c]),
@@ -371,6 +513,23 @@ impl Unit {
         lora: &TrainableLora,
         acc: &mut GradAccum,
     ) -> Result<bool> {
+        if let Some(l) = self.joint_layer() {
+            let kept =
+                match self.kept.get_mut(l) {
+                    Some(k) => Some(k.take().ok_or_else(|| {
+                        ModelError::Batch(format!("layer {l}'s kept graph is gone"))
+                    })?),
+                    None => None,
+                };
+            let mut seqs: Vec<&mut SeqTrain> =
+                self.members.iter_mut().map(|m| &mut m.seq).collect();
+            SeqTrain::packed_step(&mut seqs, model, lora, acc, kept)?;
+            let done = self.members.iter().all(|m| m.seq.phase == SeqPhase::Done);
+            if done {
+                self.kept.clear();
+            }
+            return Ok(done);
+        }
         let k = self
             .backward_member()
             .ok_or_else(|| ModelError::Batch("no backward step is due".into()))?;
@@ -395,6 +554,11 @@ impl Unit {
 
     /// Bytes of activations held now.
     pub fn held_bytes(&self) -> usize {
-        self.members.iter().map(|m| m.seq.held_bytes()).sum()
+        let kept = self.kept.iter().flatten().count() * self.kept_layer_bytes;
+        self.members
+            .iter()
+            .map(|m| m.seq.held_bytes())
+            .sum::<usize>()
+            + kept
     }
 }
