@@ -78,6 +78,10 @@ pub struct LlmEngine {
     pub counters: IterationCounters,
     /// Called after every iteration (metrics).
     pub on_iteration: Option<IterationObserver>,
+    /// Bytes the running jobs' kept forward graphs may take together (shared equally):
+    /// a unit of short examples that starts in an iteration without inference runs its
+    /// forward with its graphs kept, and its backward recomputes nothing. 0: always recompute.
+    pub keep_budget: usize,
 }
 
 /// What one iteration held and how long it took.
@@ -121,6 +125,7 @@ pub struct IterationCounters {
 impl LlmEngine {
     pub fn new(runner: ModelRunner, tokenizer: TextTokenizer, cfg: SchedulerConfig) -> Self {
         Self {
+            keep_budget: tandem_model::finetune::default_keep_budget(runner.model.device()),
             scheduler: Scheduler::new(cfg),
             runner,
             tokenizer,
@@ -242,6 +247,7 @@ impl LlmEngine {
             })
             .collect();
         let backward_before: u64 = self.jobs.iter().map(|j| j.backward_steps).sum();
+        let forward_before: u64 = self.jobs.iter().map(|j| j.forward_tokens).sum();
         let job = self.pick_job(inference);
         let budget = self.iteration_budget(t0);
         let mut forward_chunk = None;
@@ -281,10 +287,9 @@ impl LlmEngine {
         }
         report.finetune_backward_steps =
             self.jobs.iter().map(|j| j.backward_steps).sum::<u64>() - backward_before;
-        report.finetune_forward_tokens = sched
-            .capture
-            .first()
-            .map_or(0, |&c| sched.batch.segments[c].len as u64);
+        // Forward tokens placed in the batch, or run by a kept-graph forward.
+        report.finetune_forward_tokens =
+            self.jobs.iter().map(|j| j.forward_tokens).sum::<u64>() - forward_before;
         let c = &mut self.counters;
         c.iterations += 1;
         c.decode_tokens += report.decode_tokens;

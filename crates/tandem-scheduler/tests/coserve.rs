@@ -4,7 +4,7 @@
 //! adapter is served under the job's name while and after it trains, and KV blocks come back.
 
 use candle_core::{DType, Device};
-use tandem_model::finetune::{Example, Finetuner, TrainableLora, TrainingRun};
+use tandem_model::finetune::{Example, Finetuner, TrainConfig, TrainableLora, TrainingRun};
 use tandem_model::load_model;
 use tandem_model::testing::{adapter_max_abs_diff, tiny_examples, tiny_train_config, Tiny};
 use tandem_scheduler::{CoserveMode, JobState, LlmEngine};
@@ -109,6 +109,81 @@ fn coserved_job_trains_the_standalone_adapter_and_leaves_inference_unchanged() {
         assert_ne!(
             through, base[1],
             "{mode:?}: the trained adapter changed nothing"
+        );
+    }
+}
+
+/// Short examples packed into units (chunks of 16: units of two and of one): the engine's
+/// job runs one backward step per layer for a unit, and, in iterations without inference, the
+/// unit's forward with its graphs kept (no recompute). It trains the adapter the standalone
+/// `Finetuner` trains, which packs and keeps the same way, and the one it trains recomputing.
+#[test]
+fn packed_units_and_kept_graphs_train_the_standalone_adapter() {
+    let (_t, dir, vocab) = gqa_model();
+    let cfg = TrainConfig {
+        chunk_tokens: 16,
+        ..tiny_train_config()
+    };
+    let m = load_model(Some(dir.path()), &Device::Cpu, DType::F32).unwrap();
+    let alone = |keep: bool| {
+        let mut f = Finetuner::new(&m.model, tiny_examples(vocab), cfg.clone(), None).unwrap();
+        if !keep {
+            f.keep_budget = 0;
+        }
+        let mut peak = 0;
+        while !f.is_done() {
+            peak = peak.max(f.train_step().unwrap().peak_activation_bytes);
+        }
+        (f.adapter().unwrap(), peak)
+    };
+    let (want, kept_peak) = alone(true);
+    let (recomputed, recompute_peak) = alone(false);
+    assert!(
+        kept_peak > recompute_peak,
+        "kept graphs hold more: {kept_peak} vs {recompute_peak}"
+    );
+    assert!(adapter_max_abs_diff(&want, &recomputed) <= 1e-5);
+    let reqs = requests();
+    // (mode, keep graphs, inference requests)
+    for (mode, keep, load) in [
+        (CoserveMode::Coserve, true, false),
+        (CoserveMode::Coserve, true, true),
+        (CoserveMode::Coserve, false, true),
+        (CoserveMode::FinetuneOnly, true, true),
+    ] {
+        let mut e = engine(dir.path(), mode);
+        if !keep {
+            e.keep_budget = 0;
+        }
+        let free = e.scheduler.blocks().num_free();
+        let lora =
+            TrainableLora::new(&e.runner.model.cfg, cfg.spec().unwrap(), &Device::Cpu, 5).unwrap();
+        e.start_job(
+            "ft",
+            TrainingRun::new(tiny_examples(vocab), cfg.clone(), lora).unwrap(),
+        )
+        .unwrap();
+        run(&mut e, if load { &reqs } else { &[] });
+        let job = &e.jobs[0];
+        assert_eq!(job.state, JobState::Succeeded, "{mode:?}");
+        assert_eq!(e.counters.finetune_forward_tokens, job.forward_tokens);
+        assert_eq!(
+            e.scheduler.blocks().num_free(),
+            free,
+            "{mode:?}: KV blocks leaked"
+        );
+        let peak = job.reports.iter().map(|r| r.peak_activation_bytes).max();
+        if !load {
+            // Never inference in its iterations: every unit kept its graphs.
+            assert_eq!(peak, Some(kept_peak), "{mode:?}");
+        }
+        if !keep {
+            assert_eq!(peak, Some(recompute_peak), "{mode:?}, recomputing");
+        }
+        let d = adapter_max_abs_diff(&want, &job.run.lora.to_adapter(None).unwrap());
+        assert!(
+            d <= 1e-5,
+            "{mode:?}, keep {keep}: max abs diff {d} from the standalone run"
         );
     }
 }

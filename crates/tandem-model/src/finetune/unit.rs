@@ -13,10 +13,11 @@
 //! its policy forward (captured, as a supervised sequence's), whose top-layer gradients are
 //! those of Σ -log p, scaled by the pair's DPO weight before the backward (`objective.rs`).
 
-use super::grpo::{kl_k3, token_weights};
 use super::objective::{DpoPair, Method};
+
+mod kept;
+mod weights;
 use super::ref_pass::RefPass;
-use super::step::Segment;
 use super::{Example, GradAccum, SeqPhase, SeqTrain, TrainableLora};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
@@ -323,56 +324,6 @@ impl Unit {
         Ok(())
     }
 
-    /// A GRPO answer's per-token weights with its KL term.
-    fn weigh_answer(&mut self, rl: Rl) -> Result<()> {
-        let m = &mut self.members[0];
-        let reference = m.ref_tokens.as_deref().ok_or_else(|| {
-            ModelError::Batch("the answer's reference log-probabilities are missing".into())
-        })?;
-        let policy = &m.seq.token_logps;
-        if reference.len() != policy.len() {
-            return Err(ModelError::Batch(format!(
-                "{} reference log-probabilities for {} answer tokens",
-                reference.len(),
-                policy.len()
-            )));
-        }
-        let w = token_weights(rl.advantage, policy, reference, rl.beta, rl.answers);
-        let kl: f64 = policy
-            .iter()
-            .zip(reference)
-            .map(|(&l, &r)| kl_k3(l as f64, r as f64))
-            .sum::<f64>()
-            / policy.len().max(1) as f64;
-        m.seq.set_token_weights(&w)?;
-        self.kl = Some(kl);
-        Ok(())
-    }
-
-    /// The pair's DPO loss and the weights of its two sequences.
-    fn weigh_pair(&mut self, beta: f64) -> Result<()> {
-        let [c, r] = &mut self.members[..] else {
-            return Err(ModelError::Batch("a DPO unit has two sequences".into()));
-        };
-        let (Some(rc), Some(rr)) = (c.ref_logp, r.ref_logp) else {
-            return Err(ModelError::Batch(
-                "the pair's reference log-probabilities are missing".into(),
-            ));
-        };
-        let pair = DpoPair::new(
-            beta,
-            (c.seq.logprob_sum(), r.seq.logprob_sum()),
-            (rc, rr),
-            self.pairs,
-        );
-        if !self.eval {
-            c.seq.set_weight(pair.chosen_weight)?;
-            r.seq.set_weight(pair.rejected_weight)?;
-        }
-        self.dpo = Some(pair);
-        Ok(())
-    }
-
     /// Every reference pass and policy forward is done.
     pub fn forwards_done(&self) -> bool {
         self.members
@@ -387,80 +338,6 @@ impl Unit {
         self.members
             .iter()
             .position(|m| matches!(m.seq.phase, SeqPhase::Backward(..)))
-    }
-
-    /// Whether `forward_kept` can run the unit's forward: supervised members not started,
-    /// each one chunk long.
-    pub fn can_keep(&self) -> bool {
-        !self.eval
-            && self.beta.is_none()
-            && self.rl.is_none()
-            && self.kept.is_empty()
-            && self.members.iter().all(|m| {
-                m.reference.is_none()
-                    && m.seq.phase == SeqPhase::Forward(0)
-                    && m.seq.fits_one_chunk()
-                    && !m.seq.is_empty()
-            })
-    }
-
-    /// The whole forward of the unit's members, packed, through the differentiable layers
-    /// with every layer's graph kept for the backward, which then needs no recompute (a third
-    /// less arithmetic than recomputing from saved inputs, for the memory of the graphs:
-    /// `kept_bytes`). No K/V goes into a cache: each member is one chunk.
-    pub fn forward_kept(&mut self, model: &Llama, lora: &TrainableLora) -> Result<()> {
-        if !self.can_keep() {
-            return Err(ModelError::Batch(
-                "a kept-graph forward needs a supervised unit of one-chunk sequences not started"
-                    .into(),
-            ));
-        }
-        let tokens: Vec<u32> = self
-            .members
-            .iter()
-            .flat_map(|m| m.seq.tokens.iter().copied())
-            .collect();
-        let segs: Vec<Segment> = self
-            .members
-            .iter()
-            .map(|m| Segment::whole(m.seq.len()))
-            .collect();
-        let mut x = model.embed(&tokens)?;
-        let mut kept = Vec::with_capacity(model.cfg.num_hidden_layers);
-        for (l, layer_lora) in lora.layers.iter().enumerate() {
-            let xv = Var::from_tensor(&x)?;
-            let (out, _, _) = model.layer_segments(l, xv.as_tensor(), &segs, layer_lora)?;
-            x = out.detach();
-            kept.push(Some((xv, out)));
-        }
-        let mut off = 0;
-        for m in &mut self.members {
-            let n = m.seq.len();
-            m.seq.finish_forward(model, 0, vec![x.narrow(0, off, n)?])?;
-            off += n;
-        }
-        self.kept = kept;
-        self.kept_layer_bytes = self.kept_layer_estimate(&model.cfg);
-        Ok(())
-    }
-
-    /// Estimated bytes a kept-graph forward of this unit would hold (all layers).
-    pub fn kept_bytes(&self, cfg: &crate::config::ModelConfig) -> usize {
-        self.kept_layer_estimate(cfg) * cfg.num_hidden_layers
-    }
-
-    /// What autograd keeps of one layer's intermediates for the unit's rows, in f32: the
-    /// norms, projections before and after RoPE, the MLP's four wide tensors, and each
-    /// member's attention scores and probabilities.
-    fn kept_layer_estimate(&self, cfg: &crate::config::ModelConfig) -> usize {
-        let h = cfg.hidden_size;
-        let qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim;
-        let per_row = 6 * h + 3 * qkv + 4 * cfg.intermediate_size;
-        let (rows, att) = self.members.iter().fold((0, 0), |(r, a), m| {
-            let n = m.seq.len();
-            (r + n, a + 2 * cfg.num_attention_heads * n * n)
-        });
-        (rows * per_row + att) * 4
     }
 
     /// The layer all members step together, when the unit has several members and each is a

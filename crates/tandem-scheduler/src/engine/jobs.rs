@@ -249,6 +249,26 @@ impl LlmEngine {
             }
             return None;
         };
+        if used == 0 && !self.jobs[i].run.sequence_started() {
+            // No inference in this iteration: a unit of short examples may run its whole
+            // forward with its graphs kept (no KV needed: each example is one chunk), and its
+            // backward, which follows in this iteration, recomputes nothing.
+            let active = self.jobs.iter().filter(|j| j.state.is_active()).count();
+            let budget = self.keep_budget / active.max(1);
+            let model = &self.runner.model;
+            let j = &mut self.jobs[i];
+            match j.run.forward_kept(model, budget) {
+                Ok(true) => {
+                    j.forward_tokens += j.run.current_tokens() as u64;
+                    return None;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.fail_job(i, e.to_string());
+                    return None;
+                }
+            }
+        }
         let mut limit = usize::MAX;
         if used > 0 && self.coserve.mode == CoserveMode::Coserve {
             // With inference in the batch, the chunk is cut to the token budget and to what the
