@@ -33,6 +33,15 @@ def test_run_string_check_similarity_and_multi(client):
     assert abs(r.reward - 0.25) < 1e-12 and r.sub_rewards == {"exact": 0.0, "sim": 0.5}
 
 
+def test_meteor_aligns_stems(client):
+    # NLTK's meteor_score with an empty WordNet gives 0.7653061224489797 (graders.rs).
+    grader = {**SIMILAR, "evaluation_metric": "meteor"}
+    assert client.fine_tuning.alpha.graders.validate(grader=grader).grader.evaluation_metric == "meteor"
+    r = client.fine_tuning.alpha.graders.run(grader=grader, model_sample="generously connected relational databases",
+                                             item={"answer": "generous connections relate the database"})
+    assert abs(r.reward - 0.7653061224489797) < 1e-12
+
+
 def test_score_model_asks_the_served_model(client):
     judge = {"type": "score_model", "name": "judge", "model": MODEL, "range": [0, 10],
              "input": [{"role": "user", "content": "Reply with only the number 7. Answer: {{sample.output_text}}"}],
@@ -48,7 +57,7 @@ def test_score_model_asks_the_served_model(client):
 @pytest.mark.parametrize("grader,field", [
     ({"type": "python", "name": "p", "source": "def grade(sample, item): return 1"}, "grader.type"),
     ({**STRING, "operation": "regex"}, "grader.operation"),
-    ({**SIMILAR, "evaluation_metric": "meteor"}, "grader.evaluation_metric"),
+    ({**SIMILAR, "evaluation_metric": "cosine"}, "grader.evaluation_metric"),
     ({**STRING, "input": "{{answer}}"}, "grader.input"),
     ({"type": "multi", "name": "m", "graders": {"a": STRING}, "calculate_output": "a + b"}, "grader.calculate_output"),
 ])

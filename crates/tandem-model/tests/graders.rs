@@ -47,8 +47,8 @@ fn string_checks() {
     assert_eq!(grade(g("ilike"), "It is PARIS.", item), 1.0);
 }
 
-const CASES: &[(&str, &str, [f64; 9])] = &[
-    // fuzzy, bleu, gleu, rouge_1..5, rouge_l
+const CASES: &[(&str, &str, [f64; 10])] = &[
+    // fuzzy, bleu, gleu, rouge_1..5, rouge_l, meteor (NLTK, no WordNet)
     (
         "the cat sat on the mat today",
         "the cat is sitting on the mat",
@@ -62,6 +62,7 @@ const CASES: &[(&str, &str, [f64; 9])] = &[
             0.0,
             0.0,
             0.714285714285714,
+            0.6914285714285714,
         ],
     ),
     (
@@ -77,6 +78,7 @@ const CASES: &[(&str, &str, [f64; 9])] = &[
             0.166666666666667,
             0.0,
             0.777777777777778,
+            0.9561042524005487,
         ],
     ),
     (
@@ -92,6 +94,7 @@ const CASES: &[(&str, &str, [f64; 9])] = &[
             0.333333333333333,
             0.0,
             0.666666666666667,
+            0.625,
         ],
     ),
     (
@@ -107,9 +110,25 @@ const CASES: &[(&str, &str, [f64; 9])] = &[
             0.0,
             0.0,
             0.666666666666667,
+            0.2631578947368421,
         ],
     ),
-    ("a b c d e f", "a b c d e f", [1.0; 9]),
+    (
+        "a b c d e f",
+        "a b c d e f",
+        [
+            1.0,
+            1.0,
+            1.0,
+            1.0,
+            1.0,
+            1.0,
+            1.0,
+            1.0,
+            1.0,
+            0.9976851851851852,
+        ],
+    ),
 ];
 
 #[test]
@@ -190,6 +209,51 @@ fn templates_read_the_item_and_the_sample() {
         .contains("not JSON"));
 }
 
+/// METEOR where stems align what exact matching does not, and where nothing aligns: NLTK's
+/// `meteor_score` with an empty WordNet (see the end of this file).
+#[test]
+fn meteor_equals_nltk_without_wordnet() {
+    let cases = [
+        (
+            "The cats were running quickly through the gardens",
+            "a cat runs quick through its garden",
+            0.28169014084507044,
+        ),
+        (
+            "generously connected relational databases",
+            "generous connections relate the database",
+            0.7653061224489797,
+        ),
+        ("", "something", 0.0),
+        ("nothing in common", "entirely different words", 0.0),
+    ];
+    for (hyp, reference, want) in cases {
+        let got = similarity::score("meteor", hyp, reference).unwrap();
+        assert!(
+            (got - want).abs() < 1e-12,
+            "meteor({hyp:?}, {reference:?}) = {got}, want {want}"
+        );
+    }
+}
+
+/// NLTK's Porter stemmer (its default NLTK_EXTENSIONS mode) on 2,799 words: the repository's
+/// documentation's words and the algorithm's classic examples, stems printed by NLTK 3.10.4.
+#[test]
+fn porter_stems_equal_nltk() {
+    let table = include_str!("data/porter_nltk.tsv");
+    let mut n = 0;
+    for line in table.lines().filter(|l| !l.starts_with('#')) {
+        let (word, want) = line.split_once('\t').unwrap();
+        assert_eq!(
+            tandem_model::graders::porter::stem(word),
+            want,
+            "stem({word:?})"
+        );
+        n += 1;
+    }
+    assert!(n > 2000, "{n} words");
+}
+
 #[test]
 fn bad_graders_name_the_field() {
     let sc = |extra: Value| {
@@ -210,7 +274,7 @@ fn bad_graders_name_the_field() {
         (sc(json!({"input": "{{model.output}}"})), "grader.input"),
         (sc(json!({"reference": 3})), "grader.reference"),
         (
-            json!({"type": "text_similarity", "input": "a", "reference": "b", "evaluation_metric": "meteor"}),
+            json!({"type": "text_similarity", "input": "a", "reference": "b", "evaluation_metric": "cosine"}),
             "grader.evaluation_metric",
         ),
         (
@@ -253,3 +317,8 @@ fn bad_graders_name_the_field() {
 //   for h, r in cases:
 //       print(fuzz.ratio(h, r) / 100, sentence_bleu([r.split()], h.split()),
 //             sentence_gleu([r.split()], h.split()), [v.fmeasure for v in sc.score(r, h).values()])
+// METEOR with nltk==3.10.4 and an empty WordNet (tandem does not ship WordNet's synonyms):
+//   from nltk.translate.meteor_score import meteor_score
+//   class NoWordNet:
+//       def synsets(self, w): return []
+//   meteor_score([r.split()], h.split(), wordnet=NoWordNet())

@@ -12,6 +12,7 @@
 //! server.
 
 pub mod formula;
+pub mod porter;
 pub mod similarity;
 
 use serde_json::Value;
@@ -201,7 +202,7 @@ impl Grader {
                 let metric = text(o, "evaluation_metric", at)?;
                 if !similarity::METRICS.contains(&metric.as_str()) {
                     let why = match metric.as_str() {
-                        "meteor" | "cosine" => "is not supported by tandem yet",
+                        "cosine" => "is not supported by tandem yet (it needs an embedding model)",
                         _ => "is not a metric",
                     };
                     return Err((

@@ -9,8 +9,13 @@
 //! - `rouge_1` … `rouge_5`, `rouge_l`: Google's `rouge-score` F-measure with its default
 //!   tokenizer (lowercased, runs of letters and digits), no stemming.
 //!
-//! `meteor` (NLTK's needs WordNet synonyms and a stemmer) and `cosine` (embeddings) are not
-//! offered yet; validation refuses them by name.
+//! - `meteor`: NLTK's `meteor_score` on whitespace tokens (lowercased; α 0.9, β 3, γ 0.5):
+//!   exact matches, then matches of NLTK's Porter stems (`porter.rs`); NLTK's third stage,
+//!   WordNet synonyms, is not run (the WordNet database is not shipped), so a pair that only
+//!   synonyms would align scores lower than NLTK with WordNet; the tests hold NLTK's values
+//!   with an empty WordNet.
+//!
+//! `cosine` (embeddings) is not offered yet; validation refuses it by name.
 
 use std::collections::HashMap;
 
@@ -25,6 +30,7 @@ pub const METRICS: &[&str] = &[
     "rouge_4",
     "rouge_5",
     "rouge_l",
+    "meteor",
 ];
 
 /// The score of `hyp` against `reference` under `metric` (one of `METRICS`).
@@ -34,6 +40,7 @@ pub fn score(metric: &str, hyp: &str, reference: &str) -> Option<f64> {
         "bleu" => bleu(&words(hyp), &words(reference)),
         "gleu" => gleu(&words(hyp), &words(reference)),
         "rouge_l" => rouge_l(&rouge_tokens(hyp), &rouge_tokens(reference)),
+        "meteor" => meteor(&words(hyp), &words(reference)),
         m => {
             let n: usize = m.strip_prefix("rouge_")?.parse().ok()?;
             if !(1..=5).contains(&n) {
@@ -154,4 +161,67 @@ fn rouge_n(hyp: &[String], reference: &[String], n: usize) -> f64 {
 
 fn rouge_l(hyp: &[String], reference: &[String]) -> f64 {
     f_measure(lcs(hyp, reference), hyp.len(), reference.len())
+}
+
+/// Words with their positions.
+type Enum = Vec<(usize, String)>;
+
+/// NLTK's `_match_enums`: from the last hypothesis word back, each takes the last unmatched
+/// reference position holding the same string. Returns the (hypothesis, reference) position
+/// pairs and what is left unmatched on each side.
+fn match_enums(hyp: Enum, reference: Enum) -> (Vec<(usize, usize)>, Enum, Enum) {
+    let mut positions: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (j, (_, w)) in reference.iter().enumerate() {
+        positions.entry(w.as_str()).or_default().push(j);
+    }
+    let mut matched = Vec::new();
+    let mut hyp_used = vec![false; hyp.len()];
+    let mut ref_used = vec![false; reference.len()];
+    for i in (0..hyp.len()).rev() {
+        if let Some(j) = positions.get_mut(hyp[i].1.as_str()).and_then(Vec::pop) {
+            hyp_used[i] = true;
+            ref_used[j] = true;
+            matched.push((hyp[i].0, reference[j].0));
+        }
+    }
+    let keep = |v: &Enum, used: &[bool]| -> Enum {
+        v.iter()
+            .zip(used)
+            .filter(|(_, &u)| !u)
+            .map(|(p, _)| p.clone())
+            .collect()
+    };
+    let (h, r) = (keep(&hyp, &hyp_used), keep(&reference, &ref_used));
+    (matched, h, r)
+}
+
+fn meteor(hyp: &[&str], reference: &[&str]) -> f64 {
+    let (alpha, beta, gamma) = (0.9, 3.0, 0.5);
+    let enumerate = |ws: &[&str]| -> Enum {
+        ws.iter()
+            .enumerate()
+            .map(|(i, w)| (i, w.to_lowercase()))
+            .collect()
+    };
+    let (exact, h, r) = match_enums(enumerate(hyp), enumerate(reference));
+    let stems = |v: Enum| -> Enum {
+        v.into_iter()
+            .map(|(i, w)| (i, super::porter::stem(&w)))
+            .collect()
+    };
+    let (stemmed, _, _) = match_enums(stems(h), stems(r));
+    let mut matches: Vec<(usize, usize)> = exact.into_iter().chain(stemmed).collect();
+    matches.sort_by_key(|m| m.0);
+    let m = matches.len() as f64;
+    if m == 0.0 || hyp.is_empty() || reference.is_empty() {
+        return 0.0;
+    }
+    let (p, rc) = (m / hyp.len() as f64, m / reference.len() as f64);
+    let fmean = p * rc / (alpha * p + (1.0 - alpha) * rc);
+    let chunks = 1 + matches
+        .windows(2)
+        .filter(|w| !(w[1].0 == w[0].0 + 1 && w[1].1 == w[0].1 + 1))
+        .count();
+    let penalty = gamma * (chunks as f64 / m).powf(beta);
+    (1.0 - penalty) * fmean
 }
