@@ -320,7 +320,7 @@ impl Sampler {
     fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature < 1e-5 || p.top_k == 1 || logits.len() < 2 {
-            return crate::llama::argmax(logits);
+            return argmax(logits);
         }
         let n = logits.len();
         let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -342,7 +342,7 @@ impl Sampler {
             let total: f64 = (0..n as u32).map(weight).sum();
             let r = self.rng.random::<f64>() * total;
             return draw((0..n as u32).map(|i| (i, weight(i))), r)
-                .unwrap_or_else(|| crate::llama::argmax(logits));
+                .unwrap_or_else(|| argmax(logits));
         }
         let mut idx: Vec<u32> = (0..n as u32).collect();
         if k < n {
@@ -390,6 +390,17 @@ fn draw(candidates: impl Iterator<Item = (u32, f64)>, mut r: f64) -> Option<u32>
         r -= w;
     }
     None
+}
+
+/// Index of the largest value (ties: the first).
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 #[cfg(test)]
