@@ -16,7 +16,7 @@
 use super::objective::{DpoPair, Method};
 
 mod kept;
-mod weights;
+mod methods;
 use super::ref_pass::RefPass;
 use super::{Example, GradAccum, SeqPhase, SeqTrain, TrainableLora};
 use crate::error::{ModelError, Result};
@@ -145,56 +145,6 @@ impl Unit {
             kept: Vec::new(),
             kept_layer_bytes: 0,
         }
-    }
-
-    /// A GRPO unit: sampled answer `ex` (prompt as context) with `advantage`, one of `answers`
-    /// in the optimizer batch; with `beta` > 0 a reference pass first (unless `ref_tokens`, the
-    /// reference's log p per answer token, is known).
-    pub fn rollout(
-        ex: &Example,
-        chunk_tokens: usize,
-        advantage: f64,
-        answers: usize,
-        beta: f64,
-        ref_tokens: Option<Vec<f32>>,
-        kv_block: usize,
-    ) -> Self {
-        let kl = beta != 0.0;
-        let seq = if kl {
-            SeqTrain::deferred(ex.tokens.clone(), &ex.target, chunk_tokens)
-        } else {
-            let w = advantage / (answers.max(1) * ex.num_targets().max(1)) as f64;
-            SeqTrain::new(ex.tokens.clone(), &ex.target, chunk_tokens, w)
-        };
-        let blocks = ex.tokens.len().div_ceil(kv_block.max(1)).max(1);
-        let member = Member {
-            seq,
-            reference: (kl && ref_tokens.is_none()).then(|| RefPass::new(ex, chunk_tokens)),
-            ref_logp: None,
-            ref_tokens,
-            blocks: 0..blocks,
-        };
-        Self {
-            members: vec![member],
-            eval: false,
-            beta: None,
-            pairs: 1,
-            dpo: None,
-            rl: Some(Rl {
-                advantage,
-                answers,
-                beta,
-            }),
-            kl: None,
-            kv_block: kv_block.max(1),
-            kept: Vec::new(),
-            kept_layer_bytes: 0,
-        }
-    }
-
-    /// GRPO: the reference's log p per answer token, once its pass is done.
-    pub fn ref_tokens(&self) -> Option<&[f32]> {
-        self.members.first()?.ref_tokens.as_deref()
     }
 
     /// KV positions the unit needs (its members' whole blocks).
