@@ -14,9 +14,6 @@
 //! those of Σ -log p, scaled by the pair's DPO weight before the backward (`objective.rs`).
 
 use super::objective::{DpoPair, Method};
-
-mod kept;
-mod methods;
 use super::ref_pass::RefPass;
 use super::{Example, GradAccum, SeqPhase, SeqTrain, TrainableLora};
 use crate::error::{ModelError, Result};
@@ -24,6 +21,9 @@ use crate::kv_cache::KvCache;
 use crate::llama::Llama;
 use candle_core::{Tensor, Var};
 use std::ops::Range;
+
+mod kept;
+mod methods;
 
 /// Names a forward chunk handed out by `TrainingRun::next_forward_max`, to hand it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,28 +290,19 @@ impl Unit {
             .position(|m| matches!(m.seq.phase, SeqPhase::Backward(..)))
     }
 
-    /// The layer all members step together, when the unit has several members and each is a
-    /// single chunk at that layer (short sequences packed into one unit, or a short DPO pair):
-    /// one packed step then does the work of one step per member.
-    fn packed_layer(&self) -> Option<usize> {
-        if self.members.len() < 2 || self.backward_member().is_none() {
+    /// The layer of the next step when all members take it together: each member is a single
+    /// chunk at that layer, and the unit has several (short sequences packed into one unit, a
+    /// short DPO pair) or kept its forward graphs. One step then does the work of one per member.
+    fn joint_layer(&self) -> Option<usize> {
+        if self.members.len() < 2 && self.kept.is_empty() {
             return None;
         }
+        self.backward_member()?;
         let l = self.members[0].seq.packable_layer()?;
         self.members
             .iter()
             .all(|m| m.seq.packable_layer() == Some(l))
             .then_some(l)
-    }
-
-    /// The layer of the next step when all members take it together: a packed unit, or one
-    /// whose graphs were kept.
-    fn joint_layer(&self) -> Option<usize> {
-        if self.kept.is_empty() {
-            return self.packed_layer();
-        }
-        self.backward_member()?;
-        self.members[0].seq.packable_layer()
     }
 
     pub fn backward_due(&self) -> bool {
