@@ -92,6 +92,8 @@ pub struct IterationReport {
     pub measured: Duration,
     pub decode_tokens: u64,
     pub prefill_tokens: u64,
+    /// Of the decode and prefill tokens, those of engine-made sequences (rollouts).
+    pub background_tokens: u64,
     pub finetune_forward_tokens: u64,
     /// Tokens of the chunks whose (layer, chunk) backward steps ran, summed over steps.
     pub finetune_backward_tokens: u64,
@@ -217,11 +219,24 @@ impl LlmEngine {
         self.iterations += 1;
         self.start_rollouts();
         self.relieve_kv_pressure();
-        let mut sched = self.scheduler.schedule();
+        // Background sequences (rollouts) join client requests only while the batch's
+        // predicted forward stays within the iteration's latency budget.
+        let budget = self.iteration_budget(t0);
+        let room = budget
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64();
+        let cost = &self.cost;
+        let mut fits = |segs: &[SegmentCost]| {
+            cost.predict_forward(&forward_features(segs.to_vec()), None) <= room
+        };
+        let mut sched = self.scheduler.schedule_within(&mut fits);
         let inference = !sched.batch.segments.is_empty();
         let mut report = IterationReport::default();
         for seg in &sched.batch.segments {
             let n = seg.len as u64;
+            if self.scheduler.get(seg.seq_id).is_some_and(|q| q.background) {
+                report.background_tokens += n;
+            }
             // A one-token segment past the prompt is a decode step.
             if seg.len == 1
                 && self
@@ -249,7 +264,6 @@ impl LlmEngine {
         let backward_before: u64 = self.jobs.iter().map(|j| j.backward_steps).sum();
         let forward_before: u64 = self.jobs.iter().map(|j| j.forward_tokens).sum();
         let job = self.pick_job(inference);
-        let budget = self.iteration_budget(t0);
         let mut forward_chunk = None;
         if let Some(i) = job {
             forward_chunk = self.place_forward_chunk(i, &mut sched, budget);

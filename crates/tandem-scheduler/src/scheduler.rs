@@ -2,9 +2,11 @@
 //! token budget, and builds the plain `ScheduledBatch` the engine executes.
 //!
 //! No prefill or decode phases: every sequence catches its computed tokens up to its length
-//! (vLLM v1). Running sequences go first, then waiting ones. When KV blocks run out, the most
-//! recently admitted running sequence is preempted (recompute: its blocks are freed and it
-//! re-enters the front of the waiting queue).
+//! (vLLM v1). Client requests go first (running, then waiting), then engine-made background
+//! sequences (a reinforcement job's sampled answers), which join a batch that holds client
+//! requests only as far as the engine's TPOT check allows. When KV blocks run out, the most
+//! recently admitted running sequence is preempted, a background one first (recompute: its
+//! blocks are freed and it re-enters the front of its kind in the waiting queue).
 //!
 //! Prefix caching: a sequence scheduled for the first time (or again after preemption) takes
 //! the cached KV blocks of its longest cached prefix under its key (adapter and weight version,
@@ -13,6 +15,7 @@
 //! changed since it started (an optimizer step of a co-served job), whose K/V then mix versions.
 
 use crate::block_manager::{extra_key, BlockManager};
+use crate::cost_model::SegmentCost;
 use crate::sequence::Sequence;
 use std::collections::{HashMap, VecDeque};
 use tandem_model::{LogitsWanted, NewSequence, PackedBatch, ScheduledBatch};
@@ -232,75 +235,162 @@ impl Scheduler {
             .find(|s| s.id == id)
     }
 
-    /// Builds the next iteration's batch.
+    /// Builds the next iteration's batch, every sequence as it comes.
     pub fn schedule(&mut self) -> ScheduledBatch {
-        let mut budget = self.cfg.max_batched_tokens;
-        let mut out = ScheduledBatch {
+        self.schedule_within(&mut |_| true)
+    }
+
+    /// Builds the next iteration's batch. Client requests go first (running, then waiting);
+    /// engine-made background sequences (running, then waiting) follow, and while client
+    /// requests are in the batch each joins only if `fits` accepts the batch's inference
+    /// segments with its own added (the engine's TPOT check). A running background sequence
+    /// left out keeps its blocks and goes on in a later iteration; one never takes a client's
+    /// place: under KV pressure background sequences are preempted first, and a client
+    /// waiting for a free slot (`max_num_seqs`) preempts the newest one.
+    pub fn schedule_within(
+        &mut self,
+        fits: &mut dyn FnMut(&[SegmentCost]) -> bool,
+    ) -> ScheduledBatch {
+        let mut p = Plan {
+            budget: self.cfg.max_batched_tokens,
+            ids: Vec::new(),
+            segments: Vec::new(),
+            clients: 0,
+            preempted: false,
+        };
+        let out = ScheduledBatch {
             finished: std::mem::take(&mut self.gone),
             ..Default::default()
         };
-        let mut plan: Vec<(usize, usize)> = Vec::new(); // (index in running, tokens)
-        let mut preempted = false;
+        self.plan_running(&mut p, false, fits);
+        self.admit(&mut p, false, fits);
+        self.plan_running(&mut p, true, fits);
+        self.admit(&mut p, true, fits);
+        self.build(out, p.ids)
+    }
+
+    /// Plans the running sequences of one kind (client or background) in admission order.
+    fn plan_running(
+        &mut self,
+        p: &mut Plan,
+        background: bool,
+        fits: &mut dyn FnMut(&[SegmentCost]) -> bool,
+    ) {
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        while i < self.running.len() && p.budget > 0 {
             let seq = &self.running[i];
-            let n = seq.uncomputed().min(budget);
-            if self.blocks.allocate(seq.id, seq.num_computed + n) {
-                plan.push((i, n));
-                budget -= n;
+            if seq.background != background || p.ids.iter().any(|&(id, _)| id == seq.id) {
                 i += 1;
                 continue;
             }
-            // Out of blocks: preempt the newest running sequence (never one already planned,
-            // since those sit before `i`); if that is this one, it waits.
-            let victim = self.running.len() - 1;
+            let n = seq.uncomputed().min(p.budget);
+            if background && !p.admits(seq, n, fits) {
+                i += 1;
+                continue;
+            }
+            if self.blocks.allocate(seq.id, seq.num_computed + n) {
+                p.push(seq, n);
+                i += 1;
+                continue;
+            }
+            // Out of blocks: preempt the newest unplanned running sequence, a background one
+            // if any; if that is this one, it (and those after it) wait.
+            let Some(victim) = self.victim(&p.ids) else {
+                break;
+            };
             self.preempt(victim);
-            preempted = true;
-            if victim == i {
+            p.preempted = true;
+            match victim.cmp(&i) {
+                std::cmp::Ordering::Equal => break,
+                std::cmp::Ordering::Less => i -= 1,
+                std::cmp::Ordering::Greater => {}
+            }
+        }
+    }
+
+    /// The newest running sequence not in the plan, background ones first.
+    fn victim(&self, planned: &[(u64, usize)]) -> Option<usize> {
+        let free = |s: &&Sequence| !planned.iter().any(|&(id, _)| id == s.id);
+        let newest = |background: bool| {
+            self.running
+                .iter()
+                .rposition(|s| s.background == background && free(&s))
+        };
+        newest(true).or_else(|| newest(false))
+    }
+
+    /// Admits waiting sequences of one kind while there is room (not in an iteration that had
+    /// to preempt for memory). A sequence whose adapter would exceed `max_loras` distinct live
+    /// adapters is skipped (it waits for one to drain); memory shortage stops admission (first
+    /// come, first served).
+    fn admit(
+        &mut self,
+        p: &mut Plan,
+        background: bool,
+        fits: &mut dyn FnMut(&[SegmentCost]) -> bool,
+    ) {
+        if p.preempted {
+            return;
+        }
+        let mut live = self.live_adapters();
+        let mut i = 0;
+        while p.budget > 0 && i < self.waiting.len() {
+            if self.waiting[i].background != background {
+                i += 1;
+                continue;
+            }
+            if let Some(a) = self.waiting[i].adapter {
+                if !live.contains(&a) && live.len() >= self.cfg.max_loras {
+                    i += 1;
+                    continue;
+                }
+            }
+            if self.running.len() >= self.cfg.max_num_seqs {
+                // A client takes the slot of the newest background sequence not yet planned.
+                let slot = self
+                    .running
+                    .iter()
+                    .rposition(|s| s.background && !p.ids.iter().any(|&(id, _)| id == s.id));
+                match slot {
+                    Some(v) if !background => {
+                        self.preempt(v);
+                        // The preempted sequence queued after every client: `i` still holds.
+                    }
+                    _ => break,
+                }
+            }
+            let Some(mut seq) = self.waiting.remove(i) else {
+                break;
+            };
+            self.take_cached_prefix(&mut seq);
+            let n = seq.uncomputed().min(p.budget);
+            // Keep one block of headroom per running sequence so admission does not cause
+            // immediate preemption at the next decode step.
+            let missing = self.blocks.blocks_missing(seq.id, seq.num_computed + n);
+            let ok = (!background || p.admits(&seq, n, fits))
+                && (missing + self.running.len() <= self.blocks.num_free()
+                    || self.running.is_empty())
+                && self.blocks.allocate(seq.id, seq.num_computed + n);
+            if !ok {
+                // It waits on; the cached blocks it took go back (still cached).
+                self.blocks.free(seq.id);
+                seq.num_computed = 0;
+                self.waiting.insert(i, seq);
                 break;
             }
+            live.extend(seq.adapter);
+            p.push(&seq, n);
+            self.running.push(seq);
         }
-        // Admit waiting sequences while there is room (not in an iteration that had to preempt).
-        // A sequence whose adapter would exceed `max_loras` distinct live adapters is skipped
-        // (it waits for one to drain); memory shortage stops admission (first come, first served).
-        if !preempted {
-            let mut live = self.live_adapters();
-            let mut i = 0;
-            while budget > 0 && self.running.len() < self.cfg.max_num_seqs && i < self.waiting.len()
-            {
-                if let Some(a) = self.waiting[i].adapter {
-                    if !live.contains(&a) && live.len() >= self.cfg.max_loras {
-                        i += 1;
-                        continue;
-                    }
-                }
-                let Some(mut seq) = self.waiting.remove(i) else {
-                    break;
-                };
-                self.take_cached_prefix(&mut seq);
-                let n = seq.uncomputed().min(budget);
-                // Keep one block of headroom per running sequence so admission does not cause
-                // immediate preemption at the next decode step.
-                let missing = self.blocks.blocks_missing(seq.id, seq.num_computed + n);
-                let fits = (missing + self.running.len() <= self.blocks.num_free()
-                    || self.running.is_empty())
-                    && self.blocks.allocate(seq.id, seq.num_computed + n);
-                if !fits {
-                    // It waits on; the cached blocks it took go back (still cached).
-                    self.blocks.free(seq.id);
-                    seq.num_computed = 0;
-                    self.waiting.insert(i, seq);
-                    break;
-                }
-                live.extend(seq.adapter);
-                self.running.push(seq);
-                plan.push((self.running.len() - 1, n));
-                budget -= n;
-            }
-        }
+    }
+
+    /// The batch of the planned (sequence id, tokens).
+    fn build(&mut self, mut out: ScheduledBatch, plan: Vec<(u64, usize)>) -> ScheduledBatch {
         self.last.clear();
-        for (idx, n) in plan {
-            let seq = &mut self.running[idx];
+        for (id, n) in plan {
+            let Some(seq) = self.running.iter_mut().find(|s| s.id == id) else {
+                continue;
+            };
             if !seq.announced {
                 out.new_seqs.push(NewSequence {
                     seq_id: seq.id,
@@ -354,7 +444,16 @@ impl Scheduler {
             tokens = seq.tokens.len(),
             "preempted (recompute)"
         );
-        self.waiting.push_front(seq);
+        // Back at the front of its kind: clients before every background sequence.
+        let at = if seq.background {
+            self.waiting
+                .iter()
+                .position(|s| s.background)
+                .unwrap_or(self.waiting.len())
+        } else {
+            0
+        };
+        self.waiting.insert(at, seq);
     }
 
     /// Records the last batch as computed and appends sampled tokens.
@@ -385,12 +484,13 @@ impl Scheduler {
         }
     }
 
-    /// How long the next iteration may take with every running request still at or under
+    /// How long the next iteration may take with every running client request still at or under
     /// `tpot` on average over its output so far (its time per output token counted from its
     /// first token): the least slack among them. None when no running request has a token yet.
     pub fn latency_budget(&self, tpot: std::time::Duration) -> Option<std::time::Duration> {
         self.running
             .iter()
+            .filter(|s| !s.background)
             .filter_map(|s| {
                 let first = s.first_token?;
                 // After the next token, the request has this many gaps since its first.
@@ -432,4 +532,48 @@ fn push_segment(
         logits,
         seq.adapter,
     );
+}
+
+/// An iteration's plan as it is built: what is left of the token budget, the planned
+/// (sequence id, tokens) and their segments' costs, and how many are client requests.
+struct Plan {
+    budget: usize,
+    ids: Vec<(u64, usize)>,
+    segments: Vec<SegmentCost>,
+    clients: usize,
+    preempted: bool,
+}
+
+impl Plan {
+    fn segment(seq: &Sequence, n: usize) -> SegmentCost {
+        SegmentCost {
+            start: seq.num_computed,
+            len: n,
+            logits: usize::from(seq.num_computed + n == seq.tokens.len()),
+        }
+    }
+
+    /// Whether background `seq`'s `n` tokens may join: always without client requests in the
+    /// batch, else as `fits` says of the batch with them.
+    fn admits(
+        &mut self,
+        seq: &Sequence,
+        n: usize,
+        fits: &mut dyn FnMut(&[SegmentCost]) -> bool,
+    ) -> bool {
+        if self.clients == 0 {
+            return true;
+        }
+        self.segments.push(Self::segment(seq, n));
+        let ok = fits(&self.segments);
+        self.segments.pop();
+        ok
+    }
+
+    fn push(&mut self, seq: &Sequence, n: usize) {
+        self.ids.push((seq.id, n));
+        self.segments.push(Self::segment(seq, n));
+        self.clients += usize::from(!seq.background);
+        self.budget -= n;
+    }
 }

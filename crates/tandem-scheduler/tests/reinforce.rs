@@ -1,7 +1,8 @@
 //! Reinforcement jobs co-served: a job's answers are what ordinary requests through its adapter
 //! sample (same prompts, sampling parameters and seeds), graded by its grader, never handed out
 //! as request outputs; each step trains on them; client requests go ahead of answers still
-//! waiting; a cancelled job's answers stop.
+//! waiting, and running answers leave to clients the iterations whose predicted time would
+//! break the TPOT SLO, and their slots and blocks; a cancelled job's answers stop.
 
 use serde_json::json;
 use tandem_model::finetune::{
@@ -216,6 +217,197 @@ fn client_requests_go_ahead_of_waiting_answers() {
     q.background = true;
     only_bg.add(q).unwrap();
     assert_eq!(only_bg.longest_wait(), None);
+}
+
+fn cfg(max_num_seqs: usize, num_blocks: usize, block_size: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs,
+        max_batched_tokens: 64,
+        block_size,
+        num_blocks,
+        max_model_len: 512,
+        max_loras: 4,
+        enable_prefix_caching: false,
+    }
+}
+
+fn background(id: u64, prompt: Vec<u32>) -> Sequence {
+    let mut q = Sequence::new(id, prompt, SamplingParams::default(), None);
+    q.background = true;
+    q
+}
+
+fn planned(b: &tandem_model::ScheduledBatch) -> Vec<u64> {
+    b.batch.segments.iter().map(|s| s.seq_id).collect()
+}
+
+#[test]
+fn running_answers_wait_while_the_tpot_check_refuses_them_beside_clients() {
+    let mut s = Scheduler::new(cfg(4, 64, 4));
+    s.add(background(0, vec![1, 2, 3])).unwrap();
+    // Alone, an answer runs whatever the check says: it is not asked.
+    let mut asked = 0;
+    let b = s.schedule_within(&mut |_| {
+        asked += 1;
+        false
+    });
+    assert_eq!((planned(&b), asked), (vec![0], 0));
+    s.update(&[(0, 7)]);
+    s.add(Sequence::new(
+        9,
+        vec![4, 5],
+        SamplingParams::default(),
+        None,
+    ))
+    .unwrap();
+    // Beside a client, the check sees the client's prefill and the answer's decode step.
+    let mut seen = Vec::new();
+    let b = s.schedule_within(&mut |segs| {
+        seen.push(
+            segs.iter()
+                .map(|c| (c.start, c.len, c.logits))
+                .collect::<Vec<_>>(),
+        );
+        false
+    });
+    assert_eq!(planned(&b), vec![9]);
+    assert_eq!(seen, vec![vec![(0, 2, 1), (3, 1, 1)]]);
+    // Held, not preempted: it keeps its blocks and its computed tokens.
+    assert_eq!(s.num_running(), 2);
+    assert_eq!(s.get(0).unwrap().num_computed, 3);
+    assert!(!s.blocks().table(0).is_empty());
+    s.update(&[(9, 8)]);
+    let b = s.schedule_within(&mut |_| true);
+    assert_eq!(planned(&b), vec![9, 0]);
+    assert_eq!(s.num_preemptions, 0);
+}
+
+#[test]
+fn a_client_takes_the_slot_and_the_blocks_of_a_running_answer_never_the_reverse() {
+    // Slots: with max_num_seqs 1 a waiting client preempts the running answer.
+    let mut s = Scheduler::new(cfg(1, 64, 4));
+    s.add(background(0, vec![1, 2, 3])).unwrap();
+    s.schedule();
+    s.update(&[(0, 7)]);
+    s.add(Sequence::new(
+        9,
+        vec![4, 5],
+        SamplingParams::default(),
+        None,
+    ))
+    .unwrap();
+    assert_eq!(planned(&s.schedule()), vec![9]);
+    assert_eq!(
+        (s.num_running(), s.num_waiting(), s.num_preemptions),
+        (1, 1, 1)
+    );
+    assert!(s.blocks().table(0).is_empty());
+    s.update(&[(9, 8)]);
+    s.finish(9);
+    // The answer comes back, recomputing its four tokens.
+    let b = s.schedule();
+    assert_eq!(planned(&b), vec![0]);
+    assert_eq!(b.batch.segments[0].len, 4);
+
+    // Blocks (size 2, 7 of them): client A and answer B run, then client C joins. When A
+    // needs a block that is not there, B (older than C) is preempted, not C.
+    let mut s = Scheduler::new(cfg(4, 7, 2));
+    s.add(Sequence::new(
+        1,
+        vec![1, 2, 3, 4],
+        SamplingParams::default(),
+        None,
+    ))
+    .unwrap();
+    s.add(background(2, vec![5, 6])).unwrap();
+    assert_eq!(planned(&s.schedule()), vec![1, 2]);
+    s.update(&[(1, 9), (2, 9)]);
+    s.add(Sequence::new(
+        3,
+        vec![7, 8],
+        SamplingParams::default(),
+        None,
+    ))
+    .unwrap();
+    for _ in 0..2 {
+        assert_eq!(planned(&s.schedule()), vec![1, 3, 2]);
+        s.update(&[(1, 9), (3, 9), (2, 9)]);
+    }
+    // A's seventh token needs a fourth block; none is free.
+    assert_eq!(s.blocks().num_free(), 0);
+    assert_eq!(planned(&s.schedule()), vec![1, 3]);
+    assert_eq!(s.get(2).unwrap().num_preemptions, 1);
+    assert_eq!(s.get(3).unwrap().num_preemptions, 0);
+}
+
+#[test]
+fn a_running_answer_does_not_shorten_the_clients_latency_budget() {
+    let mut s = Scheduler::new(cfg(4, 64, 4));
+    s.add(background(0, vec![1, 2, 3])).unwrap();
+    s.schedule();
+    s.update(&[(0, 7)]);
+    assert_eq!(s.latency_budget(std::time::Duration::from_millis(50)), None);
+}
+
+/// Client tokens and answer tokens of each iteration while a reinforcement job samples beside
+/// three client requests, under a TPOT SLO of `slo`.
+fn iterations_beside_clients(slo: std::time::Duration) -> (Vec<(u64, u64)>, JobState) {
+    use std::sync::{Arc, Mutex};
+    use tandem_scheduler::cost_model::{forward_features, SegmentCost};
+    let (_t, dir, vocab) = gqa_model();
+    let mut e = engine(dir.path(), CoserveMode::Coserve);
+    e.coserve.tpot_slo = slo;
+    // Any batch is predicted to take some time from the start.
+    let one = SegmentCost {
+        start: 0,
+        len: 1,
+        logits: 1,
+    };
+    e.cost.forward.observe(&forward_features([one]), 1e-3);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    e.on_iteration = Some(Box::new(move |r| {
+        let all = r.decode_tokens + r.prefill_tokens;
+        log.lock()
+            .unwrap()
+            .push((all - r.background_tokens, r.background_tokens));
+    }));
+    let job = run(&e, 4, 1);
+    e.start_job("rl", job).unwrap();
+    // The answers start first; then the clients come.
+    e.step().unwrap();
+    for k in 0..3u32 {
+        let p = SamplingParams {
+            max_tokens: 12,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        e.add_request(vec![1 + k, 2, 3 % vocab], p, None).unwrap();
+    }
+    let mut n = 0;
+    while !e.jobs[0].state.is_final() {
+        e.step().unwrap();
+        n += 1;
+        assert!(n < 5000);
+    }
+    let v = seen.lock().unwrap().clone();
+    (v, e.jobs[0].state.clone())
+}
+
+#[test]
+fn answers_leave_iterations_whose_predicted_time_breaks_the_tpot_slo_to_clients() {
+    // An SLO no batch meets: no iteration runs answers beside client tokens, yet the job ends.
+    let (its, state) = iterations_beside_clients(std::time::Duration::from_nanos(1));
+    assert_eq!(state, JobState::Succeeded);
+    assert!(its.iter().any(|&(c, _)| c > 0) && its.iter().any(|&(_, b)| b > 0));
+    let mixed: Vec<_> = its.iter().filter(|&&(c, b)| c > 0 && b > 0).collect();
+    // The first iteration (answers only) started them; the clients came after.
+    assert!(mixed.is_empty(), "answers ran beside clients: {mixed:?}");
+    // An SLO every batch meets: answers and clients share iterations (the check above is not
+    // empty).
+    let (its, state) = iterations_beside_clients(std::time::Duration::from_secs(3600));
+    assert_eq!(state, JobState::Succeeded);
+    assert!(its.iter().any(|&(c, b)| c > 0 && b > 0));
 }
 
 /// `score_model` through a plain engine, as the grader routes run it.
