@@ -220,14 +220,15 @@ impl LlmEngine {
         self.start_rollouts();
         self.relieve_kv_pressure();
         // Background sequences (rollouts) join client requests only while the batch's
-        // predicted forward stays within the iteration's latency budget.
+        // predicted forward stays within what is left of the iteration's latency budget (none
+        // when it is spent: a fit may predict zero).
         let budget = self.iteration_budget(t0);
         let room = budget
             .saturating_duration_since(Instant::now())
             .as_secs_f64();
         let cost = &self.cost;
         let mut fits = |segs: &[SegmentCost]| {
-            cost.predict_forward(&forward_features(segs.to_vec()), None) <= room
+            room > 0.0 && cost.predict_forward(&forward_features(segs.to_vec()), None) <= room
         };
         let mut sched = self.scheduler.schedule_within(&mut fits);
         let inference = !sched.batch.segments.is_empty();
