@@ -237,6 +237,10 @@ fn background(id: u64, prompt: Vec<u32>) -> Sequence {
     q
 }
 
+fn client(id: u64, prompt: Vec<u32>) -> Sequence {
+    Sequence::new(id, prompt, SamplingParams::default(), None)
+}
+
 fn planned(b: &tandem_model::ScheduledBatch) -> Vec<u64> {
     b.batch.segments.iter().map(|s| s.seq_id).collect()
 }
@@ -253,13 +257,7 @@ fn running_answers_wait_while_the_tpot_check_refuses_them_beside_clients() {
     });
     assert_eq!((planned(&b), asked), (vec![0], 0));
     s.update(&[(0, 7)]);
-    s.add(Sequence::new(
-        9,
-        vec![4, 5],
-        SamplingParams::default(),
-        None,
-    ))
-    .unwrap();
+    s.add(client(9, vec![4, 5])).unwrap();
     // Beside a client, the check sees the client's prefill and the answer's decode step.
     let mut seen = Vec::new();
     let b = s.schedule_within(&mut |segs| {
@@ -289,13 +287,7 @@ fn a_client_takes_the_slot_and_the_blocks_of_a_running_answer_never_the_reverse(
     s.add(background(0, vec![1, 2, 3])).unwrap();
     s.schedule();
     s.update(&[(0, 7)]);
-    s.add(Sequence::new(
-        9,
-        vec![4, 5],
-        SamplingParams::default(),
-        None,
-    ))
-    .unwrap();
+    s.add(client(9, vec![4, 5])).unwrap();
     assert_eq!(planned(&s.schedule()), vec![9]);
     assert_eq!(
         (s.num_running(), s.num_waiting(), s.num_preemptions),
@@ -312,23 +304,11 @@ fn a_client_takes_the_slot_and_the_blocks_of_a_running_answer_never_the_reverse(
     // Blocks (size 2, 7 of them): client A and answer B run, then client C joins. When A
     // needs a block that is not there, B (older than C) is preempted, not C.
     let mut s = Scheduler::new(cfg(4, 7, 2));
-    s.add(Sequence::new(
-        1,
-        vec![1, 2, 3, 4],
-        SamplingParams::default(),
-        None,
-    ))
-    .unwrap();
+    s.add(client(1, vec![1, 2, 3, 4])).unwrap();
     s.add(background(2, vec![5, 6])).unwrap();
     assert_eq!(planned(&s.schedule()), vec![1, 2]);
     s.update(&[(1, 9), (2, 9)]);
-    s.add(Sequence::new(
-        3,
-        vec![7, 8],
-        SamplingParams::default(),
-        None,
-    ))
-    .unwrap();
+    s.add(client(3, vec![7, 8])).unwrap();
     for _ in 0..2 {
         assert_eq!(planned(&s.schedule()), vec![1, 3, 2]);
         s.update(&[(1, 9), (3, 9), (2, 9)]);
