@@ -7,9 +7,13 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dense;
+#[cfg(target_arch = "x86_64")]
+mod dense_x86;
 pub mod lora_sgmv;
 pub mod paged_attention;
 
+pub use dense::dense;
 pub use lora_sgmv::{lora_sgmv, lora_sgmv_backward, lora_sgmv_op, LoraSegment};
 pub use paged_attention::{
     paged_attention, paged_attention_supported, work_list, write_kv, PagedAttentionMeta, WorkItem,

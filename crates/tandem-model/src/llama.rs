@@ -10,11 +10,11 @@ use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{slot_of, KvCache};
 use crate::lora::{AdapterRegistry, LoraBatch, Proj};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 use std::collections::HashMap;
 use std::path::Path;
-use tandem_kernels::{paged_attention, paged_attention_supported, PagedAttentionMeta};
+use tandem_kernels::{dense, paged_attention, paged_attention_supported, PagedAttentionMeta};
 
 #[derive(Clone)]
 pub(crate) struct Layer {
@@ -246,7 +246,7 @@ impl Llama {
             None => None,
         };
         let lin = |l: usize, p: Proj, layer: &Linear, x: &Tensor| -> Result<Tensor> {
-            let y = layer.forward(x)?;
+            let y = dense_linear(layer, x)?;
             match &lora {
                 Some(lb) => lb.apply(l, p, x, y),
                 None => Ok(y),
@@ -305,7 +305,7 @@ impl Llama {
         }
         let x = x.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok((x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?, caps))
+        Ok((dense(&x, &self.lm_head)?.to_dtype(DType::F32)?, caps))
     }
 
     /// The token embeddings of `tokens` [len, hidden] (training references).
@@ -331,6 +331,16 @@ impl Llama {
         }
         attention_gathered(q, k, v, meta, batch, scale)
     }
+}
+
+/// A linear layer through `tandem_kernels::dense`: on the CPU a row's output is the same bits
+/// however the batch around it is made (prefix caching, chunked prefill, co-served rows).
+fn dense_linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    let y = dense(x, layer.weight())?;
+    Ok(match layer.bias() {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
 }
 
 /// Attention through plain candle ops (any device and dtype): per segment, gather the

@@ -204,6 +204,18 @@ pub enum BenchCommand {
     Dpo(BenchDpoArgs),
     /// The store's cost per fine-tuning watcher pass: SQLite beside PostgreSQL (--database-url).
     Store(BenchStoreArgs),
+    /// The batch-invariant CPU product of the linear layers beside candle's matmul.
+    Dense(BenchDenseArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchDenseArgs {
+    /// Rows (tokens) per product, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 8, 16, 64, 256, 1024])]
+    pub rows: Vec<usize>,
+    /// Timed calls per case (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    pub reps: usize,
 }
 
 #[derive(Args, Debug)]

@@ -6,6 +6,7 @@ mod bench;
 mod bench_attention;
 mod bench_coserve;
 mod bench_coserve_jobs;
+mod bench_dense;
 mod bench_dpo;
 mod bench_finetune;
 mod bench_kernels;
@@ -79,6 +80,7 @@ fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Bench(cli::BenchCommand::Structured(args)) => bench_structured::run(args),
         cli::Command::Bench(cli::BenchCommand::Dpo(args)) => bench_dpo::run(args),
         cli::Command::Bench(cli::BenchCommand::Store(args)) => bench_store::run(args),
+        cli::Command::Bench(cli::BenchCommand::Dense(args)) => bench_dense::run(args),
         cli::Command::Adapter(cli::AdapterCommand::Check(args)) => adapter::check(args),
         cli::Command::Finetune(args) => finetune::run(args),
     }
