@@ -21,7 +21,8 @@ use std::collections::HashMap;
 /// `x · Wᵀ` with a frozen weight W [out, in] (base projections, the LM head). In a backward it
 /// forms only the input's gradient `dy · W`: candle's matmul backward would also form the
 /// weight's, a weight-sized product (and a weight-sized zero buffer) per step that LoRA training
-/// throws away. The forward is the same matmul `candle_nn::Linear` runs, so results are equal.
+/// throws away. The forward is the product the inference forward runs (`tandem_kernels::dense`:
+/// batch-invariant on the CPU in f32, candle's matmul otherwise), so results are equal.
 struct FrozenLinear(Tensor);
 
 impl CustomOp1 for FrozenLinear {
@@ -41,7 +42,7 @@ impl CustomOp1 for FrozenLinear {
             CpuStorage::F16(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev)?,
             _ => candle_core::bail!("frozen-linear: unsupported dtype"),
         };
-        let y = x.matmul(&self.0.t()?)?;
+        let y = tandem_kernels::dense(&x, &self.0)?;
         let (st, yl) = y.storage_and_layout();
         match &*st {
             Storage::Cpu(c) if yl.is_contiguous() && yl.start_offset() == 0 => {
