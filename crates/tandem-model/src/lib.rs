@@ -8,6 +8,7 @@
 //! Must not touch: scheduling policy (which sequences run, block allocation, preemption) —
 //! that is tandem-scheduler's; this crate executes the `PackedBatch` it is given.
 
+pub mod attention;
 pub mod batch;
 pub mod chat_template;
 pub mod config;

@@ -13,8 +13,8 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use tandem_kernels::{paged_attention, write_kv, PagedAttentionMeta};
+use tandem_model::attention::attention_gathered;
 use tandem_model::batch::{LogitsWanted, PackedBatch};
-use tandem_model::llama::attention_gathered;
 
 #[derive(Clone, Copy, Debug)]
 struct Dims {
