@@ -11,6 +11,7 @@ pub mod dense;
 #[cfg(target_arch = "x86_64")]
 mod dense_x86;
 pub mod lora_sgmv;
+pub mod matmul;
 pub mod paged_attention;
 
 pub use dense::dense;

@@ -52,6 +52,9 @@ pub struct Llama {
     dtype: DType,
     /// Use the gathered (plain candle ops) attention even where a kernel exists (tests).
     force_gathered_attention: bool,
+    /// Train layers through candle's autograd even where the hand-written CPU layer runs
+    /// (`finetune::fused`; tests and benchmarks compare the two).
+    pub(crate) autograd_layers: bool,
 }
 
 /// Takes named tensors out of a checkpoint map, checking shapes, naming the file on error.
@@ -172,6 +175,7 @@ impl Llama {
             device: device.clone(),
             dtype,
             force_gathered_attention: false,
+            autograd_layers: false,
         })
     }
 
@@ -187,6 +191,12 @@ impl Llama {
     /// (to check one against the other).
     pub fn set_force_gathered_attention(&mut self, on: bool) {
         self.force_gathered_attention = on;
+    }
+
+    /// Runs training's layer forwards and backwards through candle ops and autograd even on
+    /// the CPU in f32, where the hand-written layer (`finetune::fused`) otherwise runs them.
+    pub fn set_autograd_layers(&mut self, on: bool) {
+        self.autograd_layers = on;
     }
 
     /// Runs every token of `batch` through the model, writing their K/V into `cache`, and

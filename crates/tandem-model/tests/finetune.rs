@@ -137,32 +137,52 @@ fn token_level(
     acc.grads
 }
 
+/// Both ways of running training's layers: the hand-written CPU layer (`finetune::fused`, the
+/// default here) and candle's autograd (what other devices run).
+fn both_paths(m: &Llama) -> [(Llama, &'static str); 2] {
+    let mut autograd = m.clone();
+    autograd.set_autograd_layers(true);
+    [
+        (m.clone(), "hand-written layer"),
+        (autograd, "autograd layer"),
+    ]
+}
+
 fn check_model(t: Tiny) {
     let (_dir, m) = model(&t);
-    let l = lora(&m, 1);
+    for (m, path) in both_paths(&m) {
+        check_model_path(&m, &t, path);
+    }
+}
+
+fn check_model_path(m: &Llama, t: &Tiny, path: &str) {
+    let l = lora(m, 1);
     let all = sequences(t.vocab as u32);
     // One sequence with prompt masking, every chunk size; then the batch.
     let one = &all[..1];
-    let want = reference(&m, &l, one);
+    let want = reference(m, &l, one);
     for chunk in [1, 3, 7, one[0].0.len(), 0] {
-        let err = max_rel_err(&token_level(&m, &l, one, chunk, false), &want);
-        assert!(err <= 1e-4, "chunk {chunk}: max rel err {err}");
+        let err = max_rel_err(&token_level(m, &l, one, chunk, false), &want);
+        assert!(err <= 1e-4, "{path}, chunk {chunk}: max rel err {err}");
     }
-    let want = reference(&m, &l, &all);
+    let want = reference(m, &l, &all);
     for chunk in [3, 7] {
-        let alone = token_level(&m, &l, &all, chunk, false);
+        let alone = token_level(m, &l, &all, chunk, false);
         let err = max_rel_err(&alone, &want);
-        assert!(err <= 1e-4, "batch, chunk {chunk}: max rel err {err}");
-        let shared = token_level(&m, &l, &all, chunk, true);
+        assert!(
+            err <= 1e-4,
+            "{path}, batch, chunk {chunk}: max rel err {err}"
+        );
+        let shared = token_level(m, &l, &all, chunk, true);
         let err = max_rel_err(&shared, &want);
         assert!(
             err <= 1e-4,
-            "batch with inference segments, chunk {chunk}: max rel err {err}"
+            "{path}, batch with inference segments, chunk {chunk}: max rel err {err}"
         );
         let err = max_rel_err(&shared, &alone);
         assert!(
             err <= 1e-5,
-            "inference segments changed the gradients: {err}"
+            "{path}: inference segments changed the gradients: {err}"
         );
     }
 }
@@ -181,6 +201,14 @@ fn token_level_gradients_equal_autograd_tied_embeddings() {
 }
 
 #[test]
+fn token_level_gradients_equal_autograd_qwen2_biases() {
+    check_model(Tiny {
+        arch: "Qwen2ForCausalLM",
+        ..Tiny::gqa()
+    });
+}
+
+#[test]
 fn token_level_gradients_equal_autograd_sliding_window() {
     check_model(Tiny {
         arch: "MistralForCausalLM",
@@ -196,6 +224,13 @@ fn token_level_gradients_equal_autograd_sliding_window() {
 /// and the steps over each sequence alone.
 fn check_packed(t: Tiny) {
     let (_dir, m) = model(&t);
+    for (m, path) in both_paths(&m) {
+        check_packed_path(&m, &t, path);
+    }
+}
+
+fn check_packed_path(m: &Llama, t: &Tiny, path: &str) {
+    let m = m.clone();
     let l = lora(&m, 4);
     let seqs = sequences(t.vocab as u32);
     let want = reference(&m, &l, &seqs);
@@ -240,10 +275,13 @@ fn check_packed(t: Tiny) {
     assert_eq!(steps, m.cfg.num_hidden_layers, "one packed step per layer");
     assert!(members.iter().all(|s| s.phase == SeqPhase::Done));
     let err = max_rel_err(&acc.grads, &want);
-    assert!(err <= 1e-4, "packed vs autograd: max rel err {err}");
+    assert!(err <= 1e-4, "{path}: packed vs autograd: max rel err {err}");
     let alone = token_level(&m, &l, &seqs, 16, false);
     let err = max_rel_err(&acc.grads, &alone);
-    assert!(err <= 1e-5, "packed vs one sequence at a time: {err}");
+    assert!(
+        err <= 1e-5,
+        "{path}: packed vs one sequence at a time: {err}"
+    );
     // The same unit with its forward graphs kept: no recompute, the same gradients.
     let examples: Vec<Example> = seqs
         .iter()
@@ -275,9 +313,15 @@ fn check_packed(t: Tiny) {
     }
     assert_eq!(steps + 1, m.cfg.num_hidden_layers, "one step per layer");
     let err = max_rel_err(&kept.grads, &want);
-    assert!(err <= 1e-4, "kept graphs vs autograd: max rel err {err}");
+    assert!(
+        err <= 1e-4,
+        "{path}: kept graphs vs autograd: max rel err {err}"
+    );
     let err = max_rel_err(&kept.grads, &acc.grads);
-    assert!(err <= 1e-5, "kept graphs vs recomputed packed steps: {err}");
+    assert!(
+        err <= 1e-5,
+        "{path}: kept graphs vs recomputed packed steps: {err}"
+    );
     // A sequence of two chunks cannot join a packed step.
     let (toks, target) = &seqs[0];
     let mut long = SeqTrain::new(toks.clone(), target, 8, 1.0);

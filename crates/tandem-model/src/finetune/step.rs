@@ -12,6 +12,7 @@
 //!
 //! The top, cross-entropy and its gradient, is `head.rs`.
 
+use super::fused::{self, host_vec};
 use crate::error::Result;
 use crate::llama::Llama;
 use crate::lora::Proj;
@@ -153,6 +154,11 @@ impl Segment<'_> {
 }
 
 impl Llama {
+    /// Whether training's layer steps take the hand-written CPU path (`finetune::fused`).
+    pub(crate) fn fused_layers(&self) -> bool {
+        !self.autograd_layers && fused::supported(self)
+    }
+
     /// Decoder layer `l` on a chunk: `x` [len, hidden] at positions `start..start + len`, with
     /// `k_prev` / `v_prev` [start, kv heads, head dim] the keys (after RoPE) and values of the
     /// positions before it. Returns the layer's output [len, hidden] and the chunk's own keys and
@@ -323,6 +329,17 @@ impl Llama {
         d_v: &Tensor,
         lora: &LayerLora,
     ) -> Result<ChunkGrads> {
+        if self.fused_layers() {
+            let seg = Segment {
+                len: x.dim(0)?,
+                start,
+                k_prev,
+                v_prev,
+            };
+            let (_, acts) = fused::layer_forward(self, l, host_vec(x)?, &[seg], lora)?;
+            let (dk, dv) = (host_vec(d_k)?, host_vec(d_v)?);
+            return fused::layer_backward(self, acts, host_vec(d_out)?, Some((&dk, &dv)), lora);
+        }
         let xv = Var::from_tensor(x)?;
         let kp = k_prev.map(Var::from_tensor).transpose()?;
         let vp = v_prev.map(Var::from_tensor).transpose()?;
@@ -357,29 +374,51 @@ impl Llama {
         d_out: &Tensor,
         lora: &LayerLora,
     ) -> Result<ChunkGrads> {
-        let xv = Var::from_tensor(x)?;
         let segs: Vec<Segment> = lens.iter().map(|&n| Segment::whole(n)).collect();
+        if self.fused_layers() {
+            let (_, acts) = fused::layer_forward(self, l, host_vec(x)?, &segs, lora)?;
+            return fused::layer_backward(self, acts, host_vec(d_out)?, None, lora);
+        }
+        let xv = Var::from_tensor(x)?;
         let (out, _, _) = self.layer_segments(l, xv.as_tensor(), &segs, lora)?;
-        kept_layer_backward(&xv, &out, d_out, lora)
+        KeptLayer::Graph(xv, out).backward(self, d_out, lora)
     }
 }
 
-/// The backward of a layer whose forward ran with its graph kept (`x` the layer's input as a
-/// variable, `out` its output, from `Llama::layer_segments` over whole sequences): the
-/// gradients `layer_backward_packed` gives, without recomputing the forward.
-pub fn kept_layer_backward(
-    x: &Var,
-    out: &Tensor,
-    d_out: &Tensor,
-    lora: &LayerLora,
-) -> Result<ChunkGrads> {
-    let grads = dot(out, d_out)?.backward()?;
-    Ok(ChunkGrads {
-        d_x: grad_of(&grads, x.as_tensor())?.to_dtype(x.dtype())?,
-        d_k_prev: None,
-        d_v_prev: None,
-        lora: lora_grads(&grads, lora)?,
-    })
+/// A layer's forward kept for its backward (`Unit::forward_kept`): candle's autograd graph (the
+/// layer's input as a variable, and its output), or the hand-written CPU layer's activations.
+pub enum KeptLayer {
+    Graph(Var, Tensor),
+    Fused(Box<fused::LayerActs>),
+}
+
+impl KeptLayer {
+    /// Bytes held (None for a graph: candle does not say).
+    pub fn bytes(&self) -> Option<usize> {
+        match self {
+            KeptLayer::Graph(..) => None,
+            KeptLayer::Fused(a) => Some(a.bytes()),
+        }
+    }
+
+    /// The backward of the kept layer (over whole sequences): the gradients
+    /// `layer_backward_packed` gives, without recomputing the forward.
+    pub fn backward(self, model: &Llama, d_out: &Tensor, lora: &LayerLora) -> Result<ChunkGrads> {
+        match self {
+            KeptLayer::Graph(x, out) => {
+                let grads = dot(&out, d_out)?.backward()?;
+                Ok(ChunkGrads {
+                    d_x: grad_of(&grads, x.as_tensor())?.to_dtype(x.dtype())?,
+                    d_k_prev: None,
+                    d_v_prev: None,
+                    lora: lora_grads(&grads, lora)?,
+                })
+            }
+            KeptLayer::Fused(acts) => {
+                fused::layer_backward(model, *acts, host_vec(d_out)?, None, lora)
+            }
+        }
+    }
 }
 
 /// Σ a·b in f32.

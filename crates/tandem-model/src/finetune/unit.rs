@@ -15,11 +15,12 @@
 
 use super::objective::{DpoPair, Method};
 use super::ref_pass::RefPass;
+use super::step::KeptLayer;
 use super::{Example, GradAccum, SeqPhase, SeqTrain, TrainableLora};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::llama::Llama;
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use std::ops::Range;
 
 mod kept;
@@ -85,9 +86,9 @@ pub struct Unit {
     /// GRPO with a KL penalty: the answer's mean token KL to the reference, once known.
     pub kl: Option<f64>,
     kv_block: usize,
-    /// Per layer, from a forward that kept its graphs (`forward_kept`): the layer's input over
-    /// the members' rows as a variable, and its output. Empty otherwise.
-    kept: Vec<Option<(Var, Tensor)>>,
+    /// Per layer, from a forward that kept what its backward needs (`forward_kept`). Empty
+    /// otherwise.
+    kept: Vec<Option<KeptLayer>>,
     /// Estimated bytes of one kept layer's graph.
     kept_layer_bytes: usize,
 }
@@ -372,7 +373,12 @@ impl Unit {
 
     /// Bytes of activations held now.
     pub fn held_bytes(&self) -> usize {
-        let kept = self.kept.iter().flatten().count() * self.kept_layer_bytes;
+        let kept: usize = self
+            .kept
+            .iter()
+            .flatten()
+            .map(|k| k.bytes().unwrap_or(self.kept_layer_bytes))
+            .sum();
         self.members
             .iter()
             .map(|m| m.seq.held_bytes())

@@ -1,7 +1,7 @@
 //! Backward steps shared by several single-chunk sequences (a packed unit): one step per
 //! layer over all their rows, recomputed from their saved inputs or through a kept graph.
 
-use super::super::step::kept_layer_backward;
+use super::super::step::KeptLayer;
 use super::super::trainer::{peft_key, GradAccum, TrainableLora};
 use super::{SeqPhase, SeqTrain};
 use crate::error::{ModelError, Result};
@@ -31,15 +31,15 @@ impl SeqTrain {
         Self::packed_step(seqs, model, lora, acc, None)
     }
 
-    /// `packed_backward_step`, or with `kept` (the layer's input variable and output over the
-    /// sequences' rows, from a forward that kept its graph: `Unit::forward_kept`) the backward
-    /// through that graph instead of a recompute from saved inputs.
+    /// `packed_backward_step`, or with `kept` (the layer's forward over the sequences' rows,
+    /// kept by `Unit::forward_kept`) the backward from it instead of a recompute from saved
+    /// inputs.
     pub(in crate::finetune) fn packed_step(
         seqs: &mut [&mut SeqTrain],
         model: &Llama,
         lora: &TrainableLora,
         acc: &mut GradAccum,
-        kept: Option<(candle_core::Var, Tensor)>,
+        kept: Option<KeptLayer>,
     ) -> Result<()> {
         let layer = seqs.first().and_then(|s| s.packable_layer());
         let Some(l) = layer.filter(|&l| seqs.iter().all(|s| s.packable_layer() == Some(l))) else {
@@ -61,7 +61,7 @@ impl SeqTrain {
         }
         let d_out = Tensor::cat(&ds, 0)?;
         let g = match kept {
-            Some((x, out)) => kept_layer_backward(&x, &out, &d_out, &lora.layers[l])?,
+            Some(k) => k.backward(model, &d_out, &lora.layers[l])?,
             None => {
                 let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
                 model.layer_backward_packed(

@@ -1,7 +1,8 @@
 //! A unit's forward with its autograd graphs kept (`Unit::forward_kept`): for a supervised
 //! unit of one-chunk examples, where memory allows, so that its backward recomputes nothing.
 
-use super::super::step::Segment;
+use super::super::fused::{self, host_vec};
+use super::super::step::{KeptLayer, Segment};
 use super::super::{SeqPhase, TrainableLora};
 use super::Unit;
 use crate::error::{ModelError, Result};
@@ -24,10 +25,11 @@ impl Unit {
             })
     }
 
-    /// The whole forward of the unit's members, packed, through the differentiable layers
-    /// with every layer's graph kept for the backward, which then needs no recompute (a third
-    /// less arithmetic than recomputing from saved inputs, for the memory of the graphs:
-    /// `kept_bytes`). No K/V goes into a cache: each member is one chunk.
+    /// The whole forward of the unit's members, packed, keeping every layer's activations for
+    /// the backward (the hand-written CPU layer's, or candle's autograd graphs), which then
+    /// needs no recompute (a third less arithmetic than recomputing from saved inputs, for the
+    /// memory of the activations: `kept_bytes`). No K/V goes into a cache: each member is one
+    /// chunk.
     pub fn forward_kept(&mut self, model: &Llama, lora: &TrainableLora) -> Result<()> {
         if !self.can_keep() {
             return Err(ModelError::Batch(
@@ -47,11 +49,22 @@ impl Unit {
             .collect();
         let mut x = model.embed(&tokens)?;
         let mut kept = Vec::with_capacity(model.cfg.num_hidden_layers);
-        for (l, layer_lora) in lora.layers.iter().enumerate() {
-            let xv = Var::from_tensor(&x)?;
-            let (out, _, _) = model.layer_segments(l, xv.as_tensor(), &segs, layer_lora)?;
-            x = out.detach();
-            kept.push(Some((xv, out)));
+        if model.fused_layers() {
+            let rows = x.dim(0)?;
+            let mut h = host_vec(&x)?;
+            for (l, layer_lora) in lora.layers.iter().enumerate() {
+                let (out, acts) = fused::layer_forward(model, l, h, &segs, layer_lora)?;
+                h = out;
+                kept.push(Some(KeptLayer::Fused(Box::new(acts))));
+            }
+            x = candle_core::Tensor::from_vec(h, (rows, model.cfg.hidden_size), model.device())?;
+        } else {
+            for (l, layer_lora) in lora.layers.iter().enumerate() {
+                let xv = Var::from_tensor(&x)?;
+                let (out, _, _) = model.layer_segments(l, xv.as_tensor(), &segs, layer_lora)?;
+                x = out.detach();
+                kept.push(Some(KeptLayer::Graph(xv, out)));
+            }
         }
         let mut off = 0;
         for m in &mut self.members {
