@@ -12,6 +12,8 @@ pub mod dense;
 mod dense_x86;
 pub mod lora_sgmv;
 pub mod matmul;
+#[cfg(target_arch = "x86_64")]
+pub mod matmul_x86;
 pub mod paged_attention;
 
 pub use dense::dense;

@@ -1,11 +1,9 @@
 //! Plain f32 products on host slices, for CPU code that works on its own buffers rather than
 //! candle tensors (the hand-written LoRA layer backward of tandem-model's `finetune::fused`):
-//! - `xwt`: `x · wᵀ` for a weight stored as [n, k] — `dense`'s batch-invariant product, the one
-//!   the inference forward runs, so a training forward computes the same bits;
-//! - `gemm`: `c = c·keep + alpha · a · b` for strided views (`Mat`, transposes are free), through
-//!   the gemm crate, which is what candle's CPU matmul runs.
-
-use crate::dense::product;
+//! - `xwt`: `x · wᵀ` for a weight stored as [n, k] (a layer's forward);
+//! - `gemm` / `gemm_sum`: `c = c·keep + Σ alpha · a · b` for strided views (`Mat`, transposes
+//!   are free). On a CPU with AVX-512 through `matmul_x86` (B packed per block, A broadcast),
+//!   elsewhere through the gemm crate, which is what candle's CPU matmul runs.
 
 /// A read-only strided matrix view of a slice: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
@@ -52,20 +50,17 @@ impl<'a> Mat<'a> {
     }
 
     /// Whether every element the view names lies in its slice.
-    fn fits(&self) -> bool {
+    pub(crate) fn fits(&self) -> bool {
         self.rows == 0
             || self.cols == 0
             || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
     }
 }
 
-/// `x · wᵀ` for `x` [m, k] and `w` [n, k], both row-major: `dense`'s batch-invariant product.
+/// `x · wᵀ` for `x` [m, k] and `w` [n, k], both row-major, as a new [m, n] buffer (`gemm`:
+/// not batch-invariant; `dense` is, where a row's bits must not depend on its batch).
 pub fn xwt(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    assert!(
-        x.len() >= m * k && w.len() >= n * k,
-        "xwt: operands too short"
-    );
-    product(x, w, m, n, k)
+    matmul(Mat::new(x, m, k), Mat::new(w, n, k).t())
 }
 
 /// `c = (keep ? c : 0) + alpha · a · b`, with `c` row-major [a.rows, b.cols] `ldc` values apart
@@ -74,9 +69,30 @@ pub fn xwt(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
 /// # Panics
 /// If the shapes do not fit or a view names elements outside its slice.
 pub fn gemm(c: &mut [f32], ldc: usize, keep: bool, a: Mat, b: Mat, alpha: f32) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(k, b.rows, "gemm: a is [{m}, {k}], b [{}, {n}]", b.rows);
-    assert!(a.fits() && b.fits(), "gemm: a view is outside its slice");
+    gemm_sum(c, ldc, keep, &[(a, b, alpha)]);
+}
+
+/// `c = (keep ? c : 0) + Σ alpha · a · b` over `terms` (each a [m, k], b [k, n], the same m and
+/// n, any k): one pass over C for a sum such as `x·Wᵀ + s·(x·Aᵀ)·Bᵀ`.
+///
+/// # Panics
+/// If the shapes do not fit or a view names elements outside its slice.
+pub fn gemm_sum(c: &mut [f32], ldc: usize, keep: bool, terms: &[(Mat, Mat, f32)]) {
+    let Some((a0, b0, _)) = terms.first() else {
+        return;
+    };
+    let (m, n) = (a0.rows, b0.cols);
+    for (a, b, _) in terms {
+        assert!(
+            a.rows == m && b.cols == n && a.cols == b.rows,
+            "gemm: a is [{}, {}], b [{}, {}] in a sum of [{m}, {n}] products",
+            a.rows,
+            a.cols,
+            b.rows,
+            b.cols
+        );
+        assert!(a.fits() && b.fits(), "gemm: a view is outside its slice");
+    }
     assert!(
         m == 0 || n == 0 || (m - 1) * ldc + n <= c.len(),
         "gemm: c is too short"
@@ -85,12 +101,33 @@ pub fn gemm(c: &mut [f32], ldc: usize, keep: bool, a: Mat, b: Mat, alpha: f32) {
     if m == 0 || n == 0 {
         return;
     }
-    if k == 0 {
-        if !keep {
-            for r in 0..m {
-                c[r * ldc..r * ldc + n].fill(0.0);
-            }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present; the asserts above bound every element the views name
+        // and C's last row.
+        unsafe { crate::matmul_x86::gemm_sum(m, n, c, ldc, keep, terms) };
+        return;
+    }
+    portable_sum(c, ldc, keep, terms);
+}
+
+/// `gemm_sum` through the gemm crate, term after term (CPUs without AVX-512; checked shapes).
+fn portable_sum(c: &mut [f32], ldc: usize, keep: bool, terms: &[(Mat, Mat, f32)]) {
+    let (m, n) = (terms[0].0.rows, terms[0].1.cols);
+    if !keep {
+        for r in 0..m {
+            c[r * ldc..r * ldc + n].fill(0.0);
         }
+    }
+    for &(a, b, alpha) in terms {
+        gemm_crate(c, ldc, true, a, b, alpha);
+    }
+}
+
+/// One product through the gemm crate (checked by `gemm_sum`).
+fn gemm_crate(c: &mut [f32], ldc: usize, keep: bool, a: Mat, b: Mat, alpha: f32) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if k == 0 {
         return;
     }
     let threads = rayon::current_num_threads();
@@ -99,9 +136,10 @@ pub fn gemm(c: &mut [f32], ldc: usize, keep: bool, a: Mat, b: Mat, alpha: f32) {
     } else {
         gemm_lib::Parallelism::None
     };
-    // SAFETY: the asserts above keep every element the three views name inside their slices
-    // (`fits`, and c's last row ends within it); c is borrowed mutably, so it aliases neither
-    // operand. gemm computes dst = alpha_dst·dst + beta·lhs·rhs, reading dst only when told.
+    // SAFETY: `gemm_sum` checked that every element the three views name lies inside their
+    // slices (`fits`, and c's last row ends within it); c is borrowed mutably, so it aliases
+    // neither operand. gemm computes dst = alpha_dst·dst + beta·lhs·rhs, reading dst only when
+    // told.
     unsafe {
         gemm_lib::gemm(
             m,
@@ -164,7 +202,14 @@ mod tests {
     #[test]
     fn strided_and_transposed_products_equal_a_float64_product() {
         let mut seed = 3u32;
-        for &(m, k, n) in &[(1, 1, 1), (5, 7, 3), (33, 64, 17), (130, 96, 200)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 7, 3),
+            (33, 64, 17),
+            (130, 96, 200),
+            (70, 600, 45),
+            (17, 300, 13),
+        ] {
             let a = rand(m * k, &mut seed);
             let b = rand(k * n, &mut seed);
             let at = rand(k * m, &mut seed);
@@ -177,11 +222,18 @@ mod tests {
             ] {
                 let want = reference(av, bv);
                 let got = matmul(av, bv);
-                for (g, w) in got.iter().zip(&want) {
-                    assert!(
-                        (*g as f64 - w).abs() < 1e-5 * (k as f64).sqrt(),
-                        "{m}x{k}x{n}"
-                    );
+                let mut portable = vec![f32::NAN; m * n];
+                portable_sum(&mut portable, n, false, &[(av, bv, 1.0)]);
+                let tol = 1e-5 * (k as f64).sqrt();
+                for ((g, p), w) in got.iter().zip(&portable).zip(&want) {
+                    assert!((*g as f64 - w).abs() < tol, "{m}x{k}x{n}");
+                    assert!((*p as f64 - w).abs() < tol, "portable {m}x{k}x{n}");
+                }
+                // A sum of two products in one pass: a·b + 0.25·a·b.
+                let mut c = vec![f32::NAN; m * n];
+                gemm_sum(&mut c, n, false, &[(av, bv, 1.0), (av, bv, 0.25)]);
+                for (g, w) in c.iter().zip(&want) {
+                    assert!((*g as f64 - 1.25 * w).abs() < 2.0 * tol, "sum {m}x{k}x{n}");
                 }
                 // Accumulating with a scale into a wider buffer.
                 let mut c = vec![1f32; m * (n + 2)];
@@ -197,21 +249,6 @@ mod tests {
                         assert!((v - w).abs() < 1e-5 * (k as f64).sqrt());
                     }
                 }
-            }
-        }
-    }
-
-    #[test]
-    fn xwt_is_dense() {
-        let mut seed = 9u32;
-        let (m, n, k) = (7, 5, 40);
-        let x = rand(m * k, &mut seed);
-        let w = rand(n * k, &mut seed);
-        let y = xwt(&x, &w, m, n, k);
-        for i in 0..m {
-            for j in 0..n {
-                let want = crate::dense::dot_canonical(&x[i * k..][..k], &w[j * k..][..k]);
-                assert_eq!(y[i * n + j].to_bits(), want.to_bits());
             }
         }
     }

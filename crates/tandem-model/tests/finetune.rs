@@ -187,6 +187,61 @@ fn check_model_path(m: &Llama, t: &Tiny, path: &str) {
     }
 }
 
+/// The head of a training chunk (final norm, LM head, cross-entropy and its gradient): the
+/// hand-written CPU head (row blocks, gradient formed in place) gives the candle version's
+/// loss, per-token log-probabilities, token accuracy and input gradient.
+#[test]
+fn the_hand_written_head_equals_the_candle_head() {
+    for t in [Tiny::gqa(), Tiny::tied_mha()] {
+        let (_dir, m) = model(&t);
+        let [(fused, _), (candle, _)] = both_paths(&m);
+        let h = m.cfg.hidden_size;
+        let x: Vec<f32> = (0..7 * h)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let x = Tensor::from_vec(x, (7, h), &Device::Cpu).unwrap();
+        let labels: Vec<Option<u32>> = [None, Some(3), Some(90), None, Some(0), Some(41), Some(3)]
+            .into_iter()
+            .map(|l| l.map(|v: u32| v % t.vocab as u32))
+            .collect();
+        let a = fused.head_backward(&x, &labels, 0.3).unwrap();
+        let b = candle.head_backward(&x, &labels, 0.3).unwrap();
+        assert_eq!((a.targets, a.correct), (b.targets, b.correct));
+        assert!((a.loss_sum - b.loss_sum).abs() <= 1e-5 * b.loss_sum.abs());
+        for (p, q) in a.logps.iter().zip(&b.logps) {
+            assert!((p - q).abs() <= 1e-5 * q.abs().max(1.0), "{p} vs {q}");
+        }
+        let diff = max_abs(&(&a.d_x - &b.d_x).unwrap());
+        assert!(diff <= 1e-5 * max_abs(&b.d_x), "d_x differs by {diff}");
+        assert_eq!(
+            max_abs(&a.d_x.narrow(0, 0, 1).unwrap()),
+            0.0,
+            "no label, no gradient"
+        );
+        let loss = fused.head_loss(&x, &labels).unwrap();
+        assert_eq!(loss.logps, a.logps);
+        let none = fused.head_backward(&x, &[None; 7], 1.0).unwrap();
+        assert_eq!((none.targets, max_abs(&none.d_x)), (0, 0.0));
+        let bad = [Some(t.vocab as u32); 7];
+        assert!(fused.head_backward(&x, &bad, 1.0).is_err());
+        // Several groups of rows in one pass: each group's result is its own pass's.
+        let parts = [(&labels[..3], 0.3), (&labels[3..], 0.7)];
+        for m in [&fused, &candle] {
+            let many = m.head_backward_many(&x, &parts).unwrap();
+            let mut at = 0;
+            for ((labels, w), got) in parts.iter().zip(&many) {
+                let rows = x.narrow(0, at, labels.len()).unwrap();
+                let want = m.head_backward(&rows, labels, *w).unwrap();
+                assert_eq!((got.targets, got.correct), (want.targets, want.correct));
+                assert!((got.loss_sum - want.loss_sum).abs() <= 1e-6 * want.loss_sum.abs());
+                let diff = max_abs(&(&got.d_x - &want.d_x).unwrap());
+                assert!(diff <= 1e-6 * max_abs(&want.d_x).max(1e-6), "{diff}");
+                at += labels.len();
+            }
+        }
+    }
+}
+
 #[test]
 fn token_level_gradients_equal_autograd_gqa() {
     check_model(Tiny {
@@ -376,6 +431,20 @@ fn packed_runs_equal_unpacked_runs() {
         2,
         "the first two examples are one unit"
     );
+    // A pack budget above a chunk takes more than a chunk's tokens (each example still one
+    // chunk): the batch's three examples are one unit.
+    let wide = tandem_model::finetune::TrainConfig {
+        pack_tokens: Some(64),
+        ..cfg.clone()
+    };
+    let spec = wide.spec().unwrap();
+    let mut probe = TrainingRun::new(
+        data.clone(),
+        wide,
+        TrainableLora::new(&m.cfg, spec, &Device::Cpu, 0).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(probe.next_forwards().len(), 3, "the batch is one unit");
     let run = |pack: bool, keep: bool| {
         let mut f = Finetuner::new(
             &m,

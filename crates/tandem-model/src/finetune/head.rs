@@ -36,6 +36,33 @@ impl Llama {
         self.head(x, labels, Some(weight))
     }
 
+    /// `head_backward` for several groups of rows of `x` at once (their rows one after
+    /// another, each group with its labels and weight): on the CPU one pass of the LM head for
+    /// all of them instead of one per group.
+    pub fn head_backward_many(
+        &self,
+        x: &Tensor,
+        parts: &[(&[Option<u32>], f64)],
+    ) -> Result<Vec<HeadOut>> {
+        if self.fused_layers() {
+            let parts: Vec<_> = parts
+                .iter()
+                .map(|&(labels, w)| super::fused::head::Part {
+                    labels,
+                    weight: Some(w),
+                })
+                .collect();
+            return super::fused::head::head_parts(self, x, &parts);
+        }
+        let mut at = 0;
+        let mut outs = Vec::with_capacity(parts.len());
+        for &(labels, w) in parts {
+            outs.push(self.head_backward(&x.narrow(0, at, labels.len())?, labels, w)?);
+            at += labels.len();
+        }
+        Ok(outs)
+    }
+
     /// `head_backward`'s loss without the gradient (`d_x` is empty): what a forward-only
     /// pass (an evaluation, a DPO reference) needs, with the same arithmetic.
     pub fn head_loss(&self, x: &Tensor, labels: &[Option<u32>]) -> Result<HeadOut> {
@@ -43,6 +70,13 @@ impl Llama {
     }
 
     fn head(&self, x: &Tensor, labels: &[Option<u32>], weight: Option<f64>) -> Result<HeadOut> {
+        if self.fused_layers() {
+            let part = super::fused::head::Part { labels, weight };
+            let mut outs = super::fused::head::head_parts(self, x, &[part])?;
+            return outs
+                .pop()
+                .ok_or_else(|| crate::error::ModelError::Batch("no head output".into()));
+        }
         let rows: Vec<u32> = (0..labels.len() as u32)
             .filter(|&i| labels[i as usize].is_some())
             .collect();

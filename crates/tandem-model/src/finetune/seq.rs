@@ -8,6 +8,7 @@
 //! a layer (`Llama::layer_backward`); each saved input is freed once its layer is done. Each unit
 //! is small, so a scheduler can place any number of them in an iteration.
 
+use super::head::HeadOut;
 use super::trainer::{peft_key, GradAccum, TrainableLora};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{slot_of, KvCache};
@@ -183,19 +184,22 @@ impl SeqTrain {
 
     /// Takes the captured layer inputs of forward chunk `c` (num_layers + 1 tensors, the last
     /// being the top layer's output) and forms the chunk's loss gradient.
-    pub fn finish_forward(
-        &mut self,
-        model: &Llama,
-        c: usize,
-        mut inputs: Vec<Tensor>,
-    ) -> Result<()> {
+    pub fn finish_forward(&mut self, model: &Llama, c: usize, inputs: Vec<Tensor>) -> Result<()> {
+        let (s, n) = self.check_chunk(c, &inputs)?;
+        let top = &inputs[inputs.len() - 1];
+        let head = model.head_backward(top, &self.labels[s..s + n], self.weight)?;
+        self.finish_forward_with(model, c, inputs, head)
+    }
+
+    /// Where forward chunk `c` with these captured inputs lies: (first position, tokens).
+    fn check_chunk(&self, c: usize, inputs: &[Tensor]) -> Result<(usize, usize)> {
         if self.phase != SeqPhase::Forward(c) {
             return Err(ModelError::Batch(format!(
                 "training chunk {c} is not the next forward chunk"
             )));
         }
         let top = inputs
-            .pop()
+            .last()
             .ok_or_else(|| ModelError::Batch("no captured activations".into()))?;
         // The chunk is as long as what was run (see `next_forward_max`).
         let s = self.chunks.last().map_or(0, |&(s, n)| s + n);
@@ -206,14 +210,32 @@ impl SeqTrain {
                 self.len()
             )));
         }
-        let head = model.head_backward(&top, &self.labels[s..s + n], self.weight)?;
+        Ok((s, n))
+    }
+
+    /// The labels and loss weight of forward chunk `c` of `n` tokens (what its head pass takes,
+    /// when several sequences' heads run together: `Llama::head_backward_many`).
+    pub fn head_part(&self, n: usize) -> (&[Option<u32>], f64) {
+        let s = self.chunks.last().map_or(0, |&(s, n)| s + n);
+        (&self.labels[s..(s + n).min(self.len())], self.weight)
+    }
+
+    /// `finish_forward` with the chunk's head pass already run (`head`, over `head_part`).
+    pub fn finish_forward_with(
+        &mut self,
+        model: &Llama,
+        c: usize,
+        mut inputs: Vec<Tensor>,
+        head: HeadOut,
+    ) -> Result<()> {
+        let (s, n) = self.check_chunk(c, &inputs)?;
+        inputs.pop();
         self.loss_sum += head.loss_sum;
         self.targets += head.targets;
         self.correct += head.correct;
         self.token_logps.extend_from_slice(&head.logps);
-        let d = head.d_x;
         self.chunks.push((s, n));
-        self.d_out.push(Some(d));
+        self.d_out.push(Some(head.d_x));
         self.saved.push(inputs.into_iter().map(Some).collect());
         self.phase = if s + n < self.len() {
             SeqPhase::Forward(c + 1)

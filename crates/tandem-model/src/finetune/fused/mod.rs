@@ -14,6 +14,7 @@
 //! (`crates/tandem-model/tests/finetune.rs`, through `Llama::layer_backward`).
 
 mod attention;
+pub(crate) mod head;
 mod host;
 mod rows;
 
@@ -25,7 +26,7 @@ use candle_core::{DType, Tensor};
 pub(crate) use host::to_vec as host_vec;
 use host::HostF32;
 use std::collections::HashMap;
-use tandem_kernels::matmul::{gemm, xwt, Mat};
+use tandem_kernels::matmul::{gemm, gemm_sum, matmul, xwt, Mat};
 
 /// Whether `model`'s layers can take this path: host memory, f32 weights.
 pub(crate) fn supported(model: &Llama) -> bool {
@@ -122,24 +123,28 @@ impl<'a> ProjWeights<'a> {
 
     /// `x · Wᵀ (+ bias) + s · (x · Aᵀ) · Bᵀ` over `t` rows; keeps `x · Aᵀ` in `saved`.
     fn forward(&self, x: &[f32], t: usize, saved: &mut HashMap<Proj, Vec<f32>>) -> Vec<f32> {
-        let mut y = xwt(x, self.w.get(), t, self.out, self.inp);
+        let (out, inp) = (self.out, self.inp);
+        let frozen = (
+            Mat::new(x, t, inp),
+            Mat::new(self.w.get(), out, inp).t(),
+            1.0,
+        );
+        let mut y = vec![0f32; t * out];
+        match &self.lora {
+            Some((a, b, s)) => {
+                let r = self.rank();
+                let u = xwt(x, a, t, r, inp);
+                // One pass over y for both terms.
+                let lora = (Mat::new(&u, t, r), Mat::new(b, out, r).t(), *s);
+                gemm_sum(&mut y, out, false, &[frozen, lora]);
+                saved.insert(self.p, u);
+            }
+            None => gemm_sum(&mut y, out, false, &[frozen]),
+        }
         if let Some(b) = &self.bias {
-            for row in y.chunks_mut(self.out) {
+            for row in y.chunks_mut(out) {
                 row.iter_mut().zip(b.get()).for_each(|(y, b)| *y += b);
             }
-        }
-        if let Some((a, b, s)) = &self.lora {
-            let r = self.rank();
-            let u = xwt(x, a, t, r, self.inp);
-            gemm(
-                &mut y,
-                self.out,
-                true,
-                Mat::new(&u, t, r),
-                Mat::new(b, self.out, r).t(),
-                *s,
-            );
-            saved.insert(self.p, u);
         }
         y
     }
@@ -156,36 +161,36 @@ impl<'a> ProjWeights<'a> {
         dx: &mut [f32],
     ) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
         let (out, inp) = (self.out, self.inp);
-        gemm(
-            dx,
-            inp,
-            true,
-            Mat::new(dy, t, out),
-            Mat::new(self.w.get(), out, inp),
-            1.0,
-        );
+        let dy_m = Mat::new(dy, t, out);
+        let frozen = (dy_m, Mat::new(self.w.get(), out, inp), 1.0);
         let Some((a, b, s)) = &self.lora else {
+            gemm_sum(dx, inp, true, &[frozen]);
             return Ok(None);
         };
         let u = u.ok_or_else(|| {
             ModelError::Batch(format!("no saved LoRA input for {}", self.p.name()))
         })?;
         let r = self.rank();
-        let dy_m = Mat::new(dy, t, out);
         let mut du = vec![0f32; t * r];
         gemm(&mut du, r, false, dy_m, Mat::new(b, out, r), *s);
+        // dx += dy·W + du·A in one pass over dx.
+        gemm_sum(
+            dx,
+            inp,
+            true,
+            &[frozen, (Mat::new(&du, t, r), Mat::new(a, r, inp), 1.0)],
+        );
         let mut db = vec![0f32; out * r];
         gemm(&mut db, r, false, dy_m.t(), Mat::new(u, t, r), *s);
+        // dA = duᵀ·x, formed as its transpose xᵀ·du: the operand the product packs is then
+        // du's r columns, not x's.
+        let da_t = matmul(Mat::new(x, t, inp).t(), Mat::new(&du, t, r));
         let mut da = vec![0f32; r * inp];
-        gemm(
-            &mut da,
-            inp,
-            false,
-            Mat::new(&du, t, r).t(),
-            Mat::new(x, t, inp),
-            1.0,
-        );
-        gemm(dx, inp, true, Mat::new(&du, t, r), Mat::new(a, r, inp), 1.0);
+        for (i, row) in da_t.chunks(r).enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                da[j * inp + i] = *v;
+            }
+        }
         Ok(Some((da, db)))
     }
 }

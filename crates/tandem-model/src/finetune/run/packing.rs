@@ -22,9 +22,11 @@ impl TrainingRun {
         let chunk = self.cfg.chunk_tokens;
         let len = |p: usize| examples[self.batch[p]].tokens.len();
         let mut total = len(first);
+        if total > chunk {
+            return 1;
+        }
         let mut k = 1;
-        while total <= chunk
-            && first + k < self.batch.len()
+        while first + k < self.batch.len()
             && len(first + k) <= chunk
             && total + len(first + k) <= budget
         {

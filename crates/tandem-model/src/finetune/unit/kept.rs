@@ -66,10 +66,20 @@ impl Unit {
                 kept.push(Some(KeptLayer::Graph(xv, out)));
             }
         }
+        // One head pass for every member's rows.
+        let heads = {
+            let parts: Vec<_> = self
+                .members
+                .iter()
+                .map(|m| m.seq.head_part(m.seq.len()))
+                .collect();
+            model.head_backward_many(&x, &parts)?
+        };
         let mut off = 0;
-        for m in &mut self.members {
+        for (m, head) in self.members.iter_mut().zip(heads) {
             let n = m.seq.len();
-            m.seq.finish_forward(model, 0, vec![x.narrow(0, off, n)?])?;
+            m.seq
+                .finish_forward_with(model, 0, vec![x.narrow(0, off, n)?], head)?;
             off += n;
         }
         self.kept = kept;
