@@ -101,6 +101,22 @@ pub fn gemm_sum(c: &mut [f32], ldc: usize, keep: bool, terms: &[(Mat, Mat, f32)]
     if m == 0 || n == 0 {
         return;
     }
+    // A narrow product with both operands contiguous along k (x·Wᵀ for a W of a few rows: a
+    // LoRA factor): `dense`'s dot-product tiles, which read each operand once, beat broadcasting
+    // every element of the wide one.
+    if let [(a, b, alpha)] = terms {
+        let k = a.cols;
+        if n <= 16 && a.cs == 1 && a.rs == k && b.rs == 1 && b.cs == k && k > 0 {
+            let y = crate::dense::product(a.data, b.data, m, n, k);
+            for (i, row) in y.chunks(n).enumerate() {
+                let out = &mut c[i * ldc..i * ldc + n];
+                for (o, v) in out.iter_mut().zip(row) {
+                    *o = if keep { *o + alpha * v } else { alpha * v };
+                }
+            }
+            return;
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F is present; the asserts above bound every element the views name

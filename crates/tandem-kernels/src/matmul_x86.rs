@@ -98,18 +98,55 @@ unsafe fn task<const NV: usize>(
 ) {
     let nr = 16 * NV;
     let panels = cols.len().div_ceil(nr);
-    let mut packed = vec![0f32; KC * panels * nr];
+    // The packing buffer is the thread's own, kept between calls (a fresh one of this size
+    // would be mapped and zeroed by the allocator on every call); each k block writes every
+    // element it then reads.
+    PACKED.with(|cell| {
+        let mut packed = cell.take();
+        packed.resize(packed.len().max(KC * panels * nr), 0.0);
+        task_with::<NV>(m, &cols, c, ldc, keep, terms, &mut packed);
+        cell.set(packed);
+    });
+}
+
+thread_local! {
+    static PACKED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// `task` with its packing buffer.
+#[target_feature(enable = "avx512f")]
+unsafe fn task_with<const NV: usize>(
+    m: usize,
+    cols: &std::ops::Range<usize>,
+    c: Out,
+    ldc: usize,
+    keep: bool,
+    terms: &[(Mat, Mat, f32)],
+    packed: &mut [f32],
+) {
+    let nr = 16 * NV;
+    let panels = cols.len().div_ceil(nr);
     let mut first = !keep;
     for (a, b, alpha) in terms {
         let k = a.cols;
         let mut k0 = 0;
+        // One row tile and B's rows contiguous: no panel is reused, so B is read where it
+        // lies instead of packed (LoRA's r × in factors: duᵀ·x, uᵀ·dy).
+        let direct = m <= MR && b.cs == 1;
+        let scale = _mm512_set1_ps(if direct { *alpha } else { 1.0 });
         while k0 < k {
             let kc = KC.min(k - k0);
-            pack::<NV>(b, k0, kc, &cols, *alpha, &mut packed);
+            if !direct {
+                pack::<NV>(b, k0, kc, cols, *alpha, packed);
+            }
             for panel in 0..panels {
                 let j0 = cols.start + panel * nr;
                 let mask: [__mmask16; NV] = std::array::from_fn(|v| lanes(j0 + 16 * v, cols.end));
-                let vp = packed.as_ptr().add(panel * kc * nr);
+                let (vp, ldv) = if direct {
+                    (b.data.as_ptr().add(k0 * b.rs + j0), b.rs)
+                } else {
+                    (packed.as_ptr().add(panel * kc * nr), nr)
+                };
                 for i0 in (0..m).step_by(MR) {
                     let rows = MR.min(m - i0);
                     // Rows past m repeat the last one (computed, never stored).
@@ -119,13 +156,25 @@ unsafe fn task<const NV: usize>(
                             .add((i0 + r.min(rows - 1)) * a.rs + k0 * a.cs)
                     });
                     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-                    if a.cs == 1 {
-                        tile::<NV, true>(kc, bc, 1, vp, &mut acc);
-                    } else {
-                        tile::<NV, false>(kc, bc, a.cs, vp, &mut acc);
+                    match (a.cs == 1, direct) {
+                        (true, false) => {
+                            tile::<NV, true, false>(kc, bc, 1, vp, ldv, mask, &mut acc)
+                        }
+                        (false, false) => {
+                            tile::<NV, false, false>(kc, bc, a.cs, vp, ldv, mask, &mut acc)
+                        }
+                        (true, true) => tile::<NV, true, true>(kc, bc, 1, vp, ldv, mask, &mut acc),
+                        (false, true) => {
+                            tile::<NV, false, true>(kc, bc, a.cs, vp, ldv, mask, &mut acc)
+                        }
                     }
                     for (r, row) in acc.iter().enumerate().take(rows) {
                         for (v, &val) in row.iter().enumerate() {
+                            let val = if direct {
+                                _mm512_mul_ps(val, scale)
+                            } else {
+                                val
+                            };
                             let dst = c.0.add((i0 + r) * ldc + j0 + 16 * v);
                             let sum = if first {
                                 val
@@ -250,21 +299,29 @@ unsafe fn transpose16(r: &mut [__m512; 16]) {
     }
 }
 
-/// acc[r][v] += Σ_p bc[r][p·bs] · vp[p·16·NV + 16v .. +16] over p < kc (`UNIT`: bs = 1).
+/// acc[r][v] += Σ_p bc[r][p·bs] · vp[p·ldv + 16v .. +16] over p < kc (`UNIT`: bs = 1; `DIRECT`:
+/// B read where it lies, lanes outside `mask` as zeros; packed panels are whole).
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile<const NV: usize, const UNIT: bool>(
+unsafe fn tile<const NV: usize, const UNIT: bool, const DIRECT: bool>(
     kc: usize,
     bc: [*const f32; MR],
     bs: usize,
     vp: *const f32,
+    ldv: usize,
+    mask: [__mmask16; NV],
     acc: &mut [[__m512; NV]; MR],
 ) {
     let mut a = *acc;
     for p in 0..kc {
         let mut x = [_mm512_setzero_ps(); NV];
         for (v, xv) in x.iter_mut().enumerate() {
-            *xv = _mm512_loadu_ps(vp.add((p * NV + v) * 16));
+            let at = vp.add(p * ldv + 16 * v);
+            *xv = if DIRECT {
+                _mm512_maskz_loadu_ps(mask[v], at)
+            } else {
+                _mm512_loadu_ps(at)
+            };
         }
         let off = if UNIT { p } else { p * bs };
         for (row, ar) in bc.iter().zip(a.iter_mut()) {

@@ -26,7 +26,7 @@ use candle_core::{DType, Tensor};
 pub(crate) use host::to_vec as host_vec;
 use host::HostF32;
 use std::collections::HashMap;
-use tandem_kernels::matmul::{gemm, gemm_sum, matmul, xwt, Mat};
+use tandem_kernels::matmul::{gemm, gemm_sum, xwt, Mat};
 
 /// Whether `model`'s layers can take this path: host memory, f32 weights.
 pub(crate) fn supported(model: &Llama) -> bool {
@@ -171,8 +171,15 @@ impl<'a> ProjWeights<'a> {
             ModelError::Batch(format!("no saved LoRA input for {}", self.p.name()))
         })?;
         let r = self.rank();
+        // du = s·dy·B, as dy·(Bᵀ)ᵀ: both operands then run along `out` (a narrow product).
+        let mut bt = vec![0f32; r * out];
+        for (o, row) in b.chunks(r).enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                bt[j * out + o] = *v;
+            }
+        }
         let mut du = vec![0f32; t * r];
-        gemm(&mut du, r, false, dy_m, Mat::new(b, out, r), *s);
+        gemm(&mut du, r, false, dy_m, Mat::new(&bt, r, out).t(), *s);
         // dx += dy·W + du·A in one pass over dx.
         gemm_sum(
             dx,
@@ -180,17 +187,25 @@ impl<'a> ProjWeights<'a> {
             true,
             &[frozen, (Mat::new(&du, t, r), Mat::new(a, r, inp), 1.0)],
         );
+        // dB = s·dyᵀ·u, formed as its transpose s·uᵀ·dy (r rows against dy's rows as they
+        // lie), and dA = duᵀ·x likewise.
+        let mut db_t = vec![0f32; r * out];
+        gemm(&mut db_t, out, false, Mat::new(u, t, r).t(), dy_m, *s);
         let mut db = vec![0f32; out * r];
-        gemm(&mut db, r, false, dy_m.t(), Mat::new(u, t, r), *s);
-        // dA = duᵀ·x, formed as its transpose xᵀ·du: the operand the product packs is then
-        // du's r columns, not x's.
-        let da_t = matmul(Mat::new(x, t, inp).t(), Mat::new(&du, t, r));
-        let mut da = vec![0f32; r * inp];
-        for (i, row) in da_t.chunks(r).enumerate() {
-            for (j, v) in row.iter().enumerate() {
-                da[j * inp + i] = *v;
+        for (j, row) in db_t.chunks(out).enumerate() {
+            for (o, v) in row.iter().enumerate() {
+                db[o * r + j] = *v;
             }
         }
+        let mut da = vec![0f32; r * inp];
+        gemm(
+            &mut da,
+            inp,
+            false,
+            Mat::new(&du, t, r).t(),
+            Mat::new(x, t, inp),
+            1.0,
+        );
         Ok(Some((da, db)))
     }
 }
