@@ -15,6 +15,7 @@ pub mod matmul;
 #[cfg(target_arch = "x86_64")]
 pub mod matmul_x86;
 pub mod paged_attention;
+pub mod vexp;
 
 pub use dense::dense;
 pub use lora_sgmv::{lora_sgmv, lora_sgmv_backward, lora_sgmv_op, LoraSegment};

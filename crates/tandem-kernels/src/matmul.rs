@@ -102,18 +102,32 @@ pub fn gemm_sum(c: &mut [f32], ldc: usize, keep: bool, terms: &[(Mat, Mat, f32)]
         return;
     }
     // A narrow product with both operands contiguous along k (x·Wᵀ for a W of a few rows: a
-    // LoRA factor): `dense`'s dot-product tiles, which read each operand once, beat broadcasting
-    // every element of the wide one.
+    // LoRA factor): dot products along k read each operand once, where broadcasting every
+    // element of the wide one would not.
+    #[cfg(target_arch = "x86_64")]
     if let [(a, b, alpha)] = terms {
         let k = a.cols;
-        if n <= 16 && a.cs == 1 && a.rs == k && b.rs == 1 && b.cs == k && k > 0 {
-            let y = crate::dense::product(a.data, b.data, m, n, k);
-            for (i, row) in y.chunks(n).enumerate() {
-                let out = &mut c[i * ldc..i * ldc + n];
-                for (o, v) in out.iter_mut().zip(row) {
-                    *o = if keep { *o + alpha * v } else { alpha * v };
-                }
-            }
+        if n <= 16
+            && a.cs == 1
+            && b.rs == 1
+            && k > 0
+            && std::arch::is_x86_feature_detected!("avx512f")
+        {
+            // SAFETY: AVX-512F is present; the asserts above bound every element the views
+            // name (A's rows a.rs apart, W's rows — B's columns — b.cs apart).
+            unsafe {
+                crate::matmul_x86::narrow(
+                    (m, n, k),
+                    a.data,
+                    a.rs,
+                    b.data,
+                    b.cs,
+                    c,
+                    ldc,
+                    keep,
+                    *alpha,
+                )
+            };
             return;
         }
     }
@@ -263,6 +277,39 @@ mod tests {
                             1.0
                         };
                         assert!((v - w).abs() < 1e-5 * (k as f64).sqrt());
+                    }
+                }
+            }
+        }
+    }
+
+    /// `x·Wᵀ + s·u·Bᵀ` (a LoRA projection): the short second term joins the first one's last
+    /// block; either orientation of B, several row tiles, a partial last panel.
+    #[test]
+    fn a_sum_with_a_short_term_equals_its_parts() {
+        let mut seed = 5u32;
+        for &(m, k, n, r) in &[(130, 96, 200, 8), (40, 300, 45, 16), (13, 20, 17, 1)] {
+            let x = rand(m * k, &mut seed);
+            let w = rand(n * k, &mut seed);
+            let u = rand(m * r, &mut seed);
+            let b = rand(n * r, &mut seed);
+            let bt: Vec<f32> = (0..r * n).map(|i| b[(i % n) * r + i / n]).collect();
+            let main = (Mat::new(&x, m, k), Mat::new(&w, n, k).t(), 1.0);
+            let want_main = reference(main.0, main.1);
+            for short in [
+                (Mat::new(&u, m, r), Mat::new(&b, n, r).t(), 0.5),
+                (Mat::new(&u, m, r), Mat::new(&bt, r, n), 0.5),
+            ] {
+                let want_short = reference(short.0, short.1);
+                for keep in [false, true] {
+                    let mut c = vec![2f32; m * n];
+                    gemm_sum(&mut c, n, keep, &[main, short]);
+                    for (i, g) in c.iter().enumerate() {
+                        let w = want_main[i] + 0.5 * want_short[i] + if keep { 2.0 } else { 0.0 };
+                        assert!(
+                            (*g as f64 - w).abs() < 1e-4,
+                            "{m}x{k}x{n} r {r}: {g} vs {w}"
+                        );
                     }
                 }
             }

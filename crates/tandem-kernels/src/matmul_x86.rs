@@ -22,7 +22,7 @@ const MR: usize = 12;
 /// k per packed block: a panel of 32 columns is 24 KiB, reused from L1 by every row tile.
 const KC: usize = 192;
 /// Multiply-adds below which a product runs on the calling thread.
-const SERIAL: usize = 1 << 17;
+const SERIAL: usize = 1 << 23;
 
 /// C's base pointer, shared by tasks that write disjoint columns of it.
 #[derive(Clone, Copy)]
@@ -103,7 +103,11 @@ unsafe fn task<const NV: usize>(
     // element it then reads.
     PACKED.with(|cell| {
         let mut packed = cell.take();
-        packed.resize(packed.len().max(KC * panels * nr), 0.0);
+        let tail: usize = terms[terms.len() - tail_terms(m, terms)..]
+            .iter()
+            .map(|(a, _, _)| a.cols)
+            .sum();
+        packed.resize(packed.len().max((KC + tail) * panels * nr), 0.0);
         task_with::<NV>(m, &cols, c, ldc, keep, terms, &mut packed);
         cell.set(packed);
     });
@@ -113,7 +117,33 @@ thread_local! {
     static PACKED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// `task` with its packing buffer.
+/// Terms of at most this k that follow a longer one (LoRA's `u·Bᵀ`, `du·A`: k = r) join its
+/// last k block's tiles instead of passing over C again.
+const TAIL_K: usize = 32;
+
+/// How many of `terms`, from the end, `task_with` folds into the last block of the one before.
+fn tail_terms(m: usize, terms: &[(Mat, Mat, f32)]) -> usize {
+    if m <= MR {
+        return 0;
+    }
+    let tail = terms
+        .iter()
+        .rev()
+        .take_while(|(a, b, _)| a.cols <= TAIL_K && !(m <= MR && b.cs == 1))
+        .count();
+    if tail == terms.len()
+        || terms[..terms.len() - tail]
+            .last()
+            .is_some_and(|t| t.0.cols == 0)
+    {
+        0
+    } else {
+        tail
+    }
+}
+
+/// `task` with its packing buffer: one k block of the main terms at a time, then the tail
+/// terms (packed whole, up front) inside the last block's tiles.
 #[target_feature(enable = "avx512f")]
 unsafe fn task_with<const NV: usize>(
     m: usize,
@@ -126,8 +156,19 @@ unsafe fn task_with<const NV: usize>(
 ) {
     let nr = 16 * NV;
     let panels = cols.len().div_ceil(nr);
+    let tails = tail_terms(m, terms);
+    let (main, tail) = terms.split_at(terms.len() - tails);
+    let (packed, tail_buf) = packed.split_at_mut(KC * panels * nr);
+    let mut tail_at = Vec::with_capacity(tail.len());
+    let mut at = 0;
+    for (_, b, alpha) in tail {
+        let k = b.rows;
+        pack::<NV>(b, 0, k, cols, *alpha, &mut tail_buf[at..]);
+        tail_at.push(at);
+        at += k * panels * nr;
+    }
     let mut first = !keep;
-    for (a, b, alpha) in terms {
+    for (ti, (a, b, alpha)) in main.iter().enumerate() {
         let k = a.cols;
         let mut k0 = 0;
         // One row tile and B's rows contiguous: no panel is reused, so B is read where it
@@ -136,6 +177,7 @@ unsafe fn task_with<const NV: usize>(
         let scale = _mm512_set1_ps(if direct { *alpha } else { 1.0 });
         while k0 < k {
             let kc = KC.min(k - k0);
+            let last = ti + 1 == main.len() && k0 + kc == k;
             if !direct {
                 pack::<NV>(b, k0, kc, cols, *alpha, packed);
             }
@@ -149,32 +191,24 @@ unsafe fn task_with<const NV: usize>(
                 };
                 for i0 in (0..m).step_by(MR) {
                     let rows = MR.min(m - i0);
-                    // Rows past m repeat the last one (computed, never stored).
-                    let bc: [*const f32; MR] = std::array::from_fn(|r| {
-                        a.data
-                            .as_ptr()
-                            .add((i0 + r.min(rows - 1)) * a.rs + k0 * a.cs)
-                    });
                     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-                    match (a.cs == 1, direct) {
-                        (true, false) => {
-                            tile::<NV, true, false>(kc, bc, 1, vp, ldv, mask, &mut acc)
+                    run_tile::<NV>(a, i0, rows, k0, kc, vp, ldv, mask, direct, &mut acc);
+                    if direct {
+                        for row in acc.iter_mut() {
+                            for v in row.iter_mut() {
+                                *v = _mm512_mul_ps(*v, scale);
+                            }
                         }
-                        (false, false) => {
-                            tile::<NV, false, false>(kc, bc, a.cs, vp, ldv, mask, &mut acc)
-                        }
-                        (true, true) => tile::<NV, true, true>(kc, bc, 1, vp, ldv, mask, &mut acc),
-                        (false, true) => {
-                            tile::<NV, false, true>(kc, bc, a.cs, vp, ldv, mask, &mut acc)
+                    }
+                    if last {
+                        for ((ta, tb, _), &off) in tail.iter().zip(&tail_at) {
+                            let k = tb.rows;
+                            let vp = tail_buf.as_ptr().add(off + panel * k * nr);
+                            run_tile::<NV>(ta, i0, rows, 0, k, vp, nr, mask, false, &mut acc);
                         }
                     }
                     for (r, row) in acc.iter().enumerate().take(rows) {
                         for (v, &val) in row.iter().enumerate() {
-                            let val = if direct {
-                                _mm512_mul_ps(val, scale)
-                            } else {
-                                val
-                            };
                             let dst = c.0.add((i0 + r) * ldc + j0 + 16 * v);
                             let sum = if first {
                                 val
@@ -195,6 +229,36 @@ unsafe fn task_with<const NV: usize>(
         for i in 0..m {
             std::ptr::write_bytes(c.0.add(i * ldc + cols.start), 0, cols.len());
         }
+    }
+}
+
+/// One register tile of `a`'s rows `i0..i0 + rows` (rows past them repeat the last, computed
+/// and never stored) over k steps `k0..k0 + kc` against the panel at `vp`, into `acc`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_tile<const NV: usize>(
+    a: &Mat,
+    i0: usize,
+    rows: usize,
+    k0: usize,
+    kc: usize,
+    vp: *const f32,
+    ldv: usize,
+    mask: [__mmask16; NV],
+    direct: bool,
+    acc: &mut [[__m512; NV]; MR],
+) {
+    let bc: [*const f32; MR] = std::array::from_fn(|r| {
+        a.data
+            .as_ptr()
+            .add((i0 + r.min(rows - 1)) * a.rs + k0 * a.cs)
+    });
+    match (a.cs == 1, direct) {
+        (true, false) => tile::<NV, true, false>(kc, bc, 1, vp, ldv, mask, acc),
+        (false, false) => tile::<NV, false, false>(kc, bc, a.cs, vp, ldv, mask, acc),
+        (true, true) => tile::<NV, true, true>(kc, bc, 1, vp, ldv, mask, acc),
+        (false, true) => tile::<NV, false, true>(kc, bc, a.cs, vp, ldv, mask, acc),
     }
 }
 
@@ -332,6 +396,119 @@ unsafe fn tile<const NV: usize, const UNIT: bool, const DIRECT: bool>(
         }
     }
     *acc = a;
+}
+
+/// Rows of A per `narrow` tile, and columns of C (rows of W) per group.
+const NARROW_ROWS: usize = 3;
+const NARROW_COLS: usize = 8;
+
+/// C[m, n] (row stride `ldc`) = keep·C + alpha · A[m, k] · W[n, k]ᵀ for a narrow C (n a LoRA
+/// rank), A's and W's rows contiguous (strides `lda`, `ldw`): dot products along k, 3 rows of A
+/// × 8 rows of W at a time (24 accumulators of 16 lanes, each A and W vector loaded once per
+/// tile), summed across lanes at the end. Rows of A are split among rayon tasks.
+///
+/// # Safety
+/// The CPU must have AVX-512F; the slices must hold the elements the shapes and strides name.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn narrow(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    lda: usize,
+    w: &[f32],
+    ldw: usize,
+    c: &mut [f32],
+    ldc: usize,
+    keep: bool,
+    alpha: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let tasks = if m * n * k < SERIAL {
+        1
+    } else {
+        threads.min(m.div_ceil(NARROW_ROWS))
+    };
+    let per = m.div_ceil(NARROW_ROWS).div_ceil(tasks) * NARROW_ROWS;
+    let out = Out(c.as_mut_ptr());
+    let (ap, wp) = (a.as_ptr() as usize, w.as_ptr() as usize);
+    let run = |t: usize| {
+        let rows = (t * per).min(m)..((t + 1) * per).min(m);
+        // SAFETY: the caller's guarantees; tasks own disjoint rows of C.
+        unsafe {
+            narrow_rows(
+                rows,
+                (n, k),
+                ap as *const f32,
+                lda,
+                wp as *const f32,
+                ldw,
+                out,
+                ldc,
+                keep,
+                alpha,
+            )
+        };
+    };
+    if tasks == 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
+/// `narrow` for rows `rows` of A and C.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn narrow_rows(
+    rows: std::ops::Range<usize>,
+    (n, k): (usize, usize),
+    a: *const f32,
+    lda: usize,
+    w: *const f32,
+    ldw: usize,
+    c: Out,
+    ldc: usize,
+    keep: bool,
+    alpha: f32,
+) {
+    let full = k / 16 * 16;
+    let tail = lanes(full, k);
+    for j0 in (0..n).step_by(NARROW_COLS) {
+        let cols = NARROW_COLS.min(n - j0);
+        let wr: [*const f32; NARROW_COLS] =
+            std::array::from_fn(|j| w.add((j0 + j.min(cols - 1)) * ldw));
+        let mut i0 = rows.start;
+        while i0 < rows.end {
+            let nr = NARROW_ROWS.min(rows.end - i0);
+            let ar: [*const f32; NARROW_ROWS] =
+                std::array::from_fn(|r| a.add((i0 + r.min(nr - 1)) * lda));
+            let mut acc = [[_mm512_setzero_ps(); NARROW_COLS]; NARROW_ROWS];
+            let mut p = 0;
+            while p < k {
+                let m = if p < full { 0xffff } else { tail };
+                let x: [__m512; NARROW_ROWS] =
+                    std::array::from_fn(|r| _mm512_maskz_loadu_ps(m, ar[r].add(p)));
+                for (j, wj) in wr.iter().enumerate() {
+                    let v = _mm512_maskz_loadu_ps(m, wj.add(p));
+                    for (accr, xr) in acc.iter_mut().zip(&x) {
+                        accr[j] = _mm512_fmadd_ps(*xr, v, accr[j]);
+                    }
+                }
+                p += 16;
+            }
+            for (r, accr) in acc.iter().enumerate().take(nr) {
+                let dst = c.0.add((i0 + r) * ldc + j0);
+                for (j, v) in accr.iter().enumerate().take(cols) {
+                    let sum = alpha * _mm512_reduce_add_ps(*v);
+                    let d = dst.add(j);
+                    *d = if keep { *d + sum } else { sum };
+                }
+            }
+            i0 += nr;
+        }
+    }
 }
 
 #[cfg(test)]

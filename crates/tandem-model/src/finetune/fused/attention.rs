@@ -7,6 +7,7 @@
 
 use rayon::prelude::*;
 use tandem_kernels::matmul::{gemm, Mat};
+use tandem_kernels::vexp::exp_in_place;
 
 /// A segment's shape: `len` query rows at positions `start..start + len`, over `start + len`
 /// keys (causal, optionally within a sliding window).
@@ -63,11 +64,9 @@ pub(super) fn forward(s: Shape, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, V
                 let (first, last) = s.visible(i);
                 let seen = &mut row[first..=last];
                 let max = seen.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let mut sum = 0f32;
-                for x in seen.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
+                seen.iter_mut().for_each(|x| *x -= max);
+                exp_in_place(seen);
+                let sum: f32 = seen.iter().sum();
                 for x in seen.iter_mut() {
                     *x /= sum;
                 }

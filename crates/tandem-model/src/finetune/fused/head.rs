@@ -12,12 +12,14 @@ use crate::llama::Llama;
 use candle_core::Tensor;
 use rayon::prelude::*;
 use tandem_kernels::matmul::{gemm, xwt, Mat};
+use tandem_kernels::vexp::exp_in_place;
 
 /// Logit bytes a block of rows may hold (the vocabulary's logits of each row).
 const BLOCK_BYTES: usize = 64 << 20;
 
-/// Per row of logits: (log-sum-exp, the first index of the largest logit).
-fn lse_argmax(z: &[f32]) -> (f32, usize) {
+/// One row of logits turned into exp(z − max) in place: returns (log-sum-exp, the first index
+/// of the largest logit, the logit of `label`, Σ exp(z − max)).
+fn softmax_row(z: &mut [f32], label: usize) -> (f32, usize, f32, f32) {
     let (mut best, mut at) = (f32::NEG_INFINITY, 0);
     for (j, &v) in z.iter().enumerate() {
         if v > best {
@@ -25,8 +27,11 @@ fn lse_argmax(z: &[f32]) -> (f32, usize) {
             at = j;
         }
     }
-    let sum: f32 = z.iter().map(|&v| (v - best).exp()).sum();
-    (sum.ln() + best, at)
+    let picked = z[label];
+    z.iter_mut().for_each(|v| *v -= best);
+    exp_in_place(z);
+    let sum: f32 = z.iter().sum();
+    (sum.ln() + best, at, picked, sum)
 }
 
 /// One caller's rows of a head pass: its labels (one per row, in order) and the weight of its
@@ -99,10 +104,14 @@ pub(crate) fn head_parts(model: &Llama, x: &Tensor, parts: &[Part]) -> Result<Ve
     for b0 in (0..rows.len()).step_by(block) {
         let n = block.min(rows.len() - b0);
         let mut z = xwt(&hn[b0 * h..(b0 + n) * h], lm, n, vocab, h);
-        let stats: Vec<(f32, usize)> = z.par_chunks(vocab).map(lse_argmax).collect();
-        for (r, &(lse, arg)) in stats.iter().enumerate() {
+        let stats: Vec<(f32, usize, f32, f32)> = z
+            .par_chunks_mut(vocab)
+            .enumerate()
+            .map(|(r, row)| softmax_row(row, rows[b0 + r].1))
+            .collect();
+        for (r, &(lse, arg, picked, _)) in stats.iter().enumerate() {
             let (_, t, _, k) = rows[b0 + r];
-            let nll = lse - z[r * vocab + t];
+            let nll = lse - picked;
             let o = &mut outs[k];
             o.loss_sum += nll as f64;
             o.logps.push(-nll);
@@ -112,15 +121,17 @@ pub(crate) fn head_parts(model: &Llama, x: &Tensor, parts: &[Part]) -> Result<Ve
         if !grad {
             continue;
         }
-        // d loss / dz = w · (softmax(z) − onehot(label)), in place.
+        // d loss / dz = w · (softmax(z) − onehot(label)), in place: each row holds
+        // exp(z − max), and softmax = that / e^(lse − max).
         z.par_chunks_mut(vocab)
             .zip(stats.par_iter())
             .enumerate()
-            .for_each(|(r, (row, &(lse, _)))| {
+            .for_each(|(r, (row, &(_, _, _, sum)))| {
                 let (_, t, w, _) = rows[b0 + r];
                 let w = w.unwrap_or(0.0);
+                let scale = w / sum;
                 for v in row.iter_mut() {
-                    *v = w * (*v - lse).exp();
+                    *v *= scale;
                 }
                 row[t] -= w;
             });

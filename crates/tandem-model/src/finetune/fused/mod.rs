@@ -63,6 +63,8 @@ pub struct LayerActs {
     h2: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// σ(gate).
+    sig: Vec<f32>,
     /// silu(gate) · up, down_proj's input.
     m: Vec<f32>,
     /// Per LoRA projection: its input times Aᵀ [rows, r].
@@ -79,7 +81,7 @@ impl LayerActs {
             .sum();
         let own = [
             &self.x, &self.rms1, &self.h1, &self.q, &self.o, &self.x2, &self.rms2, &self.h2,
-            &self.gate, &self.up, &self.m,
+            &self.gate, &self.up, &self.sig, &self.m,
         ]
         .iter()
         .map(|v| v.len())
@@ -319,7 +321,7 @@ pub(crate) fn layer_forward(
     let (h2, rms2) = rows::rms_norm(&x2, &host::to_vec(&layer.post_norm)?, eps);
     let gate = pg.forward(&h2, t, &mut lora_u);
     let up = pu.forward(&h2, t, &mut lora_u);
-    let m = rows::swiglu(&gate, &up);
+    let (m, sig) = rows::swiglu(&gate, &up);
     let mut out = pd.forward(&m, t, &mut lora_u);
     out.iter_mut().zip(&x2).for_each(|(a, b)| *a += b);
     Ok((
@@ -338,6 +340,7 @@ pub(crate) fn layer_forward(
             h2,
             gate,
             up,
+            sig,
             m,
             lora_u,
         },
@@ -397,7 +400,7 @@ pub(crate) fn layer_backward(
     // MLP: out = x2 + down(silu(gate(h2)) · up(h2)); d_out is also x2's gradient so far.
     let mut dm = vec![0f32; t * inter];
     keep(pd, pd.backward(&d_out, &acts.m, u(Proj::Down), t, &mut dm)?)?;
-    let du = rows::swiglu_backward(&mut dm, &acts.gate, &acts.up);
+    let du = rows::swiglu_backward(&mut dm, &acts.gate, &acts.up, &acts.sig);
     let mut dh2 = vec![0f32; t * h];
     keep(pg, pg.backward(&dm, &acts.h2, u(Proj::Gate), t, &mut dh2)?)?;
     keep(pu, pu.backward(&du, &acts.h2, u(Proj::Up), t, &mut dh2)?)?;

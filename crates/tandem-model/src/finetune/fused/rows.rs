@@ -3,6 +3,7 @@
 //! split over rayon's threads by rows.
 
 use rayon::prelude::*;
+use tandem_kernels::vexp::exp_in_place;
 
 /// Elements below which a row-wise pass stays on the calling thread.
 const SERIAL: usize = 1 << 15;
@@ -95,31 +96,45 @@ pub(super) fn rope(
     });
 }
 
-/// SwiGLU: `silu(g) · u` element by element.
-pub(super) fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
+/// SwiGLU: `silu(g) · u` element by element, and σ(g) (what the backward needs).
+pub(super) fn swiglu(g: &[f32], u: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut sig: Vec<f32> = g.iter().map(|v| -v).collect();
     let mut m = u.to_vec();
     let w = 4096.min(m.len()).max(1);
-    for_rows(&mut m, w, |i, row| {
-        let g = &g[i * w..][..row.len()];
-        for (o, &gv) in row.iter_mut().zip(g) {
-            *o *= gv / (1.0 + (-gv).exp());
+    let work = |i: usize, (mr, sr): (&mut [f32], &mut [f32])| {
+        exp_in_place(sr);
+        let g = &g[i * w..][..mr.len()];
+        for ((o, s), &gv) in mr.iter_mut().zip(sr.iter_mut()).zip(g) {
+            *s = 1.0 / (1.0 + *s);
+            *o *= gv * *s;
         }
-    });
-    m
+    };
+    if m.len() <= SERIAL {
+        m.chunks_mut(w)
+            .zip(sig.chunks_mut(w))
+            .enumerate()
+            .for_each(|(i, p)| work(i, p));
+    } else {
+        m.par_chunks_mut(w)
+            .zip(sig.par_chunks_mut(w))
+            .enumerate()
+            .for_each(|(i, p)| work(i, p));
+    }
+    (m, sig)
 }
 
 /// SwiGLU's backward: from `dm` (gradient of silu(g)·u) the gradients of `g` (written into
-/// `dm`'s place) and of `u` (returned).
-pub(super) fn swiglu_backward(dm: &mut [f32], g: &[f32], u: &[f32]) -> Vec<f32> {
+/// `dm`'s place) and of `u` (returned); `sig` is σ(g) from the forward.
+pub(super) fn swiglu_backward(dm: &mut [f32], g: &[f32], u: &[f32], sig: &[f32]) -> Vec<f32> {
     let mut du = vec![0f32; dm.len()];
     let w = 4096.min(dm.len()).max(1);
     let work = |i: usize, (d, du): (&mut [f32], &mut [f32])| {
-        let (g, u) = (&g[i * w..][..d.len()], &u[i * w..][..d.len()]);
-        for j in 0..d.len() {
-            let sig = 1.0 / (1.0 + (-g[j]).exp());
-            let silu = g[j] * sig;
+        let n = d.len();
+        let (g, u, sig) = (&g[i * w..][..n], &u[i * w..][..n], &sig[i * w..][..n]);
+        for j in 0..n {
+            let silu = g[j] * sig[j];
             du[j] = d[j] * silu;
-            d[j] *= u[j] * sig * (1.0 + g[j] * (1.0 - sig));
+            d[j] *= u[j] * sig[j] * (1.0 + g[j] * (1.0 - sig[j]));
         }
     };
     if dm.len() <= SERIAL {
@@ -194,7 +209,8 @@ mod tests {
         let u: Vec<f32> = (0..5).map(|i| 1.0 - i as f32 * 0.3).collect();
         let mut dm: Vec<f32> = vec![1.0, -0.5, 0.25, 2.0, 0.1];
         let dm0 = dm.clone();
-        let du = swiglu_backward(&mut dm, &g, &u);
+        let (m, sig) = swiglu(&g, &u);
+        let du = swiglu_backward(&mut dm, &g, &u, &sig);
         let silu = |v: f64| v / (1.0 + (-v).exp());
         for j in 0..5 {
             let (gv, uv) = (g[j] as f64, u[j] as f64);
@@ -202,7 +218,6 @@ mod tests {
             assert!((dm[j] as f64 - dg).abs() < 1e-4);
             assert!((du[j] as f64 - silu(gv) * dm0[j] as f64).abs() < 1e-5);
         }
-        let m = swiglu(&g, &u);
         assert!((m[4] as f64 - silu(g[4] as f64) * u[4] as f64).abs() < 1e-6);
     }
 }
