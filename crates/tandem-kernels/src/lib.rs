@@ -2,7 +2,9 @@
 //!
 //! Owns: each op as one type with a CPU reference (`cpu_fwd`) and, behind the `cuda` feature,
 //! a CUDA path (kernels/*.cu compiled to PTX by build.rs). Ops take varlen metadata as
-//! explicit host data. Must not touch: model structure, scheduling policy, or request state.
+//! explicit host data; and, for the CPU training layer that works on host buffers, products
+//! and element-wise routines on slices (`matmul`, `vexp`). Must not touch: model structure,
+//! scheduling policy, or request state.
 
 mod cpu;
 #[cfg(feature = "cuda")]
@@ -13,7 +15,7 @@ mod dense_x86;
 pub mod lora_sgmv;
 pub mod matmul;
 #[cfg(target_arch = "x86_64")]
-pub mod matmul_x86;
+mod matmul_x86;
 pub mod paged_attention;
 pub mod vexp;
 

@@ -92,9 +92,9 @@ impl Unit {
         self.kept_layer_estimate(cfg) * cfg.num_hidden_layers
     }
 
-    /// What autograd keeps of one layer's intermediates for the unit's rows, in f32: the
-    /// norms, projections before and after RoPE, the MLP's four wide tensors, and each
-    /// member's attention scores and probabilities.
+    /// What a kept layer holds for the unit's rows, in f32 (autograd's graph or the CPU
+    /// layer's `LayerActs`, about the same): the norms, projections before and after RoPE, the
+    /// MLP's four wide tensors, and each member's attention scores and probabilities.
     fn kept_layer_estimate(&self, cfg: &crate::config::ModelConfig) -> usize {
         let h = cfg.hidden_size;
         let qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim;
