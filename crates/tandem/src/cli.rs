@@ -76,8 +76,10 @@ pub struct TrainArgs {
     /// examples, 1 to 256).
     #[arg(long, default_value = "auto")]
     pub batch_size: String,
-    /// Tokens per forward chunk of a training sequence.
-    #[arg(long, default_value_t = 128)]
+    /// Tokens per chunk of a training sequence. Examples up to this long are packed together
+    /// (up to --pack-tokens) and keep their activations for the backward when memory allows;
+    /// longer ones are trained chunk by chunk, each layer recomputed from its saved input.
+    #[arg(long, default_value_t = 512)]
     pub chunk_tokens: usize,
     /// Longer examples are cut to this many tokens.
     #[arg(long, default_value_t = 1024)]
