@@ -3,11 +3,13 @@
 //! rows of activations against a weight, in either orientation; LoRA's narrow factors;
 //! attention's per-head products; the LM head's long reduction).
 //!
-//! - Columns of C are split among rayon tasks; each task walks k in blocks of `KC`. For each
-//!   block it packs its columns of B's rows into panels of `16·NV` columns, contiguous per k
-//!   step and scaled by the term's alpha (B may be any strided view — a weight as stored or
-//!   its transpose — and is read once, in order, from memory), then runs register tiles over
-//!   every `MR` rows of A against each panel, adding into C.
+//! - Columns of C are split among rayon tasks; each task walks k in blocks of `KC`, and each
+//!   block in panels of `16·NV` columns. It packs a panel of B — contiguous per k step, scaled
+//!   by the term's alpha; B may be any strided view, a weight as stored or its transpose —
+//!   into one buffer that stays in L1, runs register tiles over every `MR` rows of A against
+//!   it, adding into C, and meanwhile prefetches the next panel's part of B into L2 (a
+//!   layer's weights are not in cache when its product starts; waiting for them was a fifth
+//!   of training's time).
 //! - A register tile: MR rows of A, each element broadcast (A may have any strides), against a
 //!   panel's vectors: MR × NV accumulators of 16 lanes, NV vector loads and MR broadcasts per k
 //!   step. On data in L1 it runs at the core's FMA peak (measured: 184 GFLOP/s on one core of
@@ -107,7 +109,7 @@ unsafe fn task<const NV: usize>(
             .iter()
             .map(|(a, _, _)| a.cols)
             .sum();
-        packed.resize(packed.len().max((KC + tail) * panels * nr), 0.0);
+        packed.resize(packed.len().max(KC * nr + tail * panels * nr), 0.0);
         task_with::<NV>(m, &cols, c, ldc, keep, terms, &mut packed);
         cell.set(packed);
     });
@@ -115,6 +117,16 @@ unsafe fn task<const NV: usize>(
 
 thread_local! {
     static PACKED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Rows of A up to which a B with contiguous rows is read where it lies rather than packed.
+const DIRECT_ROWS: usize = MR;
+
+/// Whether `task_with` reads `b` in place: its rows contiguous and few row tiles to reuse a
+/// packed panel (LoRA's r × in factors: duᵀ·x, uᵀ·dy), so a packing pass would cost more than
+/// the strided reads it saves.
+fn direct_b(m: usize, b: &Mat) -> bool {
+    b.cs == 1 && m <= DIRECT_ROWS
 }
 
 /// Terms of at most this k that follow a longer one (LoRA's `u·Bᵀ`, `du·A`: k = r) join its
@@ -129,7 +141,7 @@ fn tail_terms(m: usize, terms: &[(Mat, Mat, f32)]) -> usize {
     let tail = terms
         .iter()
         .rev()
-        .take_while(|(a, b, _)| a.cols <= TAIL_K && !(m <= MR && b.cs == 1))
+        .take_while(|(a, b, _)| a.cols <= TAIL_K && !direct_b(m, b))
         .count();
     if tail == terms.len()
         || terms[..terms.len() - tail]
@@ -158,7 +170,7 @@ unsafe fn task_with<const NV: usize>(
     let panels = cols.len().div_ceil(nr);
     let tails = tail_terms(m, terms);
     let (main, tail) = terms.split_at(terms.len() - tails);
-    let (packed, tail_buf) = packed.split_at_mut(KC * panels * nr);
+    let (packed, tail_buf) = packed.split_at_mut(KC * nr);
     let mut tail_at = Vec::with_capacity(tail.len());
     let mut at = 0;
     for (_, b, alpha) in tail {
@@ -168,29 +180,55 @@ unsafe fn task_with<const NV: usize>(
         at += k * panels * nr;
     }
     let mut first = !keep;
+    // Every (term, k block, panel) this task packs, in order: while one panel's row tiles run,
+    // the next one's part of B is prefetched, so packing reads B from L2 rather than waiting
+    // on memory (a layer's weights are not in cache when its product starts).
+    let steps: Vec<(usize, usize, usize, usize)> = main
+        .iter()
+        .enumerate()
+        .filter(|(_, (a, b, _))| !direct_b(m, b) && a.cols > 0)
+        .flat_map(|(ti, (a, _, _))| {
+            (0..a.cols).step_by(KC).flat_map(move |k0| {
+                let kc = KC.min(a.cols - k0);
+                (0..panels).map(move |panel| (ti, k0, kc, panel))
+            })
+        })
+        .collect();
+    let mut step = 0;
+    let tiles = m.div_ceil(MR);
     for (ti, (a, b, alpha)) in main.iter().enumerate() {
         let k = a.cols;
         let mut k0 = 0;
-        // One row tile and B's rows contiguous: no panel is reused, so B is read where it
-        // lies instead of packed (LoRA's r × in factors: duᵀ·x, uᵀ·dy).
-        let direct = m <= MR && b.cs == 1;
+        let direct = direct_b(m, b);
         let scale = _mm512_set1_ps(if direct { *alpha } else { 1.0 });
         while k0 < k {
             let kc = KC.min(k - k0);
             let last = ti + 1 == main.len() && k0 + kc == k;
-            if !direct {
-                pack::<NV>(b, k0, kc, cols, *alpha, packed);
-            }
             for panel in 0..panels {
                 let j0 = cols.start + panel * nr;
                 let mask: [__mmask16; NV] = std::array::from_fn(|v| lanes(j0 + 16 * v, cols.end));
+                let next = if direct {
+                    None
+                } else {
+                    let pcols = j0..(j0 + nr).min(cols.end);
+                    pack::<NV>(b, k0, kc, &pcols, *alpha, &mut packed[..kc * nr]);
+                    step += 1;
+                    steps.get(step).map(|&(nt, nk0, nkc, np)| {
+                        let ncols =
+                            cols.start + np * nr..(cols.start + (np + 1) * nr).min(cols.end);
+                        (main[nt].1, nk0, nkc, ncols)
+                    })
+                };
                 let (vp, ldv) = if direct {
                     (b.data.as_ptr().add(k0 * b.rs + j0), b.rs)
                 } else {
-                    (packed.as_ptr().add(panel * kc * nr), nr)
+                    (packed.as_ptr(), nr)
                 };
                 for i0 in (0..m).step_by(MR) {
                     let rows = MR.min(m - i0);
+                    if let Some((nb, nk0, nkc, ncols)) = &next {
+                        prefetch_part(nb, *nk0, *nkc, ncols, i0 / MR, tiles);
+                    }
                     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
                     run_tile::<NV>(a, i0, rows, k0, kc, vp, ldv, mask, direct, &mut acc);
                     if direct {
@@ -254,11 +292,77 @@ unsafe fn run_tile<const NV: usize>(
             .as_ptr()
             .add((i0 + r.min(rows - 1)) * a.rs + k0 * a.cs)
     });
+    // A last tile of a few rows runs a shorter tile (182 rows: 15 of 12 and one of 4, not a
+    // 16th of 12 that computes 10 rows for nothing).
+    if rows <= 4 {
+        let (acc4, _) = acc.split_first_chunk_mut::<4>().expect("MR >= 4");
+        let bc4: [*const f32; 4] = std::array::from_fn(|r| bc[r]);
+        tile_rows::<NV, 4>(a, kc, bc4, vp, ldv, mask, direct, acc4)
+    } else if rows <= 8 {
+        let (acc8, _) = acc.split_first_chunk_mut::<8>().expect("MR >= 8");
+        let bc8: [*const f32; 8] = std::array::from_fn(|r| bc[r]);
+        tile_rows::<NV, 8>(a, kc, bc8, vp, ldv, mask, direct, acc8)
+    } else {
+        tile_rows::<NV, MR>(a, kc, bc, vp, ldv, mask, direct, acc)
+    }
+}
+
+/// `tile` for `R` rows, dispatched on A's column stride and whether B is packed.
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_rows<const NV: usize, const R: usize>(
+    a: &Mat,
+    kc: usize,
+    bc: [*const f32; R],
+    vp: *const f32,
+    ldv: usize,
+    mask: [__mmask16; NV],
+    direct: bool,
+    acc: &mut [[__m512; NV]; R],
+) {
     match (a.cs == 1, direct) {
-        (true, false) => tile::<NV, true, false>(kc, bc, 1, vp, ldv, mask, acc),
-        (false, false) => tile::<NV, false, false>(kc, bc, a.cs, vp, ldv, mask, acc),
-        (true, true) => tile::<NV, true, true>(kc, bc, 1, vp, ldv, mask, acc),
-        (false, true) => tile::<NV, false, true>(kc, bc, a.cs, vp, ldv, mask, acc),
+        (true, false) => tile::<NV, R, true, false>(kc, bc, 1, vp, ldv, mask, acc),
+        (false, false) => tile::<NV, R, false, false>(kc, bc, a.cs, vp, ldv, mask, acc),
+        (true, true) => tile::<NV, R, true, true>(kc, bc, 1, vp, ldv, mask, acc),
+        (false, true) => tile::<NV, R, false, true>(kc, bc, a.cs, vp, ldv, mask, acc),
+    }
+}
+
+/// Prefetches into L2 the `part`-th of `parts` shares of what `pack` will read of `b` (rows
+/// `k0..k0 + kc`, columns `cols`): a share of its row segments (B's rows contiguous) or column
+/// segments (B = Wᵀ), every cache line of each.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn prefetch_part(
+    b: &Mat,
+    k0: usize,
+    kc: usize,
+    cols: &std::ops::Range<usize>,
+    part: usize,
+    parts: usize,
+) {
+    let (segments, seg_len) = if b.cs == 1 {
+        (kc, cols.len())
+    } else if b.rs == 1 {
+        (cols.len(), kc)
+    } else {
+        return;
+    };
+    let base = b.data.as_ptr();
+    for s in segments * part / parts..segments * (part + 1) / parts {
+        let start = if b.cs == 1 {
+            (k0 + s) * b.rs + cols.start
+        } else {
+            (cols.start + s) * b.cs + k0
+        };
+        let first = base.wrapping_add(start) as usize & !63;
+        let end = base.wrapping_add(start + seg_len) as usize;
+        let mut line = first;
+        while line < end {
+            _mm_prefetch::<_MM_HINT_T1>(line as *const i8);
+            line += 64;
+        }
     }
 }
 
@@ -367,14 +471,14 @@ unsafe fn transpose16(r: &mut [__m512; 16]) {
 /// B read where it lies, lanes outside `mask` as zeros; packed panels are whole).
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile<const NV: usize, const UNIT: bool, const DIRECT: bool>(
+unsafe fn tile<const NV: usize, const R: usize, const UNIT: bool, const DIRECT: bool>(
     kc: usize,
-    bc: [*const f32; MR],
+    bc: [*const f32; R],
     bs: usize,
     vp: *const f32,
     ldv: usize,
     mask: [__mmask16; NV],
-    acc: &mut [[__m512; NV]; MR],
+    acc: &mut [[__m512; NV]; R],
 ) {
     let mut a = *acc;
     for p in 0..kc {
@@ -425,26 +529,36 @@ pub(crate) unsafe fn narrow(
         return;
     }
     let threads = rayon::current_num_threads().max(1);
+    // Tasks split whichever side has more tile groups: A's rows (a LoRA factor's product over
+    // many rows) or W's (the LM head over a few target rows).
+    let by_w = n.div_ceil(NARROW_COLS) > m.div_ceil(NARROW_ROWS);
+    let (len, group) = if by_w {
+        (n, NARROW_COLS)
+    } else {
+        (m, NARROW_ROWS)
+    };
     let tasks = if m * n * k < SERIAL {
         1
     } else {
-        threads.min(m.div_ceil(NARROW_ROWS))
+        threads.min(len.div_ceil(group))
     };
-    let per = m.div_ceil(NARROW_ROWS).div_ceil(tasks) * NARROW_ROWS;
-    let out = Out(c.as_mut_ptr());
+    let per = len.div_ceil(group).div_ceil(tasks) * group;
+    let out = c.as_mut_ptr() as usize;
     let (ap, wp) = (a.as_ptr() as usize, w.as_ptr() as usize);
     let run = |t: usize| {
-        let rows = (t * per).min(m)..((t + 1) * per).min(m);
-        // SAFETY: the caller's guarantees; tasks own disjoint rows of C.
+        let part = (t * per).min(len)..((t + 1) * per).min(len);
+        let (rows, cols) = if by_w { (0..m, part) } else { (part, 0..n) };
+        // SAFETY: the caller's guarantees; tasks own disjoint rows or columns of C (W's rows
+        // `cols` are C's columns, offset into W and C alike).
         unsafe {
             narrow_rows(
                 rows,
-                (n, k),
+                (cols.len(), k),
                 ap as *const f32,
                 lda,
-                wp as *const f32,
+                (wp as *const f32).add(cols.start * ldw),
                 ldw,
-                out,
+                Out((out as *mut f32).add(cols.start)),
                 ldc,
                 keep,
                 alpha,
