@@ -24,9 +24,12 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    // 2ⁿ through the exponent bits; n = 128 (x near the top) as 2¹²⁷ · 2.
+    // 2ⁿ through the exponent bits; n = 128 (x near the top) as 2¹²⁷ · 2. The biased exponent
+    // n + 127 (in 1..=254) is read from the low bits of n + 127 + 2²³ rather than converted with
+    // `as`, whose saturating conversion the compiler does not vectorise.
     let n1 = n.min(127.0);
-    e * f32::from_bits(((n1 as i32 + 127) << 23) as u32) * (1.0 + (n - n1))
+    let biased = (n1 + 127.0 + 8_388_608.0).to_bits() - 8_388_608f32.to_bits();
+    e * f32::from_bits(biased << 23) * (1.0 + (n - n1))
 }
 
 /// x ← e^x for every value.
