@@ -1,10 +1,10 @@
 //! A decoder layer's training forward and backward written out by hand, for the CPU in f32:
 //! what `step.rs` otherwise builds from candle ops and differentiates with candle's autograd.
 //! Same math (`Llama::layer_segments`), but each piece is one pass over plain buffers — the
-//! projections through `tandem_kernels::matmul` (the frozen weights read in place, the
-//! forward's products `dense`'s), the element-wise work row by row (`rows.rs`), attention one
-//! head per task (`attention.rs`) — instead of dozens of tensor ops, each allocated and
-//! recorded for autograd, most of them on one thread.
+//! projections through `tandem_kernels::matmul` (the frozen weights read in place, a LoRA's
+//! term folded into its projection's pass), the element-wise work row by row (`rows.rs`),
+//! attention one head per task (`attention.rs`) — instead of dozens of tensor ops, each
+//! allocated and recorded for autograd, most of them on one thread.
 //!
 //! `layer_forward` keeps what the backward needs (`LayerActs`: normed inputs, projections,
 //! attention probabilities, the MLP's activations, each LoRA's `x·Aᵀ`); `layer_backward`

@@ -5,6 +5,23 @@
 use rayon::prelude::*;
 use tandem_kernels::vexp::exp_in_place;
 
+/// Runs `f` compiled for AVX-512 where the CPU has it: the element-wise loops inlined into it
+/// vectorise 16 lanes wide instead of the SSE2 baseline's 4, with the same arithmetic (Rust
+/// fuses no multiply-add by itself, so results are the same bits).
+#[inline(always)]
+pub(super) fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { run(f) };
+    }
+    f()
+}
+
 /// Elements below which a row-wise pass stays on the calling thread.
 const SERIAL: usize = 1 << 15;
 
@@ -38,9 +55,11 @@ pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let mut y = x.to_vec();
     for_rows(&mut y, h, |i, r| {
         let d = rms[i];
-        for (v, g) in r.iter_mut().zip(w) {
-            *v = *v / d * g;
-        }
+        wide(|| {
+            for (v, g) in r.iter_mut().zip(w) {
+                *v = *v / d * g;
+            }
+        })
     });
     debug_assert_eq!(rms.len(), rows);
     (y, rms)
@@ -59,9 +78,11 @@ pub(super) fn rms_norm_backward(dx: &mut [f32], dy: &[f32], x: &[f32], rms: &[f3
             dot += d * g * (v / r);
         }
         let mean = dot / h as f32;
-        for (((o, d), v), g) in out.iter_mut().zip(dy).zip(x).zip(w) {
-            *o += (d * g - (v / r) * mean) / r;
-        }
+        wide(|| {
+            for (((o, d), v), g) in out.iter_mut().zip(dy).zip(x).zip(w) {
+                *o += (d * g - (v / r) * mean) / r;
+            }
+        })
     });
 }
 
@@ -80,19 +101,25 @@ pub(super) fn rope(
     let half = hd / 2;
     for_rows(x, heads * hd, |i, row| {
         let (c, s) = (&cos[pos[i] * half..][..half], &sin[pos[i] * half..][..half]);
-        for head in row.chunks_mut(hd) {
-            let (x1, x2) = head.split_at_mut(half);
-            for j in 0..half {
-                let (a, b) = (x1[j], x2[j]);
+        wide(|| {
+            for head in row.chunks_mut(hd) {
+                let (x1, x2) = head.split_at_mut(half);
+                let (x1, x2) = (&mut x1[..half], &mut x2[..half]);
                 if inverse {
-                    x1[j] = a * c[j] + b * s[j];
-                    x2[j] = b * c[j] - a * s[j];
+                    for j in 0..half {
+                        let (a, b) = (x1[j], x2[j]);
+                        x1[j] = a * c[j] + b * s[j];
+                        x2[j] = b * c[j] - a * s[j];
+                    }
                 } else {
-                    x1[j] = a * c[j] - b * s[j];
-                    x2[j] = b * c[j] + a * s[j];
+                    for j in 0..half {
+                        let (a, b) = (x1[j], x2[j]);
+                        x1[j] = a * c[j] - b * s[j];
+                        x2[j] = b * c[j] + a * s[j];
+                    }
                 }
             }
-        }
+        })
     });
 }
 
@@ -104,10 +131,12 @@ pub(super) fn swiglu(g: &[f32], u: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let work = |i: usize, (mr, sr): (&mut [f32], &mut [f32])| {
         exp_in_place(sr);
         let g = &g[i * w..][..mr.len()];
-        for ((o, s), &gv) in mr.iter_mut().zip(sr.iter_mut()).zip(g) {
-            *s = 1.0 / (1.0 + *s);
-            *o *= gv * *s;
-        }
+        wide(|| {
+            for ((o, s), &gv) in mr.iter_mut().zip(sr.iter_mut()).zip(g) {
+                *s = 1.0 / (1.0 + *s);
+                *o *= gv * *s;
+            }
+        })
     };
     if m.len() <= SERIAL {
         m.chunks_mut(w)
@@ -130,12 +159,19 @@ pub(super) fn swiglu_backward(dm: &mut [f32], g: &[f32], u: &[f32], sig: &[f32])
     let w = 4096.min(dm.len()).max(1);
     let work = |i: usize, (d, du): (&mut [f32], &mut [f32])| {
         let n = d.len();
-        let (g, u, sig) = (&g[i * w..][..n], &u[i * w..][..n], &sig[i * w..][..n]);
-        for j in 0..n {
-            let silu = g[j] * sig[j];
-            du[j] = d[j] * silu;
-            d[j] *= u[j] * sig[j] * (1.0 + g[j] * (1.0 - sig[j]));
-        }
+        let (g, u, sig, du) = (
+            &g[i * w..][..n],
+            &u[i * w..][..n],
+            &sig[i * w..][..n],
+            &mut du[..n],
+        );
+        wide(|| {
+            for j in 0..n {
+                let silu = g[j] * sig[j];
+                du[j] = d[j] * silu;
+                d[j] *= u[j] * sig[j] * (1.0 + g[j] * (1.0 - sig[j]));
+            }
+        })
     };
     if dm.len() <= SERIAL {
         dm.chunks_mut(w)
