@@ -17,6 +17,7 @@ pub mod matmul;
 #[cfg(target_arch = "x86_64")]
 mod matmul_x86;
 pub mod paged_attention;
+pub mod pool;
 pub mod vexp;
 
 pub use dense::dense;

@@ -325,8 +325,17 @@ impl<'m> Finetuner<'m> {
     }
 
     /// One optimizer step: the batch's sequences forward chunk by chunk, then backward step
-    /// by step, then AdamW; the new weights go into the registry slot.
+    /// by step, then AdamW; the new weights go into the registry slot. On the CPU the step runs
+    /// on a rayon worker (`tandem_kernels::pool`).
     pub fn train_step(&mut self) -> Result<StepReport> {
+        if self.model.device().is_cpu() {
+            tandem_kernels::pool::on_worker(|| self.step_here())
+        } else {
+            self.step_here()
+        }
+    }
+
+    fn step_here(&mut self) -> Result<StepReport> {
         loop {
             self.run.forward_kept(self.model, self.keep_budget)?;
             loop {
