@@ -3,8 +3,8 @@
 //! Owns: each op as one type with a CPU reference (`cpu_fwd`) and, behind the `cuda` feature,
 //! a CUDA path (kernels/*.cu compiled to PTX by build.rs). Ops take varlen metadata as
 //! explicit host data; and, for the CPU training layer that works on host buffers, products
-//! and element-wise routines on slices (`matmul`, `vexp`). Must not touch: model structure,
-//! scheduling policy, or request state.
+//! and element-wise routines on slices (`matmul`, `vexp`), run from a rayon worker (`pool`).
+//! Must not touch: model structure, scheduling policy, or request state.
 
 mod cpu;
 #[cfg(feature = "cuda")]
