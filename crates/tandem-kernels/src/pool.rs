@@ -1,14 +1,17 @@
 //! Where the CPU kernels' parallel sections start from.
 //!
 //! Every product and row pass splits its work with rayon. Called from a thread outside rayon's
-//! pool (the engine thread, `tandem finetune`'s main thread), each split is injected into the
+//! pool (`tandem finetune`'s main thread), each split is injected into the
 //! pool: it wakes the workers and parks the caller until they are done, a round trip through
 //! the kernel per section, hundreds per training step. Called from a worker, the worker runs
 //! one part itself and the rest is stolen by a peer. `on_worker` moves a whole step onto a
 //! worker once.
 
 /// Runs `f` on one of rayon's worker threads while the caller waits (at once if the caller is
-/// one). Only for CPU work: a GPU context is bound to the thread that made it.
+/// one). Only for CPU work (a GPU context is bound to the thread that made it), and only for
+/// work that never waits on another thread: with one rayon thread, a worker blocked on a thread
+/// that itself needs the pool (the engine's grammar masks are prepared that way) would wait
+/// forever, which is why the engine's iterations do not use it.
 ///
 /// Measured on 2 cores (`tandem finetune`, docs/benchmarks.md): 4-10% more trained tokens/s.
 pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {

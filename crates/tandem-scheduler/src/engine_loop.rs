@@ -57,13 +57,7 @@ pub(crate) fn run(mut engine: LlmEngine, rx: Receiver<Command>) {
             continue;
         }
         let span = tracing::debug_span!("iteration", n = engine.counters.iterations + 1);
-        // On the CPU the iteration runs on a rayon worker, so its kernels' parallel sections
-        // start there instead of waking the pool and parking this thread each time.
-        let result = if engine.runner.model.device().is_cpu() {
-            tandem_kernels::pool::on_worker(|| span.in_scope(|| engine.step()))
-        } else {
-            span.in_scope(|| engine.step())
-        };
+        let result = span.in_scope(|| engine.step());
         match result {
             Ok(outputs) => {
                 for o in outputs {
