@@ -25,6 +25,7 @@ use crate::lora::Proj;
 use candle_core::{DType, Tensor};
 pub(crate) use host::to_vec as host_vec;
 use host::HostF32;
+use rayon::prelude::*;
 use std::collections::HashMap;
 use tandem_kernels::matmul::{gemm, gemm_sum, xwt, Mat};
 
@@ -275,7 +276,9 @@ pub(crate) fn layer_forward(
     rows::rope(&mut q, nh, hd, &pos, cos.get(), sin.get(), false);
     rows::rope(&mut k, nkv, hd, &pos, cos.get(), sin.get(), false);
     let mut o = vec![0f32; t * qd];
-    let mut seg_acts = Vec::with_capacity(segs.len());
+    // Each segment's keys and values (after those before it), then every segment's heads in
+    // one parallel section (a packed unit's short examples: one section, not one per example).
+    let mut inputs = Vec::with_capacity(segs.len());
     let mut row = 0;
     for s in segs {
         let shape = attention::Shape {
@@ -305,8 +308,18 @@ pub(crate) fn layer_forward(
         }
         ks.extend_from_slice(&k[row * kvd..(row + s.len) * kvd]);
         vs.extend_from_slice(&v[row * kvd..(row + s.len) * kvd]);
-        let (out, probs) = attention::forward(shape, &q[row * qd..(row + s.len) * qd], &ks, &vs);
-        o[row * qd..(row + s.len) * qd].copy_from_slice(&out);
+        inputs.push((shape, row, ks, vs));
+        row += s.len;
+    }
+    let outs: Vec<_> = inputs
+        .par_iter()
+        .map(|(shape, row, ks, vs)| {
+            attention::forward(*shape, &q[row * qd..(row + shape.len) * qd], ks, vs)
+        })
+        .collect();
+    let mut seg_acts = Vec::with_capacity(segs.len());
+    for ((shape, row, ks, vs), (out, probs)) in inputs.into_iter().zip(outs) {
+        o[row * qd..(row + shape.len) * qd].copy_from_slice(&out);
         seg_acts.push(SegActs {
             shape,
             row,
@@ -314,16 +327,15 @@ pub(crate) fn layer_forward(
             v: vs,
             probs,
         });
-        row += s.len;
     }
     let mut x2 = po.forward(&o, t, &mut lora_u);
-    x2.iter_mut().zip(&x).for_each(|(a, b)| *a += b);
+    rows::add_into(&mut x2, &x);
     let (h2, rms2) = rows::rms_norm(&x2, &host::to_vec(&layer.post_norm)?, eps);
     let gate = pg.forward(&h2, t, &mut lora_u);
     let up = pu.forward(&h2, t, &mut lora_u);
     let (m, sig) = rows::swiglu(&gate, &up);
     let mut out = pd.forward(&m, t, &mut lora_u);
-    out.iter_mut().zip(&x2).for_each(|(a, b)| *a += b);
+    rows::add_into(&mut out, &x2);
     Ok((
         out,
         LayerActs {
@@ -415,16 +427,24 @@ pub(crate) fn layer_backward(
     let mut dk = vec![0f32; t * kvd];
     let mut dv = vec![0f32; t * kvd];
     let (mut d_k_prev, mut d_v_prev) = (None, None);
-    for (i, s) in acts.segs.iter().enumerate() {
+    // Every segment's heads in one parallel section, then their gradients into place.
+    let grads: Vec<_> = acts
+        .segs
+        .par_iter()
+        .map(|s| {
+            let (len, row) = (s.shape.len, s.row);
+            attention::backward(
+                s.shape,
+                &acts.q[row * qd..(row + len) * qd],
+                &s.k,
+                &s.v,
+                &s.probs,
+                &d_o[row * qd..(row + len) * qd],
+            )
+        })
+        .collect();
+    for (i, (s, g)) in acts.segs.iter().zip(grads).enumerate() {
         let (len, start, row) = (s.shape.len, s.shape.start, s.row);
-        let g = attention::backward(
-            s.shape,
-            &acts.q[row * qd..(row + len) * qd],
-            &s.k,
-            &s.v,
-            &s.probs,
-            &d_o[row * qd..(row + len) * qd],
-        );
         dq[row * qd..(row + len) * qd].copy_from_slice(&g.dq);
         dk[row * kvd..(row + len) * kvd].copy_from_slice(&g.dk[start * kvd..]);
         dv[row * kvd..(row + len) * kvd].copy_from_slice(&g.dv[start * kvd..]);

@@ -44,15 +44,16 @@ pub(super) fn for_rows(buf: &mut [f32], width: usize, f: impl Fn(usize, &mut [f3
 /// `rms_norm_slow`). Returns the normed rows and each row's `sqrt(mean(x²) + eps)`.
 pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let h = w.len();
-    let rows = x.len() / h.max(1);
-    let rms: Vec<f32> = x
-        .chunks(h)
-        .map(|r| {
-            let ss: f32 = r.iter().map(|v| v * v).sum();
-            (ss / h as f32 + eps).sqrt()
-        })
-        .collect();
-    let mut y = x.to_vec();
+    let rms_of = |r: &[f32]| {
+        let ss: f32 = r.iter().map(|v| v * v).sum();
+        (ss / h as f32 + eps).sqrt()
+    };
+    let rms: Vec<f32> = if x.len() <= SERIAL {
+        x.chunks(h.max(1)).map(rms_of).collect()
+    } else {
+        x.par_chunks(h.max(1)).map(rms_of).collect()
+    };
+    let mut y = copied(x);
     for_rows(&mut y, h, |i, r| {
         let d = rms[i];
         wide(|| {
@@ -61,8 +62,30 @@ pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
             }
         })
     });
-    debug_assert_eq!(rms.len(), rows);
     (y, rms)
+}
+
+/// `x` as a new vector, copied on several threads when large (no serial pass while the other
+/// threads wait).
+fn copied(x: &[f32]) -> Vec<f32> {
+    if x.len() <= SERIAL {
+        return x.to_vec();
+    }
+    let mut y = Vec::with_capacity(x.len());
+    y.par_extend(x.par_iter().copied());
+    y
+}
+
+/// `a += b` element by element, on several threads when large.
+pub(super) fn add_into(a: &mut [f32], b: &[f32]) {
+    let add = |a: &mut [f32], b: &[f32]| wide(|| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+    if a.len() <= SERIAL {
+        add(a, b);
+    } else {
+        a.par_chunks_mut(4096)
+            .zip(b.par_chunks(4096))
+            .for_each(|(a, b)| add(a, b));
+    }
 }
 
 /// Adds the gradient w.r.t. `x` of RMSNorm's output to `dx`, given `dy` (the gradient of the
@@ -125,30 +148,26 @@ pub(super) fn rope(
 
 /// SwiGLU: `silu(g) · u` element by element, and σ(g) (what the backward needs).
 pub(super) fn swiglu(g: &[f32], u: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut sig: Vec<f32> = g.iter().map(|v| -v).collect();
-    let mut m = u.to_vec();
-    let w = 4096.min(m.len()).max(1);
-    let work = |i: usize, (mr, sr): (&mut [f32], &mut [f32])| {
+    let n = g.len();
+    let w = 4096.min(n).max(1);
+    // σ(g) = 1 / (1 + exp(−g)), then silu(g)·u = u · (g · σ(g)); each output written once, on
+    // several threads when large.
+    let sigmoid = |sr: &mut [f32]| {
         exp_in_place(sr);
-        let g = &g[i * w..][..mr.len()];
-        wide(|| {
-            for ((o, s), &gv) in mr.iter_mut().zip(sr.iter_mut()).zip(g) {
-                *s = 1.0 / (1.0 + *s);
-                *o *= gv * *s;
-            }
-        })
+        wide(|| sr.iter_mut().for_each(|s| *s = 1.0 / (1.0 + *s)));
     };
-    if m.len() <= SERIAL {
-        m.chunks_mut(w)
-            .zip(sig.chunks_mut(w))
-            .enumerate()
-            .for_each(|(i, p)| work(i, p));
-    } else {
-        m.par_chunks_mut(w)
-            .zip(sig.par_chunks_mut(w))
-            .enumerate()
-            .for_each(|(i, p)| work(i, p));
+    let product = |((u, g), s): ((&f32, &f32), &f32)| u * (g * s);
+    if n <= SERIAL {
+        let mut sig: Vec<f32> = g.iter().map(|v| -v).collect();
+        sig.chunks_mut(w).for_each(sigmoid);
+        let m = u.iter().zip(g).zip(&sig).map(product).collect();
+        return (m, sig);
     }
+    let mut sig = Vec::with_capacity(n);
+    sig.par_extend(g.par_iter().map(|v| -v));
+    sig.par_chunks_mut(w).for_each(sigmoid);
+    let mut m = Vec::with_capacity(n);
+    m.par_extend(u.par_iter().zip(g).zip(&sig).map(product));
     (m, sig)
 }
 
