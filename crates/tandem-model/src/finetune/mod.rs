@@ -326,7 +326,8 @@ impl<'m> Finetuner<'m> {
 
     /// One optimizer step: the batch's sequences forward chunk by chunk, then backward step
     /// by step, then AdamW; the new weights go into the registry slot. On the CPU the step runs
-    /// on a rayon worker (`tandem_kernels::pool`).
+    /// on rayon's worker 0 with the other workers polling for its parallel sections
+    /// (`tandem_kernels::pool::on_worker`).
     pub fn train_step(&mut self) -> Result<StepReport> {
         if self.model.device().is_cpu() {
             tandem_kernels::pool::on_worker(|| self.step_here())
