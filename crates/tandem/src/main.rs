@@ -38,7 +38,7 @@ fn pin_cpu_threads() {
 /// mapping and shrink a heap whose top is free, so a training step's activations (a few MB per
 /// layer, allocated and freed every step) were mapped, faulted in page by page, zeroed by the
 /// kernel and unmapped again each step (14,000 page faults per step on the banana lines;
-/// `tandem finetune` 2.6% more tok/s without them, docs/benchmarks.md). What stays is bounded
+/// `tandem finetune` 1-3% more tok/s without them, docs/benchmarks.md). What stays is bounded
 /// by the peak in use, which is what the process needed anyway; `tandem serve`'s engine still
 /// hands free memory back when it goes idle (`malloc_trim`). Runs first in `main`.
 fn keep_freed_memory() {
