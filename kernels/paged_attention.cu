@@ -18,6 +18,14 @@
 // accumulates the tile's values, each lane owning output dims lane, lane + 32, ... Accumulation
 // is f32 for f32 and bf16 inputs; the output is written once, in the input dtype.
 //
+// Split keys (flash-decoding): with gridDim.z = S > 1, block z walks only the z-th of S equal
+// runs of its item's tiles and writes each row's unnormalised state — acc [HD] to
+// part_acc[(row * S + z) * HD ..] and (m, l) to part_ml[(row * S + z) * 2 ..], row = token * nh +
+// head — and paged_attention_combine merges the S states of each row (rescaling each by
+// exp(m_z - max m)). A split whose tiles miss a row leaves (-inf, 0, 0), which the merge skips.
+// The host picks S so that a batch of few items with long contexts (decode at small batch)
+// still fills the GPU; S = 1 writes the output directly, as without splits.
+//
 // Write: slot[t] < 0 skips token t; else cache[slot[t], :] = src[t, :] (rows of nkv * HD).
 
 #include <cuda_bf16.h>
@@ -48,7 +56,8 @@ template <typename T, int VEC>
 __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ kc, const T *__restrict__ vc,
                                 T *__restrict__ out, const int4 *__restrict__ work, const int *__restrict__ positions,
                                 const int *__restrict__ table_off, const int *__restrict__ tables, int nh, int nkv,
-                                int bs, int window, float scale) {
+                                int bs, int window, float scale, float *__restrict__ part_acc,
+                                float *__restrict__ part_ml) {
     constexpr int HD = 32 * VEC;
     __shared__ float ks[TILE][HD + 1];  // +1: lane j reads row j, conflict-free
     __shared__ float vs[TILE][HD];
@@ -85,7 +94,11 @@ __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k
 #pragma unroll
     for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
 
-    for (int ts = lo - lo % TILE; ts <= hi; ts += TILE) {
+    // This block's run of the item's tiles (all of them without splits; possibly none).
+    const int t0 = lo - lo % TILE, ntiles = (hi - t0) / TILE + 1, splits = gridDim.z;
+    const int per = (ntiles + splits - 1) / splits;
+    const int tile_end = t0 + min(ntiles, ((int)blockIdx.z + 1) * per) * TILE;
+    for (int ts = t0 + (int)blockIdx.z * per * TILE; ts < tile_end; ts += TILE) {
         __syncthreads();  // the previous tile is consumed (and qs is staged, on the first pass)
         for (int e = threadIdx.x; e < TILE * HD; e += blockDim.x) {
             const int j = e / HD, d = e % HD, kj = ts + j;
@@ -125,29 +138,72 @@ __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k
         }
         m = m_new;
     }
-    if (active) {
+    if (!active) return;
+    if (splits == 1) {
         T *o = out + ((size_t)tok * nh + head) * HD;
         const float inv = 1.f / l;
 #pragma unroll
         for (int v = 0; v < VEC; ++v) store(acc[v] * inv, o + lane + 32 * v);
+        return;
+    }
+    const size_t part = ((size_t)tok * nh + head) * splits + blockIdx.z;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) part_acc[part * HD + lane + 32 * v] = acc[v];
+    if (lane == 0) {
+        part_ml[2 * part] = m;
+        part_ml[2 * part + 1] = l;
     }
 }
 
-#define PAGED_ATTENTION(NAME, T, VEC)                                                                         \
+// Merges the `splits` partial states of each of `rows` (token, head) rows: a warp per row, four
+// rows per block of 128 threads, lane owning output dims lane, lane + 32, ...
+template <typename T, int VEC>
+__device__ void paged_attention_combine(T *__restrict__ out, const float *__restrict__ part_acc,
+                                        const float *__restrict__ part_ml, int rows, int splits) {
+    constexpr int HD = 32 * VEC;
+    const int row = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float *ml = part_ml + (size_t)row * splits * 2;
+    float m = -INFINITY;
+    for (int z = 0; z < splits; ++z) m = fmaxf(m, ml[2 * z]);
+    float l = 0.f, acc[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+    for (int z = 0; z < splits; ++z) {
+        if (ml[2 * z] == -INFINITY) continue;  // no key of this row in split z
+        const float w = __expf(ml[2 * z] - m);
+        l = fmaf(w, ml[2 * z + 1], l);
+        const float *a = part_acc + ((size_t)row * splits + z) * HD;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w, a[lane + 32 * v], acc[v]);
+    }
+    T *o = out + (size_t)row * HD;
+    const float inv = 1.f / l;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) store(acc[v] * inv, o + lane + 32 * v);
+}
+
+#define PAGED_ATTENTION(SUFFIX, T, VEC)                                                                       \
     extern "C" __global__ void __launch_bounds__(32 * MAX_ROWS)                                                 \
-        NAME(const T *q, const T *kc, const T *vc, T *out, const int4 *work, const int *positions,            \
-             const int *table_off, const int *tables, int nh, int nkv, int bs, int window, float scale) {     \
-        paged_attention<T, VEC>(q, kc, vc, out, work, positions, table_off, tables, nh, nkv, bs, window, scale); \
+        paged_attention_##SUFFIX(const T *q, const T *kc, const T *vc, T *out, const int4 *work,               \
+                                 const int *positions, const int *table_off, const int *tables, int nh,       \
+                                 int nkv, int bs, int window, float scale, float *part_acc, float *part_ml) { \
+        paged_attention<T, VEC>(q, kc, vc, out, work, positions, table_off, tables, nh, nkv, bs, window, scale, \
+                                part_acc, part_ml);                                                           \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) paged_attention_combine_##SUFFIX(                         \
+        T *out, const float *part_acc, const float *part_ml, int rows, int splits) {                          \
+        paged_attention_combine<T, VEC>(out, part_acc, part_ml, rows, splits);                                \
     }
 
-PAGED_ATTENTION(paged_attention_f32_d32, float, 1)
-PAGED_ATTENTION(paged_attention_f32_d64, float, 2)
-PAGED_ATTENTION(paged_attention_f32_d96, float, 3)
-PAGED_ATTENTION(paged_attention_f32_d128, float, 4)
-PAGED_ATTENTION(paged_attention_bf16_d32, __nv_bfloat16, 1)
-PAGED_ATTENTION(paged_attention_bf16_d64, __nv_bfloat16, 2)
-PAGED_ATTENTION(paged_attention_bf16_d96, __nv_bfloat16, 3)
-PAGED_ATTENTION(paged_attention_bf16_d128, __nv_bfloat16, 4)
+PAGED_ATTENTION(f32_d32, float, 1)
+PAGED_ATTENTION(f32_d64, float, 2)
+PAGED_ATTENTION(f32_d96, float, 3)
+PAGED_ATTENTION(f32_d128, float, 4)
+PAGED_ATTENTION(bf16_d32, __nv_bfloat16, 1)
+PAGED_ATTENTION(bf16_d64, __nv_bfloat16, 2)
+PAGED_ATTENTION(bf16_d96, __nv_bfloat16, 3)
+PAGED_ATTENTION(bf16_d128, __nv_bfloat16, 4)
 
 // One block of 256 threads per token; row = nkv * HD elements.
 template <typename T>

@@ -2,9 +2,9 @@
 # Runs the CUDA kernels of kernels/ on the CPU through kernels/emu/cuda_emu.h (each block as OS
 # threads, real barriers for __syncthreads and warp shuffles) against a float64 reference, so
 # a kernel's indexing and synchronisation are checked on machines without a GPU (CI runs it).
-# Covers kernels/paged_attention.cu (paged attention, f32 and bf16, and write_kv); the
-# multi-LoRA kernels use tensor-core PTX the emulator cannot run (scripts/gpu-check.sh checks
-# them on a GPU). Needs a C++20 compiler (g++ 10+ or clang++ 13+).
+# Covers kernels/paged_attention.cu (paged attention, f32 and bf16, with and without split keys,
+# and write_kv); the multi-LoRA kernels use tensor-core PTX the emulator cannot run
+# (scripts/gpu-check.sh checks them on a GPU). Needs a C++20 compiler (g++ 10+ or clang++ 13+).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cxx="${CXX:-$(command -v g++ || command -v clang++ || true)}"

@@ -1,7 +1,9 @@
 // Runs kernels/paged_attention.cu's kernels on the CPU (cuda_emu.h) against a float64 reference
 // on random inputs: decode, prefill chunks over cached prefixes, GQA groups 1-17, head sizes
-// 32-128, block sizes 1-32, sliding windows, f32 and bf16; and write_kv. The work list is built
-// as crates/tandem-kernels' `work_list` builds it. Exit status 1 if any case fails.
+// 32-128, block sizes 1-32, sliding windows, f32 and bf16, each without and with split keys
+// (the partial states merged by paged_attention_combine, including splits that get no tile);
+// and write_kv. The work list is built as crates/tandem-kernels' `work_list` builds it. Exit
+// status 1 if any case fails.
 #include "cuda_emu.h"
 #include "../paged_attention.cu"
 
@@ -15,6 +17,7 @@ struct Case {
     const char *name;
     int nh, nkv, hd, bs, window;
     std::vector<Seq> seqs;
+    int splits;  // besides the run without splits
 };
 
 template <typename T>
@@ -25,7 +28,7 @@ template <>
 __nv_bfloat16 cvt<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
 template <typename T>
-bool run(const Case &c, std::mt19937 &rng, const char *dtype) {
+bool run(const Case &c, int splits, std::mt19937 &rng, const char *dtype) {
     const int group = c.nh / c.nkv;
     std::normal_distribution<float> nd;
     std::vector<int> positions, token_seg, table_off{0}, tables;
@@ -70,25 +73,45 @@ bool run(const Case &c, std::mt19937 &rng, const char *dtype) {
         a = b;
     }
     const float scale = 1.f / std::sqrt(float(HD));
+    const int rows = T_ * c.nh;
+    std::vector<float> part_acc(splits > 1 ? size_t(rows) * splits * HD : 0, NAN);
+    std::vector<float> part_ml(splits > 1 ? size_t(rows) * splits * 2 : 0, NAN);
+    float *pa = splits > 1 ? part_acc.data() : nullptr, *pm = splits > 1 ? part_ml.data() : nullptr;
+    const auto suffix = std::string(dtype) + "_d" + std::to_string(HD);
     auto kernel = [&]() {
-        auto f = std::string("paged_attention_") + dtype + "_d" + std::to_string(HD);
-#define CALL(NAME, TT)                                                                                   \
-    if (f == #NAME)                                                                                     \
-        return NAME((const TT *)q.data(), (const TT *)kc.data(), (const TT *)vc.data(), (TT *)out.data(), \
-                    work.data(), positions.data(), table_off.data(), tables.data(), c.nh, c.nkv, c.bs,   \
-                    c.window, scale);
-        CALL(paged_attention_f32_d32, float)
-        CALL(paged_attention_f32_d64, float)
-        CALL(paged_attention_f32_d96, float)
-        CALL(paged_attention_f32_d128, float)
-        CALL(paged_attention_bf16_d32, __nv_bfloat16)
-        CALL(paged_attention_bf16_d64, __nv_bfloat16)
-        CALL(paged_attention_bf16_d96, __nv_bfloat16)
-        CALL(paged_attention_bf16_d128, __nv_bfloat16)
+#define CALL(SUFFIX, TT)                                                                                 \
+    if (suffix == #SUFFIX)                                                                              \
+        return paged_attention_##SUFFIX((const TT *)q.data(), (const TT *)kc.data(), (const TT *)vc.data(), \
+                                        (TT *)out.data(), work.data(), positions.data(), table_off.data(), \
+                                        tables.data(), c.nh, c.nkv, c.bs, c.window, scale, pa, pm);
+        CALL(f32_d32, float)
+        CALL(f32_d64, float)
+        CALL(f32_d96, float)
+        CALL(f32_d128, float)
+        CALL(bf16_d32, __nv_bfloat16)
+        CALL(bf16_d64, __nv_bfloat16)
+        CALL(bf16_d96, __nv_bfloat16)
+        CALL(bf16_d128, __nv_bfloat16)
 #undef CALL
         std::abort();
     };
-    emu::launch({unsigned(work.size()), unsigned(c.nkv), 1}, {unsigned(32 * max_rows), 1, 1}, kernel);
+    auto combine = [&]() {
+#define CALL(SUFFIX, TT) \
+    if (suffix == #SUFFIX) return paged_attention_combine_##SUFFIX((TT *)out.data(), pa, pm, rows, splits);
+        CALL(f32_d32, float)
+        CALL(f32_d64, float)
+        CALL(f32_d96, float)
+        CALL(f32_d128, float)
+        CALL(bf16_d32, __nv_bfloat16)
+        CALL(bf16_d64, __nv_bfloat16)
+        CALL(bf16_d96, __nv_bfloat16)
+        CALL(bf16_d128, __nv_bfloat16)
+#undef CALL
+        std::abort();
+    };
+    emu::launch({unsigned(work.size()), unsigned(c.nkv), unsigned(splits)}, {unsigned(32 * max_rows), 1, 1},
+                kernel);
+    if (splits > 1) emu::launch({unsigned((rows + 3) / 4), 1, 1}, {128, 1, 1}, combine);
     // float64 reference over the same (rounded) inputs.
     auto f = [](T v) { return double(to_f32(v)); };
     double max_err = 0, max_ref = 0;
@@ -123,8 +146,9 @@ bool run(const Case &c, std::mt19937 &rng, const char *dtype) {
     }
     const double rel = max_err / max_ref, limit = sizeof(T) == 4 ? 1e-5 : 1e-2;
     const bool ok = rel <= limit;
-    std::printf("%s %-26s %-4s nh %2d nkv %d hd %3d bs %2d window %3d items %3zu  rel err %.2e (limit %.0e)\n",
-                ok ? "ok  " : "FAIL", c.name, dtype, c.nh, c.nkv, HD, c.bs, c.window, work.size(), rel, limit);
+    std::printf("%s %-26s %-4s nh %2d nkv %d hd %3d bs %2d window %3d items %3zu splits %2d  rel err %.2e (limit %.0e)\n",
+                ok ? "ok  " : "FAIL", c.name, dtype, c.nh, c.nkv, HD, c.bs, c.window, work.size(), splits, rel,
+                limit);
     return ok;
 }
 
@@ -146,19 +170,22 @@ bool write_kv_check(std::mt19937 &rng) {
 int main() {
     std::mt19937 rng(7);
     std::vector<Case> cases = {
-        {"decode b8 multi-tile", 32, 8, 128, 16, 0, {{0, 1}, {1, 1}, {31, 1}, {32, 1}, {63, 1}, {100, 1}, {200, 1}, {5, 1}}},
-        {"prefill after prefix", 32, 8, 128, 16, 0, {{70, 40}, {0, 1}}},
-        {"decode + chunks", 9, 3, 64, 16, 0, {{15, 1}, {16, 1}, {31, 40}, {0, 77}}},
-        {"window 50 across tiles", 9, 3, 64, 4, 50, {{120, 1}, {90, 30}, {0, 70}}},
-        {"MHA hd32 bs1", 4, 4, 32, 1, 0, {{40, 3}, {0, 50}}},
-        {"hd96 bs32 window 40", 12, 4, 96, 32, 40, {{33, 20}, {64, 1}}},
-        {"group 17", 34, 2, 64, 16, 0, {{10, 9}, {0, 1}}},
-        {"group 16 one row per token", 16, 1, 64, 8, 0, {{3, 5}, {40, 1}}},
+        {"decode b8 multi-tile", 32, 8, 128, 16, 0, {{0, 1}, {1, 1}, {31, 1}, {32, 1}, {63, 1}, {100, 1}, {200, 1}, {5, 1}}, 3},
+        {"decode b1 long context", 32, 8, 128, 16, 0, {{700, 1}}, 22},
+        {"prefill after prefix", 32, 8, 128, 16, 0, {{70, 40}, {0, 1}}, 2},
+        {"decode + chunks", 9, 3, 64, 16, 0, {{15, 1}, {16, 1}, {31, 40}, {0, 77}}, 4},
+        {"window 50 across tiles", 9, 3, 64, 4, 50, {{120, 1}, {90, 30}, {0, 70}}, 3},
+        {"MHA hd32 bs1", 4, 4, 32, 1, 0, {{40, 3}, {0, 50}}, 64},
+        {"hd96 bs32 window 40", 12, 4, 96, 32, 40, {{33, 20}, {64, 1}}, 5},
+        {"group 17", 34, 2, 64, 16, 0, {{10, 9}, {0, 1}}, 2},
+        {"group 16 one row per token", 16, 1, 64, 8, 0, {{3, 5}, {40, 1}}, 7},
     };
     bool ok = true;
     for (auto &c : cases) {
-        ok &= run<float>(c, rng, "f32");
-        ok &= run<__nv_bfloat16>(c, rng, "bf16");
+        for (int splits : {1, c.splits}) {
+            ok &= run<float>(c, splits, rng, "f32");
+            ok &= run<__nv_bfloat16>(c, splits, rng, "bf16");
+        }
     }
     ok &= write_kv_check(rng);
     std::printf("%s\n", ok ? "all emulated checks pass" : "SOME EMULATED CHECKS FAIL");

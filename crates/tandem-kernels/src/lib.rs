@@ -12,6 +12,7 @@ pub mod cuda;
 pub mod dense;
 #[cfg(target_arch = "x86_64")]
 mod dense_x86;
+pub mod key_splits;
 pub mod lora_sgmv;
 pub mod matmul;
 #[cfg(target_arch = "x86_64")]

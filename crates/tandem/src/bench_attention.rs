@@ -4,7 +4,8 @@
 //! fragmented block tables), then times decode and prefill attention of Llama-3.1-8B's shape
 //! beside the gathered candle-op path the engine used before, with the fraction of copy
 //! bandwidth the K/V reads reach. On a GPU host `scripts/gpu-check.sh` runs it; on CPU it runs
-//! the same code, smaller.
+//! the same code, smaller. On CUDA every check runs with the split-key policy's choice and with
+//! 3 forced splits, and the timings show the kernel with and without splits (`key_splits`).
 
 use crate::bench_kernels::{copy_bandwidth, device_median_us};
 use crate::cli::BenchKernelsArgs;
@@ -12,6 +13,8 @@ use crate::generate::device;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use std::sync::atomic::Ordering;
+use tandem_kernels::key_splits::ATTENTION_SPLITS;
 use tandem_kernels::{paged_attention, write_kv, PagedAttentionMeta};
 use tandem_model::attention::attention_gathered;
 use tandem_model::batch::{LogitsWanted, PackedBatch};
@@ -202,29 +205,37 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
         } else {
             seqs.clone()
         };
-        let c = case(&mut rng, *dims, &seqs, *window);
-        for &dtype in dtypes {
-            let err = check(&dev, dtype, &c, &mut rng)?;
-            let limit = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
-            let ok = err <= limit;
-            failed += usize::from(!ok);
-            let shown: Vec<String> = seqs
-                .iter()
-                .take(4)
-                .map(|(p, n)| format!("{p}+{n}"))
-                .collect();
-            println!(
-                "| {} {name} | {dtype:?} | {}/{}/{}/{} | {}{} | {window:?} | {err:.2e} | {limit:.0e} |",
-                if ok { "ok" } else { "FAIL" },
-                dims.nh,
-                dims.nkv,
-                dims.hd,
-                dims.bs,
-                shown.join(" "),
-                if seqs.len() > 4 { format!(" … ({} seqs)", seqs.len()) } else { String::new() },
-            );
+        // CUDA: the policy's splits (0), then 3 forced splits (the merge on every case).
+        let split_runs: &[usize] = if dev.is_cpu() { &[0] } else { &[0, 3] };
+        for &splits in split_runs {
+            ATTENTION_SPLITS.store(splits, Ordering::Relaxed);
+            // A fresh meta per run: the device plans are kept in it.
+            let c = case(&mut rng, *dims, &seqs, *window);
+            for &dtype in dtypes {
+                let err = check(&dev, dtype, &c, &mut rng)?;
+                let limit = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+                let ok = err <= limit;
+                failed += usize::from(!ok);
+                let shown: Vec<String> = seqs
+                    .iter()
+                    .take(4)
+                    .map(|(p, n)| format!("{p}+{n}"))
+                    .collect();
+                println!(
+                    "| {} {name}{} | {dtype:?} | {}/{}/{}/{} | {}{} | {window:?} | {err:.2e} | {limit:.0e} |",
+                    if ok { "ok" } else { "FAIL" },
+                    if splits > 0 { format!(" ({splits} splits)") } else { String::new() },
+                    dims.nh,
+                    dims.nkv,
+                    dims.hd,
+                    dims.bs,
+                    shown.join(" "),
+                    if seqs.len() > 4 { format!(" … ({} seqs)", seqs.len()) } else { String::new() },
+                );
+            }
         }
     }
+    ATTENTION_SPLITS.store(0, Ordering::Relaxed);
 
     // Timings, Llama-3.1-8B shape (one layer): decode batches and a prefill chunk.
     let dtype = if dev.is_cpu() {
@@ -234,9 +245,9 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
     };
     let bw = copy_bandwidth(&dev)?;
     println!(
-        "\n| timing ({dtype:?}, one layer, 32/8/128) | paged_attention us | gathered (candle ops) us | speedup | K/V bytes MB | % of copy bw |"
+        "\n| timing ({dtype:?}, one layer, 32/8/128) | paged_attention us | no key splits us | gathered (candle ops) us | speedup | K/V bytes MB | % of copy bw |"
     );
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     let reps = if args.quick { 3 } else { 50 };
     let scale = 1.0 / (llama8b.hd as f32).sqrt();
     let div = if args.quick { 16 } else { 1 };
@@ -259,6 +270,18 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
             paged_attention(&q, &kc, &vc, &c.meta, scale)?;
             Ok(())
         })?;
+        // The kernel without splits, where the policy splits (on CUDA; the CPU path has none).
+        let unsplit = if dev.is_cpu() {
+            "-".to_string()
+        } else {
+            ATTENTION_SPLITS.store(1, Ordering::Relaxed);
+            let us = device_median_us(&dev, reps, || {
+                paged_attention(&q, &kc, &vc, &c.meta, scale)?;
+                Ok(())
+            });
+            ATTENTION_SPLITS.store(0, Ordering::Relaxed);
+            format!("{:.1}", us?)
+        };
         let gathered = device_median_us(&dev, reps.min(10), || {
             attention_gathered(&q, &kc, &vc, &c.meta, &c.batch, scale)?;
             Ok(())
@@ -269,7 +292,7 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
             format!("{:.0}%", bytes / (paged * 1e-6) / bw * 100.0)
         });
         println!(
-            "| {name} | {paged:.1} | {gathered:.1} | {:.1}x | {:.1} | {share} |",
+            "| {name} | {paged:.1} | {unsplit} | {gathered:.1} | {:.1}x | {:.1} | {share} |",
             gathered / paged,
             bytes / 1e6
         );

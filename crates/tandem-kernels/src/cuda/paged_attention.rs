@@ -2,11 +2,15 @@
 //!
 //! A batch's metadata goes to the device once per forward, not once per layer: the first call
 //! with a `PagedAttentionMeta` uploads it (one copy for positions, block tables and slots, one for
-//! the work list) and keeps it in the meta for the other layers.
+//! the work list) and keeps it in the meta for the other layers. Where a batch has too few work
+//! items to fill the GPU, each item's keys are split over several blocks and a second launch
+//! merges the partial states (`key_splits`).
 
 use super::contiguous;
+use crate::key_splits::{key_splits, max_tiles};
 use crate::paged_attention::{check_shapes, check_write, work_list, PagedAttentionMeta, MAX_ROWS};
 use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -77,6 +81,8 @@ pub(crate) struct WorkPlan {
     buf: CudaSlice<i32>,
     items: usize,
     max_rows: usize,
+    /// The most key tiles an item walks.
+    max_tiles: usize,
 }
 
 impl WorkPlan {
@@ -97,6 +103,7 @@ impl WorkPlan {
             buf: dev.clone_htod(&host)?,
             items: items.len(),
             max_rows: items.iter().map(|i| i.rows()).max().unwrap_or(1),
+            max_tiles: max_tiles(meta, &items),
         })
     }
 }
@@ -139,8 +146,18 @@ fn launch<T: DeviceRepr>(
     let q = contiguous(q, ql, "paged_attention", "q")?;
     let k = contiguous(k, kl, "paged_attention", "k cache")?;
     let v = contiguous(v, vl, "paged_attention", "v cache")?;
-    // SAFETY: the work items cover every (token, head) row once and the kernel writes all of them.
+    let splits = key_splits(work.items * nkv, work.max_tiles, sm_count(dev)?);
+    // SAFETY: the work items cover every (token, head) row once and the kernel (or, with
+    // splits, the merge) writes all of them.
     let out = unsafe { dev.alloc::<T>(t * nh * hd)? };
+    // Partial states with splits: acc [rows, splits, hd] then (m, l) [rows, splits, 2], f32.
+    let rows = t * nh;
+    let part = if splits > 1 {
+        // SAFETY: block z of every item writes the partial state of each of its rows for split z.
+        Some(unsafe { dev.alloc::<f32>(rows * splits * (hd + 2))? })
+    } else {
+        None
+    };
     let f = dev.get_or_load_custom_func(
         &format!("paged_attention_{suffix}_d{hd}"),
         MODULE,
@@ -151,6 +168,14 @@ fn launch<T: DeviceRepr>(
         .sliding_window
         .map_or(0, |w| w.min(i32::MAX as usize) as i32);
     let (positions, table_off, tables) = (base.positions(), base.table_off(), base.tables());
+    let null = 0u64;
+    let (acc, ml) = match &part {
+        Some(p) => (
+            Some(p.slice(..rows * splits * hd)),
+            Some(p.slice(rows * splits * hd..)),
+        ),
+        None => (None, None),
+    };
     let mut b = f.builder();
     b.arg(&q)
         .arg(&k)
@@ -165,16 +190,53 @@ fn launch<T: DeviceRepr>(
         .arg(&bs_i)
         .arg(&window)
         .arg(&scale);
+    // The partial-state pointers are null without splits (the kernel writes `out` then).
+    match (&acc, &ml) {
+        (Some(a), Some(m)) => b.arg(a).arg(m),
+        _ => b.arg(&null).arg(&null),
+    };
     let cfg = LaunchConfig {
-        grid_dim: (work.items as u32, nkv as u32, 1),
+        grid_dim: (work.items as u32, nkv as u32, splits as u32),
         block_dim: (32 * work.max_rows as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: shapes checked (check_shapes): q [t, nh, hd], caches [slots, nkv, hd] with every
     // block a token needs inside them (validate); the plans were built from this meta on this
-    // device; hd is one the PTX has a kernel for (paged_attention_supported).
+    // device; hd is one the PTX has a kernel for (paged_attention_supported); with splits the
+    // partial buffers hold rows * splits states.
     unsafe { b.launch(cfg) }.w()?;
+    if let (Some(acc), Some(ml)) = (&acc, &ml) {
+        let f = dev.get_or_load_custom_func(
+            &format!("paged_attention_combine_{suffix}_d{hd}"),
+            MODULE,
+            PAGED_ATTENTION_PTX,
+        )?;
+        let (rows_i, splits_i) = (rows as i32, splits as i32);
+        let mut b = f.builder();
+        b.arg(&out).arg(acc).arg(ml).arg(&rows_i).arg(&splits_i);
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the first launch wrote every row's `splits` partial states; out is [rows, hd].
+        unsafe { b.launch(cfg) }.w()?;
+    }
     Ok(out)
+}
+
+/// The device's multiprocessor count (asked once; one process drives one GPU).
+fn sm_count(dev: &CudaDevice) -> Result<usize> {
+    static SMS: OnceLock<usize> = OnceLock::new();
+    if let Some(&n) = SMS.get() {
+        return Ok(n);
+    }
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    Ok(*SMS.get_or_init(|| n.max(1) as usize))
 }
 
 fn plans<'a>(
