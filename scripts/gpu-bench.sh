@@ -4,7 +4,8 @@
 # (../shared/bench/hf_peft_baseline.py: generate at batch 32, LoRA r16 all-linear training at seq
 # 1024, batch 4) on the same shape in the same run:
 #   decode at batch 1, 32, 128 with the fraction of the HBM roofline (weights + KV read per step
-#     over the measured copy bandwidth);
+#     over the measured copy bandwidth), and what the fused element-wise kernels and split keys
+#     in paged attention are each worth (the same batch without them);
 #   token-level LoRA finetuning alone (r16 all-linear, seq 1024, batch 4): tokens/s and TFLOP/s;
 #   multi-LoRA decode at batch 64: no adapter, one adapter, 64 distinct rank-16 adapters (q, v);
 #   co-serving at TPOT SLO 45 ms under Poisson load at 3 rates: SLO attainment, share kept.
@@ -64,8 +65,9 @@ fi
 model="$work/llama8b"
 step "random Llama-3.1-8B-shape weights (bf16)" 60 python3 scripts/random_llama.py "$model" "$llama8b" bf16
 m=(--model "$model" --device "$device")
-step "decode at batch 1, 32, 128 (prompt 512)" 60 \
-  "$bin" bench decode "${m[@]}" --batch-sizes 1,32,128 --prompt-len 512 --steps 16 --no-reference
+# --ablate: each batch size again without the fused element-wise kernels and without split keys.
+step "decode at batch 1, 32, 128 (prompt 512)" 90 \
+  "$bin" bench decode "${m[@]}" --batch-sizes 1,32,128 --prompt-len 512 --steps 16 --no-reference --ablate
 step "token-level LoRA finetuning alone (r16 all-linear, seq 1024, batch 4)" 60 \
   "$bin" bench finetune "${m[@]}" --seq-len 1024 --batch-size 4 --steps 1 --chunk-tokens 256 --no-reference
 # q_proj,v_proj (PEFT's default): 64 all-linear adapters of this shape would be 10.7 GB of random

@@ -13,7 +13,8 @@
 # Sections, each under its own time limit (seconds):
 #   attention 120   paged attention + write_kv checks vs float64, 8B-shape timings
 #   engine     90   a random Llama: greedy tokens CPU f32 vs CUDA f32, and the logits at every
-#                   position vs CUDA f32 (1e-4) and CUDA bf16 (5e-2 of the largest logit)
+#                   position vs CUDA f32 (1e-4; with and without the fused element-wise kernels)
+#                   and CUDA bf16 (5e-2 of the largest logit)
 #   finetune  120   the same finetuning run on CPU and CUDA: per-step loss and gradient norm
 #   kernels   150   multi-LoRA SGMV checks and timings beside the base GEMM
 #   baselines 120   PyTorch baselines for the SGMV shapes (../shared/bench/lora_baseline.py)
@@ -74,14 +75,17 @@ section_engine() {
   # rounded to bf16) within 5e-2 of the CPU's, relative to the largest |logit|.
   local prompt; prompt="$(python3 -c 'print(" ".join(f"w{(i * 53 + 11) % 512}" for i in range(40)))')"
   logits() { "$bin" bench logits --model "$small" --prompt "$prompt" "$@"; }
+  # cuda32u: f32 with candle's separate ops instead of the fused element-wise kernels (TANDEM_CUDA_UNFUSED=1),
+  # so a failure names the fused kernels or clears them.
   logits --device cpu > "$work/logits-cpu.json" && logits --device cuda --dtype f32 > "$work/logits-cuda32.json" &&
+    TANDEM_CUDA_UNFUSED=1 logits --device cuda --dtype f32 > "$work/logits-cuda32u.json" &&
     logits --device cuda --dtype bf16 > "$work/logits-cuda16.json" || return 1
   python3 - "$work" <<'PY' || ok=1
 import json, sys
 d = sys.argv[1]
 cpu = json.load(open(f"{d}/logits-cpu.json"))
 bad = False
-for name, tol in (("cuda32", 1e-4), ("cuda16", 5e-2)):
+for name, tol in (("cuda32", 1e-4), ("cuda32u", 1e-4), ("cuda16", 5e-2)):
     other = json.load(open(f"{d}/logits-{name}.json"))
     assert other["tokens"] == cpu["tokens"]
     scale = max(abs(x) for row in cpu["logits"] for x in row)

@@ -3,7 +3,7 @@
 # threads, real barriers for __syncthreads and warp shuffles) against a float64 reference, so
 # a kernel's indexing and synchronisation are checked on machines without a GPU (CI runs it).
 # Covers kernels/paged_attention.cu (paged attention, f32 and bf16, with and without split keys,
-# and write_kv); the multi-LoRA kernels use tensor-core PTX the emulator cannot run
+# and write_kv) and kernels/elementwise.cu (add_rms_norm, swiglu); the multi-LoRA kernels use tensor-core PTX the emulator cannot run
 # (scripts/gpu-check.sh checks them on a GPU). Needs a C++20 compiler (g++ 10+ or clang++ 13+).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,8 @@ if [ -z "$cxx" ]; then
 fi
 out="target/kernel-emu"
 mkdir -p "$out"
-"$cxx" -std=c++20 -O2 -pthread -Ikernels/emu/include -Wall -Wno-unknown-pragmas \
-  -o "$out/paged_attention_emu" kernels/emu/paged_attention_emu.cpp
-"$out/paged_attention_emu"
+for emu in paged_attention elementwise; do
+  "$cxx" -std=c++20 -O2 -pthread -Ikernels/emu/include -Wall -Wno-unknown-pragmas \
+    -o "$out/${emu}_emu" "kernels/emu/${emu}_emu.cpp"
+  "$out/${emu}_emu"
+done

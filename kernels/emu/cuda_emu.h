@@ -82,6 +82,7 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
 }
 inline float __shfl_sync(unsigned, float v, int src) { return emu::exchange(v, src); }
 inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 using std::fmaf;
 using std::fmaxf;
 using std::max;

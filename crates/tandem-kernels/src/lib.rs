@@ -12,6 +12,7 @@ pub mod cuda;
 pub mod dense;
 #[cfg(target_arch = "x86_64")]
 mod dense_x86;
+pub mod elementwise;
 pub mod key_splits;
 pub mod lora_sgmv;
 pub mod matmul;
@@ -22,6 +23,7 @@ pub mod pool;
 pub mod vexp;
 
 pub use dense::dense;
+pub use elementwise::{add_rms_norm, fused_supported, swiglu};
 pub use lora_sgmv::{lora_sgmv, lora_sgmv_backward, lora_sgmv_op, LoraSegment};
 pub use paged_attention::{
     paged_attention, paged_attention_supported, work_list, write_kv, PagedAttentionMeta, WorkItem,

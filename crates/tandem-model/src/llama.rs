@@ -15,7 +15,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 use std::collections::HashMap;
 use std::path::Path;
-use tandem_kernels::{dense, paged_attention, paged_attention_supported, PagedAttentionMeta};
+use tandem_kernels::{
+    add_rms_norm, dense, fused_supported, paged_attention, paged_attention_supported, swiglu,
+    PagedAttentionMeta,
+};
 
 #[derive(Clone)]
 pub(crate) struct Layer {
@@ -52,6 +55,9 @@ pub struct Llama {
     dtype: DType,
     /// Use the gathered (plain candle ops) attention even where a kernel exists (tests).
     force_gathered_attention: bool,
+    /// Run the residual add + RMSNorm and SwiGLU as tandem-kernels' fused kernels where they
+    /// exist (CUDA); off with TANDEM_CUDA_UNFUSED=1 (to compare on a GPU host).
+    fused_elementwise: bool,
     /// Train layers through candle's autograd even where the hand-written CPU layer runs
     /// (`finetune::fused`; tests and benchmarks compare the two).
     pub(crate) autograd_layers: bool,
@@ -175,6 +181,7 @@ impl Llama {
             device: device.clone(),
             dtype,
             force_gathered_attention: false,
+            fused_elementwise: std::env::var_os("TANDEM_CUDA_UNFUSED").is_none_or(|v| v != "1"),
             autograd_layers: false,
         })
     }
@@ -191,6 +198,12 @@ impl Llama {
     /// (to check one against the other).
     pub fn set_force_gathered_attention(&mut self, on: bool) {
         self.force_gathered_attention = on;
+    }
+
+    /// Runs the residual add + RMSNorm and SwiGLU through candle's separate ops even where
+    /// tandem-kernels' fused kernels exist (to measure or check one against the other).
+    pub fn set_fused_elementwise(&mut self, on: bool) {
+        self.fused_elementwise = on;
     }
 
     /// Runs training's layer forwards and backwards through candle ops and autograd even on
@@ -283,10 +296,16 @@ impl Llama {
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = self.cfg.rms_norm_eps as f32;
 
+        // The residual stream `x` and its normed copy `h`: each residual add is fused with the
+        // norm that reads its result (the next layer's input norm; the final norm after the
+        // last layer, over every row: it is per row, so the logit rows are the same bits).
         let mut x = self.embed.index_select(&tokens, 0)?;
+        let mut h = match self.layers.first() {
+            Some(layer) => candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?,
+            None => candle_nn::ops::rms_norm(&x, &self.norm, eps)?,
+        };
         for (l, layer) in self.layers.iter().enumerate() {
             keep(&x, &mut caps)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
             let q = lin(l, Proj::Q, &layer.q, &h)?.reshape((1, t, nh, hd))?;
             let k = lin(l, Proj::K, &layer.k, &h)?.reshape((1, t, nkv, hd))?;
             let v = lin(l, Proj::V, &layer.v, &h)?.reshape((t, nkv, hd))?;
@@ -296,11 +315,14 @@ impl Llama {
                 .reshape((t, nkv, hd))?;
             cache.write(l, &k, &v.contiguous()?, &meta)?;
             let attn = self.attention(&q, &cache.k[l], &cache.v[l], &meta, batch, scale)?;
-            x = (x + lin(l, Proj::O, &layer.o, &attn.reshape((t, nh * hd))?)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-            let mlp = (candle_nn::ops::silu(&lin(l, Proj::Gate, &layer.gate, &h)?)?
-                * lin(l, Proj::Up, &layer.up, &h)?)?;
-            x = (x + lin(l, Proj::Down, &layer.down, &mlp)?)?;
+            let o = lin(l, Proj::O, &layer.o, &attn.reshape((t, nh * hd))?)?;
+            let (x2, h2) = self.add_norm(&x, &o, &layer.post_norm, eps)?;
+            let mlp = self.swiglu(
+                &lin(l, Proj::Gate, &layer.gate, &h2)?,
+                &lin(l, Proj::Up, &layer.up, &h2)?,
+            )?;
+            let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.input_norm);
+            (x, h) = self.add_norm(&x2, &lin(l, Proj::Down, &layer.down, &mlp)?, next_norm, eps)?;
         }
         keep(&x, &mut caps)?;
         let rows: Vec<u32> = batch
@@ -314,9 +336,27 @@ impl Llama {
                 caps,
             ));
         }
-        let x = x.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok((dense(&x, &self.lm_head)?.to_dtype(DType::F32)?, caps))
+        let h = h.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
+        Ok((dense(&h, &self.lm_head)?.to_dtype(DType::F32)?, caps))
+    }
+
+    /// `(x + r, rms_norm(x + r) * w)`: one fused kernel where tandem-kernels has it, else
+    /// candle's add and RMSNorm (the CPU: its tests pin those bits).
+    fn add_norm(&self, x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+        if self.fused_elementwise && fused_supported(x.device(), x.dtype()) {
+            return Ok(add_rms_norm(x, r, w, eps)?);
+        }
+        let sum = (x + r)?;
+        let normed = candle_nn::ops::rms_norm(&sum, w, eps)?;
+        Ok((sum, normed))
+    }
+
+    /// `silu(gate) * up`: one fused kernel where tandem-kernels has it, else candle's ops.
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if self.fused_elementwise && fused_supported(gate.device(), gate.dtype()) {
+            return Ok(swiglu(gate, up)?);
+        }
+        Ok((candle_nn::ops::silu(gate)? * up)?)
     }
 
     /// The token embeddings of `tokens` [len, hidden] (training references).

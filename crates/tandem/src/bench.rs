@@ -1,15 +1,20 @@
 //! `tandem bench decode`: packed decode throughput of tandem's engine at several batch sizes,
-//! and candle-transformers' own Llama on the same weights at batch 1, in one run.
+//! and candle-transformers' own Llama on the same weights at batch 1, in one run; with
+//! `--ablate`, each batch size again without the fused element-wise kernels and without split
+//! keys in paged attention (what each is worth, on CUDA, from one model load).
 
 use crate::cli::{BenchDecodeArgs, BenchLoraArgs};
 use crate::generate::{device, engine, load, BLOCK_SIZE};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama as reference;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
+use tandem_kernels::key_splits::ATTENTION_SPLITS;
 use tandem_model::lora::{Proj, RegistryConfig};
 use tandem_model::{
-    default_dtype, load_checkpoint, KvCache, LogitsWanted, ModelConfig, PackedBatch, SamplingParams,
+    default_dtype, load_checkpoint, KvCache, LoadedModel, LogitsWanted, ModelConfig, PackedBatch,
+    SamplingParams,
 };
 
 fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
@@ -42,41 +47,11 @@ pub fn decode(args: BenchDecodeArgs) -> Result<()> {
         );
     }
     for &b in &args.batch_sizes {
-        let m = loaded.clone();
-        let vocab = m.model.cfg.vocab_size;
-        let per_seq = (args.prompt_len + args.steps + 2).div_ceil(BLOCK_SIZE);
-        let mut e = engine(
-            m,
-            per_seq * b + b,
-            b,
-            b * args.prompt_len,
-            RegistryConfig::default(),
-        )?;
-        for s in 0..b {
-            let params = SamplingParams {
-                max_tokens: args.steps + 2,
-                ignore_eos: true,
-                ..Default::default()
-            };
-            e.add_request(prompt(s, args.prompt_len, vocab), params, None)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-        let t0 = Instant::now();
-        e.step()?; // prefill of every prompt, one packed batch
-        let prefill = t0.elapsed().as_secs_f64();
-        e.step()?; // warm-up decode step
-        let t0 = Instant::now();
-        let mut tokens = 0;
-        for _ in 0..args.steps {
-            tokens += e.step()?.len();
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        let tps = tokens as f64 / secs;
+        let (tps, step, prefill) = decode_batch(loaded.clone(), b, &args)?;
         if b == 1 {
             tandem_b1 = Some(tps);
         }
         let vs_b1 = tandem_b1.map_or(String::new(), |x| format!("{:.2}x", tps / x));
-        let step = secs / args.steps as f64;
         // Mean context over the timed steps.
         let ctx = args.prompt_len + 1 + args.steps / 2;
         let roofline = bw.map_or(String::new(), |bw| {
@@ -94,6 +69,22 @@ pub fn decode(args: BenchDecodeArgs) -> Result<()> {
             step * 1e3,
             prefill * 1e3
         );
+        if args.ablate {
+            let mut unfused = loaded.clone();
+            unfused.model.set_fused_elementwise(false);
+            let (u, ustep, _) = decode_batch(unfused, b, &args)?;
+            ATTENTION_SPLITS.store(1, Ordering::Relaxed);
+            let unsplit = decode_batch(loaded.clone(), b, &args);
+            ATTENTION_SPLITS.store(0, Ordering::Relaxed);
+            let (n, nstep, _) = unsplit?;
+            println!(
+                "  without fused element-wise kernels: {u:8.1} tok/s ({:.1} ms/step, {:.2}x of the default); without key splits: {n:8.1} tok/s ({:.1} ms/step, {:.2}x)",
+                ustep * 1e3,
+                u / tps,
+                nstep * 1e3,
+                n / tps
+            );
+        }
     }
     if !args.no_reference {
         let tps = reference_decode(&args, &dev)?;
@@ -103,6 +94,40 @@ pub fn decode(args: BenchDecodeArgs) -> Result<()> {
         println!("candle-transformers   batch   1: {tps:8.1} tok/s{ratio}");
     }
     Ok(())
+}
+
+/// One batch size: `b` prompts prefilled together, a warm-up step, then `args.steps` timed
+/// decode steps. Returns (tokens/s, seconds per step, prefill seconds).
+fn decode_batch(m: LoadedModel, b: usize, args: &BenchDecodeArgs) -> Result<(f64, f64, f64)> {
+    let vocab = m.model.cfg.vocab_size;
+    let per_seq = (args.prompt_len + args.steps + 2).div_ceil(BLOCK_SIZE);
+    let mut e = engine(
+        m,
+        per_seq * b + b,
+        b,
+        b * args.prompt_len,
+        RegistryConfig::default(),
+    )?;
+    for s in 0..b {
+        let params = SamplingParams {
+            max_tokens: args.steps + 2,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        e.add_request(prompt(s, args.prompt_len, vocab), params, None)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let t0 = Instant::now();
+    e.step()?; // prefill of every prompt, one packed batch
+    let prefill = t0.elapsed().as_secs_f64();
+    e.step()?; // warm-up decode step
+    let t0 = Instant::now();
+    let mut tokens = 0;
+    for _ in 0..args.steps {
+        tokens += e.step()?.len();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok((tokens as f64 / secs, secs / args.steps as f64, prefill))
 }
 
 fn reference_config(c: &ModelConfig) -> reference::Config {

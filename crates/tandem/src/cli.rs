@@ -482,6 +482,10 @@ pub struct BenchDecodeArgs {
     /// Skip the candle-transformers reference.
     #[arg(long)]
     pub no_reference: bool,
+    /// Also time each batch size without the fused element-wise kernels and without split keys
+    /// in paged attention (CUDA; on the CPU both are the default path).
+    #[arg(long)]
+    pub ablate: bool,
 }
 
 #[derive(Args, Debug)]

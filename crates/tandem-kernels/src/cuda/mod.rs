@@ -1,8 +1,11 @@
 //! CUDA launches of tandem's kernels (kernels/*.cu, compiled to PTX by build.rs), one file per op.
 
+mod elementwise;
 mod lora_sgmv;
 mod paged_attention;
 
+pub use elementwise::ELEMENTWISE_PTX;
+pub(crate) use elementwise::{add_rms_norm_fwd, swiglu_fwd};
 pub(crate) use lora_sgmv::{lora_sgmv_fwd, SgmvPlan};
 pub use lora_sgmv::{spin, FORCE_CUDA_CORES, LORA_SGMV_PTX, USE_FUSED};
 pub(crate) use paged_attention::{paged_attention_fwd, write_kv_fwd, AttentionPlans};
