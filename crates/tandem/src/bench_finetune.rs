@@ -4,7 +4,8 @@
 //!   keeps anyway, listed apart) vs what candle autograd keeps for the same sequence (the
 //!   distinct storages of every tensor in the loss's graph, leaves excluded).
 //! - Throughput: optimizer steps of `Finetuner` vs the same steps through candle autograd over
-//!   whole sequences (same data, same AdamW), tokens/s.
+//!   whole sequences (same data, same AdamW), tokens/s; on CUDA, the peak device memory of the
+//!   token-level run (weights included, as HF's baseline reports it).
 
 use crate::cli::BenchFinetuneArgs;
 use crate::generate::load;
@@ -156,6 +157,12 @@ pub fn run(args: BenchFinetuneArgs) -> Result<()> {
         6.0 * c.matmul_params() as f64 * ours / 1e12,
         c.matmul_params() as f64 / 1e9
     );
+    // On CUDA: everything held at once so far (weights, activations, adapters, AdamW state),
+    // the figure HF's baseline reports as max_memory_allocated.
+    let peak = crate::device_memory::peak_line(model.device())?;
+    if !peak.is_empty() {
+        println!("# token-level training {peak}");
+    }
     if args.no_reference {
         return Ok(());
     }

@@ -14,6 +14,7 @@ mod bench_prefix;
 mod bench_store;
 mod bench_structured;
 mod cli;
+mod device_memory;
 mod finetune;
 mod finetune_rl;
 mod generate;
