@@ -12,8 +12,9 @@
 // Grid (items, nkv); blockDim 32 * rows of the largest item; warp w owns row w (token w / hn,
 // head w % hn) and keeps its softmax state (running max, sum, HD/32 output values per lane) in
 // registers. The block walks the keys of its rows in tiles of TILE: all threads stage the tile's
-// keys and values of its KV head in shared memory as f32 (each K and V element is read from the
-// cache once per block, whatever the GQA group), then each warp scores the tile with one key per
+// keys and values of its KV head in shared memory as f32, 16 bytes per load (each K and V element
+// is read from the cache once per block, whatever the GQA group; the caches' rows must be 16-byte
+// aligned, which the host checks), then each warp scores the tile with one key per
 // lane (dot with the row's scaled query, staged in shared memory), updates its online softmax, and
 // accumulates the tile's values, each lane owning output dims lane, lane + 32, ... Accumulation
 // is f32 for f32 and bf16 inputs; the output is written once, in the input dtype.
@@ -100,17 +101,25 @@ __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k
     const int tile_end = t0 + min(ntiles, ((int)blockIdx.z + 1) * per) * TILE;
     for (int ts = t0 + (int)blockIdx.z * per * TILE; ts < tile_end; ts += TILE) {
         __syncthreads();  // the previous tile is consumed (and qs is staged, on the first pass)
-        for (int e = threadIdx.x; e < TILE * HD; e += blockDim.x) {
-            const int j = e / HD, d = e % HD, kj = ts + j;
-            float kv = 0.f, vv = 0.f;
+        // 16-byte chunks: EPV elements each, CPR per key row (compile-time: HD and T are).
+        constexpr int EPV = 16 / sizeof(T), CPR = HD / EPV;
+        for (int c = threadIdx.x; c < TILE * CPR; c += blockDim.x) {
+            const int j = c / CPR, d0 = (c % CPR) * EPV, kj = ts + j;
+            float kv[EPV], vv[EPV];
             if (kj >= lo && kj <= hi) {
                 const size_t slot = (size_t)table[kj / bs] * bs + kj % bs;
-                const size_t at = (slot * nkv + g) * HD + d;
-                kv = to_f32(kc[at]);
-                vv = to_f32(vc[at]);
+                const size_t at = (slot * nkv + g) * HD + d0;
+                load16(kc + at, kv);
+                load16(vc + at, vv);
+            } else {
+#pragma unroll
+                for (int i = 0; i < EPV; ++i) kv[i] = vv[i] = 0.f;
             }
-            ks[j][d] = kv;
-            vs[j][d] = vv;
+#pragma unroll
+            for (int i = 0; i < EPV; ++i) {
+                ks[j][d0 + i] = kv[i];
+                vs[j][d0 + i] = vv[i];
+            }
         }
         __syncthreads();
         // Warps whose keys miss this tile skip it (their state is unchanged); the overlap of
@@ -184,7 +193,7 @@ __device__ void paged_attention_combine(T *__restrict__ out, const float *__rest
 }
 
 #define PAGED_ATTENTION(SUFFIX, T, VEC)                                                                       \
-    extern "C" __global__ void __launch_bounds__(32 * MAX_ROWS)                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * MAX_ROWS, 2)                                               \
         paged_attention_##SUFFIX(const T *q, const T *kc, const T *vc, T *out, const int4 *work,               \
                                  const int *positions, const int *table_off, const int *tables, int nh,       \
                                  int nkv, int bs, int window, float scale, float *part_acc, float *part_ml) { \

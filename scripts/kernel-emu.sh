@@ -15,7 +15,7 @@ fi
 out="target/kernel-emu"
 mkdir -p "$out"
 for emu in paged_attention elementwise; do
-  "$cxx" -std=c++20 -O2 -pthread -Ikernels/emu/include -Wall -Wno-unknown-pragmas \
+  "$cxx" -std=c++20 -O2 -fno-strict-aliasing -pthread -Ikernels/emu/include -Wall -Wno-unknown-pragmas \
     -o "$out/${emu}_emu" "kernels/emu/${emu}_emu.cpp"
   "$out/${emu}_emu"
 done

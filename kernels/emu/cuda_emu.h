@@ -3,12 +3,14 @@
 // threads; __syncthreads is a barrier over the block's threads, and warp shuffles
 // exchange through a per-warp buffer between two barriers over the warp's 32 threads. So it
 // checks indexing, shared-memory use, synchronisation and warp reductions — not timing, and
-// only for kernels whose warps reach every shuffle together (true of tandem's).
+// only for kernels whose warps reach every shuffle together (true of tandem's). Kernels read
+// 16-byte vectors through reinterpret_cast as CUDA code does: build with -fno-strict-aliasing.
 #pragma once
 #include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -17,7 +19,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 // One block runs at a time, so a function-static array is the block's shared memory.
 #define __shared__ static
 
@@ -26,6 +28,12 @@ struct dim3 {
 };
 struct int4 {
     int x, y, z, w;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
 };
 
 inline thread_local dim3 threadIdx, blockIdx;
@@ -83,6 +91,11 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
 inline float __shfl_sync(unsigned, float v, int src) { return emu::exchange(v, src); }
 inline float __expf(float x) { return std::exp(x); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
 using std::fmaf;
 using std::fmaxf;
 using std::max;

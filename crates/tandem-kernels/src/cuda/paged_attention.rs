@@ -146,6 +146,16 @@ fn launch<T: DeviceRepr>(
     let q = contiguous(q, ql, "paged_attention", "q")?;
     let k = contiguous(k, kl, "paged_attention", "k cache")?;
     let v = contiguous(v, vl, "paged_attention", "v cache")?;
+    // The kernel stages the caches 16 bytes per load: their rows (hd elements, hd % 32 == 0)
+    // are then 16-byte aligned if the views start on a 16-byte boundary (allocations do).
+    for (l, what) in [(kl, "k cache"), (vl, "v cache")] {
+        let start = l.start_offset() * std::mem::size_of::<T>();
+        if !start.is_multiple_of(16) {
+            candle_core::bail!(
+                "paged_attention: the {what} view must start on a 16-byte boundary (byte {start})"
+            )
+        }
+    }
     let splits = key_splits(work.items * nkv, work.max_tiles, sm_count(dev)?);
     // SAFETY: the work items cover every (token, head) row once and the kernel (or, with
     // splits, the merge) writes all of them.
