@@ -10,6 +10,7 @@
 
 use crate::paged_attention::{PagedAttentionMeta, WorkItem, TILE};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 /// Blocks per SM the policy aims for: a 128-dim block stages 41 KB of shared memory, so an SM
 /// holds at most 5 of them; 4 keeps it busy while leaving room for a co-running kernel.
@@ -19,8 +20,22 @@ pub const MAX_SPLITS: usize = 64;
 
 /// 0: the policy of `key_splits` decides (the default); n > 0: every CUDA paged-attention call
 /// uses min(n, the item's tiles) splits (benchmarks compare split and unsplit runs). The CPU
-/// path ignores it.
+/// path ignores it. Where it is 0, the environment variable TANDEM_ATTENTION_SPLITS (read once)
+/// may force a count the same way (`TANDEM_ATTENTION_SPLITS=1`: no splits, on a GPU host).
 pub static ATTENTION_SPLITS: AtomicUsize = AtomicUsize::new(0);
+
+fn forced() -> usize {
+    static FROM_ENV: OnceLock<usize> = OnceLock::new();
+    match ATTENTION_SPLITS.load(Ordering::Relaxed) {
+        0 => *FROM_ENV.get_or_init(|| {
+            std::env::var("TANDEM_ATTENTION_SPLITS")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        }),
+        n => n,
+    }
+}
 
 /// The largest number of key tiles any item of `items` walks.
 pub fn max_tiles(meta: &PagedAttentionMeta, items: &[WorkItem]) -> usize {
@@ -44,7 +59,7 @@ pub fn max_tiles(meta: &PagedAttentionMeta, items: &[WorkItem]) -> usize {
 /// `max_tiles` tiles, on a GPU with `sms` multiprocessors: enough to reach `BLOCKS_PER_SM`
 /// blocks per SM, at most one per tile and `MAX_SPLITS`; 1 when the launch fills the GPU already.
 pub fn key_splits(blocks: usize, max_tiles: usize, sms: usize) -> usize {
-    let forced = ATTENTION_SPLITS.load(Ordering::Relaxed);
+    let forced = forced();
     let cap = max_tiles.clamp(1, MAX_SPLITS);
     if forced > 0 {
         return forced.min(cap);
@@ -89,7 +104,7 @@ mod tests {
 
     #[test]
     fn policy() {
-        // (The override is 0 here: no test in this crate sets it.)
+        // (The override is 0 here: no test in this crate sets it, nor TANDEM_ATTENTION_SPLITS.)
         // Llama-3.1-8B decode at batch 1 (8 blocks) on 132 SMs: as many splits as tiles.
         assert_eq!(key_splits(8, 32, 132), 32);
         assert_eq!(key_splits(8, 200, 132), MAX_SPLITS);
