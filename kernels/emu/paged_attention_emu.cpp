@@ -1,8 +1,8 @@
 // Runs kernels/paged_attention.cu's kernels on the CPU (cuda_emu.h) against a float64 reference
 // on random inputs: decode, prefill chunks over cached prefixes, GQA groups 1-17, head sizes
-// 32-128, block sizes 1-32, sliding windows, f32 and bf16, each without and with split keys
-// (the partial states merged by paged_attention_combine, including splits that get no tile);
-// and write_kv. The work list is built as crates/tandem-kernels' `work_list` builds it. Exit
+// 32-128, block sizes 1-32, sliding windows, f32 and bf16; each case also with split keys (the
+// partial states merged by paged_attention_combine, including splits that get no tile), in f32
+// and, for the cheaper cases, bf16; and write_kv. The work list is built as crates/tandem-kernels' `work_list` builds it. Exit
 // status 1 if any case fails.
 #include "cuda_emu.h"
 #include "../paged_attention.cu"
@@ -17,7 +17,8 @@ struct Case {
     const char *name;
     int nh, nkv, hd, bs, window;
     std::vector<Seq> seqs;
-    int splits;  // besides the run without splits
+    int splits;       // besides the run without splits (f32)
+    bool bf16_split;  // that run in bf16 too (the merge is the same code; kept to the cheap cases)
 };
 
 template <typename T>
@@ -170,21 +171,21 @@ bool write_kv_check(std::mt19937 &rng) {
 int main() {
     std::mt19937 rng(7);
     std::vector<Case> cases = {
-        {"decode b8 multi-tile", 32, 8, 128, 16, 0, {{0, 1}, {1, 1}, {31, 1}, {32, 1}, {63, 1}, {100, 1}, {200, 1}, {5, 1}}, 3},
-        {"decode b1 long context", 32, 8, 128, 16, 0, {{700, 1}}, 22},
-        {"prefill after prefix", 32, 8, 128, 16, 0, {{70, 40}, {0, 1}}, 2},
-        {"decode + chunks", 9, 3, 64, 16, 0, {{15, 1}, {16, 1}, {31, 40}, {0, 77}}, 4},
-        {"window 50 across tiles", 9, 3, 64, 4, 50, {{120, 1}, {90, 30}, {0, 70}}, 3},
-        {"MHA hd32 bs1", 4, 4, 32, 1, 0, {{40, 3}, {0, 50}}, 64},
-        {"hd96 bs32 window 40", 12, 4, 96, 32, 40, {{33, 20}, {64, 1}}, 5},
-        {"group 17", 34, 2, 64, 16, 0, {{10, 9}, {0, 1}}, 2},
-        {"group 16 one row per token", 16, 1, 64, 8, 0, {{3, 5}, {40, 1}}, 7},
+        {"decode b8 multi-tile", 32, 8, 128, 16, 0, {{0, 1}, {1, 1}, {31, 1}, {32, 1}, {63, 1}, {100, 1}, {200, 1}, {5, 1}}, 3, true},
+        {"decode b1 long context", 32, 8, 128, 16, 0, {{700, 1}}, 22, true},
+        {"prefill after prefix", 32, 8, 128, 16, 0, {{70, 40}, {0, 1}}, 2, false},
+        {"decode + chunks", 9, 3, 64, 16, 0, {{15, 1}, {16, 1}, {31, 40}, {0, 77}}, 4, false},
+        {"window 50 across tiles", 9, 3, 64, 4, 50, {{120, 1}, {90, 30}, {0, 70}}, 3, false},
+        {"MHA hd32 bs1", 4, 4, 32, 1, 0, {{40, 3}, {0, 50}}, 64, true},
+        {"hd96 bs32 window 40", 12, 4, 96, 32, 40, {{33, 20}, {64, 1}}, 5, true},
+        {"group 17", 34, 2, 64, 16, 0, {{10, 9}, {0, 1}}, 2, true},
+        {"group 16 one row per token", 16, 1, 64, 8, 0, {{3, 5}, {40, 1}}, 7, true},
     };
     bool ok = true;
     for (auto &c : cases) {
         for (int splits : {1, c.splits}) {
             ok &= run<float>(c, splits, rng, "f32");
-            ok &= run<__nv_bfloat16>(c, splits, rng, "bf16");
+            if (splits == 1 || c.bf16_split) ok &= run<__nv_bfloat16>(c, splits, rng, "bf16");
         }
     }
     ok &= write_kv_check(rng);
