@@ -1,5 +1,25 @@
 //! Small CPU helpers the ops' CPU paths share.
 
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result};
+
+/// The f32 data `l` describes in `s`; an error naming `op` and `what` if `s` is not f32 or `l`
+/// is not contiguous.
+pub(crate) fn contiguous_f32<'s>(
+    s: &'s CpuStorage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<&'s [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("{op}: {what} must be f32 on cpu, got {:?}", s.dtype())
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: {what} must be contiguous"),
+    }
+}
+
 /// `a · b` with eight independent accumulators, so that the compiler can keep them in SIMD lanes
 /// (a single running sum must keep the sequential order of float additions). Inlined into its
 /// callers, so a caller compiled for AVX2 gets an AVX2 loop.

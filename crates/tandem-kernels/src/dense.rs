@@ -22,7 +22,7 @@
 //! of the weight, which gemm does per call for small batches), so decode and small batches are
 //! memory-bound on one pass over the weight; large products run near gemm's speed.
 
-use candle_core::backend::BackendStorage;
+use crate::cpu::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -70,16 +70,6 @@ fn reduce(a: &[f32; LANES]) -> f32 {
 
 struct Dense;
 
-fn slice<'s>(s: &'s CpuStorage, l: &Layout, what: &str) -> Result<&'s [f32]> {
-    let CpuStorage::F32(d) = s else {
-        candle_core::bail!("dense: {what} must be f32, got {:?}", s.dtype())
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&d[a..b]),
-        None => candle_core::bail!("dense: {what} must be contiguous"),
-    }
-}
-
 impl CustomOp2 for Dense {
     fn name(&self) -> &'static str {
         "dense"
@@ -101,8 +91,8 @@ impl CustomOp2 for Dense {
                 wl.shape()
             )
         }
-        let x = slice(xs, xl, "x")?;
-        let w = slice(ws, wl, "w")?;
+        let x = contiguous_f32(xs, xl, "dense", "x")?;
+        let w = contiguous_f32(ws, wl, "dense", "w")?;
         Ok((CpuStorage::F32(product(x, w, m, n, k)), Shape::from((m, n))))
     }
 }

@@ -6,7 +6,7 @@
 //! kernel emulator check against; the model keeps candle's ops on the CPU (their bits are what
 //! its CPU tests pin), and `fused_supported` says where the fused kernels run.
 
-use candle_core::backend::BackendStorage;
+use crate::cpu::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
 /// Whether the fused kernels run for this device and dtype (CUDA, f32 or bf16).
@@ -53,19 +53,6 @@ pub(crate) struct AddRmsNorm {
 
 pub(crate) struct Swiglu;
 
-fn f32_slice<'s>(s: &'s CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'s [f32]> {
-    let CpuStorage::F32(d) = s else {
-        candle_core::bail!(
-            "{op}: the CPU reference takes f32, {what} is {:?}",
-            s.dtype()
-        )
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&d[a..b]),
-        None => candle_core::bail!("{op}: {what} must be contiguous"),
-    }
-}
-
 impl CustomOp3 for AddRmsNorm {
     fn name(&self) -> &'static str {
         "add_rms_norm"
@@ -81,9 +68,9 @@ impl CustomOp3 for AddRmsNorm {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, hidden) = xl.shape().dims2()?;
-        let x = f32_slice(xs, xl, "add_rms_norm", "x")?;
-        let r = f32_slice(rs, rl, "add_rms_norm", "r")?;
-        let w = f32_slice(ws, wl, "add_rms_norm", "w")?;
+        let x = contiguous_f32(xs, xl, "add_rms_norm", "x")?;
+        let r = contiguous_f32(rs, rl, "add_rms_norm", "r")?;
+        let w = contiguous_f32(ws, wl, "add_rms_norm", "w")?;
         let mut out = vec![0f32; 2 * rows * hidden];
         let (sums, normed) = out.split_at_mut(rows * hidden);
         for (row, (s, n)) in sums
@@ -130,8 +117,8 @@ impl CustomOp2 for Swiglu {
         us: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = f32_slice(gs, gl, "swiglu", "gate")?;
-        let u = f32_slice(us, ul, "swiglu", "up")?;
+        let g = contiguous_f32(gs, gl, "swiglu", "gate")?;
+        let u = contiguous_f32(us, ul, "swiglu", "up")?;
         let out = g
             .iter()
             .zip(u)

@@ -11,7 +11,7 @@
 //! kernel step by step and is the reference the CUDA path (f32, bf16) is checked against;
 //! devices and dtypes without an implementation get an error naming the op.
 
-use crate::cpu::dot;
+use crate::cpu::{contiguous_f32, dot};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -221,19 +221,6 @@ struct PagedAttention<'a> {
     scale: f32,
 }
 
-fn contiguous_f32<'s>(s: &'s CpuStorage, l: &Layout, what: &str) -> Result<&'s [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!(
-            "paged_attention: {what} must be f32 on cpu, got {:?}",
-            s.dtype()
-        )
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("paged_attention: {what} must be contiguous"),
-    }
-}
-
 /// `e^x` for `x <= 0` (softmax weights), 0 below -87 and for -inf: Cody-Waite reduction to
 /// `r` in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial (relative error < 1e-7), all
 /// branch-free so loops over it vectorize. Not for `x > 0`.
@@ -396,9 +383,9 @@ impl CustomOp3 for PagedAttention<'_> {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (t, nh, nkv, hd) = check_shapes(self.meta, ql, kl, vl)?;
-        let q = contiguous_f32(qs, ql, "q")?;
-        let k = contiguous_f32(ks, kl, "k cache")?;
-        let v = contiguous_f32(vs, vl, "v cache")?;
+        let q = contiguous_f32(qs, ql, "paged_attention", "q")?;
+        let k = contiguous_f32(ks, kl, "paged_attention", "k cache")?;
+        let v = contiguous_f32(vs, vl, "paged_attention", "v cache")?;
         let items = work_list(&self.meta.token_segment, nh / nkv);
         let tasks: Vec<(usize, usize)> = (0..items.len())
             .flat_map(|i| (0..nkv).map(move |g| (i, g)))
