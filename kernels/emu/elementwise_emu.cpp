@@ -3,18 +3,12 @@
 // the block's threads, not a multiple of them), swiglu over a grid-stride loop; f32 and bf16.
 // The sums must equal the element type's rounding of x + r exactly. Exit status 1 on a failure.
 #include "cuda_emu.h"
+#include "check.h"
 #include "../elementwise.cu"
 
 #include <cstdio>
 #include <random>
 #include <string>
-
-template <typename T>
-T cvt(float v);
-template <>
-float cvt<float>(float v) { return v; }
-template <>
-__nv_bfloat16 cvt<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
 template <typename T>
 bool norm_case(int rows, int hidden, std::mt19937 &rng, const char *dtype) {

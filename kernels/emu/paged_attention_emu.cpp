@@ -5,6 +5,7 @@
 // and, for the cheaper cases, bf16; and write_kv. The work list is built as crates/tandem-kernels' `work_list` builds it. Exit
 // status 1 if any case fails.
 #include "cuda_emu.h"
+#include "check.h"
 #include "../paged_attention.cu"
 
 #include <cstdio>
@@ -20,13 +21,6 @@ struct Case {
     int splits;       // besides the run without splits (f32)
     bool bf16_split;  // that run in bf16 too (the merge is the same code; kept to the cheap cases)
 };
-
-template <typename T>
-T cvt(float v);
-template <>
-float cvt<float>(float v) { return v; }
-template <>
-__nv_bfloat16 cvt<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
 template <typename T>
 bool run(const Case &c, int splits, std::mt19937 &rng, const char *dtype) {
@@ -79,37 +73,31 @@ bool run(const Case &c, int splits, std::mt19937 &rng, const char *dtype) {
     std::vector<float> part_ml(splits > 1 ? size_t(rows) * splits * 2 : 0, NAN);
     float *pa = splits > 1 ? part_acc.data() : nullptr, *pm = splits > 1 ? part_ml.data() : nullptr;
     const auto suffix = std::string(dtype) + "_d" + std::to_string(HD);
+    // Every (dtype, head size) entry point, by the suffix the host would pick.
+#define EACH_VARIANT(X) \
+    X(f32_d32, float)   \
+    X(f32_d64, float)   \
+    X(f32_d96, float)   \
+    X(f32_d128, float)  \
+    X(bf16_d32, __nv_bfloat16) X(bf16_d64, __nv_bfloat16) X(bf16_d96, __nv_bfloat16) X(bf16_d128, __nv_bfloat16)
     auto kernel = [&]() {
 #define CALL(SUFFIX, TT)                                                                                 \
     if (suffix == #SUFFIX)                                                                              \
         return paged_attention_##SUFFIX((const TT *)q.data(), (const TT *)kc.data(), (const TT *)vc.data(), \
                                         (TT *)out.data(), work.data(), positions.data(), table_off.data(), \
                                         tables.data(), c.nh, c.nkv, c.bs, c.window, scale, pa, pm);
-        CALL(f32_d32, float)
-        CALL(f32_d64, float)
-        CALL(f32_d96, float)
-        CALL(f32_d128, float)
-        CALL(bf16_d32, __nv_bfloat16)
-        CALL(bf16_d64, __nv_bfloat16)
-        CALL(bf16_d96, __nv_bfloat16)
-        CALL(bf16_d128, __nv_bfloat16)
+        EACH_VARIANT(CALL)
 #undef CALL
         std::abort();
     };
     auto combine = [&]() {
 #define CALL(SUFFIX, TT) \
     if (suffix == #SUFFIX) return paged_attention_combine_##SUFFIX((TT *)out.data(), pa, pm, rows, splits);
-        CALL(f32_d32, float)
-        CALL(f32_d64, float)
-        CALL(f32_d96, float)
-        CALL(f32_d128, float)
-        CALL(bf16_d32, __nv_bfloat16)
-        CALL(bf16_d64, __nv_bfloat16)
-        CALL(bf16_d96, __nv_bfloat16)
-        CALL(bf16_d128, __nv_bfloat16)
+        EACH_VARIANT(CALL)
 #undef CALL
         std::abort();
     };
+#undef EACH_VARIANT
     emu::launch({unsigned(work.size()), unsigned(c.nkv), unsigned(splits)}, {unsigned(32 * max_rows), 1, 1},
                 kernel);
     if (splits > 1) emu::launch({unsigned((rows + 3) / 4), 1, 1}, {128, 1, 1}, combine);
